@@ -1,0 +1,104 @@
+"""MindSkipConfig: where routers go and how they decide (paper section 3, issue #3)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+GRANULARITIES = ("attn", "mlp", "block")
+ROUTE_LEVELS = ("seq", "token")
+ROUTER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class MindSkipConfig:
+    num_routed_layers: int = field(
+        default=16,
+        metadata={"help": "Route the n deepest layers except the very last: layers L-1-n .. L-2."},
+    )
+    routed_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Explicit list of layer indices to route; overrides num_routed_layers."},
+    )
+    granularity: str = field(
+        default="attn",
+        metadata={"help": "Which sublayer the router gates: attn (the paper's MindSkip), mlp or block."},
+    )
+    route_level: str = field(
+        default="seq",
+        metadata={"help": "seq: one decision per sequence (from the mask-weighted mean input); token: one per token."},
+    )
+    threshold: float = field(
+        default=0.5,
+        metadata={"help": "A sublayer runs when sigmoid(w . x) >= threshold. 0 keeps all, >1 skips all."},
+    )
+    router_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of router weights and of the score computation."},
+    )
+    capacity_target: float = field(
+        default=0.5,
+        metadata={"help": "Target capacity s of the regulariser ReLU(capacity_l - s)."},
+    )
+    reg_lambda: float = field(
+        default=0.01,
+        metadata={"help": "Weight lambda of the capacity regulariser; 0 disables it."},
+    )
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.route_level not in ROUTE_LEVELS:
+            raise ValueError(f"route_level must be one of {ROUTE_LEVELS}, got {self.route_level!r}")
+        if self.router_dtype not in ROUTER_DTYPES:
+            raise ValueError(f"router_dtype must be one of {ROUTER_DTYPES}, got {self.router_dtype!r}")
+        if self.routed_layers is not None:
+            self.routed_layers = sorted({int(i) for i in self.routed_layers})
+            if not self.routed_layers:
+                raise ValueError("routed_layers is empty: route at least one layer (or pass None for the default)")
+        elif self.num_routed_layers < 1:
+            raise ValueError(f"num_routed_layers must be >= 1, got {self.num_routed_layers}")
+        if not 0.0 <= self.capacity_target <= 1.0:
+            raise ValueError(f"capacity_target must be in [0, 1], got {self.capacity_target}")
+        if self.reg_lambda < 0:
+            raise ValueError(f"reg_lambda must be >= 0, got {self.reg_lambda}")
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """Layer indices to route for a model with `num_layers` decoder layers."""
+        if self.routed_layers is not None:
+            bad = [i for i in self.routed_layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"routed_layers {bad} do not exist in a model with {num_layers} layers (0..{num_layers - 1})")
+            return list(self.routed_layers)
+        n = self.num_routed_layers
+        if n > num_layers - 2:
+            raise ValueError(
+                f"num_routed_layers={n} is too many for {num_layers} layers: the default keeps the first and the "
+                f"last layer dense, so at most {num_layers - 2}; pass routed_layers explicitly otherwise"
+            )
+        return list(range(num_layers - 1 - n, num_layers - 1))
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MindSkipConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MindSkipConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MindSkipConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> documentation, for CLIs and notebooks."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

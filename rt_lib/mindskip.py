@@ -1,0 +1,762 @@
+"""MindSkip: routers that gate the sublayers of a Hugging Face decoder and really skip them.
+
+A router is `Linear(hidden_size, 1, bias=False)`, zero-initialised, reading the normalised
+input of the gated sublayer; score `r = sigmoid(w . x)`, keep when `r >= threshold`
+(ROUTER_TUNING.md, "Exact semantics"). The wrapper replaces a module of each routed decoder
+layer in place (PEFT style, the original kept as `base_layer`):
+
+    granularity  wrapped module         router input                    skipped output
+    attn         layer.self_attn        input_layernorm(h) (its input)  zeros  (h unchanged)
+    mlp          layer.mlp              the MLP's own normalised input  zeros  (h unchanged)
+    block        the decoder layer      layer.input_layernorm(h)        h
+
+Returning zeros from a skipped attention/MLP is exact for every supported architecture:
+the residual add (Llama, Mistral, Qwen, Phi3) or the post-norm + add (Gemma: RMSNorm(0) = 0)
+leaves `h` unchanged.
+
+Execution modes (eval):
+- `skip` (default): a skipped sublayer is not computed. With `seq` routing only the kept rows
+  of a batch go through it, so the KV cache of that layer stores keys/values for the kept rows
+  only; the decision is taken at prefill and reused for every decode step, so the cache rows
+  stay aligned. With `token` routing only the kept tokens go through it (compacted per row);
+  a skipped token contributes nothing as key/value at that layer (Mixture-of-Depths style):
+  it is never stored in the cache and no later token attends to it. Cached and uncached runs
+  agree because the per-layer key history (time index + validity of each cached slot) is kept
+  beside the cache and the attention mask is rebuilt from it.
+- `mask`: compute every row/token, then multiply by the decision: the reference that saves
+  nothing (what a compute-then-mask implementation does).
+Training (`ms.train()`): hard decisions in the forward pass, full compute, straight-through
+gradient `m = hard + r - r.detach()` to the router score; capacities are differentiable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import MindSkipConfig
+
+logger = logging.getLogger(__name__)
+
+ROUTER_PREFIX = "mindskip_router"
+CHECKPOINT_FORMAT = "rt-kit-mindskip-routers"
+CHECKPOINT_VERSION = 1
+WEIGHTS_NAME = "routers.safetensors"
+CONFIG_NAME = "mindskip_config.json"
+REQUIRED_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+
+
+# ----------------------------------------------------------------------------------------
+# Architecture
+# ----------------------------------------------------------------------------------------
+def find_decoder(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The module owning the decoder layers and the layer list, or a clear error."""
+    candidates = []
+    inner = getattr(model, "model", None)
+    if inner is not None:
+        candidates.append(inner)
+        if getattr(inner, "language_model", None) is not None:
+            candidates.append(inner.language_model)
+    if hasattr(model, "get_decoder"):
+        try:
+            candidates.append(model.get_decoder())
+        except Exception:  # noqa: BLE001 - some models raise here; the other candidates remain
+            pass
+    candidates.append(model)
+    for dec in candidates:
+        layers = getattr(dec, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return dec, layers
+    raise ValueError(
+        f"{type(model).__name__} is not a supported decoder: no `model.layers` ModuleList found. "
+        "MindSkip supports Llama-shaped causal LMs (Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, ...)."
+    )
+
+
+def check_architecture(model: nn.Module) -> None:
+    _, layers = find_decoder(model)
+    for i, layer in enumerate(layers):
+        base = layer.base_layer if isinstance(layer, MindSkipGate) else layer
+        missing = [p for p in REQUIRED_LAYER_PARTS if not hasattr(base, p)]
+        if missing:
+            raise ValueError(
+                f"{type(model).__name__}: decoder layer {i} ({type(base).__name__}) lacks {missing}. MindSkip needs "
+                f"Llama-shaped layers with {list(REQUIRED_LAYER_PARTS)}."
+            )
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in (None, "eager", "sdpa"):
+        logger.warning("attention implementation %r: seq routing works; token routing needs eager or sdpa", impl)
+
+
+def cache_reference_layers(model: nn.Module) -> set[int]:
+    """Layers whose cache length Hugging Face reads (sequence length, mask sizes).
+
+    Layer 0 gives `cache.get_seq_length()`; the first full-attention layer gives the mask
+    sizes. Skipping their attention would leave those caches empty, so they cannot be routed
+    at `attn`/`block` granularity.
+    """
+    ref = {0}
+    types = getattr(model.config, "layer_types", None)
+    if types:
+        full = [i for i, t in enumerate(types) if t == "full_attention"]
+        if full:
+            ref.add(full[0])
+    return ref
+
+
+# ----------------------------------------------------------------------------------------
+# Shared routing context: what the gates need from the top-level call
+# ----------------------------------------------------------------------------------------
+class RoutingContext:
+    """Filled by a forward pre-hook on the decoder before any layer runs."""
+
+    def __init__(self):
+        self.real: torch.Tensor | None = None  # (B, T) bool: real (non-padding) tokens of the current input
+        self.past_len = 0  # tokens already in the cache before this call
+        self.cache = None
+
+    def hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else emb
+        bsz, q_len = ref.shape[0], ref.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self.cache = cache
+        self.past_len = int(cache.get_seq_length()) if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            self.real = mask[:, -q_len:].to(device=ref.device, dtype=torch.bool)
+        else:
+            self.real = torch.ones(bsz, q_len, dtype=torch.bool, device=ref.device)
+        return None
+
+
+def _take_rows(obj, rows: torch.Tensor, bsz: int):
+    """Select batch rows in every tensor of (nested) call arguments whose first dim is the batch."""
+    if isinstance(obj, torch.Tensor):
+        return obj[rows] if obj.ndim >= 2 and obj.shape[0] == bsz else obj
+    if isinstance(obj, tuple):
+        return tuple(_take_rows(o, rows, bsz) for o in obj)
+    if isinstance(obj, list):
+        return [_take_rows(o, rows, bsz) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _take_rows(v, rows, bsz) for k, v in obj.items()}
+    return obj
+
+
+def _gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t: (B or 1, T, ...) -> (B, Tk, ...) at token indices idx (B, Tk)."""
+    t = t.expand(idx.shape[0], *t.shape[1:])
+    view = idx.view(*idx.shape, *([1] * (t.ndim - 2))).expand(*idx.shape, *t.shape[2:])
+    return torch.gather(t, 1, view)
+
+
+@dataclass
+class _TokenHistory:
+    """Key slots of one layer's cache under token routing: (B, S) time index and validity."""
+
+    cache: weakref.ref
+    time: torch.Tensor
+    valid: torch.Tensor
+    skipped_any: bool
+
+
+# ----------------------------------------------------------------------------------------
+# The gate
+# ----------------------------------------------------------------------------------------
+class MindSkipGate(nn.Module):
+    """Wraps one sublayer (or block) of one decoder layer with a router."""
+
+    def __init__(self, base_layer: nn.Module, layer: nn.Module, layer_idx: int, cfg: MindSkipConfig,
+                 hidden_size: int, ctx: RoutingContext, attn_impl: str | None):
+        super().__init__()
+        self.base_layer = base_layer
+        dtype = getattr(torch, cfg.router_dtype)
+        ref_param = next(base_layer.parameters())
+        router = nn.Linear(hidden_size, 1, bias=False, device=ref_param.device, dtype=dtype)
+        nn.init.zeros_(router.weight)
+        setattr(self, ROUTER_PREFIX, router)
+        self.layer_idx = layer_idx
+        self.granularity = cfg.granularity
+        self.route_level = cfg.route_level
+        self.threshold = cfg.threshold
+        self.forced: bool | None = None
+        self.execution = "skip"
+        self.attn_impl = attn_impl
+        # not registered as submodules: they belong to the base layer
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "_block_norm", layer.input_layernorm if cfg.granularity == "block" else None)
+        attn = layer.self_attn
+        self.sliding_window = getattr(attn, "sliding_window", None)
+        self._seq_state: tuple[weakref.ref, torch.Tensor] | None = None
+        self._tok_state: _TokenHistory | None = None
+        self.capacity: torch.Tensor | None = None
+        self.last_keep: torch.Tensor | None = None
+        self.reset_stats()
+
+    @property
+    def router(self) -> nn.Linear:
+        return getattr(self, ROUTER_PREFIX)
+
+    def __getattr__(self, name):  # transparent to code that reads attributes of the wrapped module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    def reset_stats(self):
+        self.n_exec = 0.0
+        self.n_total = 0.0
+
+    # -- routing -------------------------------------------------------------------------
+    def _scores(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Router score r in (0, 1): (B,) for seq routing, (B, T) for token routing."""
+        w = self.router.weight
+        xs = x.to(w.dtype)
+        if self.route_level == "seq":
+            m = real.to(w.dtype).unsqueeze(-1)  # (B, T, 1): pool over real tokens only
+            pooled = (xs * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, d)
+            return torch.sigmoid(self.router(pooled)).squeeze(-1)
+        return torch.sigmoid(self.router(xs)).squeeze(-1)
+
+    def _hard(self, r: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.forced, torch.Tensor):  # per-row (or per-token) forced decisions
+            f = self.forced.to(device=r.device, dtype=torch.bool)
+            return (f.view(-1, *([1] * (r.ndim - 1))) if f.ndim == 1 else f).expand_as(r)
+        if self.forced is not None:
+            return torch.full_like(r, float(self.forced)).bool()
+        return r >= self.threshold
+
+    def _normed(self, x):
+        return self._block_norm(x) if self._block_norm is not None else x
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        ctx = self._ctx
+        x = hidden_states
+        bsz, q_len = x.shape[0], x.shape[1]
+        real = ctx.real
+        if real is None or real.shape != (bsz, q_len):
+            real = torch.ones(bsz, q_len, dtype=torch.bool, device=x.device)
+        if self.route_level == "seq":
+            return self._forward_seq(x, real, args, kwargs)
+        return self._forward_token(x, real, args, kwargs)
+
+    def _call(self, x, args, kwargs):
+        out = self.base_layer(x, *args, **kwargs)
+        return (out[0] if isinstance(out, tuple) else out), isinstance(out, tuple)
+
+    def _wrap(self, out, was_tuple):
+        return (out, None) if was_tuple else out
+
+    def _skipped_output(self, x):
+        return x if self.granularity == "block" else torch.zeros_like(x)
+
+    def _forward_seq(self, x, real, args, kwargs):
+        ctx = self._ctx
+        bsz = x.shape[0]
+        cache = ctx.cache
+        rows_real = real.any(1)
+        if self.training:
+            r = self._scores(self._normed(x), real)
+            hard = self._hard(r)
+            gate = hard.to(r.dtype) + r - r.detach()  # straight-through estimator
+            out, tup = self._call(x, args, kwargs)
+            g = gate.to(out.dtype).view(bsz, 1, 1)
+            out = x + g * (out - x) if self.granularity == "block" else g * out
+            self.capacity = gate[rows_real].mean() if rows_real.any() else gate.mean()
+            self._record(hard, rows_real)
+            return self._wrap(out, tup)
+
+        if cache is not None and ctx.past_len > 0 and self.granularity != "mlp":
+            # decode / continuation: reuse the decision taken at prefill (cache rows depend on it)
+            st = self._seq_state
+            if st is None or st[0]() is not cache or st[1].shape[0] != bsz:
+                raise RuntimeError(
+                    f"MindSkip layer {self.layer_idx}: this cache was not prefilled by this MindSkip model "
+                    "(no routing decision stored for it). Start generation from an empty cache."
+                )
+            hard = st[1]
+        else:
+            with torch.no_grad():
+                hard = self._hard(self._scores(self._normed(x), real))
+            if cache is not None and self.granularity != "mlp":
+                self._seq_state = (weakref.ref(cache), hard)
+        self.capacity = hard[rows_real].float().mean() if rows_real.any() else hard.float().mean()
+        self._record(hard, rows_real)
+
+        if self.execution == "mask":
+            out, tup = self._call(x, args, kwargs)
+            g = hard.to(out.dtype).view(bsz, 1, 1)
+            out = x + g * (out - x) if self.granularity == "block" else g * out
+            return self._wrap(out, tup)
+        n_keep = int(hard.sum())
+        if n_keep == bsz:
+            out, tup = self._call(x, args, kwargs)
+            return self._wrap(out, tup)
+        tup = self.granularity == "attn"
+        if n_keep == 0:
+            return self._wrap(self._skipped_output(x), tup)
+        rows = hard.nonzero().squeeze(-1)
+        sub, tup = self._call(x[rows], _take_rows(args, rows, bsz), _take_rows(kwargs, rows, bsz))
+        out = self._skipped_output(x).clone()
+        out[rows] = sub
+        return self._wrap(out, tup)
+
+    def _record(self, hard, units):
+        with torch.no_grad():
+            h = hard & units if hard.shape == units.shape else hard[units]
+            self.last_keep = hard.detach()
+            self.n_exec += float(h.sum())
+            self.n_total += float(units.sum())
+
+    # -- token routing ---------------------------------------------------------------------
+    def _forward_token(self, x, real, args, kwargs):
+        bsz, q_len = x.shape[0], x.shape[1]
+        ctx = self._ctx
+        grad_mode = self.training
+        if grad_mode:
+            r = self._scores(self._normed(x), real)
+        else:
+            with torch.no_grad():
+                r = self._scores(self._normed(x), real)
+        hard = self._hard(r) & real  # padding never runs / never stored
+        if grad_mode:
+            gate = hard.to(r.dtype) + r - r.detach()
+            self.capacity = gate[real].mean() if real.any() else gate.mean()
+        else:
+            self.capacity = hard[real].float().mean() if real.any() else hard.float().mean()
+        self._record(hard, real)
+
+        if self.granularity == "mlp":  # position-wise: no keys/values involved
+            if grad_mode or self.execution == "mask":
+                out, tup = self._call(x, args, kwargs)
+                g = (gate if grad_mode else hard).to(out.dtype).unsqueeze(-1)
+                return self._wrap(g * out, tup)
+            out = torch.zeros_like(x)
+            if hard.any():
+                out[hard] = self.base_layer(x[hard].unsqueeze(0)).squeeze(0)
+            return out
+
+        compute_all = grad_mode or self.execution == "mask"
+        # queries: the tokens that go through the module, compacted per row
+        sel = real if compute_all else hard
+        cache = ctx.cache
+        hist = self._history(cache, bsz, x.device)
+        time_now = ctx.past_len + torch.arange(q_len, device=x.device).expand(bsz, q_len)
+        if not compute_all and not sel.any():
+            self._extend_history(cache, hist, None, None)
+            return self._wrap(self._skipped_output(x), self.granularity == "attn")
+        n_sel = sel.sum(1)
+        t_k = int(n_sel.max())
+        # stable order of selected tokens first, then the rest (padding slots, marked invalid)
+        order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :t_k]  # (B, Tk)
+        q_valid = torch.gather(sel, 1, order)
+        q_time = torch.gather(time_now, 1, order)
+        k_valid_new = torch.gather(hard, 1, order) & q_valid  # skipped tokens are not keys
+        sub_x = _gather_tokens(x, order)
+        kw = dict(kwargs)
+        pe = kw.get("position_embeddings")
+        if pe is not None:
+            kw["position_embeddings"] = tuple(_gather_tokens(p, order) for p in pe)
+        if isinstance(kw.get("position_ids"), torch.Tensor):
+            kw["position_ids"] = _gather_tokens(kw["position_ids"], order)
+        k_time = torch.cat([hist.time, q_time], 1) if hist is not None else q_time
+        k_valid = torch.cat([hist.valid, k_valid_new], 1) if hist is not None else k_valid_new
+        allowed = k_valid[:, None, :] & (k_time[:, None, :] <= q_time[:, :, None])  # (B, Tk, S+Tk)
+        if self.sliding_window:
+            allowed &= k_time[:, None, :] > q_time[:, :, None] - self.sliding_window
+        n_past = k_time.shape[1] - t_k
+        eye = torch.zeros_like(allowed)
+        eye[:, :, n_past:] = torch.eye(t_k, dtype=torch.bool, device=x.device)
+        allowed = (allowed | eye).unsqueeze(1)  # every query sees at least itself: no empty softmax rows
+        if self.attn_impl == "eager":
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+            mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
+        else:
+            mask = allowed
+        kw["attention_mask"] = mask
+        sub, tup = self._call(sub_x, args, kw)
+        self._extend_history(cache, hist, q_time, k_valid_new)
+        out = self._skipped_output(x).clone()
+        b_idx, j_idx = q_valid.nonzero(as_tuple=True)
+        out[b_idx, order[b_idx, j_idx]] = sub[b_idx, j_idx]
+        if compute_all:  # every real token was computed: apply the (straight-through) decision
+            g = (gate if grad_mode else hard).to(x.dtype).unsqueeze(-1)
+            out = x + g * (out - x) if self.granularity == "block" else g * out
+        return self._wrap(out, tup)
+
+    def _history(self, cache, bsz, device) -> _TokenHistory | None:
+        ctx = self._ctx
+        if cache is None:
+            return None
+        if ctx.past_len == 0:
+            self._tok_state = _TokenHistory(weakref.ref(cache), torch.zeros(bsz, 0, dtype=torch.long, device=device),
+                                            torch.zeros(bsz, 0, dtype=torch.bool, device=device), False)
+        st = self._tok_state
+        if st is None or st.cache() is not cache or st.time.shape[0] != bsz:
+            raise RuntimeError(
+                f"MindSkip layer {self.layer_idx}: this cache was not prefilled by this MindSkip model "
+                "(no token history stored for it). Start generation from an empty cache."
+            )
+        return st
+
+    def _extend_history(self, cache, hist, q_time, k_valid_new):
+        if hist is None or q_time is None:
+            return
+        hist.time = torch.cat([hist.time, q_time], 1)
+        hist.valid = torch.cat([hist.valid, k_valid_new], 1)
+        stored = _stored_len(cache, self.layer_idx)
+        if stored is not None and stored < hist.time.shape[1]:  # sliding-window caches drop old slots
+            hist.time = hist.time[:, -stored:]
+            hist.valid = hist.valid[:, -stored:]
+
+
+def _stored_len(cache, layer_idx) -> int | None:
+    """Number of key slots the cache holds for a layer (None when unknown or empty)."""
+    try:
+        keys = getattr(cache.layers[layer_idx], "keys", None)
+    except (AttributeError, IndexError):
+        return None
+    return keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.ndim >= 3 else None
+
+
+# ----------------------------------------------------------------------------------------
+# The model handle
+# ----------------------------------------------------------------------------------------
+def _base_model_name(model) -> str:
+    cfg = model.config
+    return getattr(cfg, "rt_kit_name", None) or getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", "") or ""
+
+
+class MindSkipModel(nn.Module):
+    """A Hugging Face causal LM with MindSkip routers inside it (see module docstring)."""
+
+    def __init__(self, model: nn.Module, config: MindSkipConfig):
+        super().__init__()
+        check_architecture(model)
+        if any(isinstance(m, MindSkipGate) for m in model.modules()):
+            raise ValueError("this model already has MindSkip routers attached; call unload() first")
+        self.model = model
+        self.config = config
+        decoder, layers = find_decoder(model)
+        num_layers = len(layers)
+        self.routed_layers = config.resolve_layers(num_layers)
+        if config.granularity != "mlp":
+            bad = sorted(cache_reference_layers(model) & set(self.routed_layers))
+            if bad:
+                raise ValueError(
+                    f"layers {bad} cannot be routed at {config.granularity!r} granularity: Hugging Face reads the "
+                    "cache length from them (layer 0 and the first full-attention layer). Route deeper layers."
+                )
+        hidden = model.config.hidden_size
+        self._ctx = RoutingContext()
+        self._hook = decoder.register_forward_pre_hook(self._ctx.hook, with_kwargs=True)
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        attn_impl = getattr(model.config, "_attn_implementation", None)
+        self._layers = layers
+        self._gates: dict[int, MindSkipGate] = {}
+        for i in self.routed_layers:
+            layer = layers[i]
+            if config.granularity == "attn":
+                gate = MindSkipGate(layer.self_attn, layer, i, config, hidden, self._ctx, attn_impl)
+                layer.self_attn = gate
+            elif config.granularity == "mlp":
+                gate = MindSkipGate(layer.mlp, layer, i, config, hidden, self._ctx, attn_impl)
+                layer.mlp = gate
+            else:
+                gate = MindSkipGate(layer, layer, i, config, hidden, self._ctx, attn_impl)
+                layers[i] = gate
+            self._gates[i] = gate
+        self.model.train(model.training)
+
+    # -- delegation ------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        if kwargs.get("num_beams", 1) > 1:
+            raise NotImplementedError("beam search reorders cache rows; MindSkip supports greedy and sampling")
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def gates(self) -> dict[int, MindSkipGate]:
+        return dict(self._gates)
+
+    def routers(self) -> dict[int, nn.Linear]:
+        return {i: g.router for i, g in self._gates.items()}
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [g.router.weight for g in self._gates.values()]
+
+    def set_threshold(self, threshold: float) -> None:
+        self.config.threshold = float(threshold)
+        for g in self._gates.values():
+            g.threshold = float(threshold)
+
+    def force(self, decisions=None) -> None:
+        """None: routers decide; True/False: keep/skip every routed layer; {layer: bool}: per layer.
+
+        A per-layer value may also be a bool tensor of shape (B,) (per sequence) or (B, T)
+        (per token) to replay recorded decisions."""
+        if isinstance(decisions, dict):
+            unknown = sorted(set(decisions) - set(self._gates))
+            if unknown:
+                raise ValueError(f"layers {unknown} are not routed; routed layers: {self.routed_layers}")
+            for i, g in self._gates.items():
+                v = decisions.get(i)
+                g.forced = v if v is None or isinstance(v, torch.Tensor) else bool(v)
+        else:
+            for g in self._gates.values():
+                g.forced = None if decisions is None else bool(decisions)
+
+    def set_execution(self, mode: str) -> None:
+        if mode not in ("skip", "mask"):
+            raise ValueError(f"execution mode must be 'skip' or 'mask', got {mode!r}")
+        for g in self._gates.values():
+            g.execution = mode
+
+    # -- statistics and the regulariser -------------------------------------------------------
+    def capacities(self) -> dict[int, torch.Tensor]:
+        return {i: g.capacity for i, g in self._gates.items() if g.capacity is not None}
+
+    def regularizer(self) -> torch.Tensor:
+        caps = list(self.capacities().values())
+        if not caps:
+            return torch.zeros((), device=self.device)
+        s = self.config.capacity_target
+        return self.config.reg_lambda * sum(torch.relu(c - s) for c in caps)
+
+    def reset_stats(self) -> None:
+        for g in self._gates.values():
+            g.reset_stats()
+
+    def skip_stats(self) -> dict[int, float]:
+        """Executed fraction per routed layer since the last reset (NaN if nothing ran)."""
+        return {i: (g.n_exec / g.n_total if g.n_total else float("nan")) for i, g in self._gates.items()}
+
+    def skip_ratio(self) -> float:
+        tot = sum(g.n_total for g in self._gates.values())
+        return 1.0 - sum(g.n_exec for g in self._gates.values()) / tot if tot else float("nan")
+
+    def decisions(self) -> dict[int, torch.Tensor]:
+        """Last keep decisions per layer: (B,) for seq routing, (B, T) for token routing."""
+        return {i: g.last_keep for i, g in self._gates.items()}
+
+    # -- detach --------------------------------------------------------------------------
+    def unload(self) -> nn.Module:
+        """Remove routers and hooks; return the base model exactly as it was."""
+        for i, g in self._gates.items():
+            layer = self._layers[i]
+            if self.config.granularity == "attn":
+                layer.self_attn = g.base_layer
+            elif self.config.granularity == "mlp":
+                layer.mlp = g.base_layer
+            else:
+                self._layers[i] = g.base_layer
+        self._hook.remove()
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
+        self._gates = {}
+        return self.model
+
+    # -- save / load ---------------------------------------------------------------------------
+    def router_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"layers.{i}.router.weight": g.router.weight.detach().cpu().contiguous() for i, g in self._gates.items()}
+
+    def checkpoint_metadata(self) -> dict:
+        import transformers
+
+        from . import __version__
+
+        mc = self.model.config
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "routed_layers": self.routed_layers,
+            "base_model": _base_model_name(self.model),
+            "model_type": getattr(mc, "model_type", None),
+            "num_layers": len(self._layers),
+            "hidden_size": mc.hidden_size,
+            "rt_kit_version": __version__,
+            "transformers_version": transformers.__version__,
+        }
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(self.router_state_dict(), str(path / WEIGHTS_NAME), metadata={"format": CHECKPOINT_FORMAT})
+        meta = self.checkpoint_metadata()
+        meta["weights_sha256"] = hashlib.sha256((path / WEIGHTS_NAME).read_bytes()).hexdigest()
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path, strict_base: bool = True, **overrides) -> "MindSkipModel":
+        """Attach routers saved by `save_pretrained` to `model`, after checking that they fit it.
+
+        `overrides` replace config fields (e.g. `threshold=0.6`). `strict_base=False` accepts a
+        base model whose recorded name differs (same architecture and shapes are still required).
+        """
+        meta = read_checkpoint_metadata(path)
+        _, layers = find_decoder(model)
+        mc = model.config
+        problems = []
+        if meta["num_layers"] != len(layers):
+            problems.append(f"it has {meta['num_layers']} layers, this model {len(layers)}")
+        if meta["hidden_size"] != mc.hidden_size:
+            problems.append(f"hidden size {meta['hidden_size']} vs {mc.hidden_size}")
+        if meta.get("model_type") and meta["model_type"] != getattr(mc, "model_type", None):
+            problems.append(f"model type {meta['model_type']!r} vs {getattr(mc, 'model_type', None)!r}")
+        name = _base_model_name(model)
+        if strict_base and meta.get("base_model") and name and _short(meta["base_model"]) != _short(name):
+            problems.append(f"base model {meta['base_model']!r} vs {name!r} (pass strict_base=False if this is intended)")
+        if problems:
+            raise ValueError(f"router checkpoint {path} does not fit this model: " + "; ".join(problems))
+        cfg = MindSkipConfig.from_dict({**meta["config"], **overrides})
+        weights = _read_router_weights(Path(path))
+        ms = cls(model, cfg)
+        expected = ms.router_state_dict()
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        if missing or extra:
+            ms.unload()
+            raise ValueError(f"router checkpoint {path}: missing keys {missing}, unexpected keys {extra}")
+        for k, t in weights.items():
+            if tuple(t.shape) != tuple(expected[k].shape):
+                ms.unload()
+                raise ValueError(f"router checkpoint {path}: {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+        with torch.no_grad():
+            for i, g in ms._gates.items():
+                g.router.weight.copy_(weights[f"layers.{i}.router.weight"].to(g.router.weight.dtype))
+        return ms
+
+
+def _short(name: str) -> str:
+    return str(name).rstrip("/").split("/")[-1].lower()
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not path.is_dir() or not cfg_file.is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a router checkpoint folder: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
+            "(written by MindSkipModel.save_pretrained)"
+        )
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the router checkpoint is corrupt") from e
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an rt-kit router checkpoint ({CONFIG_NAME} has no format {CHECKPOINT_FORMAT!r})")
+    if meta.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path} was written by a newer rt-kit (format {meta['format_version']}); upgrade rt-kit")
+    for key in ("config", "num_layers", "hidden_size"):
+        if key not in meta:
+            raise ValueError(f"{cfg_file} lacks {key!r}; the router checkpoint is corrupt")
+    return meta
+
+
+def _read_router_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path / WEIGHTS_NAME))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path / WEIGHTS_NAME} is not a readable safetensors file ({e}); re-save the routers") from e
+
+
+def get_mindskip_model(model: nn.Module, config: MindSkipConfig | None = None) -> MindSkipModel:
+    """Attach zero-initialised MindSkip routers to `model` (in place); the base is frozen."""
+    return MindSkipModel(model, config or MindSkipConfig())
+
+
+# ----------------------------------------------------------------------------------------
+# Physically removed sublayers (the oracle of profiling, the static-drop baseline)
+# ----------------------------------------------------------------------------------------
+class _Removed(nn.Module):
+    """Stands in for a removed sublayer: computes nothing, stores no keys/values."""
+
+    def __init__(self, kind: str, original: nn.Module):
+        super().__init__()
+        self.kind = kind
+        object.__setattr__(self, "_original", original)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.kind == "block":
+            return hidden_states
+        out = torch.zeros_like(hidden_states)
+        return (out, None) if self.kind == "attn" else out
+
+
+class DroppedLayers:
+    """Handle returned by `drop_sublayers`; `restore()` puts the original modules back."""
+
+    def __init__(self, model, layers, granularity, originals):
+        self.model, self.layers, self.granularity, self._originals = model, layers, granularity, originals
+
+    def restore(self) -> nn.Module:
+        _, mlist = find_decoder(self.model)
+        for i, orig in self._originals.items():
+            if self.granularity == "attn":
+                mlist[i].self_attn = orig
+            elif self.granularity == "mlp":
+                mlist[i].mlp = orig
+            else:
+                mlist[i] = orig
+        self._originals = {}
+        return self.model
+
+
+def drop_sublayers(model: nn.Module, layers, granularity: str = "attn") -> DroppedLayers:
+    """Remove the `granularity` sublayer of each layer in `layers` from `model` (in place)."""
+    check_architecture(model)
+    _, mlist = find_decoder(model)
+    layers = sorted({int(i) for i in layers})
+    bad = [i for i in layers if not 0 <= i < len(mlist)]
+    if bad:
+        raise ValueError(f"layers {bad} do not exist (model has {len(mlist)})")
+    if granularity not in ("attn", "mlp", "block"):
+        raise ValueError(f"granularity must be attn, mlp or block, got {granularity!r}")
+    if granularity != "mlp":
+        ref = sorted(cache_reference_layers(model) & set(layers))
+        if ref:
+            raise ValueError(f"layers {ref} hold the cache length Hugging Face reads; they cannot be dropped")
+    originals = {}
+    for i in layers:
+        if granularity == "attn":
+            originals[i] = mlist[i].self_attn
+            mlist[i].self_attn = _Removed("attn", originals[i])
+        elif granularity == "mlp":
+            originals[i] = mlist[i].mlp
+            mlist[i].mlp = _Removed("mlp", originals[i])
+        else:
+            originals[i] = mlist[i]
+            mlist[i] = _Removed("block", originals[i])
+    return DroppedLayers(model, layers, granularity, originals)

@@ -1,0 +1,338 @@
+"""MindSkip core (issue #3): exactness, real skipping, cache consistency, save/load."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from rt_lib.config import MindSkipConfig
+from rt_lib.mindskip import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    MindSkipModel,
+    drop_sublayers,
+    get_mindskip_model,
+)
+from tiny_models import ARCHS, padded_batch, random_routers, tiny_model
+
+GRANS = ("attn", "mlp", "block")
+
+
+def logits(model, ids, mask=None, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+# ---------------------------------------------------------------------------- config
+def test_config_round_trip_and_defaults(tmp_path):
+    cfg = MindSkipConfig(num_routed_layers=4, granularity="block", route_level="token", threshold=0.6)
+    cfg.save(tmp_path / "c.json")
+    assert MindSkipConfig.load(tmp_path / "c.json") == cfg
+    # paper default: deepest n except the last -> 15..30 of a 32-layer model
+    assert MindSkipConfig().resolve_layers(32) == list(range(15, 31))
+    assert MindSkipConfig(routed_layers=[5, 3, 5]).resolve_layers(8) == [3, 5]
+    assert set(MindSkipConfig.help()) == set(cfg.to_dict())
+    assert all(MindSkipConfig.help().values())
+
+
+@pytest.mark.parametrize("bad", [dict(granularity="ffn"), dict(route_level="batch"), dict(routed_layers=[]),
+                                 dict(num_routed_layers=0), dict(capacity_target=1.5), dict(reg_lambda=-1)])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        MindSkipConfig(**bad)
+
+
+def test_config_rejects_layers_outside_model():
+    with pytest.raises(ValueError, match="do not exist"):
+        MindSkipConfig(routed_layers=[9]).resolve_layers(6)
+    with pytest.raises(ValueError, match="too many"):
+        MindSkipConfig(num_routed_layers=5).resolve_layers(6)
+    with pytest.raises(ValueError, match="unknown MindSkipConfig fields"):
+        MindSkipConfig.from_dict({"thresh": 0.5})
+
+
+# ---------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("gran", GRANS)
+def test_keep_all_equals_base_and_unload_restores(arch, gran):
+    model = tiny_model(arch)
+    ids, mask = padded_batch([9, 6, 4])
+    ref = logits(model, ids, mask)
+    modules_before = [(n, m) for n, m in model.named_modules()]
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=3, granularity=gran))
+    ms.eval()
+    ms.force(True)
+    torch.testing.assert_close(logits(model, ids, mask), ref, atol=1e-5, rtol=0)
+    ms.force(None)  # zero-initialised routers: r = 0.5 = threshold -> keep everything
+    torch.testing.assert_close(logits(model, ids, mask), ref, atol=1e-5, rtol=0)
+    assert ms.skip_stats() == {i: 1.0 for i in ms.routed_layers}
+    base = ms.unload()
+    assert base is model
+    assert [(n, m) for n, m in base.named_modules()] == modules_before
+    assert all(torch.equal(state_before[k], v) for k, v in base.state_dict().items())
+    assert set(base.state_dict()) == set(state_before)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("gran", GRANS)
+def test_token_routing_keep_all_equals_base(arch, gran):
+    model = tiny_model(arch)
+    ids, _ = padded_batch([9, 9])
+    ref = logits(model, ids)
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=3, granularity=gran, route_level="token"))
+    ms.eval()
+    torch.testing.assert_close(logits(model, ids), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("gran", GRANS)
+def test_forced_skip_equals_removed_sublayer(arch, gran):
+    model = tiny_model(arch)
+    ids, mask = padded_batch([8, 5])
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=3, granularity=gran))
+    ms.eval()
+    ms.force({3: False, 4: False})
+    out = logits(model, ids, mask)
+    assert ms.skip_stats() == {2: 1.0, 3: 0.0, 4: 0.0}
+    ms.unload()
+    removed = drop_sublayers(model, [3, 4], granularity=gran)
+    ref = logits(model, ids, mask)
+    removed.restore()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(ref, logits(model, ids, mask), atol=1e-3)  # the removal mattered
+
+
+def test_forced_skip_mask_mode_equals_skip_mode():
+    model = tiny_model("llama")
+    ids, mask = padded_batch([8, 5, 7])
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=3))
+    ms.eval()
+    random_routers(ms)
+    out_skip = logits(model, ids, mask)
+    ms.set_execution("mask")
+    out_mask = logits(model, ids, mask)
+    torch.testing.assert_close(out_skip, out_mask, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- batch invariance
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("level", ["seq", "token"])
+def test_batch_invariance(side, level):
+    model = tiny_model("llama")
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=4, route_level=level, routed_layers=[1, 2, 3, 4]))
+    ms.eval()
+    random_routers(ms, seed=3)
+    ids, mask = padded_batch([10, 4, 7], side=side, seed=1)
+    batch_out = logits(model, ids, mask)
+    batch_dec = ms.decisions()
+    for b in range(3):
+        real = mask[b].bool()
+        alone = logits(model, ids[b:b + 1, real], mask[b:b + 1, real])
+        torch.testing.assert_close(batch_out[b, real], alone[0], atol=1e-5, rtol=0)
+        for i, dec in ms.decisions().items():
+            if level == "seq":
+                assert bool(dec[0]) == bool(batch_dec[i][b])
+            else:
+                assert torch.equal(dec[0], batch_dec[i][b, real])
+    assert 0.0 < ms.skip_ratio() < 1.0  # decisions really were mixed
+
+
+# ---------------------------------------------------------------------------- cache consistency
+def _greedy_uncached(model, ids, mask, steps):
+    ids, mask = ids.clone(), mask.clone()
+    outs = []
+    for _ in range(steps):
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        lg = logits(model, ids, mask, position_ids=pos, use_cache=False)[:, -1]
+        outs.append(lg)
+        nxt = lg.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids, torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
+@pytest.mark.parametrize("level", ["seq", "token"])
+@pytest.mark.parametrize("gran", ["attn", "block"])
+def test_cached_generate_equals_uncached_recomputation(arch, level, gran):
+    model = tiny_model(arch)
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], route_level=level, granularity=gran))
+    ms.eval()
+    random_routers(ms, seed=5)
+    ids, mask = padded_batch([9, 5, 7], seed=2)
+    steps = 6
+    out = ms.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                      output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    if level == "seq":
+        prefill = {i: d.clone() for i, d in ms.decisions().items()}
+        assert any(0 < int(d.sum()) < d.numel() for d in prefill.values()), "want mixed decisions in the batch"
+        ms.force(prefill)  # replay the prefill decisions in the uncached run
+    ref_ids, ref_logits = _greedy_uncached(model, ids, mask, steps)
+    assert torch.equal(out.sequences, ref_ids)
+    torch.testing.assert_close(torch.stack(out.scores, 1), ref_logits, atol=1e-4, rtol=0)
+    assert 0.0 < ms.skip_ratio() < 1.0
+
+
+def test_sampling_generate_runs_with_mixed_rows_and_saves_kv():
+    model = tiny_model("llama")
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4]))
+    ms.eval()
+    ms.force({2: torch.tensor([True, False]), 3: False})
+    ids, mask = padded_batch([6, 4])
+    cache = DynamicCache(config=model.config)
+    torch.manual_seed(0)
+    out = ms.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=10,
+                      cache=cache, pad_token_id=0)
+    assert out.shape == (2, 6 + 5)
+    full = cache.layers[1].keys
+    assert cache.layers[2].keys.shape[0] == 1  # only the kept row stored keys
+    assert cache.layers[2].keys.shape[-2] == full.shape[-2]
+    assert cache.layers[3].keys is None  # skipped by everyone: nothing stored
+    assert cache.layers[4].keys.shape == full.shape
+
+
+def test_decode_with_foreign_cache_is_refused():
+    model = tiny_model("llama")
+    ids, mask = padded_batch([5, 5])
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3]))
+    ms.eval()
+    with pytest.raises(RuntimeError, match="not prefilled by this MindSkip model"):
+        model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), cache=cache)
+
+
+# ---------------------------------------------------------------------------- training
+@pytest.mark.parametrize("level", ["seq", "token"])
+@pytest.mark.parametrize("gran", GRANS)
+def test_straight_through_gradients_reach_routers_only(level, gran):
+    model = tiny_model("llama")
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=3, granularity=gran, route_level=level,
+                                                  reg_lambda=0.1, capacity_target=0.25))
+    ms.train()
+    ids, mask = padded_batch([8, 6])
+    out = ms(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    loss = out.loss + ms.regularizer()
+    loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("mindskip_router" in n for n in trainable)
+    assert len(trainable) == len(ms.routed_layers)
+    for p in ms.router_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    caps = ms.capacities()
+    assert set(caps) == set(ms.routed_layers) and all(c.requires_grad for c in caps.values())
+    # zero init: every layer executes, capacity 1 > target -> positive regulariser
+    torch.testing.assert_close(ms.regularizer(), torch.tensor(0.1 * 3 * 0.75), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- save / load
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model("llama")
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=3, threshold=0.55))
+    random_routers(ms, seed=9)
+    ms.save_pretrained(tmp_path / "r")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    meta = json.loads((tmp_path / "r" / CONFIG_NAME).read_text())
+    assert meta["num_layers"] == 6 and meta["hidden_size"] == 32 and meta["transformers_version"]
+    ids, mask = padded_batch([7, 4])
+    ms.eval()
+    before = logits(model, ids, mask)
+    w = {i: r.weight.clone() for i, r in ms.routers().items()}
+    ms.unload()
+    ms2 = MindSkipModel.from_pretrained(model, tmp_path / "r")
+    ms2.eval()
+    assert ms2.config.threshold == 0.55
+    assert all(torch.equal(w[i], r.weight) for i, r in ms2.routers().items())
+    torch.testing.assert_close(logits(model, ids, mask), before, atol=0, rtol=0)
+
+
+def _saved(tmp_path, **cfg):
+    model = tiny_model("llama")
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=3, **cfg))
+    ms.save_pretrained(tmp_path / "r")
+    ms.unload()
+    return model, tmp_path / "r"
+
+
+def test_load_onto_wrong_model_fails(tmp_path):
+    _, path = _saved(tmp_path)
+    other = tiny_model("llama", hidden_size=48)
+    with pytest.raises(ValueError, match="does not fit this model.*hidden size"):
+        MindSkipModel.from_pretrained(other, path)
+    deeper = tiny_model("llama", num_hidden_layers=8)
+    with pytest.raises(ValueError, match="layers"):
+        MindSkipModel.from_pretrained(deeper, path)
+
+
+def test_load_missing_extra_and_misshapen_keys_fail(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, path = _saved(tmp_path)
+    w = load_file(str(path / WEIGHTS_NAME))
+    save_file({k: v for k, v in w.items() if "layers.2." not in k}, str(path / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="missing keys"):
+        MindSkipModel.from_pretrained(model, path)
+    save_file({**w, "layers.9.router.weight": torch.zeros(1, 32)}, str(path / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="unexpected keys"):
+        MindSkipModel.from_pretrained(model, path)
+    save_file({**w, "layers.2.router.weight": torch.zeros(1, 16)}, str(path / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="shape"):
+        MindSkipModel.from_pretrained(model, path)
+    # a failed load leaves the model untouched
+    assert not any("mindskip" in n for n, _ in model.named_parameters())
+
+
+def test_load_non_checkpoints_fail(tmp_path):
+    model, path = _saved(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a router checkpoint"):
+        MindSkipModel.from_pretrained(model, tmp_path / "nowhere")
+    (path / WEIGHTS_NAME).write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        MindSkipModel.from_pretrained(model, path)
+    (path / CONFIG_NAME).write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match="not an rt-kit router checkpoint"):
+        MindSkipModel.from_pretrained(model, path)
+    (path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        MindSkipModel.from_pretrained(model, path)
+
+
+# ---------------------------------------------------------------------------- bad models
+def test_unsupported_architecture_names_what_is_missing():
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.Identity()
+            self.mlp = nn.Identity()
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer() for _ in range(4)])
+
+    class Foreign(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Inner()
+
+    with pytest.raises(ValueError, match="input_layernorm"):
+        get_mindskip_model(Foreign(), MindSkipConfig(num_routed_layers=1))
+    with pytest.raises(ValueError, match="no `model.layers`"):
+        get_mindskip_model(nn.Linear(2, 2), MindSkipConfig())
+
+
+def test_cache_reference_layers_cannot_be_routed():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="cache length"):
+        get_mindskip_model(model, MindSkipConfig(routed_layers=[0, 3]))
+    get_mindskip_model(model, MindSkipConfig(routed_layers=[0, 3], granularity="mlp")).unload()
+
+
+def test_double_attach_refused():
+    model = tiny_model("llama")
+    get_mindskip_model(model, MindSkipConfig(num_routed_layers=2))
+    with pytest.raises(ValueError, match="already has MindSkip routers"):
+        get_mindskip_model(model, MindSkipConfig(num_routed_layers=2))

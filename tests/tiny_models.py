@@ -1,0 +1,63 @@
+"""Tiny random-weight decoders of each supported architecture, built in the test (no downloads)."""
+
+import torch
+import transformers as tf
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+ARCHS = {
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 8}),
+    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"head_dim": 8, "sliding_window": 8}),
+    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {"head_dim": 8, "sliding_window": 8}),
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),
+}
+
+
+EAGER_ONLY = {"gemma2"}  # transformers refuses sdpa for Gemma2 (softcapping)
+
+
+def tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    cfg_cls, model_cls, extra = ARCHS[arch]
+    if arch in EAGER_ONLY:
+        attn_implementation = "eager"
+    cfg = cfg_cls(**{**COMMON, **extra, **overrides})
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    return model
+
+
+def random_routers(ms, seed: int = 0, scale: float = 4.0):
+    """Give routers random weights so that decisions differ between sequences/tokens."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in ms.routers().values():
+            r.weight.copy_(torch.randn(r.weight.shape, generator=g) * scale / r.weight.shape[1] ** 0.5)
+
+
+def padded_batch(lengths, vocab=96, side="left", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.zeros(len(lengths), t, dtype=torch.long)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        seq = torch.randint(3, vocab, (n,), generator=g)
+        if side == "left":
+            ids[b, t - n:], mask[b, t - n:] = seq, 1
+        else:
+            ids[b, :n], mask[b, :n] = seq, 1
+    return ids, mask
