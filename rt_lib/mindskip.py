@@ -306,6 +306,11 @@ class MindSkipGate(nn.Module):
         tup = self.granularity == "attn"
         if n_keep == 0:
             return self._wrap(self._skipped_output(x), tup)
+        if cache is not None and not _row_subset_cache(cache, self.layer_idx):
+            # preallocated (static) caches have a fixed batch: compute all rows, keep the decision
+            out, tup = self._call(x, args, kwargs)
+            g = hard.to(out.dtype).view(bsz, 1, 1)
+            return self._wrap(x + g * (out - x) if self.granularity == "block" else g * out, tup)
         rows = hard.nonzero().squeeze(-1)
         sub, tup = self._call(x[rows], _take_rows(args, rows, bsz), _take_rows(kwargs, rows, bsz))
         out = self._skipped_output(x).clone()
@@ -347,10 +352,15 @@ class MindSkipGate(nn.Module):
                 out[hard] = self.base_layer(x[hard].unsqueeze(0)).squeeze(0)
             return out
 
+        cache = ctx.cache
+        if cache is not None and not _row_subset_cache(cache, self.layer_idx):
+            raise NotImplementedError(
+                "token routing stores a compacted key history per layer and needs a DynamicCache; "
+                f"got {type(cache).__name__}. Use the default cache (no cache_implementation) or seq routing."
+            )
         compute_all = grad_mode or self.execution == "mask"
         # queries: the tokens that go through the module, compacted per row
         sel = real if compute_all else hard
-        cache = ctx.cache
         hist = self._history(cache, bsz, x.device)
         time_now = ctx.past_len + torch.arange(q_len, device=x.device).expand(bsz, q_len)
         if not compute_all and not sel.any():
@@ -419,6 +429,17 @@ class MindSkipGate(nn.Module):
         if stored is not None and stored < hist.time.shape[1]:  # sliding-window caches drop old slots
             hist.time = hist.time[:, -stored:]
             hist.valid = hist.valid[:, -stored:]
+
+
+def _row_subset_cache(cache, layer_idx) -> bool:
+    """True when the layer's cache grows by concatenation (DynamicCache layers), so it can hold
+    a subset of the batch rows or a compacted token history."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return True
+    return isinstance(layers[layer_idx], DynamicLayer)
 
 
 def _stored_len(cache, layer_idx) -> int | None:

@@ -336,3 +336,30 @@ def test_double_attach_refused():
     get_mindskip_model(model, MindSkipConfig(num_routed_layers=2))
     with pytest.raises(ValueError, match="already has MindSkip routers"):
         get_mindskip_model(model, MindSkipConfig(num_routed_layers=2))
+
+
+def test_one_token_prompt_takes_the_prefill_branch():
+    model = tiny_model("llama")
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3]))
+    ms.eval()
+    ms.force({2: False})
+    ids = torch.tensor([[5]])
+    out = ms.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                      pad_token_id=0)
+    assert out.shape == (1, 4)
+    assert ms.skip_stats()[2] == 0.0 and ms.skip_stats()[3] == 1.0
+
+
+def test_static_cache_mixed_rows_stays_correct():
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3]))
+    ms.eval()
+    ms.force({2: torch.tensor([True, False]), 3: False})
+    ids, mask = padded_batch([6, 4])
+    dyn = ms.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    sta = ms.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                      cache=cache)
+    assert torch.equal(dyn, sta)
