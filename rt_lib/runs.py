@@ -1,0 +1,276 @@
+"""Run folders, the provenance sidecar (run.json) and atomic file writes.
+
+Every step of the kit writes into one run folder ``results/runs/<run-id>/`` (layout in
+docs/results_format.md). ``run.json`` records what produced the files: parameters, package
+versions, git revision, device. Files are written atomically (temporary file in the same
+folder, then ``os.replace``) so an interrupted run never leaves a half-written CSV/JSON
+that a later table or figure would silently read.
+
+    run_dir = new_run(preset="cpu", parameters={"seed": 0})
+    ...
+    write_csv(run_dir / "eval" / "results.csv", rows)
+    update_run(run_dir, "eval", {"tasks": ["piqa"], "wall_time_s": 12.3})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+DEFAULT_ROOT = "results/runs"
+# Packages whose versions every run records (docs/results_format.md); the rest are extras
+# that explain differences in numbers between machines.
+_VERSIONED = ("torch", "transformers", "lm_eval", "rt_lib")
+_EXTRA_VERSIONED = ("datasets", "accelerate", "peft", "safetensors", "tokenizers", "gguf")
+_DIST_NAMES = {"lm_eval": "lm-eval", "rt_lib": "rt-kit"}
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``json.dumps`` default: paths, dtypes, numpy/torch scalars, dataclasses, sets."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return obj.to_dict()
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
+        return obj.item()  # numpy / torch scalars
+    if hasattr(obj, "tolist") and callable(obj.tolist):
+        return obj.tolist()
+    return str(obj)  # torch.dtype, torch.device, ...
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=False, default=to_jsonable, allow_nan=True)
+    return atomic_write_text(path, text + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: Any, columns: Iterable[str] | None = None) -> Path:
+    """Write a DataFrame or a list of dicts as CSV (no index), atomically.
+
+    For dicts the columns are ``columns`` if given, else the keys in order of first
+    appearance across rows; missing values are written as empty cells.
+    """
+    if hasattr(rows, "to_csv"):  # pandas DataFrame
+        frame = rows if columns is None else rows[list(columns)]
+        return atomic_write_text(path, frame.to_csv(index=False))
+    rows = [dict(r) for r in rows]
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="raise", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """Exclusive advisory lock on ``path`` (a folder, or a file created if missing).
+
+    Locking a folder leaves no lock file behind; a no-op where fcntl is absent (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- provenance
+def _version(module: str) -> str | None:
+    try:
+        return metadata.version(_DIST_NAMES.get(module, module))
+    except metadata.PackageNotFoundError:
+        if module == "rt_lib":  # running from a source tree that was never pip-installed
+            import rt_lib
+
+            return rt_lib.__version__
+        return None
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_revision(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``{"revision": sha or None, "dirty": bool or None}`` of the git tree holding ``path``.
+
+    Defaults to the kit's own source tree; ``dirty`` ignores untracked files (results being
+    written are untracked and should not mark the code as modified).
+    """
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    rev = _git(["rev-parse", "HEAD"], cwd)
+    if not rev:
+        return {"revision": None, "dirty": None}
+    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    return {"revision": rev, "dirty": None if status is None else bool(status)}
+
+
+def device_name() -> str:
+    """``cpu`` or ``cuda:<device name>``, as recorded in run.json."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(torch.cuda.current_device())}"
+    return "cpu"
+
+
+def provenance() -> dict[str, Any]:
+    """Versions, git revision, device and threads of the current process."""
+    import torch
+
+    git = git_revision()
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            **{m: _version(m) for m in _VERSIONED},
+        },
+        "extra_versions": {m: _version(m) for m in _EXTRA_VERSIONED},
+        "git_revision": git["revision"],
+        "git_dirty": git["dirty"],
+        "device": device_name(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python_executable": sys.executable,
+    }
+
+
+# ---------------------------------------------------------------------------- run folders
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _default_run_id(root: Path, preset: str | None) -> str:
+    base = time.strftime("%Y%m%d-%H%M%S") + (f"-{preset}" if preset else "")
+    run_id, i = base, 1
+    while (root / run_id).exists():
+        i += 1
+        run_id = f"{base}-{i}"
+    return run_id
+
+
+def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_FILE
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def new_run(
+    root: str | os.PathLike = DEFAULT_ROOT,
+    run_id: str | None = None,
+    preset: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+) -> Path:
+    """Create ``<root>/<run_id>/`` with a fresh ``run.json`` and return the folder.
+
+    ``run_id`` defaults to ``<local time YYYYmmdd-HHMMSS>-<preset>``. If the folder already holds a
+    run.json (a notebook re-run with the same id), its ``created`` time and ``steps`` are
+    kept, ``parameters`` are merged and the provenance is refreshed; the previous
+    provenance is kept under ``history`` so nothing is silently lost.
+    """
+    root = Path(root)
+    run_id = run_id or _default_run_id(root, preset)
+    if not run_id or "/" in run_id or run_id in (".", ".."):
+        raise ValueError(f"invalid run id {run_id!r}: use a plain folder name")
+    run_dir = root / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(run_dir):
+        record: dict[str, Any] = {
+            "run_id": run_id,
+            "created": _now(),
+            "preset": preset,
+            "parameters": dict(parameters or {}),
+            **provenance(),
+            "steps": {},
+        }
+        path = run_dir / RUN_FILE
+        if path.exists():
+            old = load_run(run_dir)
+            log.info("run folder %s exists; refreshing its run.json", run_dir)
+            record["created"] = old.get("created", record["created"])
+            record["preset"] = preset if preset is not None else old.get("preset")
+            record["parameters"] = {**old.get("parameters", {}), **record["parameters"]}
+            record["steps"] = old.get("steps", {})
+            prev = {k: old.get(k) for k in ("preset", "versions", "git_revision", "git_dirty", "device")}
+            record["history"] = [*old.get("history", []), {"replaced": _now(), **prev}]
+        atomic_write_json(path, record)
+    return run_dir
+
+
+def update_run(run_dir: str | os.PathLike, step: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``info`` into ``steps.<step>`` of run.json (shallow merge) and return the record."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: create the run with rt_lib.runs.new_run first")
+    with file_lock(run_dir):
+        record = load_run(run_dir)
+        steps = record.setdefault("steps", {})
+        entry = steps.setdefault(step, {})
+        entry.update(json.loads(json.dumps(dict(info), default=to_jsonable)))
+        entry["updated"] = _now()
+        atomic_write_json(path, record)
+    return record
