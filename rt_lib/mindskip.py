@@ -151,6 +151,13 @@ def _take_rows(obj, rows: torch.Tensor, bsz: int):
     return obj
 
 
+def _masked_mean(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean of v over the positions where m is True (keeps the autograd graph of v)."""
+    m = m.to(v.dtype) if v.is_floating_point() else m.float()
+    v = v if v.is_floating_point() else v.float()
+    return (v * m).sum() / m.sum().clamp_min(1.0)
+
+
 def _gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """t: (B or 1, T, ...) -> (B, Tk, ...) at token indices idx (B, Tk)."""
     t = t.expand(idx.shape[0], *t.shape[1:])
@@ -195,7 +202,7 @@ class MindSkipGate(nn.Module):
         object.__setattr__(self, "_block_norm", layer.input_layernorm if cfg.granularity == "block" else None)
         attn = layer.self_attn
         self.sliding_window = getattr(attn, "sliding_window", None)
-        self._seq_state: tuple[weakref.ref, torch.Tensor] | None = None
+        self._seq_state: tuple[weakref.ref, torch.Tensor, torch.Tensor] | None = None  # (cache, keep, kept rows)
         self._tok_state: _TokenHistory | None = None
         self.capacity: torch.Tensor | None = None
         self.last_keep: torch.Tensor | None = None
@@ -261,6 +268,11 @@ class MindSkipGate(nn.Module):
     def _skipped_output(self, x):
         return x if self.granularity == "block" else torch.zeros_like(x)
 
+    def _apply_gate(self, x, out, g):
+        """Sublayer output weighted by the decision g (hard 0/1, or straight-through)."""
+        g = g.to(out.dtype).view(*g.shape, *([1] * (out.ndim - g.ndim)))
+        return x + g * (out - x) if self.granularity == "block" else g * out
+
     def _forward_seq(self, x, real, args, kwargs):
         ctx = self._ctx
         bsz = x.shape[0]
@@ -271,11 +283,9 @@ class MindSkipGate(nn.Module):
             hard = self._hard(r)
             gate = hard.to(r.dtype) + r - r.detach()  # straight-through estimator
             out, tup = self._call(x, args, kwargs)
-            g = gate.to(out.dtype).view(bsz, 1, 1)
-            out = x + g * (out - x) if self.granularity == "block" else g * out
-            self.capacity = gate[rows_real].mean() if rows_real.any() else gate.mean()
+            self.capacity = _masked_mean(gate, rows_real)
             self._record(hard, rows_real)
-            return self._wrap(out, tup)
+            return self._wrap(self._apply_gate(x, out, gate), tup)
 
         if cache is not None and ctx.past_len > 0 and self.granularity != "mlp":
             # decode / continuation: reuse the decision taken at prefill (cache rows depend on it)
@@ -285,44 +295,38 @@ class MindSkipGate(nn.Module):
                     f"MindSkip layer {self.layer_idx}: this cache was not prefilled by this MindSkip model "
                     "(no routing decision stored for it). Start generation from an empty cache."
                 )
-            hard = st[1]
+            _, hard, rows = st
         else:
             with torch.no_grad():
                 hard = self._hard(self._scores(self._normed(x), real))
+            rows = hard.nonzero().squeeze(-1)  # one host sync per prefill, none per decode step
             if cache is not None and self.granularity != "mlp":
-                self._seq_state = (weakref.ref(cache), hard)
-        self.capacity = hard[rows_real].float().mean() if rows_real.any() else hard.float().mean()
+                self._seq_state = (weakref.ref(cache), hard, rows)
+        self.capacity = _masked_mean(hard, rows_real)
         self._record(hard, rows_real)
 
-        if self.execution == "mask":
+        n_keep = rows.numel()
+        if self.execution == "mask" or (0 < n_keep < bsz and cache is not None
+                                         and not _row_subset_cache(cache, self.layer_idx)):
+            # compute-then-mask reference; or a preallocated (static) cache with a fixed batch
             out, tup = self._call(x, args, kwargs)
-            g = hard.to(out.dtype).view(bsz, 1, 1)
-            out = x + g * (out - x) if self.granularity == "block" else g * out
-            return self._wrap(out, tup)
-        n_keep = int(hard.sum())
+            return self._wrap(self._apply_gate(x, out, hard), tup)
         if n_keep == bsz:
             out, tup = self._call(x, args, kwargs)
             return self._wrap(out, tup)
-        tup = self.granularity == "attn"
         if n_keep == 0:
-            return self._wrap(self._skipped_output(x), tup)
-        if cache is not None and not _row_subset_cache(cache, self.layer_idx):
-            # preallocated (static) caches have a fixed batch: compute all rows, keep the decision
-            out, tup = self._call(x, args, kwargs)
-            g = hard.to(out.dtype).view(bsz, 1, 1)
-            return self._wrap(x + g * (out - x) if self.granularity == "block" else g * out, tup)
-        rows = hard.nonzero().squeeze(-1)
+            return self._wrap(self._skipped_output(x), self.granularity == "attn")
         sub, tup = self._call(x[rows], _take_rows(args, rows, bsz), _take_rows(kwargs, rows, bsz))
         out = self._skipped_output(x).clone()
         out[rows] = sub
         return self._wrap(out, tup)
 
     def _record(self, hard, units):
+        """Accumulate executed / total units (sequences or real tokens) without a host sync."""
         with torch.no_grad():
-            h = hard & units if hard.shape == units.shape else hard[units]
             self.last_keep = hard.detach()
-            self.n_exec += float(h.sum())
-            self.n_total += float(units.sum())
+            self.n_exec = self.n_exec + (hard & units).sum()
+            self.n_total = self.n_total + units.sum()
 
     # -- token routing ---------------------------------------------------------------------
     def _forward_token(self, x, real, args, kwargs):
@@ -335,18 +339,14 @@ class MindSkipGate(nn.Module):
             with torch.no_grad():
                 r = self._scores(self._normed(x), real)
         hard = self._hard(r) & real  # padding never runs / never stored
-        if grad_mode:
-            gate = hard.to(r.dtype) + r - r.detach()
-            self.capacity = gate[real].mean() if real.any() else gate.mean()
-        else:
-            self.capacity = hard[real].float().mean() if real.any() else hard.float().mean()
+        gate = hard.to(r.dtype) + r - r.detach() if grad_mode else hard
+        self.capacity = _masked_mean(gate, real)
         self._record(hard, real)
 
         if self.granularity == "mlp":  # position-wise: no keys/values involved
             if grad_mode or self.execution == "mask":
                 out, tup = self._call(x, args, kwargs)
-                g = (gate if grad_mode else hard).to(out.dtype).unsqueeze(-1)
-                return self._wrap(g * out, tup)
+                return self._wrap(self._apply_gate(x, out, gate), tup)
             out = torch.zeros_like(x)
             if hard.any():
                 out[hard] = self.base_layer(x[hard].unsqueeze(0)).squeeze(0)
@@ -401,8 +401,7 @@ class MindSkipGate(nn.Module):
         b_idx, j_idx = q_valid.nonzero(as_tuple=True)
         out[b_idx, order[b_idx, j_idx]] = sub[b_idx, j_idx]
         if compute_all:  # every real token was computed: apply the (straight-through) decision
-            g = (gate if grad_mode else hard).to(x.dtype).unsqueeze(-1)
-            out = x + g * (out - x) if self.granularity == "block" else g * out
+            out = self._apply_gate(x, out, gate)
         return self._wrap(out, tup)
 
     def _history(self, cache, bsz, device) -> _TokenHistory | None:
@@ -569,11 +568,12 @@ class MindSkipModel(nn.Module):
 
     def skip_stats(self) -> dict[int, float]:
         """Executed fraction per routed layer since the last reset (NaN if nothing ran)."""
-        return {i: (g.n_exec / g.n_total if g.n_total else float("nan")) for i, g in self._gates.items()}
+        return {i: (float(g.n_exec) / float(g.n_total) if float(g.n_total) else float("nan"))
+                for i, g in self._gates.items()}
 
     def skip_ratio(self) -> float:
-        tot = sum(g.n_total for g in self._gates.values())
-        return 1.0 - sum(g.n_exec for g in self._gates.values()) / tot if tot else float("nan")
+        tot = sum(float(g.n_total) for g in self._gates.values())
+        return 1.0 - sum(float(g.n_exec) for g in self._gates.values()) / tot if tot else float("nan")
 
     def decisions(self) -> dict[int, torch.Tensor]:
         """Last keep decisions per layer: (B,) for seq routing, (B, T) for token routing."""
