@@ -1,0 +1,263 @@
+"""Profiler (issue #6) on tiny random Llama models built here: what it measures besides time.
+
+No assertion depends on a timing: they check skip ratios, KV bytes, outputs, the handling of
+grid points that do not fit, and the analytic bound against hand arithmetic.
+"""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rt_lib import profiling as P
+from rt_lib.config import MindSkipConfig
+from rt_lib.mindskip import MindSkipGate
+
+L = 6
+ROUTED = [1, 2, 3, 4]  # num_routed_layers=4 on 6 layers: L-1-n .. L-2
+SKIP = [2, 4]
+
+
+def tiny_llama(seed=0):
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=L,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def models():
+    ms, base = P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4))
+    assert ms.routed_layers == ROUTED
+    return ms, base
+
+
+def settings(**kw):
+    # fixed roofline peaks: no device measurement in tests
+    return P.preset("smoke", skip_layers=SKIP, warmup=0, repeats=2, peak_flops=1e12, bandwidth=1e11, **kw)
+
+
+def by(rows, regime, variant, batch=None):
+    out = [r for r in rows if r["regime"] == regime and r["variant"] == variant
+           and (batch is None or r["batch_size"] == batch)]
+    assert out, (regime, variant, batch)
+    return out
+
+
+# ---------------------------------------------------------------------------- analytic bound
+
+def hand_config():
+    # d=8, 2 heads of 4, 1 KV head, MLP 16, vocab 32, 4 layers
+    return LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=4,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+
+
+def test_step_costs_match_hand_arithmetic():
+    shape = P.Shape.from_config(hand_config())
+    assert (shape.num_layers, shape.hidden, shape.heads, shape.kv_heads, shape.head_dim) == (4, 8, 2, 1, 4)
+    # prefill, batch 1, 2 tokens, 2-byte dtype; q_dim 8, kv_dim 4
+    c = P.step_costs(shape, batch=1, new=2, past=0, dtype_bytes=2, head_tokens=1)
+    # attn flops: projections 2*1*2*8*(2*8 + 2*4) = 768; scores+values 4*1*2*4*(0 + 2*3/2 = 3) = 96
+    # attn bytes: 2 * (weights 8*24 + cache read 2*4*2 + cache write 2*4*2 + acts 2*(2*8 + 2*24)) = 2*352
+    assert c["attn"] == (864, 704)
+    # mlp: 2*1*2*8*16*3 = 1536 flops; 2 * (3*8*16 + 2*(2*8 + 2*3*16)) = 2*608 bytes
+    assert c["mlp"] == (1536, 1216)
+    # head on the last token only: 2*8*32 flops; 2 * (8*32 + 8 + 32) bytes
+    assert c["head"] == (512, 592)
+    # decode: 1 token on a context of 2 -> keys seen 2 + 1 = 3
+    d = P.step_costs(shape, batch=1, new=1, past=2, dtype_bytes=2)
+    # 2*1*1*8*24 + 4*2*4*3 = 480 flops; 2 * (192 + 2*4*3 + 2*4*1 + 1*(16 + 48)) = 576 bytes
+    assert d["attn"] == (480, 576)
+
+
+def test_bound_speedup_hand_checked():
+    shape = P.Shape.from_config(hand_config())
+    args = dict(regime="prefill", batch=1, seq_len=2, dtype_bytes=2)
+    # compute-bound (1 flop/s, unlimited bandwidth): 4*864 + 4*1536 + 512 = 10112; minus 2*864
+    assert P.bound_speedup(shape, attn_removed=2, peak_flops=1, bandwidth=1e30, **args) == pytest.approx(10112 / 8384)
+    # memory-bound: 4*704 + 4*1216 + 592 = 8272; minus 2*704
+    assert P.bound_speedup(shape, attn_removed=2, peak_flops=1e30, bandwidth=1, **args) == pytest.approx(8272 / 6864)
+    # per-operation roofline at 1 flop/s and 1 byte/s: attn 864, mlp 1536, head 592 (memory)
+    assert P.bound_speedup(shape, attn_removed=2, peak_flops=1, bandwidth=1, **args) == pytest.approx(10192 / 8464)
+    assert P.bound_speedup(shape, attn_removed=0, peak_flops=1, bandwidth=1, **args) == 1.0
+    # decode, 1 step on a context of 2, memory-bound: attn 576, mlp 2*(384 + 2*(8 + 48)) = 992,
+    # head 2*(256 + 40) = 592: (4*576 + 4*992 + 592) / (2*576 + 4*992 + 592)
+    got = P.bound_speedup(shape, "decode", 1, 2, 2, peak_flops=1e30, bandwidth=1, dtype_bytes=2, new_tokens=1)
+    assert got == pytest.approx(6864 / 5712)
+
+
+# ---------------------------------------------------------------------------- protocol
+
+def test_interleave_runs_variants_in_alternating_rounds():
+    calls = []
+    out = P.interleave(["a", "b", "c"], lambda n: calls.append(n) or {"n": n}, warmup=1, repeats=3)
+    assert "".join(calls) == "abc" + "abc" + "cba" + "abc"
+    assert {k: len(v) for k, v in out.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_kv_cache_bytes_counts_only_updated_layers():
+    from transformers import DynamicCache
+
+    m = tiny_llama()
+    cache = DynamicCache(config=m.config)
+    assert P.kv_cache_bytes(cache) == 0
+    with torch.inference_mode():
+        m(input_ids=torch.randint(3, 96, (2, 5)), cache=cache, use_cache=True)
+    # 6 layers x keys+values x (batch 2, 2 KV heads, 5 tokens, head_dim 8) x 4 bytes
+    assert P.kv_cache_bytes(cache) == L * 2 * (2 * 2 * 5 * 8) * 4
+
+
+# ---------------------------------------------------------------------------- variants
+
+def test_realised_skip_ratio_equals_forced_decisions(models):
+    ms, base = models
+    rows, cond = P.profile(ms, base, settings(variants=["dense", "mindskip_forced", "mask", "oracle", "mindskip"],
+                                              threshold=0.75), progress=False)
+    assert cond["skip_layers"] == SKIP
+    for regime in P.REGIMES:
+        for r in by(rows, regime, "mindskip_forced") + by(rows, regime, "mask"):
+            assert r["skip_ratio"] == len(SKIP) / len(ROUTED)
+        for r in by(rows, regime, "oracle"):
+            assert r["skip_ratio"] == len(SKIP) / len(ROUTED)
+        # zero-init routers score 0.5 < 0.75: every routed sublayer skipped
+        for r in by(rows, regime, "mindskip"):
+            assert r["skip_ratio"] == 1.0
+        for r in by(rows, regime, "dense"):
+            assert r["skip_ratio"] == 0.0 and r["speedup"] == 1.0
+    assert all(r["status"] == "ok" for r in rows)
+    # the model is left as found: routers decide, nothing removed
+    assert all(g.forced is None and g.execution == "skip" for g in ms.gates.values())
+    assert not any(type(m).__name__ == "_Removed" for m in base.modules())
+
+
+def test_kv_memory_of_skipped_layers_is_saved(models):
+    ms, base = models
+    rows, _ = P.profile(ms, base, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]), progress=False)
+    k = len(SKIP)
+    for regime in P.REGIMES:
+        for dense in by(rows, regime, "dense"):
+            b = dense["batch_size"]
+            assert dense["kv_bytes"] > 0
+            for name in ("mindskip_forced", "oracle"):
+                assert by(rows, regime, name, b)[0]["kv_bytes"] * L == dense["kv_bytes"] * (L - k)
+            assert by(rows, regime, "mask", b)[0]["kv_bytes"] == dense["kv_bytes"]  # computes and stores all
+
+
+def test_oracle_and_forced_skip_give_identical_logits(models):
+    ms, base = models
+    variants = {v.name: v for v in P.build_variants(ms, base, ["mindskip_forced", "oracle", "mask", "dense"], SKIP)}
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    steps = torch.randint(3, 96, (2, 3), generator=torch.Generator().manual_seed(2))
+
+    def run(v):
+        logits = []
+        with v.active() as model, torch.inference_mode():
+            cache = P._new_cache(model)
+            logits.append(P._step(model, ids, cache, 0, logits_to_keep=0).logits)
+            for i in range(steps.shape[1]):
+                logits.append(P._step(model, steps[:, i:i + 1], cache, ids.shape[1] + i).logits)
+        return torch.cat(logits, 1)
+
+    forced, oracle = run(variants["mindskip_forced"]), run(variants["oracle"])
+    assert torch.equal(forced, oracle)
+    torch.testing.assert_close(run(variants["mask"]), oracle)
+    assert not torch.allclose(run(variants["dense"]), oracle)  # the skip did change something
+
+
+def test_skip_layers_chosen_from_router_decisions(models):
+    ms, base = models
+    with torch.no_grad():
+        for i, r in ms.routers().items():
+            r.weight.fill_(0.0)
+        ms.set_threshold(0.5)
+    ids = torch.randint(3, 96, (2, 6))
+    # ties (all kept): the deepest k
+    assert P.choose_skip_layers(ms, ids, 2) == [3, 4]
+    ms.set_threshold(0.75)  # every layer skipped for every sequence
+    assert P.choose_skip_layers(ms, ids, None) == ROUTED
+
+
+def test_unrouted_skip_layers_rejected(models):
+    ms, base = models
+    with pytest.raises(ValueError, match="not routed"):
+        P.build_variants(ms, base, ["oracle"], [5])
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_out_of_memory_point_is_skipped_and_the_rest_continues():
+    model = tiny_llama()
+
+    def oom_at_batch_2(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids.shape[0] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (simulated)")
+
+    model.model.register_forward_pre_hook(oom_at_batch_2, with_kwargs=True)  # copied into `base` too
+    ms, base = P.prepare_models(model, config=MindSkipConfig(num_routed_layers=4))
+    rows, _ = P.profile(ms, base, settings(variants=["dense", "mindskip_forced", "oracle"]), progress=False)
+    assert len(rows) == 2 * 2 * 3  # regimes x batch sizes x variants: skipped points keep their rows
+    for r in rows:
+        if r["batch_size"] == 2:
+            assert r["status"] == "skipped" and "out of memory" in r["reason"] and "simulated" in r["reason"]
+            assert pd.isna(r["median_ms"])
+        else:
+            assert r["status"] == "ok" and r["median_ms"] > 0 and r["reason"] == ""
+    # the failure happened inside a variant: its state was undone
+    assert all(g.forced is None for g in ms.gates.values())
+    assert not any(type(m).__name__ == "_Removed" for m in base.modules())
+
+
+def test_other_runtime_errors_are_not_swallowed(models):
+    ms, base = models
+
+    def boom(module, args, kwargs):
+        raise RuntimeError("shape mismatch")
+
+    base.model.register_forward_pre_hook(boom, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        P.profile(ms, base, settings(variants=["dense"]), progress=False)
+
+
+def test_point_larger_than_memory_is_skipped_by_estimate(models, monkeypatch):
+    ms, base = models
+    shape = P.Shape.from_config(base.config)
+    small = P.estimate_point_bytes(shape, "prefill", 1, 8, 0, 4)
+    big = P.estimate_point_bytes(shape, "prefill", 2, 8, 0, 4)
+    assert big > small
+    monkeypatch.setattr(P, "available_memory", lambda device: int((small + big) / 2 / 0.9))
+    rows, _ = P.profile(ms, base, settings(variants=["dense", "oracle"], regimes=["prefill"]), progress=False)
+    status = {(r["batch_size"], r["variant"]): (r["status"], r["reason"]) for r in rows}
+    assert status[(1, "dense")] == ("ok", "")
+    assert status[(2, "dense")][0] == "skipped" and status[(2, "dense")][1].startswith("estimated")
+
+
+# ---------------------------------------------------------------------------- results files
+
+def test_results_files_follow_the_format(models, tmp_path):
+    from rt_lib.runs import new_run
+
+    ms, base = models
+    rows, cond = P.profile(ms, base, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]),
+                           progress=False)
+    run = new_run(root=tmp_path, run_id="r1", preset="smoke")
+    prof = P.write_results(rows, cond, run)
+    df = pd.read_csv(f"{prof}/profile.csv")
+    assert list(df.columns) == P.COLUMNS
+    assert set(df.regime) == {"prefill", "decode"}
+    assert (df[df.regime == "prefill"].new_tokens == 0).all() and (df[df.regime == "decode"].new_tokens == 3).all()
+    meta = json.load(open(f"{prof}/profile.json"))
+    for key in ("device", "dtype", "threads", "repeats", "warmup", "versions", "skip_layers", "roofline"):
+        assert key in meta, key
+    assert meta["threads"] == torch.get_num_threads()
+    assert {"torch", "transformers"} <= set(meta["versions"])
+    for ext in ("png", "pdf"):
+        assert (prof / f"speedup_vs_skip.{ext}").stat().st_size > 0
+    s = P.summarize(rows)
+    assert list(s.regime) == ["prefill", "prefill", "decode", "decode"]
+    assert s["kv_saving"].tolist() == pytest.approx([len(SKIP) / L] * 4)
+    assert (s["skip_ratio_forced"] == 0.5).all()
