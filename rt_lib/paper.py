@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 NOT_RUN = "not run"
 REFERENCE_NAMES = ("main_table", "lora_table", "data_ablation", "drop_vs_mindskip")
+# The checkout's results/reference/ (an installed package has none: then ./results/reference).
 DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
+if not DEFAULT_REFERENCE_DIR.is_dir() and (Path.cwd() / "results" / "reference").is_dir():
+    DEFAULT_REFERENCE_DIR = Path.cwd() / "results" / "reference"
 
 # lm-evaluation-harness task names -> the paper's column names.
 TASK_ALIASES = {
@@ -89,6 +92,7 @@ NUMERIC_COLUMNS = {
     "profile/profile.csv": ["skip_ratio", "speedup", "bound_speedup", "threshold"],
     "train/log.csv": ["step", "loss", "lm_loss", "reg_loss", "mean_capacity"],
 }
+FRACTION_METRICS = {"acc", "acc_norm", "paper"}  # "paper": rt_lib.evaluation's macro average of them
 FRACTION_COLUMNS = {  # fractions in [0, 1]: a percent written by mistake must not pass silently
     "eval/results.csv": ["value", "skip_ratio"],
     "eval/skip_stats.csv": ["executed_fraction"],
@@ -264,6 +268,8 @@ def _read_table(path: Path, rel: str) -> pd.DataFrame:
         df[col] = num.astype(float)
     for col in FRACTION_COLUMNS.get(rel, []):
         out = (df[col] < 0) | (df[col] > 1)
+        if col == "value":  # accuracies only: another metric (e.g. a perplexity) may exceed 1
+            out &= df["metric"].isin(FRACTION_METRICS)
         if out.any():
             raise MalformedRun(f"{rel}: column {col} outside [0, 1] (row {int(np.flatnonzero(out)[0]) + 2}); "
                                "results are fractions, not percent")

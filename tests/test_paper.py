@@ -224,7 +224,8 @@ def test_evaluation_only_run_takes_model_and_config_from_results_json(tmp_path):
     (run / "eval" / "results.csv").write_text(
         "variant,task,metric,value,stderr,n,num_fewshot,threshold,skip_ratio\n"
         "dense,piqa_offline,acc_norm,0.66,0.03,200,0,,\n"
-        "mindskip,piqa_offline,acc_norm,0.65,0.03,200,0,0.5,0.3\n")
+        "mindskip,piqa_offline,acc_norm,0.65,0.03,200,0,0.5,0.3\n"
+        "dense,wikitext,word_perplexity,12.3,,62,0,,\n")  # not a fraction, and not rejected for it
     (run / "eval" / "results.json").write_text(json.dumps({"provenance": {
         "model": "smollm2-135m-instruct",
         "mindskip": {"threshold": 0.5, "config": {"granularity": "mlp", "route_level": "token", "threshold": 0.5}}}}))
