@@ -839,35 +839,48 @@ def _skip_stats_for_heatmap(run: Run) -> pd.DataFrame | None:
     return ss if len(ss) else None
 
 
-def build_figures(runs: list[Run], tidy: pd.DataFrame, out_figures: str | Path, reference_dir=None) -> dict:
+def build_figures(runs: list[Run], tidy: pd.DataFrame, out_figures: str | Path, reference_dir=None,
+                  problems: list[str] | None = None) -> dict:
+    """Figure 2 and, per run, training curves, capacity heatmap, speedup vs skip ratio and
+    accuracy vs speed (each where the run has the files). A figure that fails on a run's
+    data is skipped with a warning and a line in ``problems``; the others are still drawn."""
     from rt_lib import plots
 
     out = Path(out_figures)
     written: dict[str, list[Path]] = {}
+    problems = problems if problems is not None else []
 
-    def save(name, fig):
+    def save(name, run_id, draw):
+        try:
+            fig = draw()
+        except Exception as exc:  # one run's odd data must not stop the other figures
+            msg = f"{run_id}: figure {name} not drawn ({type(exc).__name__}: {exc})"
+            log.warning(msg)
+            problems.append(msg)
+            return
         written[name] = plots.save_figure(fig, out / name)
 
     ref = load_reference("drop_vs_mindskip", reference_dir)
     kit = figure2_kit_points(runs, tidy)
-    save("fig2_drop_vs_mindskip", plots.plot_drop_vs_mindskip(ref, *(kit if kit else (pd.DataFrame(), "rt-kit: not run"))))
+    save("fig2_drop_vs_mindskip", "reference",
+         lambda: plots.plot_drop_vs_mindskip(ref, *(kit if kit else (pd.DataFrame(), "rt-kit: not run"))))
     for run in runs:
-        rid = _safe(run.run_id)
+        rid, label = _safe(run.run_id), f"{run.model}, run {run.run_id}"
         if "train/log.csv" in run.files:
-            save(f"training_curves_{rid}", plots.plot_training_curves(
-                run.files["train/log.csv"], run.capacity_target, title=f"Router-Tuning, {run.model}, run {run.run_id}"))
+            save(f"training_curves_{rid}", run.run_id, lambda: plots.plot_training_curves(
+                run.files["train/log.csv"], run.capacity_target, title=f"Router-Tuning, {label}"))
         ss = _skip_stats_for_heatmap(run)
         if ss is not None:
             thr = f", τ = {ss['threshold'].iloc[0]:g}" if "threshold" in ss and ss["threshold"].notna().any() else ""
-            save(f"capacity_heatmap_{rid}", plots.plot_capacity_heatmap(
-                ss, title=f"executed fraction per layer, {run.model}, run {run.run_id}{thr}"))
+            save(f"capacity_heatmap_{rid}", run.run_id, lambda: plots.plot_capacity_heatmap(
+                ss, title=f"executed fraction per layer, {label}{thr}"))
         if "profile/profile.csv" in run.files:
-            save(f"speedup_vs_skip_{rid}", plots.plot_speedup_vs_skip(
-                run.files["profile/profile.csv"], title=f"speedup vs skip ratio, {run.model}, run {run.run_id}"))
+            save(f"speedup_vs_skip_{rid}", run.run_id, lambda: plots.plot_speedup_vs_skip(
+                run.files["profile/profile.csv"], title=f"speedup vs skip ratio, {label}"))
         pts, common = operating_points(tidy, run.run_id)
         if (pts["method"] != "dense").any() and common:
-            save(f"accuracy_vs_speedup_{rid}", plots.plot_accuracy_vs_speedup(
-                pts, title=f"accuracy vs speed, {run.model}, run {run.run_id}",
+            save(f"accuracy_vs_speedup_{rid}", run.run_id, lambda: plots.plot_accuracy_vs_speedup(
+                pts, title=f"accuracy vs speed, {label}",
                 accuracy_label=f"average accuracy over {len(common)} tasks (%)"))
     return written
 
@@ -909,7 +922,7 @@ def build_all(results_root: str | Path = "results", out_tables: str | Path = "re
     runs, problems = load_runs(results_root)
     tidy = _tidy(runs, regime)
     tables = build_tables(runs, tidy, out_tables, reference_dir, regime, problems)
-    figs = build_figures(runs, tidy, out_figures, reference_dir) if figures else {}
+    figs = build_figures(runs, tidy, out_figures, reference_dir, problems) if figures else {}
     log.info("built %d tables and %d figures from %d runs", len(tables), len(figs), len(runs))
     return {"tables": tables, "figures": figs, "problems": problems}
 

@@ -299,3 +299,18 @@ def test_figure2_kit_curve_uses_one_run():
     assert sorted(kit["method"]) == ["dense", "mindskip", "mindskip", "mindskip", "static_drop"]
     dense = kit.loc[kit["method"] == "dense", "performance"].iloc[0]
     assert dense == pytest.approx(np.mean([37.0, 60.5, 61.5, 67.5, 53.0]))  # 5 tasks, percent
+
+
+def test_a_figure_failing_on_odd_data_is_reported_and_the_rest_drawn(tmp_path, monkeypatch):
+    root = tmp_path / "results"
+    shutil.copytree(RUNS / "fixture-block-token", root / "runs" / "fixture-block-token")
+    from rt_lib import plots
+
+    def broken(*args, **kwargs):
+        raise ValueError("odd data")
+
+    monkeypatch.setattr(plots, "plot_capacity_heatmap", broken)
+    written = paper.build_all(root, tmp_path / "tables", tmp_path / "figures")
+    assert written["problems"] == ["fixture-block-token: figure capacity_heatmap_fixture-block-token not drawn "
+                                   "(ValueError: odd data)"]
+    assert {"fig2_drop_vs_mindskip", "accuracy_vs_speedup_fixture-block-token"} <= set(written["figures"])
