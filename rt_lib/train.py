@@ -585,6 +585,7 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
         "final_capacity": {str(i): caps.get(i) for i in layers},
         "final_capacity_source": "executed fraction per routed layer on the held-out sequences (eval mode)",
         "final_train_capacity": {str(i): log_rows[-1][f"capacity_L{i}"] for i in layers} if log_rows else {},
+        "router_weight_norm": {str(i): float(r.weight.detach().float().norm()) for i, r in ms.routers().items()},
         "heldout_lm_loss": {"dense": dense, "tuned": tuned},
         "heldout_skip_ratio": (1.0 - sum(caps.values()) / len(caps)) if caps else None,
         "config": ms.config.to_dict(),
