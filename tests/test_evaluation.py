@@ -1,0 +1,377 @@
+"""Evaluation through lm-evaluation-harness (issue #5).
+
+Tiny random Llamas with the embedded SmolLM2 tokenizer, a few documents per task: what is
+asserted is identity with the harness (scores, prompts), invariance (batch size, process
+layout) and the bookkeeping (paired differences, skip counts, files, errors).
+"""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lm_eval
+from lm_eval import simple_evaluate
+from lm_eval.api.registry import get_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks._yaml_loader import load_yaml
+from lm_eval.utils import apply_template
+
+from rt_lib import assets
+from rt_lib.config import MindSkipConfig
+from rt_lib.evaluation import (
+    PAIRED_COLUMNS,
+    RESULT_COLUMNS,
+    SKIP_COLUMNS,
+    EvalResults,
+    MindSkipLM,
+    evaluate,
+    main,
+    task_manager,
+)
+from rt_lib.mindskip import get_mindskip_model
+from rt_lib.tasks import PAPER_TASKS, PRESETS, harness_tasks_dir
+from rt_lib.tasks.samplers import DocSeededSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return assets.load_model("tiny-random-llama")[1]
+
+
+def tiny_llama(tok, seed=0, hidden=32, layers=4):
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def routed(model, layers=(1, 2), seed=0, scale=40.0):
+    """MindSkip on `layers` with random router weights, so sequences disagree on what to skip."""
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=list(layers)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in ms.routers().values():
+            r.weight.copy_(torch.randn(r.weight.shape, generator=g) * scale / r.weight.shape[1] ** 0.5)
+    return ms
+
+
+@pytest.fixture(scope="module")
+def tm():
+    return task_manager(offline=True)
+
+
+def run(lm, tm, tasks, limit, num_fewshot=None):
+    return simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=tm,
+                           log_samples=True, bootstrap_iters=0, fewshot_random_seed=1234)
+
+
+def loglikelihoods(res, task):
+    return {s["doc_id"]: [r[0][0] for r in s["resps"]] for s in res["samples"][task]}
+
+
+# ------------------------------------------------------------------ identity with HFLM
+def test_dense_model_scores_exactly_as_plain_hflm(tok, tm):
+    model = tiny_llama(tok)
+    ours = MindSkipLM(pretrained=model, tokenizer=tok, batch_size=3)
+    theirs = HFLM(pretrained=model, tokenizer=tok, batch_size=3)
+    a = run(ours, tm, ["piqa_offline", "arc_challenge_offline"], limit=5, num_fewshot=2)
+    b = run(theirs, tm, ["piqa_offline", "arc_challenge_offline"], limit=5, num_fewshot=2)
+    for task in ("piqa_offline", "arc_challenge_offline"):
+        assert loglikelihoods(a, task) == loglikelihoods(b, task)  # bit-identical
+        assert [s["prompt_hash"] for s in a["samples"][task]] == [s["prompt_hash"] for s in b["samples"][task]]
+        assert a["results"][task]["acc_norm,none"] == b["results"][task]["acc_norm,none"]
+
+
+def test_harness_registry_and_loading_by_name(tok, tm, tmp_path):
+    assert get_model("mindskip") is MindSkipLM
+    model, _ = assets.load_model("tiny-random-llama")
+    routed(model, layers=(1, 2)).save_pretrained(tmp_path / "routers")
+    res = simple_evaluate(model="mindskip", model_args=f"pretrained=tiny-random-llama,routers={tmp_path / 'routers'},threshold=0.4",
+                          tasks=["rte_offline"], limit=3, task_manager=tm, log_samples=False, bootstrap_iters=0)
+    info = res["config"]["mindskip"]
+    assert info["threshold"] == 0.4 and info["routed_layers"] == [1, 2]
+    assert len(info["routers_sha256"]) == 64
+    assert set(info["executed_fraction"]["rte_offline"]) == {1, 2}
+    assert res["n-samples"]["rte_offline"]["effective"] == 3
+
+
+# ------------------------------------------------------------------ prompts = standard prompts
+def _standard(field, doc):
+    """Render a field of a standard harness task config the way ConfigurableTask does."""
+    if callable(field):
+        return field(doc)
+    if isinstance(field, list):
+        return field
+    if field in doc:
+        return doc[field]
+    out = apply_template(field, doc)
+    return out
+
+
+def _norm_choice(c):
+    return ast.literal_eval(c) if isinstance(c, str) else c
+
+
+def _norm_target(t):
+    return int(t) if isinstance(t, str) and t.isdigit() else t
+
+
+def _standard_docs(name, raw):
+    """The standard task's document for each embedded row (its own process_docs, boolq's schema)."""
+    spec = PAPER_TASKS[name]
+    cfg = load_yaml(harness_tasks_dir() / spec.harness_yaml)
+    if name == "boolq":  # super_glue/boolq has label (0 no, 1 yes) where google/boolq has answer
+        raw = raw.map(lambda d: {"label": 1 if d["answer"] else 0})
+    if "process_docs" in cfg:
+        raw = cfg["process_docs"](raw)
+    return cfg, raw
+
+
+@pytest.mark.parametrize("name", [t for t in PAPER_TASKS if t != "mmlu"])
+def test_offline_prompts_equal_standard_prompts(name, tm):
+    spec = PAPER_TASKS[name]
+    task = tm.load([spec.offline_name])["tasks"][spec.offline_name]
+    raw = assets.load_dataset(spec.benchmark, split="validation").select(range(4))
+    cfg, std_docs = _standard_docs(name, raw)
+    for i in range(4):
+        doc, std = task.eval_docs[i], std_docs[i]
+        assert task.doc_to_text(doc) == _standard(cfg["doc_to_text"], std)
+        assert task.doc_to_choice(doc) == _norm_choice(_standard(cfg["doc_to_choice"], std))
+        assert task.doc_to_target(doc) == _norm_target(_standard(cfg["doc_to_target"], std))
+    assert task.config.num_fewshot == spec.shots
+    assert [m["metric"] for m in task.config.metric_list] == [m["metric"] for m in cfg["metric_list"]]
+
+
+def test_offline_mmlu_is_the_standard_task_with_dev_examples(tm):
+    loaded = tm.load(["mmlu_offline"])
+    assert len(loaded["tasks"]) == 57
+    task = loaded["tasks"]["mmlu_offline_anatomy"]
+    task.set_fewshot_seed(1234)
+    cfg = load_yaml(harness_tasks_dir() / "mmlu/default/mmlu_anatomy.yaml")
+    test = assets.load_dataset("mmlu", split="test", subset="anatomy")
+    dev = assets.load_dataset("mmlu", split="dev", subset="anatomy")
+    letters = cfg["doc_to_choice"]
+
+    def qa(d):
+        return apply_template(cfg["doc_to_text"], d)
+
+    shots = "".join(f"{qa(d)} {letters[d['answer']]}\n\n" for d in dev.select(range(5)))
+    expected = cfg["description"] + shots + qa(test[3])
+    assert task.fewshot_context(task.eval_docs[3], num_fewshot=5) == expected
+    assert len(task.eval_docs) == len(test)  # test scored, as in the standard task
+
+
+# ------------------------------------------------------------------ few-shot selection
+def _contexts(task, limit, world_size):
+    out = {}
+    for rank in range(world_size):
+        task.build_all_requests(limit=limit, rank=rank, world_size=world_size)
+        for inst in task.instances:
+            out.setdefault(inst.doc_id, inst.arguments[0])
+    return out
+
+
+def test_fewshot_examples_do_not_depend_on_process_layout_or_limit(tm):
+    task = tm.load(["arc_challenge_offline"])["tasks"]["arc_challenge_offline"]
+    assert isinstance(task.sampler, DocSeededSampler)
+    task.set_config(key="num_fewshot", value=3)
+    task.set_fewshot_seed(1234)
+    one = _contexts(task, 8, 1)
+    assert _contexts(task, 8, 2) == one == _contexts(task, 8, 3)
+    assert {k: v for k, v in _contexts(task, 4, 1).items()} == {k: one[k] for k in range(4)}
+    for doc_id in range(8):  # the scored question is never its own example
+        question = task.doc_to_text(task.eval_docs[doc_id])
+        assert one[doc_id].count(question) == 1 and one[doc_id].endswith(question)
+    task.set_fewshot_seed(7)
+    assert _contexts(task, 8, 1) != one  # the seed matters
+    task.set_fewshot_seed(1234)
+    assert _contexts(task, 8, 1) == one
+
+
+def test_sampler_refuses_without_the_scored_document():
+    s = DocSeededSampler([{"q": i} for i in range(10)], rnd=3)
+    with pytest.raises(RuntimeError, match="scored document"):
+        s.sample(2)
+    s.current_doc = {"q": 4}
+    a = s.sample(3)
+    assert s.sample(3) == a and len(a) == 3
+    assert s.sample(3, eval_doc={"q": 4}) == s.sample(3, eval_doc={"q": 4})
+    assert {"q": 4} not in s.sample(9, eval_doc={"q": 4})
+
+
+# ------------------------------------------------------------------ batch-size invariance
+@pytest.mark.parametrize("routers", [False, True], ids=["dense", "mindskip"])
+def test_scores_do_not_change_with_batch_size(tok, tm, routers):
+    model = tiny_llama(tok, seed=1)
+    target = routed(model) if routers else model
+    per_bs = {}
+    for bs in (1, 4):
+        lm = MindSkipLM(pretrained=target, tokenizer=tok, batch_size=bs)
+        res = run(lm, tm, ["piqa_offline", "arc_challenge_offline"], limit=6)
+        per_bs[bs] = (res, {t: lm.skip_stats([t]) for t in lm.skip_counts})
+    (a, sa), (b, sb) = per_bs[1], per_bs[4]
+    for task in ("piqa_offline", "arc_challenge_offline"):
+        la, lb = loglikelihoods(a, task), loglikelihoods(b, task)
+        assert la.keys() == lb.keys()
+        for k in la:
+            assert la[k] == pytest.approx(lb[k], abs=1e-4)
+        for m in ("acc", "acc_norm"):
+            assert [s[m] for s in a["samples"][task]] == [s[m] for s in b["samples"][task]]
+    assert sa == sb
+    if routers:  # the routers really split the documents, so invariance is not vacuous
+        fracs = [f for t in sa.values() for f in t.values()]
+        assert any(0 < f < 1 for f in fracs)
+
+
+# ------------------------------------------------------------------ evaluate(): tables and files
+@pytest.fixture(scope="module")
+def quick_run(tok, tmp_path_factory):
+    model = tiny_llama(tok, seed=2)
+    ms = routed(model, layers=(1, 2), seed=3)
+    ms.force({1: False})  # layer 1 skipped for every input, layer 2 routed
+    out = tmp_path_factory.mktemp("run") / "tiny-quick"
+    res = evaluate(ms, tok, preset="quick", tasks=["piqa", "rte"], limit=8, batch_size=4, out_dir=out)
+    return res, out, ms
+
+
+def test_evaluate_tables_paired_and_skip_stats(quick_run):
+    res, _, ms = quick_run
+    t = res.table
+    assert set(t.variant) == {"dense", "mindskip"}
+    assert list(t.columns) == RESULT_COLUMNS
+    assert set(t.task) == {"piqa", "rte", "macro_avg"}
+    for variant in ("dense", "mindskip"):
+        d = res.doc_scores(variant, "piqa", "acc_norm")
+        row = t[(t.variant == variant) & (t.task == "piqa") & (t.metric == "acc_norm")].iloc[0]
+        assert row.value == pytest.approx(sum(d.values()) / len(d)) and row.n == 8
+    # paired difference recomputed from the per-document scores
+    v, r = res.doc_scores("mindskip", "rte", "acc"), res.doc_scores("dense", "rte", "acc")
+    p = res.paired[(res.paired.task == "rte") & (res.paired.metric == "acc")].iloc[0]
+    assert p["diff"] == pytest.approx(sum(v[k] - r[k] for k in v) / 8)
+    assert p.ci_low <= p["diff"] <= p.ci_high and p.n == 8
+    macro = res.paired[res.paired.task == "macro_avg"].iloc[0]
+    piqa = res.paired[(res.paired.task == "piqa") & (res.paired.metric == "acc_norm")].iloc[0]
+    assert macro["diff"] == pytest.approx((piqa["diff"] + p["diff"]) / 2)  # paper metrics: acc_norm, acc
+    # skip statistics: layer 1 forced off, layer 2 routed; the user's forcing is restored
+    s = res.skip_stats
+    assert set(s.layer) == {1, 2}
+    assert (s[s.layer == 1].executed_fraction == 0).all()
+    assert ms.gates[1].forced is False and ms.gates[2].forced is None
+    mrow = t[(t.variant == "mindskip") & (t.task == "piqa")].iloc[0]
+    exec2 = s[(s.task == "piqa") & (s.layer == 2)].executed_fraction.iloc[0]
+    assert mrow.skip_ratio == pytest.approx(1 - exec2 / 2)
+
+
+def test_dense_reference_forced_keep_is_the_base_model(tok, tm, quick_run):
+    res, _, _ = quick_run
+    base = tiny_llama(tok, seed=2)
+    plain = run(HFLM(pretrained=base, tokenizer=tok, batch_size=4), tm, ["rte_offline"], limit=8, num_fewshot=0)
+    expect = {("rte_offline", s["doc_id"]): s["acc"] for s in plain["samples"]["rte_offline"]}
+    assert res.doc_scores("dense", "rte", "acc") == expect
+
+
+def test_result_files_follow_the_format(quick_run):
+    res, out, _ = quick_run
+    import pandas as pd
+
+    assert list(pd.read_csv(out / "eval" / "results.csv").columns) == RESULT_COLUMNS
+    assert list(pd.read_csv(out / "eval" / "paired.csv").columns) == PAIRED_COLUMNS
+    assert list(pd.read_csv(out / "eval" / "skip_stats.csv").columns) == SKIP_COLUMNS
+    j = json.loads((out / "eval" / "results.json").read_text())
+    prov = j["provenance"]
+    for key in ("model", "preset", "harness_version", "seeds", "batch_size", "git_revision", "fewshot_source", "versions"):
+        assert key in prov, key
+    assert prov["harness_version"] == lm_eval.__version__ and prov["batch_size"] == 4
+    assert len(prov["mindskip"]["router_weights_sha256"]) == 64
+    assert prov["mindskip"]["forced"] == {"1": False, "2": None}
+    assert j["tasks"]["piqa"]["fewshot_source"] == "none (0-shot)" and j["tasks"]["piqa"]["limit"] == 8
+    run_json = json.loads((out / "run.json").read_text())
+    assert "eval" in run_json["steps"]
+    # a saved run serves as the dense reference of a later run: same paired numbers
+    back = EvalResults.load(out)
+    assert back.doc_scores("dense", "piqa", "acc") == res.doc_scores("dense", "piqa", "acc")
+
+
+def test_saved_dense_reference_pairs_like_a_fresh_one(tok, quick_run):
+    res, out, ms = quick_run
+    again = evaluate(ms, tok, preset="quick", tasks=["rte"], limit=8, batch_size=2, dense_reference=out)
+    assert "dense" not in set(again.table.variant)
+    a = again.paired[again.paired.metric == "acc"].iloc[0]
+    b = res.paired[(res.paired.task == "rte") & (res.paired.metric == "acc")].iloc[0]
+    assert (a["diff"], a.ci_low, a.ci_high) == pytest.approx((b["diff"], b.ci_low, b.ci_high))
+    with pytest.raises(ValueError, match="lacks tasks"):
+        evaluate(ms, tok, preset="quick", tasks=["boolq"], limit=2, dense_reference=out)
+    with pytest.raises(ValueError, match="same limit"):
+        evaluate(ms, tok, preset="quick", tasks=["rte"], limit=4, dense_reference=out)
+
+
+# ------------------------------------------------------------------ bad input, before any work
+@pytest.fixture
+def no_harness(monkeypatch):
+    """Fail if the harness is started (task index or evaluation)."""
+    import rt_lib.evaluation as ev
+
+    def boom(*a, **k):
+        raise AssertionError("the harness was started")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", boom)
+    monkeypatch.setattr(ev, "task_manager", boom)
+    monkeypatch.setattr(ev, "MindSkipLM", boom)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tasks": ["arc_chalenge"]}, "unknown task"),
+    ({"tasks": ["piqa", "hellaswag_v2"]}, "unknown task"),
+    ({"limit": 0}, "no documents"),
+    ({"limit": -3}, "no documents"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"preset": "fast"}, "unknown preset"),
+    ({"preset": "paper"}, "HF_HUB_OFFLINE"),
+    ({"confidence": 95}, "confidence"),
+])
+def test_bad_input_raises_before_running(tok, no_harness, kwargs, match):
+    model = tiny_llama(tok)
+    with pytest.raises(ValueError, match=match):
+        evaluate(model, tok, **kwargs)
+
+
+def test_router_checkpoint_for_another_model_is_refused(tok, tmp_path):
+    routed(tiny_llama(tok, hidden=32)).save_pretrained(tmp_path / "routers")
+    other = tiny_llama(tok, hidden=48)
+    with pytest.raises(ValueError, match="does not fit this model.*tuned on"):
+        MindSkipLM(pretrained=other, tokenizer=tok, routers=tmp_path / "routers")
+    with pytest.raises(ValueError, match="router checkpoint folder"):
+        MindSkipLM(pretrained=other, tokenizer=tok, routers=tmp_path / "nothing")
+    with pytest.raises(ValueError, match="needs routers"):
+        MindSkipLM(pretrained=other, tokenizer=tok, threshold=0.5)
+
+
+def test_cli_rejects_bad_input_before_loading_a_model(monkeypatch):
+    monkeypatch.setattr(assets, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match="unknown task"):
+        main(["preset", "--tasks", "piqa,nope"])
+    with pytest.raises(ValueError, match="no documents"):
+        main(["preset", "--limit", "0"])
+
+
+@pytest.mark.slow
+def test_module_cli_runs_the_harness_with_the_kit_model(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "rt_lib.evaluation", "--model", "mindskip",
+           "--model_args", "pretrained=tiny-random-llama", "--tasks", "rte_offline", "--limit", "2",
+           "--batch_size", "2", "--output_path", str(tmp_path / "out"), "--log_samples"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = list((tmp_path / "out").rglob("results_*.json"))
+    assert files and json.loads(files[0].read_text())["results"]["rte_offline"]["alias"] == "rte_offline"
