@@ -333,7 +333,7 @@ def save_trained(train_dir: Path, ms, module, cfg: TrainConfig) -> None:
     elif cfg.trainable == "full":
         from safetensors.torch import save_file
 
-        state = {n: p.detach().cpu().contiguous() for n, p in ms.model.state_dict().items()
+        state = {n: p.detach().cpu().clone().contiguous() for n, p in ms.model.state_dict().items()
                  if "mindskip_router" not in n}
         tmp = train_dir / f".backbone.safetensors.tmp-{os.getpid()}"
         save_file(state, str(tmp))
@@ -521,6 +521,7 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
         if world > 1:
             counts = accelerator.reduce(counts, "sum")
         label_tokens, tokens = counts.tolist()
+        seen = (log_rows[-1]["tokens"] if log_rows else 0) + int(tokens)  # cumulative input tokens
         sums = torch.zeros(2 + len(layers), dtype=torch.float64, device=device)  # lm sum, reg, capacities
         for j, b in enumerate(micro):
             b = {key: v.to(device) for key, v in b.items()}
@@ -550,7 +551,7 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
         row = {"step": step + 1, "loss": lm + float(sums[1]), "lm_loss": lm, "reg_loss": float(sums[1]),
                "lr": lr, "mean_capacity": float(sums[2:].mean()),
                **{f"capacity_L{i}": float(c) for i, c in zip(layers, sums[2:])},
-               "tokens": int(tokens), "elapsed_s": round(time.perf_counter() - t0, 3)}
+               "tokens": seen, "elapsed_s": round(time.perf_counter() - t0, 3)}
         log_rows.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", cap=f"{row['mean_capacity']:.3f}")
@@ -588,7 +589,7 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
         "router_weight_norm": {str(i): float(r.weight.detach().float().norm()) for i, r in ms.routers().items()},
         "heldout_lm_loss": {"dense": dense, "tuned": tuned},
         "heldout_skip_ratio": (1.0 - sum(caps.values()) / len(caps)) if caps else None,
-        "config": ms.config.to_dict(),
+        "config": {**ms.config.to_dict(), "routed_layers": layers},  # resolved layer list
         "routed_layers": layers,
         "trainable": cfg.trainable,
         "trainable_parameters": sum(p.numel() for p in params),
@@ -606,8 +607,10 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
         if finished:
             save_trained(run_dir / "train", ms, module, cfg)
         atomic_write_json(run_dir / "train" / "summary.json", summary)
-        update_run(run_dir, "train", {k: summary[k] for k in ("finished", "steps", "wall_time_s", "peak_memory_mb",
-                                                              "heldout_lm_loss", "heldout_skip_ratio")})
+        update_run(run_dir, "train", {
+            "file": "train/summary.json", "model": cfg.model, "data": cfg.data,
+            **{k: summary[k] for k in ("trainable", "config", "finished", "steps", "wall_time_s", "peak_memory_mb",
+                                       "heldout_lm_loss", "heldout_skip_ratio", "final_capacity")}})
     accelerator.wait_for_everyone()
     return TrainResult(ms=ms, model=module, tokenizer=tokenizer, summary=summary, log=log_rows, run_dir=run_dir)
 
