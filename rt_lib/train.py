@@ -403,7 +403,10 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
 
     t_start = time.perf_counter()
     _check_config(cfg)
-    accelerator = Accelerator()
+    # `accelerate launch --multi_gpu` / torchrun on a machine without CUDA: data-parallel CPU
+    # processes over gloo (accelerate only picks MULTI_CPU when told the device is the CPU).
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=launched and not torch.cuda.is_available())
     main = accelerator.is_main_process
     device = accelerator.device
     world = accelerator.num_processes
