@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lm_eval
@@ -142,7 +143,8 @@ def _standard_docs(name, raw):
 def test_offline_prompts_equal_standard_prompts(name, tm):
     spec = PAPER_TASKS[name]
     task = tm.load([spec.offline_name])["tasks"][spec.offline_name]
-    raw = assets.load_dataset(spec.benchmark, split="validation").select(range(4))
+    # an in-memory copy: map() on the on-disk dataset would write cache files into the data folder
+    raw = Dataset.from_list(assets.load_dataset(spec.benchmark, split="validation").select(range(4)).to_list())
     cfg, std_docs = _standard_docs(name, raw)
     for i in range(4):
         doc, std = task.eval_docs[i], std_docs[i]

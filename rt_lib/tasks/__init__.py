@@ -185,6 +185,9 @@ def _data_files(benchmark: str, split: str, subset: str | None = None) -> list[s
     from rt_lib import assets
 
     files = [str(Path(p).resolve()) for p in assets.benchmark_files(benchmark, split=split, subset=subset)]
+    # datasets.map() on a load_from_disk copy leaves cache-*.arrow files beside the data; they
+    # are not part of the split
+    files = [f for f in files if not Path(f).name.startswith("cache-")]
     if not files:
         raise FileNotFoundError(f"no .arrow files for {benchmark!r} {subset or ''} split {split!r}")
     return files
