@@ -22,6 +22,22 @@ the same final routers as an uninterrupted run. Under ``accelerate launch`` each
 its share of every global batch; the LM loss is normalised by the label tokens of the whole
 global batch, so N processes give the routers of one process with the same global batch.
 Files are written by the main process only (layout: docs/results_format.md, ``train/``).
+
+Scale-out. The entry point is the same for one or many processes:
+- GPUs, DDP: ``accelerate launch --multi_gpu --num_processes 8 -m rt_lib.train --preset paper``.
+  Every GPU holds a full bf16 copy of the frozen model (16 GB for 8B); gradients and AdamW
+  state exist for the routers only (16 x 4096 numbers), so DDP is enough for 7-8B models.
+- CPU, DDP over gloo: ``accelerate launch --multi_gpu --num_processes 2 -m rt_lib.train ...``
+  (or ``torchrun --nproc_per_node 2 -m rt_lib.train ...``) on a machine without CUDA. With
+  accelerate 1.15, ``accelerate launch --cpu --num_processes 2`` starts a single process
+  (its multi-CPU mode goes through mpirun with a host file).
+- Models that do not fit one device (or ``trainable="full"`` at 7B+): FSDP or DeepSpeed
+  ZeRO-3 through an accelerate config file (``accelerate launch --config_file fsdp.yaml``).
+  FSDP must keep the original parameters (``fsdp_use_orig_params: true``) because frozen and
+  trainable (router) parameters share wrapped units; wrap at the decoder-layer class
+  (``fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer``). Under DeepSpeed set bf16 in its
+  config and ``--precision fp32`` here (DeepSpeed casts the model itself). Neither is tested
+  by the kit's test suite (no multi-GPU machine); DDP is.
 """
 
 from __future__ import annotations
@@ -449,8 +465,8 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
     if steps_per_epoch == 0:
         raise ValueError(f"{len(examples)} usable examples are fewer than one global batch of {cfg.batch_size}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    if cfg.save_every is None and cfg.stop_after is not None and cfg.out is None:
-        raise ValueError("stop_after without an output folder would lose the run")
+    if cfg.stop_after is not None and cfg.out is None:
+        raise ValueError("stop_after needs an output folder for the checkpoint to resume from")
 
     # -- routers, trainable parameters, optimiser, schedule
     _seed_everything(cfg.seed)
