@@ -391,15 +391,37 @@ def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _eval_pair(ms, module, examples, cfg, pad_id, device, autocast, accelerator, which):
-    """LM loss on held-out examples with routers forced dense or deciding, plus skip stats."""
+    """LM loss on held-out examples with routers forced dense or deciding, the executed
+    fraction per layer, and the router margin per layer: mean |sigmoid(w.x) - threshold|, how
+    far decisions are from flipping (zero-initialised routers start at margin 0)."""
     module.eval()
     ms.force(True if which == "dense" else None)
     ms.reset_stats()
-    loss = heldout_lm_loss(module, examples, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device,
-                           autocast=autocast, accelerator=accelerator)
-    stats = {int(k): float(v) for k, v in ms.skip_stats().items()}
+    margins: dict[int, list[float]] = {i: [0.0, 0.0] for i in ms.routed_layers}
+
+    def hook(i):
+        def record(mod, args, out):
+            margins[i][0] += float((torch.sigmoid(out.float()) - ms.config.threshold).abs().sum())
+            margins[i][1] += out.numel()
+        return record
+
+    handles = [r.register_forward_hook(hook(i)) for i, r in ms.routers().items()]
+    try:
+        loss = heldout_lm_loss(module, examples, pad_id=pad_id, batch_size=cfg.eval_batch_size, device=device,
+                               autocast=autocast, accelerator=accelerator)
+    finally:
+        for h in handles:
+            h.remove()
+    # executed and margin counts of every process: (layers, 4) = n_exec, n_total, margin sum, n
+    gates = ms.gates
+    counts = torch.tensor([[gates[i].n_exec, gates[i].n_total, *margins[i]] for i in ms.routed_layers],
+                          dtype=torch.float64, device=device)
+    if accelerator is not None and accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, "sum")
+    stats = {i: float(c[0] / c[1]) if c[1] else None for i, c in zip(ms.routed_layers, counts)}
+    margin = {i: float(c[2] / c[3]) if c[3] else None for i, c in zip(ms.routed_layers, counts)}
     ms.force(None)
-    return loss, stats
+    return loss, stats, margin
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -508,7 +530,7 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
 
     # Dense reference before any update (the base model; routers forced to keep everything).
     if heldout and dense is None:
-        dense, _ = _eval_pair(ms, module, heldout, cfg, pad_id, device, autocast, accelerator, "dense")
+        dense, _, _ = _eval_pair(ms, module, heldout, cfg, pad_id, device, autocast, accelerator, "dense")
 
     module, optimizer = accelerator.prepare(module, optimizer)
     if resume:
@@ -589,9 +611,9 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
     finished = end_step == total_steps
 
     # -- held-out evaluation, final save, summary
-    tuned, caps = (None, {})
+    tuned, caps, margin = None, {}, {}
     if heldout and finished:
-        tuned, caps = _eval_pair(ms, module, heldout, cfg, pad_id, device, autocast, accelerator, "tuned")
+        tuned, caps, margin = _eval_pair(ms, module, heldout, cfg, pad_id, device, autocast, accelerator, "tuned")
     mem, mem_kind = _peak_memory_mb(device)
     summary = {
         "preset": cfg.preset,
@@ -605,9 +627,10 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
         "final_capacity": {str(i): caps.get(i) for i in layers},
         "final_capacity_source": "executed fraction per routed layer on the held-out sequences (eval mode)",
         "final_train_capacity": {str(i): log_rows[-1][f"capacity_L{i}"] for i in layers} if log_rows else {},
+        "heldout_router_margin": {str(i): margin.get(i) for i in layers},
         "router_weight_norm": {str(i): float(r.weight.detach().float().norm()) for i, r in ms.routers().items()},
         "heldout_lm_loss": {"dense": dense, "tuned": tuned},
-        "heldout_skip_ratio": (1.0 - sum(caps.values()) / len(caps)) if caps else None,
+        "heldout_skip_ratio": (1.0 - sum(caps.values()) / len(caps)) if caps else None,  # mean over layers
         "config": {**ms.config.to_dict(), "routed_layers": layers},  # resolved layer list
         "routed_layers": layers,
         "trainable": cfg.trainable,

@@ -134,7 +134,8 @@ def test_run_folder_files(tmp_path):
     s = json.loads((train / "summary.json").read_text())
     for key in ("wall_time_s", "peak_memory_mb", "steps", "final_capacity", "heldout_lm_loss", "preset", "config"):
         assert key in s
-    assert set(s["final_capacity"]) == {"1", "2", "3", "4"}
+    assert set(s["final_capacity"]) == set(s["heldout_router_margin"]) == {"1", "2", "3", "4"}
+    assert all(0 < m < 0.5 for m in s["heldout_router_margin"].values())  # routers left the threshold
     assert s["heldout_lm_loss"]["dense"] > 0 and s["heldout_lm_loss"]["tuned"] > 0
     assert s["data"]["sequences"] == 48 and s["data"]["dropped_all_masked"] == 0
     assert sorted(p.name for p in (train / "routers").iterdir()) == ["mindskip_config.json", "routers.safetensors"]
