@@ -442,9 +442,15 @@ def benchmark_files(name: str, split: str = "validation", subset: str | None = N
     """
     files = []
     for d in _split_dirs(name, split, subset):
-        found = sorted(d.glob("*.arrow"))
-        if not found:
-            raise AssetError(f"no .arrow file in {d}; {_reinstall_hint()}")
+        # state.json names the data files; a glob would also catch cache-*.arrow files that
+        # datasets.map() may have left beside them
+        try:
+            state = json.loads((d / "state.json").read_text(encoding="utf-8"))
+            found = [d / f["filename"] for f in state["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            found = sorted(d.glob("data-*.arrow"))
+        if not found or not all(f.is_file() for f in found):
+            raise AssetError(f"no .arrow data file in {d}; {_reinstall_hint()}")
         files.extend(found)
     return files
 
@@ -455,7 +461,8 @@ def _load_benchmark_split(name: str, split: str, subset: str | None):
     parts = []
     for d in _split_dirs(name, split, subset):
         try:
-            parts.append(datasets.load_from_disk(str(d)))
+            # in memory: .map() on it must not write cache files into site-packages
+            parts.append(datasets.load_from_disk(str(d), keep_in_memory=True))
         except Exception as e:  # missing/corrupt arrow or json: pyarrow, OSError, ValueError...
             raise AssetError(f"embedded data {d} is unreadable ({type(e).__name__}: {e}); {_reinstall_hint()}") from e
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

