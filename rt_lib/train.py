@@ -684,6 +684,43 @@ def _save_checkpoint(run_dir, step, ms, module, cfg, named, optimizer, scheduler
                    tmp / STATE_NAME)
 
 
+# =============================================================================== settings sweeps
+def sweep_table(run_dirs, out_csv=None) -> list[dict]:
+    """One row per finished tuning run (its train/summary.json and log.csv): the settings that
+    differ in a sweep and what they reached. Written as CSV to ``out_csv`` if given."""
+    rows = []
+    for d in run_dirs:
+        d = Path(d)
+        summary_path = d / "train" / "summary.json"
+        if not summary_path.is_file():
+            continue
+        s = json.loads(summary_path.read_text())
+        c = s["train_config"]
+        log = json.loads((d / "train" / "log.json").read_text())
+        caps = [v for v in s["final_capacity"].values() if v is not None]
+        margins = [v for v in (s.get("heldout_router_margin") or {}).values() if v is not None]
+        dense, tuned = s["heldout_lm_loss"]["dense"], s["heldout_lm_loss"]["tuned"]
+        rows.append({
+            "run": d.name, "lr": c["lr"], "reg_lambda": c["reg_lambda"], "capacity_target": c["capacity_target"],
+            "steps": s["steps"], "batch_size": c["batch_size"], "max_length": c["max_length"],
+            "train_capacity_min": min(r["mean_capacity"] for r in log),
+            "train_capacity_last": log[-1]["mean_capacity"],
+            "heldout_capacity": sum(caps) / len(caps) if caps else None,
+            "layers_always_skipped": sum(v == 0.0 for v in caps),
+            "layers_always_kept": sum(v == 1.0 for v in caps),
+            "heldout_loss_dense": dense, "heldout_loss_tuned": tuned,
+            "heldout_loss_increase": tuned - dense if tuned is not None else None,
+            "router_margin": sum(margins) / len(margins) if margins else None,
+            "router_weight_norm": sum(s["router_weight_norm"].values()) / len(s["router_weight_norm"]),
+            "wall_time_s": s["wall_time_s"],
+        })
+    if out_csv is not None:
+        from rt_lib.runs import write_csv
+
+        write_csv(out_csv, rows)
+    return rows
+
+
 # =============================================================================== CLI
 def _arg_type(hint):
     """(argparse kwargs) for a TrainConfig field type."""
