@@ -40,7 +40,10 @@ processes that each score every N-th document, results gathered on process 0::
         --tasks arc_challenge --num_fewshot 25 --batch_size 16
 
 Each process loads the model onto its own device (``accelerator.device``); skip counts are
-summed over processes. Few-shot examples of the kit's offline tasks are drawn per document
+summed over processes (the harness pads the shorter shards with repeats of their last
+request, which are counted too). Without GPUs the same runs on CPU processes (gloo):
+``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m rt_lib.evaluation ...`` (tested).
+Few-shot examples of the kit's offline tasks are drawn per document
 (``rt_lib.tasks.samplers.DocSeededSampler``), so scores do not depend on the number of
 processes; the harness's standard tasks run through the CLI use the harness's sampler,
 whose draws depend on how documents are dealt to processes (``evaluate()`` swaps in the
@@ -61,13 +64,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from rt_lib import stats
+from rt_lib.mindskip import MindSkipModel
 from rt_lib.tasks import PAPER_TASKS, PRESETS, Preset, write_offline_tasks
 
 log = logging.getLogger(__name__)
@@ -77,19 +81,6 @@ RESULT_COLUMNS = ["variant", "task", "metric", "value", "stderr", "n", "num_fews
 PAIRED_COLUMNS = ["variant", "task", "metric", "diff", "ci_low", "ci_high", "n", "confidence"]
 SKIP_COLUMNS = ["variant", "task", "layer", "executed_fraction"]
 MACRO = "macro_avg"
-
-
-def _mindskip_cls():
-    from rt_lib.mindskip import MindSkipModel
-
-    return MindSkipModel
-
-
-def _is_mindskip(obj) -> bool:
-    try:
-        return isinstance(obj, _mindskip_cls())
-    except ImportError:
-        return False
 
 
 def routers_sha256(ms) -> str:
@@ -171,7 +162,7 @@ class MindSkipLM(HFLM):
             model, tok = assets.load_model(pretrained, dtype=dtype or "float32", device=dev)
             tokenizer = tokenizer if tokenizer is not None else tok
             self.model_name = pretrained
-        elif _is_mindskip(pretrained):
+        elif isinstance(pretrained, MindSkipModel):
             ms, model = pretrained, pretrained.model
         elif isinstance(pretrained, torch.nn.Module):
             model = pretrained
@@ -235,6 +226,17 @@ class MindSkipLM(HFLM):
                     mask[b, length:] = 0
                     break
         return mask
+
+    def _detect_batch_size(self, requests=None, pos: int = 0):
+        # the probe forwards of batch_size="auto" are not documents: keep them out of the skip counts
+        if self.mindskip is None:
+            return super()._detect_batch_size(requests, pos)
+        saved = {i: (g.n_exec, g.n_total) for i, g in self.mindskip.gates.items()}
+        try:
+            return super()._detect_batch_size(requests, pos)
+        finally:
+            for i, g in self.mindskip.gates.items():
+                g.n_exec, g.n_total = saved[i]
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         if self.mindskip is None or attn_mask is not None or labels is not None:
@@ -336,7 +338,6 @@ class MindSkipLM(HFLM):
 
 def load_routers(model, routers: str | os.PathLike, strict_base: bool = True):
     """Attach a router checkpoint to ``model``; a clear ValueError if it does not fit."""
-    MindSkipModel = _mindskip_cls()
     try:
         return MindSkipModel.from_pretrained(model, routers, strict_base=strict_base)
     except FileNotFoundError as e:
@@ -607,7 +608,7 @@ def evaluate(
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if interval not in ("t", "bootstrap"):
         raise ValueError(f"interval must be 't' or 'bootstrap', got {interval!r}")
-    is_ms = _is_mindskip(model_or_ms)
+    is_ms = isinstance(model_or_ms, MindSkipModel)
     if not is_ms and not isinstance(model_or_ms, torch.nn.Module):
         raise ValueError(f"model_or_ms must be an HF model or a MindSkipModel, got {type(model_or_ms)}")
     if tokenizer is None:
@@ -832,7 +833,8 @@ def _main_preset(argv: list[str]) -> int:
     ap.add_argument("--routers", default=None, help="router checkpoint folder")
     ap.add_argument("--threshold", type=float, default=None)
     ap.add_argument("--force-skip", default=None,
-                    help="comma-separated layers whose attention is skipped for every input (hand-set routing)")
+                    help="comma-separated layers whose attention is skipped for every input, added to the "
+                         "default routed layers whose zero-initialised routers keep everything (hand-set routing)")
     ap.add_argument("--preset", default="quick", choices=list(PRESETS))
     ap.add_argument("--tasks", default=None)
     ap.add_argument("--limit", type=float, default=None)
@@ -856,12 +858,16 @@ def _main_preset(argv: list[str]) -> int:
         if a.threshold is not None:
             target.set_threshold(a.threshold)
     elif a.force_skip:
+        # hand-set routing: the default routed layers (zero-initialised routers keep everything)
+        # plus the given ones, whose attention is skipped for every input
         from rt_lib.config import MindSkipConfig
-        from rt_lib.mindskip import get_mindskip_model
+        from rt_lib.mindskip import find_decoder, get_mindskip_model
 
-        layers = sorted({int(x) for x in a.force_skip.split(",") if x.strip()})
-        target = get_mindskip_model(model, MindSkipConfig(routed_layers=layers))
-        target.force(False)
+        skip = sorted({int(x) for x in a.force_skip.split(",") if x.strip()})
+        cfg = MindSkipConfig()
+        cfg.routed_layers = sorted(set(cfg.resolve_layers(len(find_decoder(model)[1]))) | set(skip))
+        target = get_mindskip_model(model, cfg)
+        target.force({layer: False for layer in skip})
     t0 = time.perf_counter()
     res = evaluate(target, tok, preset=a.preset, tasks=a.tasks, limit=limit, batch_size=bs, out_dir=a.out,
                    seed=a.seed, model_name=a.pretrained)

@@ -377,3 +377,34 @@ def test_module_cli_runs_the_harness_with_the_kit_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = list((tmp_path / "out").rglob("results_*.json"))
     assert files and json.loads(files[0].read_text())["results"]["rte_offline"]["alias"] == "rte_offline"
+
+
+@pytest.mark.slow
+def test_data_parallel_processes_score_like_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) = 1 process: same prompts, scores, skip counts."""
+    model, _ = assets.load_model("tiny-random-llama")
+    routed(model, layers=(1, 2)).save_pretrained(tmp_path / "routers")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
+    args = ["-m", "rt_lib.evaluation", "--model", "mindskip",
+            "--model_args", f"pretrained=tiny-random-llama,routers={tmp_path / 'routers'}",
+            "--tasks", "arc_challenge_offline", "--num_fewshot", "3", "--limit", "8",
+            "--batch_size", "2", "--log_samples"]
+    out = {}
+    for n in (1, 2):
+        launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node", "2", "--master_port", "29517"]
+        proc = subprocess.run([*launcher, *args, "--output_path", str(tmp_path / f"p{n}")], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if n == 2:
+            assert "on rank 1" in proc.stderr  # really two processes
+        samples = [json.loads(line) for line in next((tmp_path / f"p{n}").rglob("samples_*.jsonl")).open()]
+        results = json.loads(next((tmp_path / f"p{n}").rglob("results_*.json")).read_text())
+        out[n] = ({s["doc_id"]: (s["prompt_hash"], s["acc"], s["acc_norm"], [float(r[0][0]) for r in s["resps"]])
+                   for s in samples}, results)
+    (one, r1), (two, r2) = out[1], out[2]
+    assert one.keys() == two.keys() == set(range(8))
+    for k in one:
+        assert one[k][:3] == two[k][:3]
+        assert one[k][3] == pytest.approx(two[k][3], abs=1e-4)
+    assert r1["config"]["mindskip"]["executed_fraction"] == r2["config"]["mindskip"]["executed_fraction"]
