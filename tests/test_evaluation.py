@@ -201,6 +201,29 @@ def test_fewshot_examples_do_not_depend_on_process_layout_or_limit(tm):
     assert _contexts(task, 8, 1) == one
 
 
+def test_standard_tasks_get_per_document_examples_from_another_split(tm, tmp_path):
+    """The paper preset's path: examples from a train split (the harness passes no eval_doc)."""
+    from lm_eval.api.samplers import ContextSampler
+
+    from rt_lib.evaluation import _seed_fewshot_per_document
+
+    files = [str(f) for f in assets.benchmark_files("arc_challenge")]
+    cfg = {"include": str(harness_tasks_dir() / "arc/arc_challenge.yaml"), "task": "arc_two_splits",
+           "dataset_path": "arrow", "dataset_name": None,
+           "dataset_kwargs": {"data_files": {"test": files, "train": files}}, "validation_split": None}
+    import yaml
+
+    (tmp_path / "arc_two_splits.yaml").write_text(yaml.safe_dump(cfg))
+    task = tm.load([str(tmp_path / "arc_two_splits.yaml")])["tasks"]["arc_two_splits"]
+    assert type(task.sampler) is ContextSampler  # the harness's order-dependent stream
+    _seed_fewshot_per_document(task)
+    assert isinstance(task.sampler, DocSeededSampler)
+    task.set_config(key="num_fewshot", value=2)
+    task.set_fewshot_seed(1234)
+    one = _contexts(task, 6, 1)
+    assert _contexts(task, 6, 2) == one and len(set(one.values())) == 6
+
+
 def test_sampler_refuses_without_the_scored_document():
     s = DocSeededSampler([{"q": i} for i in range(10)], rnd=3)
     with pytest.raises(RuntimeError, match="scored document"):
