@@ -892,7 +892,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["preset"]:
         return _main_preset(argv[1:])
-    # the harness's own CLI, with `mindskip` registered (by this import) and offline tasks included
+    # the harness's own CLI, with `mindskip` registered (by this import) and offline tasks included.
+    # The harness checks task names before loading the model, but not a limit that scores nothing.
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--limit" and i + 1 < len(argv) else (arg[8:] if arg.startswith("--limit=") else None)
+        if value is not None:
+            try:
+                bad = float(value) <= 0
+            except ValueError:
+                bad = False  # the harness reports a malformed number itself
+            if bad:
+                raise ValueError(f"--limit {value} would score no documents; omit it for all, or give a positive number")
     if "--tasks" in argv and "--include_path" not in argv:
         argv += ["--include_path", str(write_offline_tasks())]
     from lm_eval.__main__ import cli_evaluate

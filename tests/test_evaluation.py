@@ -388,6 +388,8 @@ def test_cli_rejects_bad_input_before_loading_a_model(monkeypatch):
         main(["preset", "--tasks", "piqa,nope"])
     with pytest.raises(ValueError, match="no documents"):
         main(["preset", "--limit", "0"])
+    with pytest.raises(ValueError, match="no documents"):  # the harness CLI path
+        main(["--model", "mindskip", "--model_args", "pretrained=tiny-random-llama", "--tasks", "rte_offline", "--limit", "0"])
 
 
 @pytest.mark.slow
