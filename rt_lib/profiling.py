@@ -15,8 +15,9 @@ What is measured, per regime and grid point, for each variant:
   call (`ms.reset_stats()` / `ms.skip_ratio()`); for the variants with layers physically
   removed it is `removed / len(routed_layers)`, so every variant sits on the same axis.
 
-Variants (one model copy for dense/oracle/static_drop, the MindSkip-wrapped one for the rest):
-- `dense`: the untouched base model.
+Variants, all on the same weights (one MindSkip-wrapped model; for the plain variants its
+gates are taken out and put back around each call, outside the timed region):
+- `dense`: the base model.
 - `mindskip_forced`: MindSkip with `ms.force`: the chosen `skip_layers` skipped, every other
   routed layer kept. Gives the clean comparison with the oracle.
 - `mindskip`: MindSkip with its routers at the threshold (decisions may differ per sequence).
@@ -101,8 +102,10 @@ PRESETS = {
     "smoke": ProfileSettings(prefill_batch_sizes=[1, 2], prefill_seq_lens=[8],
                              decode_batch_sizes=[1, 2], decode_context_lens=[8], new_tokens=3,
                              skip_k=2, warmup=1, repeats=2),
-    # embedded SmolLM2-135M on a 2-core CPU: a couple of minutes
-    "quick": ProfileSettings(),
+    # embedded SmolLM2-135M on a 2-core CPU: a few minutes. One thread: speedups are ratios
+    # and barely depend on it, while two threads on a 2-core machine shared with other jobs
+    # spin against them (a 1x128 forward measured 20x slower than with one thread)
+    "quick": ProfileSettings(threads=1),
     # the whole grid, meant for a GPU; points that do not fit are reported as skipped
     "full": ProfileSettings(prefill_batch_sizes=[1, 4, 16, 64], prefill_seq_lens=[128, 512, 2048, 8192],
                             decode_batch_sizes=[1, 8, 32, 128], decode_context_lens=[512, 2048, 8192],
@@ -345,10 +348,36 @@ class Variant:
             self.exit()
 
 
-def build_variants(ms, base, names, skip_layers, static_layers=None, threshold=None) -> list[Variant]:
-    """The profiled variants around one MindSkip model `ms` and an unwrapped copy `base` of
-    the same weights. `skip_layers` (routed layers) are skipped by mindskip_forced and mask
-    and removed by the oracle."""
+@contextlib.contextmanager
+def gates_removed(ms):
+    """The MindSkip gates taken out of `ms.model` (each wrapped module put back in its place),
+    so that the same weights run as the plain base model; the gates return on exit. Only the
+    decoder pre-hook of the routing context stays (a few microseconds per forward)."""
+    from rt_lib.mindskip import find_decoder
+
+    _, layers = find_decoder(ms.model)
+    gran = ms.config.granularity
+
+    def put(i, module):
+        if gran == "block":
+            layers[i] = module
+        else:
+            setattr(layers[i], "self_attn" if gran == "attn" else "mlp", module)
+
+    gates = ms.gates
+    for i, g in gates.items():
+        put(i, g.base_layer)
+    try:
+        yield ms.model
+    finally:
+        for i, g in gates.items():
+            put(i, g)
+
+
+def build_variants(ms, names, skip_layers, static_layers=None, threshold=None) -> list[Variant]:
+    """The profiled variants, all on the weights of one MindSkip model `ms` (so that no variant
+    runs on a differently allocated copy). `skip_layers` (routed layers) are skipped by
+    mindskip_forced and mask and removed by the oracle."""
     from rt_lib.mindskip import drop_sublayers
 
     routed = list(ms.routed_layers)
@@ -357,7 +386,7 @@ def build_variants(ms, base, names, skip_layers, static_layers=None, threshold=N
         raise ValueError(f"skip_layers {bad} are not routed layers {routed}")
     forced = {layer: layer not in skip_layers for layer in routed}
     n_routed = len(routed)
-    handles = {}
+    stack = {}
 
     def ms_state(force, execution):
         def enter():
@@ -369,12 +398,15 @@ def build_variants(ms, base, names, skip_layers, static_layers=None, threshold=N
         ms.force(None)
         ms.set_execution("skip")
 
-    def dropped(key, layers):
+    def plain(key, drop=()):
         def enter():
-            handles[key] = drop_sublayers(base, list(layers), granularity="attn")
+            st = stack[key] = contextlib.ExitStack()
+            st.enter_context(gates_removed(ms))
+            if drop:
+                st.callback(drop_sublayers(ms.model, list(drop), granularity="attn").restore)
 
         def exit():
-            handles.pop(key).restore()
+            stack.pop(key).close()
         return enter, exit
 
     if threshold is not None:
@@ -383,7 +415,7 @@ def build_variants(ms, base, names, skip_layers, static_layers=None, threshold=N
     out = []
     for name in names:
         if name == "dense":
-            out.append(Variant(name, base, lambda: None, lambda: None, lambda: 0.0))
+            out.append(Variant(name, ms.model, *plain(name), lambda: 0.0))
         elif name == "mindskip_forced":
             out.append(Variant(name, ms.model, ms_state(forced, "skip"), ms_exit, ms_ratio, ms.reset_stats))
         elif name == "mindskip":
@@ -392,13 +424,13 @@ def build_variants(ms, base, names, skip_layers, static_layers=None, threshold=N
             out.append(Variant(name, ms.model, ms_state(forced, "mask"), ms_exit, ms_ratio, ms.reset_stats))
         elif name == "oracle":
             k = len(skip_layers)
-            out.append(Variant(name, base, *dropped(name, skip_layers), lambda k=k: k / n_routed))
+            out.append(Variant(name, ms.model, *plain(name, skip_layers), lambda k=k: k / n_routed))
         elif name == "static_drop":
             if not static_layers:
                 log.warning("static_drop: no layer list (static_layers) and none from rt_lib.baselines; omitted")
                 continue
             k = len(static_layers)
-            out.append(Variant(name, base, *dropped(name, static_layers), lambda k=k: k / n_routed))
+            out.append(Variant(name, ms.model, *plain(name, static_layers), lambda k=k: k / n_routed))
         else:
             raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
     return out
@@ -460,20 +492,23 @@ def _measure_point(variants, regime, batch, seq_len, settings, device, vocab):
     return interleave([v.name for v in variants], run_once, settings.warmup, settings.repeats)
 
 
-def profile(ms, base, settings: ProfileSettings, progress: bool = True):
-    """Measure every variant over the settings' grid. `ms`: a MindSkipModel (eval mode);
-    `base`: an unwrapped model with the same weights (see `prepare_models`).
+def profile(ms, settings: ProfileSettings, progress: bool = True):
+    """Measure every variant over the settings' grid. `ms`: a MindSkipModel (see `prepare_models`).
     Returns (rows: list of dicts with COLUMNS, conditions: dict for profile.json)."""
     from tqdm.auto import tqdm
 
-    device = next(base.parameters()).device
-    dtype = next(base.parameters()).dtype
+    model = ms.model
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     dtype_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    shape = Shape.from_config(base.config)
+    shape = Shape.from_config(model.config)
     if device.type == "cpu":
         torch.set_num_threads(settings.threads or len(os.sched_getaffinity(0)))
     threads = torch.get_num_threads()
-    base.eval()
+    load_before = list(os.getloadavg())
+    if device.type == "cpu" and load_before[0] > len(os.sched_getaffinity(0)):
+        log.warning("load average %.1f on %d usable cores with %d threads: timings will be noisy",
+                    load_before[0], len(os.sched_getaffinity(0)), threads)
     ms.eval()
 
     skip_layers = settings.skip_layers
@@ -483,8 +518,8 @@ def profile(ms, base, settings: ProfileSettings, progress: bool = True):
         skip_layers = choose_skip_layers(ms, calib, settings.skip_k)
     static_layers = settings.static_layers
     if static_layers is None and "static_drop" in settings.variants:
-        static_layers = _baseline_static_layers(base, len(skip_layers))
-    variants = build_variants(ms, base, settings.variants, skip_layers, static_layers, settings.threshold)
+        static_layers = _baseline_static_layers(ms, len(skip_layers))
+    variants = build_variants(ms, settings.variants, skip_layers, static_layers, settings.threshold)
 
     peak_flops, bandwidth = settings.peak_flops, settings.bandwidth
     if peak_flops is None or bandwidth is None:
@@ -547,6 +582,7 @@ def profile(ms, base, settings: ProfileSettings, progress: bool = True):
         "device_name": _device_name(device),
         "dtype": str(dtype).replace("torch.", ""),
         "threads": threads,
+        "load_average": [load_before, list(os.getloadavg())],  # 1/5/15-min, before and after
         "timing": "cuda events after synchronize" if device.type == "cuda" else "time.perf_counter wall clock",
         "interleaving": "warm-up rounds, then rounds of all variants in alternating order (ABC CBA ...)",
         "warmup": settings.warmup,
@@ -554,7 +590,7 @@ def profile(ms, base, settings: ProfileSettings, progress: bool = True):
         "routed_layers": list(ms.routed_layers),
         "skip_layers": list(skip_layers),
         "static_layers": list(static_layers) if static_layers else None,
-        "threshold": settings.threshold,
+        "threshold": ms.config.threshold,  # in effect for the `mindskip` variant
         "roofline": {"peak_flops": peak_flops, "bandwidth_bytes_per_s": bandwidth, "dtype_bytes": dtype_bytes,
                      "measured": settings.peak_flops is None or settings.bandwidth is None},
         "bound_curves": _bound_curves(shape, points, len(ms.routed_layers), peak_flops, bandwidth, dtype_bytes,
@@ -578,7 +614,7 @@ def _bound_curves(shape, points, n_routed, peak_flops, bandwidth, dtype_bytes, n
     return out
 
 
-def _baseline_static_layers(base, k):
+def _baseline_static_layers(ms, k):
     # rt_lib.baselines owns the importance scores of the static attention drop; use them when
     # it offers a layer choice, else static_drop needs an explicit layer list
     try:
@@ -589,7 +625,8 @@ def _baseline_static_layers(base, k):
     if choose is None:
         return None
     try:
-        return list(choose(base, k))
+        with gates_removed(ms):
+            return list(choose(ms.model, k))
     except TypeError:
         return None
 
@@ -610,18 +647,17 @@ def _provenance():
 
 
 def prepare_models(model, routers: str | None = None, config=None):
-    """(ms, base): `model` wrapped with MindSkip (routers from a checkpoint folder, or fresh ones
-    from `config`) and a deep copy of the unwrapped model for dense / oracle / static drop."""
+    """`model` wrapped with MindSkip in place: routers from a checkpoint folder, or fresh
+    (zero-init) ones from `config`. Every variant of `profile` runs on these same weights."""
     from rt_lib.config import MindSkipConfig
     from rt_lib.mindskip import MindSkipModel, get_mindskip_model
 
-    base = copy.deepcopy(model).eval()
     if routers:
         ms = MindSkipModel.from_pretrained(model, routers)
     else:
         ms = get_mindskip_model(model, config or MindSkipConfig())
     ms.eval()
-    return ms, base
+    return ms
 
 
 # --------------------------------------------------------------------------- results
@@ -755,8 +791,8 @@ def main(argv=None):
         new_run(root=os.path.dirname(out), run_id=os.path.basename(out), preset=a.preset)
     model, _ = load_model(a.model, dtype=dtype, device=device, attn_implementation="sdpa")
     fresh = MindSkipConfig(**({"num_routed_layers": a.num_routed_layers} if a.num_routed_layers else {}))
-    ms, base = prepare_models(model, a.routers, fresh)
-    rows, conditions = profile(ms, base, settings, progress=not a.no_progress)
+    ms = prepare_models(model, a.routers, fresh)
+    rows, conditions = profile(ms, settings, progress=not a.no_progress)
     conditions.update(preset=a.preset, model=a.model, routers=_router_record(a.routers))
     prof = write_results(rows, conditions, out)
     update_run(out, "profile", {"preset": a.preset, "model": a.model, "routers": conditions["routers"],

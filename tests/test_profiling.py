@@ -13,7 +13,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rt_lib import profiling as P
 from rt_lib.config import MindSkipConfig
-from rt_lib.mindskip import MindSkipGate
 
 L = 6
 ROUTED = [1, 2, 3, 4]  # num_routed_layers=4 on 6 layers: L-1-n .. L-2
@@ -30,10 +29,18 @@ def tiny_llama(seed=0):
 
 
 @pytest.fixture
-def models():
-    ms, base = P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4))
+def ms():
+    ms = P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4))
     assert ms.routed_layers == ROUTED
-    return ms, base
+    return ms
+
+
+def untouched(ms):
+    """Routers decide again and no sublayer is left removed or unwrapped."""
+    layers = ms.model.model.layers
+    return (all(g.forced is None and g.execution == "skip" for g in ms.gates.values())
+            and all(layers[i].self_attn is g for i, g in ms.gates.items())
+            and not any(type(m).__name__ == "_Removed" for m in ms.model.modules()))
 
 
 def settings(**kw):
@@ -113,9 +120,8 @@ def test_kv_cache_bytes_counts_only_updated_layers():
 
 # ---------------------------------------------------------------------------- variants
 
-def test_realised_skip_ratio_equals_forced_decisions(models):
-    ms, base = models
-    rows, cond = P.profile(ms, base, settings(variants=["dense", "mindskip_forced", "mask", "oracle", "mindskip"],
+def test_realised_skip_ratio_equals_forced_decisions(ms):
+    rows, cond = P.profile(ms, settings(variants=["dense", "mindskip_forced", "mask", "oracle", "mindskip"],
                                               threshold=0.75), progress=False)
     assert cond["skip_layers"] == SKIP
     for regime in P.REGIMES:
@@ -129,14 +135,11 @@ def test_realised_skip_ratio_equals_forced_decisions(models):
         for r in by(rows, regime, "dense"):
             assert r["skip_ratio"] == 0.0 and r["speedup"] == 1.0
     assert all(r["status"] == "ok" for r in rows)
-    # the model is left as found: routers decide, nothing removed
-    assert all(g.forced is None and g.execution == "skip" for g in ms.gates.values())
-    assert not any(type(m).__name__ == "_Removed" for m in base.modules())
+    assert untouched(ms)
 
 
-def test_kv_memory_of_skipped_layers_is_saved(models):
-    ms, base = models
-    rows, _ = P.profile(ms, base, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]), progress=False)
+def test_kv_memory_of_skipped_layers_is_saved(ms):
+    rows, _ = P.profile(ms, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]), progress=False)
     k = len(SKIP)
     for regime in P.REGIMES:
         for dense in by(rows, regime, "dense"):
@@ -147,9 +150,10 @@ def test_kv_memory_of_skipped_layers_is_saved(models):
             assert by(rows, regime, "mask", b)[0]["kv_bytes"] == dense["kv_bytes"]  # computes and stores all
 
 
-def test_oracle_and_forced_skip_give_identical_logits(models):
-    ms, base = models
-    variants = {v.name: v for v in P.build_variants(ms, base, ["mindskip_forced", "oracle", "mask", "dense"], SKIP)}
+def test_oracle_and_forced_skip_give_identical_logits():
+    reference = tiny_llama()  # the same weights, never wrapped
+    ms = P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4))
+    variants = {v.name: v for v in P.build_variants(ms, ["mindskip_forced", "oracle", "mask", "dense"], SKIP)}
     ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
     steps = torch.randint(3, 96, (2, 3), generator=torch.Generator().manual_seed(2))
 
@@ -165,11 +169,13 @@ def test_oracle_and_forced_skip_give_identical_logits(models):
     forced, oracle = run(variants["mindskip_forced"]), run(variants["oracle"])
     assert torch.equal(forced, oracle)
     torch.testing.assert_close(run(variants["mask"]), oracle)
-    assert not torch.allclose(run(variants["dense"]), oracle)  # the skip did change something
+    dense = run(variants["dense"])
+    assert torch.equal(dense, run(P.Variant("reference", reference, lambda: None, lambda: None, lambda: 0.0)))
+    assert not torch.allclose(dense, oracle)  # the skip did change something
+    assert untouched(ms)
 
 
-def test_skip_layers_chosen_from_router_decisions(models):
-    ms, base = models
+def test_skip_layers_chosen_from_router_decisions(ms):
     with torch.no_grad():
         for i, r in ms.routers().items():
             r.weight.fill_(0.0)
@@ -181,10 +187,9 @@ def test_skip_layers_chosen_from_router_decisions(models):
     assert P.choose_skip_layers(ms, ids, None) == ROUTED
 
 
-def test_unrouted_skip_layers_rejected(models):
-    ms, base = models
+def test_unrouted_skip_layers_rejected(ms):
     with pytest.raises(ValueError, match="not routed"):
-        P.build_variants(ms, base, ["oracle"], [5])
+        P.build_variants(ms, ["oracle"], [5])
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -197,9 +202,9 @@ def test_out_of_memory_point_is_skipped_and_the_rest_continues():
         if ids.shape[0] == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (simulated)")
 
-    model.model.register_forward_pre_hook(oom_at_batch_2, with_kwargs=True)  # copied into `base` too
-    ms, base = P.prepare_models(model, config=MindSkipConfig(num_routed_layers=4))
-    rows, _ = P.profile(ms, base, settings(variants=["dense", "mindskip_forced", "oracle"]), progress=False)
+    model.model.register_forward_pre_hook(oom_at_batch_2, with_kwargs=True)
+    ms = P.prepare_models(model, config=MindSkipConfig(num_routed_layers=4))
+    rows, _ = P.profile(ms, settings(variants=["dense", "mindskip_forced", "oracle"]), progress=False)
     assert len(rows) == 2 * 2 * 3  # regimes x batch sizes x variants: skipped points keep their rows
     for r in rows:
         if r["batch_size"] == 2:
@@ -208,29 +213,26 @@ def test_out_of_memory_point_is_skipped_and_the_rest_continues():
         else:
             assert r["status"] == "ok" and r["median_ms"] > 0 and r["reason"] == ""
     # the failure happened inside a variant: its state was undone
-    assert all(g.forced is None for g in ms.gates.values())
-    assert not any(type(m).__name__ == "_Removed" for m in base.modules())
+    assert untouched(ms)
 
 
-def test_other_runtime_errors_are_not_swallowed(models):
-    ms, base = models
+def test_other_runtime_errors_are_not_swallowed(ms):
 
     def boom(module, args, kwargs):
         raise RuntimeError("shape mismatch")
 
-    base.model.register_forward_pre_hook(boom, with_kwargs=True)
+    ms.model.model.register_forward_pre_hook(boom, with_kwargs=True)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        P.profile(ms, base, settings(variants=["dense"]), progress=False)
+        P.profile(ms, settings(variants=["dense"]), progress=False)
 
 
-def test_point_larger_than_memory_is_skipped_by_estimate(models, monkeypatch):
-    ms, base = models
-    shape = P.Shape.from_config(base.config)
+def test_point_larger_than_memory_is_skipped_by_estimate(ms, monkeypatch):
+    shape = P.Shape.from_config(ms.model.config)
     small = P.estimate_point_bytes(shape, "prefill", 1, 8, 0, 4)
     big = P.estimate_point_bytes(shape, "prefill", 2, 8, 0, 4)
     assert big > small
     monkeypatch.setattr(P, "available_memory", lambda device: int((small + big) / 2 / 0.9))
-    rows, _ = P.profile(ms, base, settings(variants=["dense", "oracle"], regimes=["prefill"]), progress=False)
+    rows, _ = P.profile(ms, settings(variants=["dense", "oracle"], regimes=["prefill"]), progress=False)
     status = {(r["batch_size"], r["variant"]): (r["status"], r["reason"]) for r in rows}
     assert status[(1, "dense")] == ("ok", "")
     assert status[(2, "dense")][0] == "skipped" and status[(2, "dense")][1].startswith("estimated")
@@ -238,11 +240,10 @@ def test_point_larger_than_memory_is_skipped_by_estimate(models, monkeypatch):
 
 # ---------------------------------------------------------------------------- results files
 
-def test_results_files_follow_the_format(models, tmp_path):
+def test_results_files_follow_the_format(ms, tmp_path):
     from rt_lib.runs import new_run
 
-    ms, base = models
-    rows, cond = P.profile(ms, base, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]),
+    rows, cond = P.profile(ms, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]),
                            progress=False)
     run = new_run(root=tmp_path, run_id="r1", preset="smoke")
     prof = P.write_results(rows, cond, run)
