@@ -462,10 +462,21 @@ def _percentile(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _measure_point(variants, regime, batch, seq_len, settings, device, vocab):
-    g = torch.Generator().manual_seed(settings.seed + 7919 * batch + seq_len)
-    prompt = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
-    steps = torch.randint(0, vocab, (batch, settings.new_tokens), generator=g).to(device)
+def grid_tokens(batch: int, length: int, vocab: int, seed: int = 0, tokens: torch.Tensor | None = None):
+    """(batch, length) token ids: consecutive non-overlapping windows of the 1-D `tokens` (text,
+    so that routers see what they were tuned on; wrapping around), else seeded random ids."""
+    if tokens is None:
+        g = torch.Generator().manual_seed(seed + 7919 * batch + length)
+        return torch.randint(0, vocab, (batch, length), generator=g)
+    n = tokens.numel()
+    stride = length if batch * length <= n else max(n // batch, 1)
+    idx = (torch.arange(batch)[:, None] * stride + torch.arange(length)[None, :] + seed) % n
+    return tokens.reshape(-1)[idx]
+
+
+def _measure_point(variants, regime, batch, seq_len, settings, device, vocab, tokens=None):
+    ids = grid_tokens(batch, seq_len + settings.new_tokens, vocab, settings.seed, tokens).to(device)
+    prompt, steps = ids[:, :seq_len], ids[:, seq_len:]  # decode feeds the text's next tokens
     by_name = {v.name: v for v in variants}
 
     def run_once(name):
@@ -492,8 +503,10 @@ def _measure_point(variants, regime, batch, seq_len, settings, device, vocab):
     return interleave([v.name for v in variants], run_once, settings.warmup, settings.repeats)
 
 
-def profile(ms, settings: ProfileSettings, progress: bool = True):
-    """Measure every variant over the settings' grid. `ms`: a MindSkipModel (see `prepare_models`).
+def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, progress: bool = True):
+    """Measure every variant over the settings' grid. `ms`: a MindSkipModel (see `prepare_models`);
+    `tokens`: a 1-D tensor of token ids the prompts are cut from (None: random ids; speed does
+    not depend on the text, but router decisions do).
     Returns (rows: list of dicts with COLUMNS, conditions: dict for profile.json)."""
     from tqdm.auto import tqdm
 
@@ -513,8 +526,8 @@ def profile(ms, settings: ProfileSettings, progress: bool = True):
 
     skip_layers = settings.skip_layers
     if skip_layers is None:
-        calib = torch.randint(0, shape.vocab, (max(settings.prefill_batch_sizes), max(settings.prefill_seq_lens)),
-                              generator=torch.Generator().manual_seed(settings.seed)).to(device)
+        calib = grid_tokens(max(settings.prefill_batch_sizes), max(settings.prefill_seq_lens), shape.vocab,
+                            settings.seed, tokens).to(device)
         skip_layers = choose_skip_layers(ms, calib, settings.skip_k)
     static_layers = settings.static_layers
     if static_layers is None and "static_drop" in settings.variants:
@@ -540,7 +553,7 @@ def profile(ms, settings: ProfileSettings, progress: bool = True):
             reason = f"estimated {need / 2**30:.2f} GiB > {settings.memory_headroom:.0%} of {free / 2**30:.2f} GiB available"
         else:
             try:
-                results = _measure_point(variants, regime, batch, seq_len, settings, device, shape.vocab)
+                results = _measure_point(variants, regime, batch, seq_len, settings, device, shape.vocab, tokens)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not is_oom(exc):
                     raise
@@ -560,13 +573,13 @@ def profile(ms, settings: ProfileSettings, progress: bool = True):
             times = [r["ms"] for r in rs]
             med = _percentile(times, 50)
             ratio = sum(r["skip_ratio"] for r in rs) / len(rs)
-            tokens = batch * (seq_len if regime == "prefill" else 1)
+            n_tokens = batch * (seq_len if regime == "prefill" else 1)
             # the bound for the attention sublayers this variant's decisions skip (for `mask`:
             # what skipping them for real could reach)
             bound = bound_speedup(shape, regime, batch, seq_len, ratio * len(ms.routed_layers), peak_flops,
                                   bandwidth, dtype_bytes, max(new, 1))
             point_rows.append(dict(base_row, variant=v.name, median_ms=med, p10_ms=_percentile(times, 10),
-                                   p90_ms=_percentile(times, 90), tokens_per_s=tokens * 1e3 / med,
+                                   p90_ms=_percentile(times, 90), tokens_per_s=n_tokens * 1e3 / med,
                                    skip_ratio=ratio, kv_bytes=rs[-1]["kv_bytes"], bound_speedup=bound,
                                    status="ok", reason=""))
             raw.append(dict(base_row, variant=v.name, times_ms=times, kv_bytes_prefill=rs[-1]["kv_bytes_prefill"],
@@ -590,6 +603,7 @@ def profile(ms, settings: ProfileSettings, progress: bool = True):
         "routed_layers": list(ms.routed_layers),
         "skip_layers": list(skip_layers),
         "static_layers": list(static_layers) if static_layers else None,
+        "prompts": "random token ids" if tokens is None else f"windows of {tokens.numel()} given text tokens",
         "threshold": ms.config.threshold,  # in effect for the `mindskip` variant
         "roofline": {"peak_flops": peak_flops, "bandwidth_bytes_per_s": bandwidth, "dtype_bytes": dtype_bytes,
                      "measured": settings.peak_flops is None or settings.bandwidth is None},
@@ -768,6 +782,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--num-routed-layers", type=int, default=None,
                    help="fresh routers only: route the n deepest layers except the last (default 16)")
+    p.add_argument("--text", default="wikipedia-en",
+                   help="data set (rt_lib.assets.load_dataset, column `text`) the prompts are cut from; "
+                        "'none': random token ids")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
@@ -789,11 +806,12 @@ def main(argv=None):
     out = os.path.abspath(a.out)
     if not os.path.exists(os.path.join(out, "run.json")):
         new_run(root=os.path.dirname(out), run_id=os.path.basename(out), preset=a.preset)
-    model, _ = load_model(a.model, dtype=dtype, device=device, attn_implementation="sdpa")
+    model, tokenizer = load_model(a.model, dtype=dtype, device=device, attn_implementation="sdpa")
+    tokens = None if a.text.lower() == "none" else text_tokens(tokenizer, a.text)
     fresh = MindSkipConfig(**({"num_routed_layers": a.num_routed_layers} if a.num_routed_layers else {}))
     ms = prepare_models(model, a.routers, fresh)
-    rows, conditions = profile(ms, settings, progress=not a.no_progress)
-    conditions.update(preset=a.preset, model=a.model, routers=_router_record(a.routers))
+    rows, conditions = profile(ms, settings, tokens, progress=not a.no_progress)
+    conditions.update(preset=a.preset, model=a.model, routers=_router_record(a.routers), text=a.text)
     prof = write_results(rows, conditions, out)
     update_run(out, "profile", {"preset": a.preset, "model": a.model, "routers": conditions["routers"],
                                 "skip_layers": conditions["skip_layers"], "settings": conditions["settings"],
@@ -805,6 +823,20 @@ def main(argv=None):
         print(summarize(rows).to_string(index=False))
     print(f"\nwrote {prof}")
     return 0
+
+
+def text_tokens(tokenizer, name: str, split: str = "validation", max_chars: int = 400_000) -> torch.Tensor:
+    """Token ids of the start of a text data set, as one 1-D tensor (prompts are cut from it)."""
+    from rt_lib.assets import load_dataset
+
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids, n = [], 0
+    for t in load_dataset(name, split=split)["text"]:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
+        n += len(t)
+        if n >= max_chars:
+            break
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def _router_record(path):

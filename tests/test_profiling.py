@@ -262,3 +262,26 @@ def test_results_files_follow_the_format(ms, tmp_path):
     assert list(s.regime) == ["prefill", "prefill", "decode", "decode"]
     assert s["kv_saving"].tolist() == pytest.approx([len(SKIP) / L] * 4)
     assert (s["skip_ratio_forced"] == 0.5).all()
+
+
+def test_prompts_are_windows_of_the_given_text():
+    text = torch.arange(100, 130)
+    ids = P.grid_tokens(2, 10, vocab=96, tokens=text)
+    assert ids.tolist() == [list(range(100, 110)), list(range(110, 120))]
+    wrapped = P.grid_tokens(4, 10, vocab=96, tokens=text)  # 40 tokens from 30: rows wrap around
+    assert wrapped.shape == (4, 10) and set(wrapped.flatten().tolist()) <= set(text.tolist())
+    rnd = P.grid_tokens(2, 10, vocab=96, seed=3)
+    assert torch.equal(rnd, P.grid_tokens(2, 10, vocab=96, seed=3)) and int(rnd.max()) < 96
+
+
+def test_cli_writes_a_run_on_the_embedded_tiny_model(tmp_path, capsys):
+    out = tmp_path / "runs" / "p1"
+    assert P.main(["--preset", "smoke", "--model", "tiny-random-llama", "--num-routed-layers", "2",
+                   "--static-layers", "3", "--out", str(out), "--text", "none", "--repeats", "1",
+                   "--no-progress"]) == 0
+    df = pd.read_csv(out / "profile" / "profile.csv")
+    assert list(df.columns) == P.COLUMNS and (df.status == "ok").all()
+    assert set(df.variant) == set(P.VARIANTS)
+    run = json.load(open(out / "run.json"))
+    assert run["steps"]["profile"]["skip_layers"] == [1, 2]
+    assert "forced/oracle" in capsys.readouterr().out
