@@ -81,6 +81,7 @@ RESULT_COLUMNS = ["variant", "task", "metric", "value", "stderr", "n", "num_fews
 PAIRED_COLUMNS = ["variant", "task", "metric", "diff", "ci_low", "ci_high", "n", "confidence"]
 SKIP_COLUMNS = ["variant", "task", "layer", "executed_fraction"]
 MACRO = "macro_avg"
+ALL_TASKS = "all tasks"  # skip-count key when MindSkipLM.skip_stats_per_task is off
 
 
 def routers_sha256(ms) -> str:
@@ -135,8 +136,8 @@ class MindSkipLM(HFLM):
     - the forward gets an attention mask for the right padding the harness adds to batched
       log-likelihood requests (HFLM passes none): sequence-level routing pools over real
       tokens, so a document's routing, and score, do not depend on its batch mates;
-    - requests are scored task by task, and skip counts (executed / total routed sublayer
-      units per layer) are kept per task in ``skip_counts``.
+    - skip counts (executed / total routed sublayer units per layer) are kept per task in
+      ``skip_counts``; for that, requests are scored task by task (``skip_stats_per_task``).
     Without routers (a dense model) every call is HFLM's own, so scores are identical.
     """
 
@@ -191,6 +192,9 @@ class MindSkipLM(HFLM):
             self._rank = accelerator.process_index
             self._world_size = accelerator.num_processes
         self.mindskip = ms
+        # per task: requests of different tasks never share a batch (a group of 57 MMLU subjects
+        # then runs 57 small batches); evaluate() runs one task or group at a time and turns it off
+        self.skip_stats_per_task = True
         self.skip_counts: dict[str, dict[int, list[float]]] = {}
         self._known_inputs: set[tuple[int, ...]] = set()
 
@@ -256,7 +260,7 @@ class MindSkipLM(HFLM):
             return method(requests, **kwargs)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
-            groups[req.task_name or "unknown"].append(i)
+            groups[(req.task_name or "unknown") if self.skip_stats_per_task else ALL_TASKS].append(i)
         out: list[Any] = [None] * len(requests)
         delta: dict[str, dict[int, list[float]]] = {}
         for task, idx in groups.items():
@@ -568,6 +572,13 @@ def _collect(res: dict, harness_name: str, metrics: Sequence[str]) -> tuple[dict
                 if m in s:
                     per_metric[m].append(float(s[m]))
     per_doc = {"keys": keys, "prompt_hash": hashes, **per_metric}
+    for m, (v, se) in list(values.items()):
+        xs = per_metric.get(m, [])
+        if math.isnan(se) and len(xs) > 1:
+            # the harness gives a group no stderr when a subtask has a single document (quick
+            # MMLU); the group value is the mean over its documents, so use theirs
+            mean = sum(xs) / len(xs)
+            values[m] = (v, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs)))
     return values, per_doc, len(keys)
 
 
@@ -644,6 +655,7 @@ def evaluate(
     ms = model_or_ms if is_ms else None
     tm = task_manager(p.offline)
     lm = MindSkipLM(pretrained=model_or_ms, tokenizer=tokenizer, batch_size=batch_size, **lm_kwargs)
+    lm.skip_stats_per_task = False  # one task (or group) per harness call below
     model_name = model_name or lm.model_name
 
     task_info: dict[str, dict] = {}

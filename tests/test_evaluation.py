@@ -433,3 +433,15 @@ def test_data_parallel_processes_score_like_one(tmp_path):
         assert one[k][:3] == two[k][:3]
         assert one[k][3] == pytest.approx(two[k][3], abs=1e-4)
     assert r1["config"]["mindskip"]["executed_fraction"] == r2["config"]["mindskip"]["executed_fraction"]
+
+
+def test_group_stderr_from_documents_when_the_harness_gives_none():
+    """Quick MMLU scores one document per subject: the harness's group stderr is N/A."""
+    from rt_lib.evaluation import _collect
+
+    samples = {f"mmlu_offline_{s}": [{"doc_id": 0, "acc": a, "prompt_hash": "h"}]
+               for s, a in zip("abcd", [1.0, 0.0, 0.0, 1.0])}
+    res = {"results": {"mmlu_offline": {"acc,none": 0.5, "acc_stderr,none": "N/A"}}, "samples": samples}
+    values, docs, n = _collect(res, "mmlu_offline", ["acc"])
+    assert n == 4 and docs["keys"][0] == ["mmlu_offline_a", 0]
+    assert values["acc"] == (0.5, pytest.approx((1 / 3) ** 0.5 / 2))  # sd (ddof 1) / sqrt(n)
