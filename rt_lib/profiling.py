@@ -14,6 +14,11 @@ What is measured, per regime and grid point, for each variant:
 - `skip_ratio`: realised fraction of routed attention executions skipped during the timed
   call (`ms.reset_stats()` / `ms.skip_ratio()`); for the variants with layers physically
   removed it is `removed / len(routed_layers)`, so every variant sits on the same axis.
+- `bound_speedup`: the analytic oracle speedup for the attention sublayers the variant's
+  decisions skip (`skip_ratio * len(routed_layers)`); for `mask` that is what skipping them
+  for real could reach, not what computing them all can.
+Prompts are consecutive windows of a text (the CLI tokenizes `wikipedia-en`), so the routers
+decide on the kind of input they were tuned on; decode feeds the text's next tokens.
 
 Variants, all on the same weights (one MindSkip-wrapped model; for the plain variants its
 gates are taken out and put back around each call, outside the timed region):
@@ -629,19 +634,17 @@ def _bound_curves(shape, points, n_routed, peak_flops, bandwidth, dtype_bytes, n
 
 
 def _baseline_static_layers(ms, k):
-    # rt_lib.baselines owns the importance scores of the static attention drop; use them when
-    # it offers a layer choice, else static_drop needs an explicit layer list
+    """The static attention drop's own choice of k layers (rt_lib.baselines: 1 - cos importance
+    on calibration text); None, and the variant is omitted, when it cannot be had."""
     try:
-        from rt_lib import baselines
+        from rt_lib.baselines import static_drop_layers
     except ImportError:
-        return None
-    choose = getattr(baselines, "static_drop_layers", None)
-    if choose is None:
         return None
     try:
         with gates_removed(ms):
-            return list(choose(ms.model, k))
-    except TypeError:
+            return list(static_drop_layers(ms.model, k))
+    except Exception as exc:  # noqa: BLE001 - an optional comparison must not stop the profile
+        log.warning("static_drop: rt_lib.baselines could not choose layers (%s: %s)", type(exc).__name__, exc)
         return None
 
 
@@ -810,7 +813,9 @@ def main(argv=None):
     tokens = None if a.text.lower() == "none" else text_tokens(tokenizer, a.text)
     fresh = MindSkipConfig(**({"num_routed_layers": a.num_routed_layers} if a.num_routed_layers else {}))
     ms = prepare_models(model, a.routers, fresh)
+    t0 = time.perf_counter()
     rows, conditions = profile(ms, settings, tokens, progress=not a.no_progress)
+    conditions["wall_time_s"] = round(time.perf_counter() - t0, 1)
     conditions.update(preset=a.preset, model=a.model, routers=_router_record(a.routers), text=a.text)
     prof = write_results(rows, conditions, out)
     update_run(out, "profile", {"preset": a.preset, "model": a.model, "routers": conditions["routers"],
