@@ -804,23 +804,12 @@ def main(argv=None):
 
     from rt_lib.assets import load_model
     from rt_lib.config import MindSkipConfig
-    from rt_lib.runs import new_run, update_run
 
-    out = os.path.abspath(a.out)
-    if not os.path.exists(os.path.join(out, "run.json")):
-        new_run(root=os.path.dirname(out), run_id=os.path.basename(out), preset=a.preset)
     model, tokenizer = load_model(a.model, dtype=dtype, device=device, attn_implementation="sdpa")
-    tokens = None if a.text.lower() == "none" else text_tokens(tokenizer, a.text)
     fresh = MindSkipConfig(**({"num_routed_layers": a.num_routed_layers} if a.num_routed_layers else {}))
-    ms = prepare_models(model, a.routers, fresh)
-    t0 = time.perf_counter()
-    rows, conditions = profile(ms, settings, tokens, progress=not a.no_progress)
-    conditions["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    conditions.update(preset=a.preset, model=a.model, routers=_router_record(a.routers), text=a.text)
-    prof = write_results(rows, conditions, out)
-    update_run(out, "profile", {"preset": a.preset, "model": a.model, "routers": conditions["routers"],
-                                "skip_layers": conditions["skip_layers"], "settings": conditions["settings"],
-                                "files": ["profile/profile.csv", "profile/profile.json"]})
+    rows, _, prof = run_step(model, tokenizer, a.out, settings, routers=a.routers, config=fresh,
+                             text=None if a.text.lower() == "none" else a.text, preset_name=a.preset,
+                             model_name=a.model, progress=not a.no_progress)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
         print(pd.DataFrame(rows)[["regime", "variant", "batch_size", "seq_len", "median_ms", "p10_ms", "p90_ms",
                                   "skip_ratio", "kv_bytes", "speedup", "bound_speedup", "status"]].to_string(index=False))
@@ -828,6 +817,32 @@ def main(argv=None):
         print(summarize(rows).to_string(index=False))
     print(f"\nwrote {prof}")
     return 0
+
+
+def run_step(model, tokenizer, out, settings: ProfileSettings, routers: str | None = None, config=None,
+             text: str | None = "wikipedia-en", preset_name: str | None = None, model_name: str | None = None,
+             progress: bool = True):
+    """The whole profiling step of a run (CLI and notebook): wrap `model` with the routers (a
+    checkpoint folder) or fresh ones (`config`), cut prompts from `text` (None: random ids),
+    profile, write `<out>/profile/` and record the step in `<out>/run.json` (created if
+    missing). Returns (rows, conditions, profile folder)."""
+    from rt_lib.runs import new_run, update_run
+
+    out = Path(out).resolve()
+    if not (out / "run.json").exists():
+        new_run(root=out.parent, run_id=out.name, preset=preset_name)
+    tokens = text_tokens(tokenizer, text) if text else None
+    ms = prepare_models(model, routers, config)
+    t0 = time.perf_counter()
+    rows, conditions = profile(ms, settings, tokens, progress=progress)
+    conditions["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    model_name = model_name or getattr(model.config, "rt_kit_name", None) or model.config.name_or_path
+    conditions.update(preset=preset_name, model=model_name, routers=router_record(routers), text=text)
+    prof = write_results(rows, conditions, out)
+    update_run(out, "profile", {"preset": preset_name, "model": model_name, "routers": conditions["routers"],
+                                "skip_layers": conditions["skip_layers"], "settings": conditions["settings"],
+                                "files": ["profile/profile.csv", "profile/profile.json"]})
+    return rows, conditions, prof
 
 
 def text_tokens(tokenizer, name: str, split: str = "validation", max_chars: int = 400_000) -> torch.Tensor:
@@ -844,7 +859,8 @@ def text_tokens(tokenizer, name: str, split: str = "validation", max_chars: int 
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _router_record(path):
+def router_record(path):
+    """Path, weights sha256 and config of a router checkpoint, for profile.json (None: fresh)."""
     if not path:
         return None
     from rt_lib.mindskip import read_checkpoint_metadata
