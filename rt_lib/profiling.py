@@ -96,7 +96,7 @@ class ProfileSettings:
     warmup: int = 1                  # untimed rounds of every variant per grid point
     repeats: int = 5                 # timed interleaved rounds per grid point
     threads: int | None = None       # CPU: torch.set_num_threads; None: all usable cores
-    seed: int = 0                    # token ids are random (seeded): speed does not depend on text
+    seed: int = 0                    # seeds random prompts (no text given); offsets the text windows
     peak_flops: float | None = None  # roofline; None: measured at start
     bandwidth: float | None = None   # bytes/s; None: measured at start
     memory_headroom: float = 0.9     # a point runs only if its estimate < headroom * available
