@@ -181,8 +181,8 @@ class MindSkipLM(HFLM):
             if ms is None:
                 raise ValueError("threshold= needs routers: pass routers=<checkpoint dir> or a MindSkipModel")
             threshold = float(threshold)
-            if not 0.0 <= threshold <= 1.0:
-                raise ValueError(f"threshold must be in [0, 1] (router scores are sigmoids), got {threshold}")
+            if not math.isfinite(threshold):
+                raise ValueError(f"threshold must be a number (0 keeps everything, above 1 skips everything), got {threshold}")
             ms.set_threshold(threshold)
         self.model_name = self.model_name or getattr(model.config, "rt_kit_name", None) or getattr(model.config, "_name_or_path", "")
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
@@ -477,6 +477,42 @@ class EvalResults:
             "files": ["eval/results.csv", "eval/paired.csv", "eval/skip_stats.csv", "eval/results.json"],
         })
         return eval_dir
+
+    @classmethod
+    def combine(cls, parts: Sequence["EvalResults"]) -> "EvalResults":
+        """One result from evaluations of several variants on the same preset, tasks and
+        documents (e.g. MindSkip at several thresholds and static drop, each paired with the
+        same dense run). Rows of a variant present in several parts are kept once (first)."""
+        import pandas as pd
+
+        if not parts:
+            raise ValueError("nothing to combine")
+        first = parts[0]
+        def docs(r):  # what decides which documents and prompts are scored
+            return r.preset, {t: tuple(str(v.get(k)) for k in ("limit", "num_fewshot", "metric"))
+                              for t, v in r.tasks.items()}
+
+        for p in parts[1:]:
+            if docs(p) != docs(first):
+                raise ValueError("can only combine evaluations of the same preset and tasks (same documents); "
+                                 f"got {first.preset}/{sorted(first.tasks)} and {p.preset}/{sorted(p.tasks)}")
+
+        table = pd.concat([p.table for p in parts], ignore_index=True).drop_duplicates(
+            subset=["variant", "task", "metric"], keep="first", ignore_index=True)
+        paired = pd.concat([p.paired for p in parts], ignore_index=True).drop_duplicates(
+            subset=["variant", "task", "metric"], keep="first", ignore_index=True)
+        skip = pd.concat([p.skip_stats for p in parts], ignore_index=True).drop_duplicates(
+            subset=["variant", "task", "layer"], keep="first", ignore_index=True)
+        merged = {"per_doc": {}, "wall_time_s": {}, "harness": {}}
+        for p in parts:
+            for attr, acc in merged.items():
+                for variant, value in getattr(p, attr).items():
+                    acc.setdefault(variant, value)
+        provenance = dict(first.provenance)
+        provenance["parts"] = [p.provenance for p in parts]
+        return cls(preset=first.preset, table=table, paired=paired, skip_stats=skip, per_doc=merged["per_doc"],
+                   tasks=first.tasks, provenance=provenance, wall_time_s=merged["wall_time_s"],
+                   harness=merged["harness"])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EvalResults":

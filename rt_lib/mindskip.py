@@ -121,6 +121,7 @@ class RoutingContext:
         self.real: torch.Tensor | None = None  # (B, T) bool: real (non-padding) tokens of the current input
         self.past_len = 0  # tokens already in the cache before this call
         self.cache = None
+        self.padded = False  # the current (prefill) input has padding tokens
 
     def hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -133,8 +134,11 @@ class RoutingContext:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.ndim == 2:
             self.real = mask[:, -q_len:].to(device=ref.device, dtype=torch.bool)
+            # one host sync per forward (not per layer); decode steps reuse prefill decisions
+            self.padded = self.past_len == 0 and not bool(self.real.all())
         else:
             self.real = torch.ones(bsz, q_len, dtype=torch.bool, device=ref.device)
+            self.padded = False
         return None
 
 
@@ -230,6 +234,8 @@ class MindSkipGate(nn.Module):
         w = self.router.weight
         xs = x.to(w.dtype)
         if self.route_level == "seq":
+            if not self._ctx.padded and not self.training:
+                return torch.sigmoid(self.router(xs.mean(1))).squeeze(-1)
             m = real.to(w.dtype).unsqueeze(-1)  # (B, T, 1): pool over real tokens only
             pooled = (xs * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, d)
             return torch.sigmoid(self.router(pooled)).squeeze(-1)
@@ -277,8 +283,8 @@ class MindSkipGate(nn.Module):
         ctx = self._ctx
         bsz = x.shape[0]
         cache = ctx.cache
-        rows_real = real.any(1)
         if self.training:
+            rows_real = real.any(1)
             r = self._scores(self._normed(x), real)
             hard = self._hard(r)
             gate = hard.to(r.dtype) + r - r.detach()  # straight-through estimator
@@ -287,7 +293,7 @@ class MindSkipGate(nn.Module):
             self._record(hard, rows_real)
             return self._wrap(self._apply_gate(x, out, gate), tup)
 
-        if cache is not None and ctx.past_len > 0 and self.granularity != "mlp":
+        if cache is not None and ctx.past_len > 0:
             # decode / continuation: reuse the decision taken at prefill (cache rows depend on it)
             st = self._seq_state
             if st is None or st[0]() is not cache or st[1].shape[0] != bsz:
@@ -297,14 +303,19 @@ class MindSkipGate(nn.Module):
                 )
             _, hard, rows = st
         else:
-            with torch.no_grad():
-                hard = self._hard(self._scores(self._normed(x), real))
+            if isinstance(self.forced, bool):  # no router work for forced decisions
+                hard = torch.full((bsz,), self.forced, dtype=torch.bool, device=x.device)
+            else:
+                with torch.no_grad():
+                    hard = self._hard(self._scores(self._normed(x), real))
             rows = hard.nonzero().squeeze(-1)  # one host sync per prefill, none per decode step
-            if cache is not None and self.granularity != "mlp":
+            if cache is not None:
                 self._seq_state = (weakref.ref(cache), hard, rows)
-        self.capacity = _masked_mean(hard, rows_real)
-        self._record(hard, rows_real)
-
+        # eval statistics as host integers: the kept rows are known on the host already
+        self.capacity = None
+        self.last_keep = hard
+        self.n_exec += rows.numel()
+        self.n_total += bsz
         n_keep = rows.numel()
         if self.execution == "mask" or (0 < n_keep < bsz and cache is not None
                                          and not _row_subset_cache(cache, self.layer_idx)):
@@ -553,7 +564,15 @@ class MindSkipModel(nn.Module):
 
     # -- statistics and the regulariser -------------------------------------------------------
     def capacities(self) -> dict[int, torch.Tensor]:
-        return {i: g.capacity for i, g in self._gates.items() if g.capacity is not None}
+        """Executed fraction of each routed layer in the last forward pass (differentiable in
+        training; in eval computed here from the last decisions)."""
+        out = {}
+        for i, g in self._gates.items():
+            if g.capacity is not None:
+                out[i] = g.capacity
+            elif g.last_keep is not None:
+                out[i] = g.last_keep.float().mean()
+        return out
 
     def regularizer(self) -> torch.Tensor:
         caps = list(self.capacities().values())

@@ -1,131 +1,138 @@
-"""`make reproduce`: one command from a fresh clone to result files (first version).
+"""`make reproduce`: the whole reproduction in one command.
 
-    python -m rt_lib.reproduce --preset cpu [--run-id ID] [--out results/runs]
+    python -m rt_lib.reproduce --preset cpu [--run-id ID] [--out results/runs] [-p name=value ...]
 
-For now this is the sanity step of the pipeline: load the preset's model, measure its
-perplexity on the held-out ``wikipedia-en`` validation text and greedily complete a fixed
-prompt, writing ``<out>/<run-id>/sanity.json`` and ``run.json``. The notebook steps
-(tuning, evaluation, profiling, paper artefacts) are added to this runner later.
+Executes the notebooks in order with papermill (rt_lib.pipeline): 01 tunes the routers,
+02 evaluates dense / MindSkip / static drop, 03 profiles speed and KV memory, 04 rebuilds the
+paper's tables and figures from result files. Everything lands in one run folder
+`<out>/<run-id>/` (executed notebooks under `notebooks/`); tables and figures of the `cpu` and
+`paper` presets go to `results/tables` and `results/figures`.
+
+Presets (`notebooks/presets/<name>.json`): `smoke` (tiny random model, under 2 minutes, used
+by the tests), `cpu` (embedded SmolLM2-135M-Instruct, about 30 minutes on 2 cores), `paper`
+(the paper's models and settings, GPU). `-p` overrides a parameter, `notebook.name=value` or
+`name=value` for every notebook that declares it; values are JSON. Unknown names or wrong
+types fail before anything runs, with the list of valid parameters (`--list-parameters`).
+
+Sweeps run the tuning, evaluation and profiling notebooks once per combination, each in its
+own run folder, then the paper notebook once over all of them:
+
+    python -m rt_lib.reproduce --preset cpu --sweep granularity=attn,mlp,block --sweep route_level=seq,token
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import logging
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from rt_lib import pipeline
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SanityPreset:
-    model: str  # rt_lib.assets.load_model name
-    chunk_tokens: int  # perplexity is measured on non-overlapping chunks of this many tokens
-    chunks: int  # the first `chunks` chunks of the validation text
-    batch_size: int
-    prompt: str
-    new_tokens: int
+def _parse_sweep(items: list[str]) -> list[dict]:
+    """`name=v1,v2` items -> list of override dicts (cartesian product); values are JSON."""
+    axes = []
+    for item in items:
+        if "=" not in item:
+            raise pipeline.ParameterError(f"--sweep {item!r} is not of the form name=v1,v2,...")
+        name, raw = item.split("=", 1)
+        values = []
+        for v in raw.split(","):
+            try:
+                values.append(json.loads(v))
+            except json.JSONDecodeError:
+                values.append(v)
+        axes.append([(name, v) for v in values])
+    return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
 
 
-PRESETS: dict[str, SanityPreset] = {
-    # tiny random model: exercises the code path in seconds; numbers mean nothing
-    "smoke": SanityPreset("tiny-random-llama", 64, 4, 4, "The capital of France is", 8),
-    # embedded SmolLM2-135M: 32 x 256 = 8192 tokens, about 20 s on 2 CPU cores
-    "cpu": SanityPreset("smollm2-135m-instruct", 256, 32, 8, "The capital of France is", 16),
-}
+def _label(combo: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in combo.items()).replace("/", "_")
 
 
-def heldout_perplexity(model, tokenizer, texts, chunk_tokens: int, chunks: int, batch_size: int) -> dict:
-    """Perplexity on the first ``chunks`` non-overlapping ``chunk_tokens``-token chunks of the
-    texts joined by blank lines (no BOS: SmolLM2's tokenizer adds none, as in its training)."""
-    import torch
-
-    ids: list[int] = []
-    need = chunk_tokens * chunks
-    for text in texts:
-        ids.extend(tokenizer(text + "\n\n").input_ids)
-        if len(ids) >= need:
-            break
-    n = min(chunks, len(ids) // chunk_tokens)
-    if n == 0:
-        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than one chunk of {chunk_tokens}")
-    data = torch.tensor(ids[: n * chunk_tokens]).view(n, chunk_tokens)  # (n, T)
-    device = next(model.parameters()).device
-    nll, scored = 0.0, 0
-    with torch.no_grad():
-        for batch in data.split(batch_size):
-            batch = batch.to(device)
-            logits = model(batch).logits[:, :-1].float()  # (B, T-1, V)
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-            nll += loss.item()
-            scored += batch[:, 1:].numel()
-    return {
-        "text": "wikipedia-en/validation",
-        "chunk_tokens": chunk_tokens,
-        "chunks": n,
-        "tokens_scored": scored,
-        "mean_nll": nll / scored,
-        "perplexity": math.exp(nll / scored),
-    }
-
-
-def greedy_completion(model, tokenizer, prompt: str, new_tokens: int) -> str:
-    import torch
-
-    inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def run_sanity(preset: str, run_id: str | None = None, out: str | Path = "results/runs") -> Path:
-    from rt_lib import assets, runs
-
-    p = PRESETS[preset]
-    run_dir = runs.new_run(out, run_id=run_id, preset=preset, parameters={"sanity": asdict(p)})
-    t0 = time.perf_counter()
-    model, tok = assets.load_model(p.model)
-    load_s = time.perf_counter() - t0
-    texts = assets.load_dataset("wikipedia-en", split="validation")["text"]
-    t1 = time.perf_counter()
-    ppl = heldout_perplexity(model, tok, texts, p.chunk_tokens, p.chunks, p.batch_size)
-    ppl_s = time.perf_counter() - t1
-    completion = greedy_completion(model, tok, p.prompt, p.new_tokens)
-    result = {
-        "preset": preset,
-        "model": p.model,
-        "model_source": getattr(model.config, "rt_kit_source", None),
-        "dtype": str(model.dtype),
-        "heldout": ppl,
-        "generation": {"prompt": p.prompt, "completion": completion, "new_tokens": p.new_tokens, "greedy": True},
-        "timing_s": {"load_model": round(load_s, 2), "perplexity": round(ppl_s, 2), "total": round(time.perf_counter() - t0, 2)},
-    }
-    runs.atomic_write_json(run_dir / "sanity.json", result)
-    runs.update_run(run_dir, "sanity", {"file": "sanity.json", "perplexity": ppl["perplexity"], "tokens_scored": ppl["tokens_scored"]})
-    print(
-        f"[{preset}] {p.model}: held-out perplexity {ppl['perplexity']:.2f} on {ppl['tokens_scored']} tokens "
-        f"({ppl['chunks']} x {ppl['chunk_tokens']}); {p.prompt!r} -> {completion!r}\n"
-        f"wrote {run_dir / 'sanity.json'} (total {result['timing_s']['total']:.1f} s)"
-    )
-    return run_dir
+def list_parameters() -> str:
+    lines = []
+    for nb in pipeline.NOTEBOOKS:
+        lines.append(nb)
+        for name, spec in pipeline.declared_parameters(nb).items():
+            lines.append(f"  {name}: {spec['inferred_type_name']} = {spec['default']}  # {spec['help']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rt_lib.reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", help=f"one of: {', '.join(PRESETS)} (default: cpu)")
+    parser = argparse.ArgumentParser(prog="python -m rt_lib.reproduce", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--preset", default="cpu", help="smoke | cpu | paper (notebooks/presets/<name>.json)")
     parser.add_argument("--run-id", default=None, help="run folder name (default: <time>-<preset>)")
     parser.add_argument("--out", default="results/runs", help="parent folder of run folders")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="[NOTEBOOK.]NAME=VALUE",
+                        help="override a notebook parameter (JSON value); repeatable")
+    parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                        help="run 01-03 once per value (cartesian product over repeated --sweep)")
+    parser.add_argument("--notebooks", default=None, help="comma list of notebooks to run (default: all)")
+    parser.add_argument("--list-parameters", action="store_true", help="print every notebook parameter and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
     args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        parser.error(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_sanity(args.preset, args.run_id, args.out)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.list_parameters:
+        print(list_parameters())
+        return 0
+
+    from rt_lib import runs
+
+    try:
+        preset = pipeline.load_preset(args.preset)
+        overrides = pipeline.parse_overrides(args.param)
+        combos = _parse_sweep(args.sweep)
+        sweep_overrides = [pipeline.parse_overrides([f"{k}={json.dumps(v)}" for k, v in c.items()]) for c in combos]
+        for so in sweep_overrides:  # validate every combination before anything executes
+            merged = {nb: {**preset.get(nb, {}), **overrides.get(nb, {}), **so.get(nb, {})} for nb in pipeline.NOTEBOOKS}
+            pipeline.validate(merged)
+        selected = [pipeline._match_notebook(n) for n in args.notebooks.split(",")] if args.notebooks else None
+    except pipeline.ParameterError as e:
+        parser.exit(2, f"error: {e}\n")
+
+    t0 = time.perf_counter()
+    times_all = {}
+    if len(combos) == 1 and not args.sweep:
+        run_dir = runs.new_run(args.out, run_id=args.run_id, preset=args.preset,
+                               parameters={"pipeline": {"preset": args.preset, "overrides": overrides}})
+        print(f"run folder: {run_dir}")
+        try:
+            times_all[run_dir.name] = pipeline.run_pipeline(args.preset, run_dir, overrides, selected,
+                                                            progress=not args.no_progress)
+        except pipeline.NotebookFailure as e:
+            print(f"\nFAILED: {e}", file=sys.stderr)
+            return 1
+    else:
+        base_id = args.run_id or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}"
+        per_run = [nb for nb in (selected or pipeline.NOTEBOOKS) if nb != pipeline.NOTEBOOKS[-1]]
+        last_dir = None
+        for combo, so in zip(combos, sweep_overrides):
+            ov = {nb: {**overrides.get(nb, {}), **so.get(nb, {})} for nb in pipeline.NOTEBOOKS}
+            run_dir = runs.new_run(args.out, run_id=f"{base_id}-{_label(combo)}", preset=args.preset,
+                                   parameters={"pipeline": {"preset": args.preset, "overrides": ov, "sweep": combo}})
+            print(f"\n== {_label(combo)}: {run_dir}")
+            try:
+                times_all[run_dir.name] = pipeline.run_pipeline(args.preset, run_dir, ov, per_run,
+                                                                progress=not args.no_progress)
+            except pipeline.NotebookFailure as e:
+                print(f"\nFAILED ({_label(combo)}): {e}", file=sys.stderr)
+                return 1
+            last_dir = run_dir
+        if selected is None or pipeline.NOTEBOOKS[-1] in selected:
+            times_all["paper"] = pipeline.run_pipeline(args.preset, last_dir, overrides, [pipeline.NOTEBOOKS[-1]],
+                                                       progress=not args.no_progress)
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s")
+    for run_id, times in times_all.items():
+        for nb, s in times.items():
+            print(f"  {run_id} {nb}: {s:.0f} s")
     return 0
 
 

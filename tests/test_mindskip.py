@@ -156,7 +156,7 @@ def _greedy_uncached(model, ids, mask, steps):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
 @pytest.mark.parametrize("level", ["seq", "token"])
-@pytest.mark.parametrize("gran", ["attn", "block"])
+@pytest.mark.parametrize("gran", GRANS)
 def test_cached_generate_equals_uncached_recomputation(arch, level, gran):
     model = tiny_model(arch)
     ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], route_level=level, granularity=gran))

@@ -1,4 +1,4 @@
-"""Run folders, run.json provenance, atomic writes; the `reproduce` entry point on `smoke`."""
+"""Run folders, run.json provenance, atomic writes."""
 
 import json
 import math
@@ -118,28 +118,3 @@ def test_write_csv_from_rows_and_dataframe(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "b.csv"), frame)
     runs.write_csv(tmp_path / "c.csv", rows, columns=["value", "task", "stderr"])
     assert (tmp_path / "c.csv").read_text().splitlines()[0] == "value,task,stderr"
-
-
-# ---------------------------------------------------------------------------- reproduce
-def test_reproduce_smoke_writes_sanity_and_run_json(tmp_path, capsys):
-    from rt_lib import reproduce
-
-    assert reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "s"]) == 0
-    sanity = json.loads((tmp_path / "s" / "sanity.json").read_text())
-    assert sanity["model"] == "tiny-random-llama"
-    held = sanity["heldout"]
-    assert held["tokens_scored"] == held["chunks"] * (held["chunk_tokens"] - 1) > 0
-    assert math.isclose(held["perplexity"], math.exp(held["mean_nll"]))
-    assert len(sanity["generation"]["completion"]) > 0
-    record = runs.load_run(tmp_path / "s")
-    assert record["preset"] == "smoke" and record["steps"]["sanity"]["file"] == "sanity.json"
-    assert "held-out perplexity" in capsys.readouterr().out
-
-
-def test_reproduce_rejects_unknown_presets(capsys):
-    from rt_lib import reproduce
-
-    with pytest.raises(SystemExit) as err:
-        reproduce.main(["--preset", "gpu"])
-    assert err.value.code == 2
-    assert "unknown preset 'gpu'; valid presets: smoke, cpu" in capsys.readouterr().err
