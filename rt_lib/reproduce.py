@@ -98,41 +98,33 @@ def main(argv: list[str] | None = None) -> int:
     except pipeline.ParameterError as e:
         parser.exit(2, f"error: {e}\n")
 
+    # jobs: (run id, overrides, notebooks, sweep combination); a sweep runs 01-03 per combination
+    # in its own folder, then the paper notebook once (it reads every run folder)
+    if args.sweep:
+        base_id = args.run_id or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}"
+        per_run = [nb for nb in (selected or pipeline.NOTEBOOKS) if nb != pipeline.NOTEBOOKS[-1]]
+        jobs = [(f"{base_id}-{_label(c)}", {nb: {**overrides.get(nb, {}), **so.get(nb, {})} for nb in pipeline.NOTEBOOKS},
+                 per_run, c) for c, so in zip(combos, sweep_overrides)]
+        if selected is None or pipeline.NOTEBOOKS[-1] in selected:
+            jobs.append((jobs[-1][0], overrides, [pipeline.NOTEBOOKS[-1]], None))
+    else:
+        jobs = [(args.run_id, overrides, selected, None)]
     t0 = time.perf_counter()
-    times_all = {}
-    if len(combos) == 1 and not args.sweep:
-        run_dir = runs.new_run(args.out, run_id=args.run_id, preset=args.preset,
-                               parameters={"pipeline": {"preset": args.preset, "overrides": overrides}})
-        print(f"run folder: {run_dir}")
+    times_all = []
+    for k, (run_id, ov, notebooks, combo) in enumerate(jobs):
+        record = {"preset": args.preset, "overrides": ov, **({"sweep": combo} if combo else {})}
+        run_dir = runs.new_run(args.out, run_id=run_id, preset=args.preset,
+                               parameters={"pipeline": record} if (combo or not args.sweep) else {})
+        print(f"run folder: {run_dir}" + (f"  ({_label(combo)})" if combo else ""))
         try:
-            times_all[run_dir.name] = pipeline.run_pipeline(args.preset, run_dir, overrides, selected,
-                                                            progress=not args.no_progress)
+            times = pipeline.run_pipeline(args.preset, run_dir, ov, notebooks, progress=not args.no_progress)
         except pipeline.NotebookFailure as e:
             print(f"\nFAILED: {e}", file=sys.stderr)
             return 1
-    else:
-        base_id = args.run_id or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}"
-        per_run = [nb for nb in (selected or pipeline.NOTEBOOKS) if nb != pipeline.NOTEBOOKS[-1]]
-        last_dir = None
-        for combo, so in zip(combos, sweep_overrides):
-            ov = {nb: {**overrides.get(nb, {}), **so.get(nb, {})} for nb in pipeline.NOTEBOOKS}
-            run_dir = runs.new_run(args.out, run_id=f"{base_id}-{_label(combo)}", preset=args.preset,
-                                   parameters={"pipeline": {"preset": args.preset, "overrides": ov, "sweep": combo}})
-            print(f"\n== {_label(combo)}: {run_dir}")
-            try:
-                times_all[run_dir.name] = pipeline.run_pipeline(args.preset, run_dir, ov, per_run,
-                                                                progress=not args.no_progress)
-            except pipeline.NotebookFailure as e:
-                print(f"\nFAILED ({_label(combo)}): {e}", file=sys.stderr)
-                return 1
-            last_dir = run_dir
-        if selected is None or pipeline.NOTEBOOKS[-1] in selected:
-            times_all["paper"] = pipeline.run_pipeline(args.preset, last_dir, overrides, [pipeline.NOTEBOOKS[-1]],
-                                                       progress=not args.no_progress)
+        times_all += [(run_dir.name, nb, sec) for nb, sec in times.items()]
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
-    for run_id, times in times_all.items():
-        for nb, s in times.items():
-            print(f"  {run_id} {nb}: {s:.0f} s")
+    for run_id, nb, sec in times_all:
+        print(f"  {run_id} {nb}: {sec:.0f} s")
     return 0
 
 

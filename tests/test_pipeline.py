@@ -120,3 +120,13 @@ def test_smoke_pipeline_runs_all_four_notebooks(tmp_path):
     record = runs.load_run(run)
     assert set(record["steps"]["pipeline"]["notebooks"]) == set(pipeline.NOTEBOOKS)
     assert {"train", "eval", "profile"} <= set(record["steps"])
+
+
+def test_sweep_runs_each_combination_in_its_own_folder(tmp_path):
+    rc = reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "sw", "--no-progress",
+                         "--notebooks", "01", "--sweep", "max_steps=1,2"])
+    assert rc == 0
+    for steps in (1, 2):
+        run = tmp_path / f"sw-max_steps={steps}"
+        assert json.loads((run / "train" / "summary.json").read_text())["steps"] == steps
+        assert runs.load_run(run)["parameters"]["pipeline"]["sweep"] == {"max_steps": steps}
