@@ -421,7 +421,8 @@ class EvalResults:
         return {tuple(k): v for k, v in zip(d["keys"], d[metric])}
 
     def summary(self):
-        """Wide table: one row per task, value +- stderr per variant, paired diff and CI."""
+        """Wide table: one row per task; value, stderr (and skip ratio) per variant; each variant's
+        paired difference to dense with its confidence interval."""
         import pandas as pd
 
         t = self.table
@@ -439,7 +440,7 @@ class EvalResults:
             if len(p):
                 for _, r in p[(p.task == task) & (p.metric == metric)].iterrows():
                     row[f"{r.variant}-dense"] = r["diff"]
-                    row["ci"] = f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]"
+                    row[f"{r.variant}-dense ci"] = f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]"
             rows.append(row)
         return pd.DataFrame(rows)
 
