@@ -31,6 +31,7 @@ gradient `m = hard + r - r.detach()` to the router score; capacities are differe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -109,6 +110,21 @@ def cache_reference_layers(model: nn.Module) -> set[int]:
         if full:
             ref.add(full[0])
     return ref
+
+
+_SLOT = {"attn": "self_attn", "mlp": "mlp"}  # block granularity: the decoder layer itself
+
+
+def _get_slot(layers: nn.ModuleList, i: int, granularity: str) -> nn.Module:
+    """The module of layer i that `granularity` gates (or removes)."""
+    return layers[i] if granularity == "block" else getattr(layers[i], _SLOT[granularity])
+
+
+def _set_slot(layers: nn.ModuleList, i: int, granularity: str, module: nn.Module) -> None:
+    if granularity == "block":
+        layers[i] = module
+    else:
+        setattr(layers[i], _SLOT[granularity], module)
 
 
 # ----------------------------------------------------------------------------------------
@@ -499,16 +515,9 @@ class MindSkipModel(nn.Module):
         self._layers = layers
         self._gates: dict[int, MindSkipGate] = {}
         for i in self.routed_layers:
-            layer = layers[i]
-            if config.granularity == "attn":
-                gate = MindSkipGate(layer.self_attn, layer, i, config, hidden, self._ctx, attn_impl)
-                layer.self_attn = gate
-            elif config.granularity == "mlp":
-                gate = MindSkipGate(layer.mlp, layer, i, config, hidden, self._ctx, attn_impl)
-                layer.mlp = gate
-            else:
-                gate = MindSkipGate(layer, layer, i, config, hidden, self._ctx, attn_impl)
-                layers[i] = gate
+            gate = MindSkipGate(_get_slot(layers, i, config.granularity), layers[i], i, config, hidden, self._ctx,
+                                attn_impl)
+            _set_slot(layers, i, config.granularity, gate)
             self._gates[i] = gate
         self.model.train(model.training)
 
@@ -602,18 +611,24 @@ class MindSkipModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove routers and hooks; return the base model exactly as it was."""
         for i, g in self._gates.items():
-            layer = self._layers[i]
-            if self.config.granularity == "attn":
-                layer.self_attn = g.base_layer
-            elif self.config.granularity == "mlp":
-                layer.mlp = g.base_layer
-            else:
-                self._layers[i] = g.base_layer
+            _set_slot(self._layers, i, self.config.granularity, g.base_layer)
         self._hook.remove()
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
         self._gates = {}
         return self.model
+
+    @contextlib.contextmanager
+    def detached(self):
+        """Within the block `ms.model` is the plain base model (same weights, gates taken out);
+        the gates return on exit. For timing the dense model on exactly the same tensors."""
+        for i, g in self._gates.items():
+            _set_slot(self._layers, i, self.config.granularity, g.base_layer)
+        try:
+            yield self.model
+        finally:
+            for i, g in self._gates.items():
+                _set_slot(self._layers, i, self.config.granularity, g)
 
     # -- save / load ---------------------------------------------------------------------------
     def router_state_dict(self) -> dict[str, torch.Tensor]:
@@ -764,12 +779,7 @@ class DroppedLayers:
     def restore(self) -> nn.Module:
         _, mlist = find_decoder(self.model)
         for i, orig in self._originals.items():
-            if self.granularity == "attn":
-                mlist[i].self_attn = orig
-            elif self.granularity == "mlp":
-                mlist[i].mlp = orig
-            else:
-                mlist[i] = orig
+            _set_slot(mlist, i, self.granularity, orig)
         self._originals = {}
         return self.model
 
@@ -790,13 +800,6 @@ def drop_sublayers(model: nn.Module, layers, granularity: str = "attn") -> Dropp
             raise ValueError(f"layers {ref} hold the cache length Hugging Face reads; they cannot be dropped")
     originals = {}
     for i in layers:
-        if granularity == "attn":
-            originals[i] = mlist[i].self_attn
-            mlist[i].self_attn = _Removed("attn", originals[i])
-        elif granularity == "mlp":
-            originals[i] = mlist[i].mlp
-            mlist[i].mlp = _Removed("mlp", originals[i])
-        else:
-            originals[i] = mlist[i]
-            mlist[i] = _Removed("block", originals[i])
+        originals[i] = _get_slot(mlist, i, granularity)
+        _set_slot(mlist, i, granularity, _Removed(granularity, originals[i]))
     return DroppedLayers(model, layers, granularity, originals)

@@ -353,32 +353,6 @@ class Variant:
             self.exit()
 
 
-@contextlib.contextmanager
-def gates_removed(ms):
-    """The MindSkip gates taken out of `ms.model` (each wrapped module put back in its place),
-    so that the same weights run as the plain base model; the gates return on exit. Only the
-    decoder pre-hook of the routing context stays (a few microseconds per forward)."""
-    from rt_lib.mindskip import find_decoder
-
-    _, layers = find_decoder(ms.model)
-    gran = ms.config.granularity
-
-    def put(i, module):
-        if gran == "block":
-            layers[i] = module
-        else:
-            setattr(layers[i], "self_attn" if gran == "attn" else "mlp", module)
-
-    gates = ms.gates
-    for i, g in gates.items():
-        put(i, g.base_layer)
-    try:
-        yield ms.model
-    finally:
-        for i, g in gates.items():
-            put(i, g)
-
-
 def build_variants(ms, names, skip_layers, static_layers=None, threshold=None) -> list[Variant]:
     """The profiled variants, all on the weights of one MindSkip model `ms` (so that no variant
     runs on a differently allocated copy). `skip_layers` (routed layers) are skipped by
@@ -406,7 +380,7 @@ def build_variants(ms, names, skip_layers, static_layers=None, threshold=None) -
     def plain(key, drop=()):
         def enter():
             st = stack[key] = contextlib.ExitStack()
-            st.enter_context(gates_removed(ms))
+            st.enter_context(ms.detached())  # same weights, plain base model
             if drop:
                 st.callback(drop_sublayers(ms.model, list(drop), granularity="attn").restore)
 
@@ -641,7 +615,7 @@ def _baseline_static_layers(ms, k):
     except ImportError:
         return None
     try:
-        with gates_removed(ms):
+        with ms.detached():
             return list(static_drop_layers(ms.model, k))
     except Exception as exc:  # noqa: BLE001 - an optional comparison must not stop the profile
         log.warning("static_drop: rt_lib.baselines could not choose layers (%s: %s)", type(exc).__name__, exc)

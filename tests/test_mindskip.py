@@ -363,3 +363,17 @@ def test_static_cache_mixed_rows_stays_correct():
     sta = ms.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
                       cache=cache)
     assert torch.equal(dyn, sta)
+
+
+def test_detached_runs_the_base_model_on_the_same_weights():
+    model = tiny_model("llama")
+    ids, mask = padded_batch([7, 5])
+    ref = logits(model, ids, mask)
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=3, granularity="block"))
+    ms.eval()
+    ms.force(False)
+    skipped = logits(model, ids, mask)
+    with ms.detached() as base:
+        assert base is model and not any("mindskip" in n for n, _ in base.named_parameters())
+        torch.testing.assert_close(logits(base, ids, mask), ref, atol=0, rtol=0)
+    torch.testing.assert_close(logits(model, ids, mask), skipped, atol=0, rtol=0)
