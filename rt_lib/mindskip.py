@@ -319,12 +319,13 @@ class MindSkipGate(nn.Module):
                 )
             _, hard, rows = st
         else:
-            if isinstance(self.forced, bool):  # no router work for forced decisions
+            if isinstance(self.forced, bool):  # forced decisions: no router work, no host sync
                 hard = torch.full((bsz,), self.forced, dtype=torch.bool, device=x.device)
+                rows = torch.arange(bsz if self.forced else 0, device=x.device)
             else:
                 with torch.no_grad():
                     hard = self._hard(self._scores(self._normed(x), real))
-            rows = hard.nonzero().squeeze(-1)  # one host sync per prefill, none per decode step
+                rows = hard.nonzero().squeeze(-1)  # one host sync per prefill, none per decode step
             if cache is not None:
                 self._seq_state = (weakref.ref(cache), hard, rows)
         # eval statistics as host integers: the kept rows are known on the host already
