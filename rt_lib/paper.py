@@ -567,6 +567,12 @@ def _kit_runs(tidy: pd.DataFrame, runs: list[Run], predicate) -> list[Run]:
     return sorted((r for r in runs if r.run_id in have and predicate(r)), key=lambda r: (r.model, r.created, r.run_id))
 
 
+def _dense_scores(tidy: pd.DataFrame, run_id: str, tasks: list[str]) -> dict | None:
+    """The run's dense (baseline) scores, or None when it has no dense evaluation."""
+    sub = _point(tidy, run_id, "baseline")
+    return _scores(sub, tasks) if len(sub) else None
+
+
 def main_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.DataFrame:
     """Main table: the paper's rows, then per kit run with a mindskip variant its dense row,
     its router-tuning row (at the run's configured threshold), Δ vs dense and, for the
@@ -577,8 +583,7 @@ def main_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.Da
     rows = _paper_rows(ref, tasks)
     for run in chosen:
         base = {"source": "kit", "run_id": run.run_id, "model": run.model}
-        dense_sub = _point(tidy, run.run_id, "baseline")
-        dense = _scores(dense_sub, tasks) if len(dense_sub) else None
+        dense = _dense_scores(tidy, run.run_id, tasks)
         rows.append(_row({**base, "method": "baseline", "granularity": "", "route_level": "", "threshold": ""},
                          "score", tasks, dense["score"] if dense else {},
                          dense["speedup"] if dense else float("nan"), paper_tasks))
@@ -602,8 +607,7 @@ def lora_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.Da
     tasks, paper_tasks = _table_tasks(ref, tidy, [r.run_id for r in chosen])
     rows = _paper_rows(ref, tasks)
     for run in chosen:
-        dense_sub = _point(tidy, run.run_id, "baseline")
-        dense = _scores(dense_sub, tasks) if len(dense_sub) else None
+        dense = _dense_scores(tidy, run.run_id, tasks)
         for method in ("baseline", "router-tuning", "lora", "lora+router-tuning"):
             thr = run.threshold if method.endswith("router-tuning") else None
             point = _point(tidy, run.run_id, method, thr)
@@ -628,8 +632,7 @@ def data_ablation_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None)
     rows = _paper_rows(ref, tasks)
     for run in chosen:
         base = {"source": "kit", "run_id": run.run_id, "model": run.model}
-        dense_sub = _point(tidy, run.run_id, "baseline")
-        dense = _scores(dense_sub, tasks) if len(dense_sub) else None
+        dense = _dense_scores(tidy, run.run_id, tasks)
         rows.append(_row({**base, "data": "baseline"}, "score", tasks, dense["score"] if dense else {}, "",
                          paper_tasks))
         sc = _scores(_point(tidy, run.run_id, "router-tuning", run.threshold), tasks)
