@@ -192,7 +192,6 @@ class _TokenHistory:
     cache: weakref.ref
     time: torch.Tensor
     valid: torch.Tensor
-    skipped_any: bool
 
 
 # ----------------------------------------------------------------------------------------
@@ -392,7 +391,6 @@ class MindSkipGate(nn.Module):
         hist = self._history(cache, bsz, x.device)
         time_now = ctx.past_len + torch.arange(q_len, device=x.device).expand(bsz, q_len)
         if not compute_all and not sel.any():
-            self._extend_history(cache, hist, None, None)
             return self._wrap(self._skipped_output(x), self.granularity == "attn")
         n_sel = sel.sum(1)
         t_k = int(n_sel.max())
@@ -438,7 +436,7 @@ class MindSkipGate(nn.Module):
             return None
         if ctx.past_len == 0:
             self._tok_state = _TokenHistory(weakref.ref(cache), torch.zeros(bsz, 0, dtype=torch.long, device=device),
-                                            torch.zeros(bsz, 0, dtype=torch.bool, device=device), False)
+                                            torch.zeros(bsz, 0, dtype=torch.bool, device=device))
         st = self._tok_state
         if st is None or st.cache() is not cache or st.time.shape[0] != bsz:
             raise RuntimeError(
@@ -448,7 +446,7 @@ class MindSkipGate(nn.Module):
         return st
 
     def _extend_history(self, cache, hist, q_time, k_valid_new):
-        if hist is None or q_time is None:
+        if hist is None:
             return
         hist.time = torch.cat([hist.time, q_time], 1)
         hist.valid = torch.cat([hist.valid, k_valid_new], 1)
