@@ -479,6 +479,31 @@ class EvalResults:
         })
         return eval_dir
 
+    def only(self, variants: Sequence[str], tasks: Sequence[str] | None = None) -> "EvalResults":
+        """The same result restricted to some variants (and tasks), e.g. a run's dense scores to
+        reuse as the dense reference of another run on the same documents."""
+        missing = [v for v in variants if v not in self.per_doc]
+        if missing:
+            raise ValueError(f"no variant(s) {missing} in these results (have {sorted(self.per_doc)})")
+        tasks = list(self.tasks) if tasks is None else list(tasks)
+        absent = [t for t in tasks if t not in self.tasks]
+        if absent:
+            raise ValueError(f"no task(s) {absent} in these results (have {list(self.tasks)})")
+
+        def keep(frame, by_task=True):
+            sel = frame.variant.isin(list(variants))
+            if by_task:
+                sel &= frame.task.isin(tasks + ([MACRO] if len(tasks) == len(self.tasks) else []))
+            return frame[sel].reset_index(drop=True)
+
+        def sub(d):
+            return {v: {t: x for t, x in d[v].items() if t in tasks} for v in variants if v in d}
+
+        return EvalResults(preset=self.preset, table=keep(self.table), paired=keep(self.paired),
+                           skip_stats=keep(self.skip_stats), per_doc=sub(self.per_doc),
+                           tasks={t: self.tasks[t] for t in tasks}, provenance=dict(self.provenance),
+                           wall_time_s=sub(self.wall_time_s), harness=sub(self.harness))
+
     @classmethod
     def combine(cls, parts: Sequence["EvalResults"]) -> "EvalResults":
         """One result from evaluations of several variants on the same preset, tasks and
@@ -694,6 +719,10 @@ def evaluate(
     lm = MindSkipLM(pretrained=model_or_ms, tokenizer=tokenizer, batch_size=batch_size, **lm_kwargs)
     lm.skip_stats_per_task = False  # one task (or group) per harness call below
     model_name = model_name or lm.model_name
+    ref_model = reference.provenance.get("model") if reference is not None else None
+    if ref_model is not None and ref_model != model_name:
+        raise ValueError(f"dense_reference was scored on model {ref_model!r}, this run evaluates {model_name!r}: "
+                         "pair only runs of the same base model")
 
     task_info: dict[str, dict] = {}
     rows, paired_rows, skip_rows = [], [], []

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         jobs = [(args.run_id, overrides, selected, None)]
     t0 = time.perf_counter()
-    times_all = []
+    times_all, failed = [], []
     for k, (run_id, ov, notebooks, combo) in enumerate(jobs):
         record = {"preset": args.preset, "overrides": ov, **({"sweep": combo} if combo else {})}
         run_dir = runs.new_run(args.out, run_id=run_id, preset=args.preset,
@@ -120,12 +120,18 @@ def main(argv: list[str] | None = None) -> int:
             times = pipeline.run_pipeline(args.preset, run_dir, ov, notebooks, progress=not args.no_progress)
         except pipeline.NotebookFailure as e:
             print(f"\nFAILED: {e}", file=sys.stderr)
-            return 1
+            if not combo:
+                return 1
+            # one failed combination of a sweep does not cost the others; reported at the end
+            failed.append((run_dir.name, str(e).splitlines()[0]))
+            continue
         times_all += [(run_dir.name, nb, sec) for nb, sec in times.items()]
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
     for run_id, nb, sec in times_all:
         print(f"  {run_id} {nb}: {sec:.0f} s")
-    return 0
+    for run_id, why in failed:
+        print(f"  FAILED {run_id}: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
