@@ -581,12 +581,16 @@ def main_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.Da
     chosen = _kit_runs(tidy, runs, lambda r: _has(tidy, r, "router-tuning"))
     tasks, paper_tasks = _table_tasks(ref, tidy, [r.run_id for r in chosen])
     rows = _paper_rows(ref, tasks)
+    shown_dense = set()  # runs of a sweep share one dense evaluation (dense_from): its row is shown once
     for run in chosen:
         base = {"source": "kit", "run_id": run.run_id, "model": run.model}
         dense = _dense_scores(tidy, run.run_id, tasks)
-        rows.append(_row({**base, "method": "baseline", "granularity": "", "route_level": "", "threshold": ""},
-                         "score", tasks, dense["score"] if dense else {},
-                         dense["speedup"] if dense else float("nan"), paper_tasks))
+        key = (run.model, tuple(sorted(dense["score"].items()))) if dense else None
+        if key is None or key not in shown_dense:
+            shown_dense.add(key)
+            rows.append(_row({**base, "method": "baseline", "granularity": "", "route_level": "", "threshold": ""},
+                             "score", tasks, dense["score"] if dense else {},
+                             dense["speedup"] if dense else float("nan"), paper_tasks))
         sc = _scores(_point(tidy, run.run_id, "router-tuning", run.threshold), tasks)
         rb = {**base, "method": "router-tuning", "granularity": run.granularity or "",
               "route_level": run.route_level or "", "threshold": run.threshold}
@@ -750,6 +754,9 @@ def _notes(name: str, ref_dir, n_avg: int, regime: str, problems: list[str]) -> 
              f"avg: mean over the paper's task columns a row has; '(k/{n_avg})' marks a kit row with fewer tasks. "
              "Tasks the paper did not report are appended as extra columns and left out of avg.",
              "not run: no result exists for that cell; nothing is filled in from elsewhere."]
+    if name == "main_table":
+        notes.append("A baseline row shared by several kit runs (the same dense scores, e.g. a sweep reusing one "
+                     "dense evaluation) is shown once, above the first of them.")
     if name != "data_ablation":
         notes.append(f"Kit speedup: median over the {regime} grid points of profile/profile.csv of dense latency / "
                      "variant latency in the same run; the paper does not state how it measured its speedups.")

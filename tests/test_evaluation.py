@@ -341,6 +341,30 @@ def test_saved_dense_reference_pairs_like_a_fresh_one(tok, quick_run):
         evaluate(ms, tok, preset="quick", tasks=["rte"], limit=4, dense_reference=out)
 
 
+def test_reused_dense_scores_combine_with_a_new_variant(tok, quick_run):
+    res, out, ms = quick_run
+    dense = EvalResults.load(out).only(["dense"], tasks=["rte"])
+    assert set(dense.table.variant) == {"dense"} and set(dense.table.task) == {"rte"}
+    assert list(dense.per_doc) == ["dense"] and list(dense.tasks) == ["rte"] and len(dense.paired) == 0
+    again = evaluate(ms, tok, preset="quick", tasks=["rte"], limit=8, batch_size=2, variant="again",
+                     dense_reference=dense)
+    both = EvalResults.combine([dense, again])
+    assert set(both.table.variant) == {"dense", "again"}
+    assert both.doc_scores("dense", "rte", "acc") == res.doc_scores("dense", "rte", "acc")
+    with pytest.raises(ValueError, match="no variant"):
+        res.only(["static_drop_k1"])
+    with pytest.raises(ValueError, match="no task"):
+        res.only(["dense"], tasks=["boolq"])
+
+
+def test_dense_reference_of_another_model_is_refused(tok, quick_run):
+    _, out, ms = quick_run
+    ref = EvalResults.load(out)
+    ref.provenance["model"] = "some-other-model"
+    with pytest.raises(ValueError, match="same base model"):
+        evaluate(ms, tok, preset="quick", tasks=["rte"], limit=8, batch_size=2, dense_reference=ref)
+
+
 # ------------------------------------------------------------------ bad input, before any work
 @pytest.fixture
 def no_harness(monkeypatch):

@@ -216,6 +216,29 @@ def test_comparison_with_the_paper_for_the_papers_own_model(tmp_path):
     assert vs["hellaswag"] == pytest.approx(80.1 - 79.8)  # the paper's alpaca row
 
 
+def test_sweep_runs_sharing_one_dense_evaluation_show_one_baseline_row(tmp_path):
+    header = "variant,task,metric,value,stderr,n,num_fewshot,threshold,skip_ratio"
+    for i, (gran, acc) in enumerate([("attn", 0.64), ("mlp", 0.55)]):
+        run = tmp_path / "runs" / f"sweep-{gran}"
+        (run / "eval").mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({
+            "run_id": f"sweep-{gran}", "created": f"2026-01-0{i + 1}T00:00:00+00:00",
+            "parameters": {"train": {"model": "smollm2-135m-instruct", "granularity": gran, "route_level": "seq"}}}))
+        (run / "eval" / "results.csv").write_text("\n".join([
+            header, "dense,piqa,acc_norm,0.66,0.03,200,0,,",  # the same dense scores (dense_from)
+            f"mindskip,piqa,acc_norm,{acc},0.03,200,0,0.5,0.4"]) + "\n")
+    paper.build_all(tmp_path, tmp_path / "tables", tmp_path / "figures", figures=False)
+    t = read_table(tmp_path, "main_table")
+    kit = t[t["source"] != "paper"]
+    assert (kit["method"] == "baseline").sum() == 1
+    assert kit[kit["method"] == "baseline"]["run_id"].tolist() == ["sweep-attn"]
+    tuned = kit[(kit["method"] == "router-tuning") & (kit["row"] == "score")]
+    assert sorted(zip(tuned["granularity"], tuned["piqa"])) == [("attn", pytest.approx(64.0)), ("mlp", pytest.approx(55.0))]
+    d = kit[kit["row"] == "diff_dense"].set_index("granularity")["piqa"]
+    assert d["mlp"] == pytest.approx(-11.0) and d["attn"] == pytest.approx(-2.0)
+    assert "shown once" in (tmp_path / "tables" / "main_table.md").read_text()
+
+
 def test_evaluation_only_run_takes_model_and_config_from_results_json(tmp_path):
     run = tmp_path / "runs" / "eval-only"
     (run / "eval").mkdir(parents=True)

@@ -130,3 +130,41 @@ def test_sweep_runs_each_combination_in_its_own_folder(tmp_path):
         run = tmp_path / f"sw-max_steps={steps}"
         assert json.loads((run / "train" / "summary.json").read_text())["steps"] == steps
         assert runs.load_run(run)["parameters"]["pipeline"]["sweep"] == {"max_steps": steps}
+
+
+def test_failed_sweep_point_does_not_stop_the_others(tmp_path, capsys):
+    rc = reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "sf", "--no-progress",
+                         "--notebooks", "01", "--sweep", "num_routed_layers=16,2"])
+    assert rc == 1  # 16 routed layers do not fit the 4-layer smoke model ...
+    err = capsys.readouterr().err
+    assert "FAILED sf-num_routed_layers=16" in err
+    # ... and the next point still ran
+    assert (tmp_path / "sf-num_routed_layers=2" / "train" / "routers" / "routers.safetensors").exists()
+
+
+def test_evaluation_reuses_dense_scores_and_matches_static_drop_per_threshold(tmp_path):
+    assert reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "a", "--no-progress",
+                           "--notebooks", "01,02"]) == 0
+    a = tmp_path / "a"
+    # a second run folder, evaluation only: the routers of run a at two thresholds, dense from run a
+    assert reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "b", "--no-progress",
+                           "--notebooks", "02", "-p", f"02_evaluation.routers={json.dumps(str(a / 'train' / 'routers'))}",
+                           "-p", f"02_evaluation.dense_from={json.dumps(str(a))}",
+                           "-p", "02_evaluation.thresholds=[0.0, 2.0]"]) == 0
+    ra, rb = pd.read_csv(a / "eval" / "results.csv"), pd.read_csv(tmp_path / "b" / "eval" / "results.csv")
+    dense_a, dense_b = (r[r.variant == "dense"].reset_index(drop=True) for r in (ra, rb))
+    pd.testing.assert_frame_equal(dense_a, dense_b)  # copied, not re-run
+    macro = rb[rb.task == "macro_avg"].set_index("variant")
+    # threshold 0 keeps everything (skip 0, k = 0: no static drop), 2 skips every routed layer
+    assert macro.loc["mindskip_t0", "skip_ratio"] == 0 and macro.loc["mindskip_t2", "skip_ratio"] == 1
+    n_routed = len(json.loads((a / "train" / "routers" / "mindskip_config.json").read_text())["routed_layers"])
+    assert set(macro.index) == {"dense", "mindskip_t0", "mindskip_t2", f"static_drop_k{n_routed}"}
+    assert macro.loc[f"static_drop_k{n_routed}", "skip_ratio"] == 1
+    # the smoke model has 4 layers: droppable (not first or last) = routed = {1, 2}, so dropping k = 2
+    # attention layers is what threshold 2 does: identical scores
+    assert macro.loc[f"static_drop_k{n_routed}", "value"] == pytest.approx(macro.loc["mindskip_t2", "value"])
+    drop = json.loads((tmp_path / "b" / "baselines" / "static_drop.json").read_text())
+    assert drop["k"] == n_routed
+    paired = pd.read_csv(tmp_path / "b" / "eval" / "paired.csv")
+    assert set(paired.variant) == {"mindskip_t0", "mindskip_t2", f"static_drop_k{n_routed}"}
+    assert (paired[paired.variant == "mindskip_t0"]["diff"] == 0).all()
