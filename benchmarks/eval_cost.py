@@ -53,7 +53,7 @@ def padded_batches(lengths: list[int], batch_size: int) -> list[tuple[int, int]]
     return [(len(s[i:i + batch_size]), s[i]) for i in range(0, len(s), batch_size)]
 
 
-def measure(model, batch_size: int, lengths=(64, 256, 1024, 2048), repeats: int = 2) -> dict[int, float]:
+def measure(model, batch_size: int, lengths=(64, 256, 1024), repeats: int = 2) -> dict[int, float]:
     """Seconds per forward pass of ``batch_size`` rows at each length (median of repeats)."""
     out = {}
     vocab = model.config.vocab_size

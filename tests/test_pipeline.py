@@ -168,3 +168,11 @@ def test_evaluation_reuses_dense_scores_and_matches_static_drop_per_threshold(tm
     paired = pd.read_csv(tmp_path / "b" / "eval" / "paired.csv")
     assert set(paired.variant) == {"mindskip_t0", "mindskip_t2", f"static_drop_k{n_routed}"}
     assert (paired[paired.variant == "mindskip_t0"]["diff"] == 0).all()
+
+
+def test_evaluation_of_mlp_routers_runs_without_the_attention_drop_baseline(tmp_path):
+    assert reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "m", "--no-progress",
+                           "--notebooks", "01,02", "-p", 'granularity="mlp"']) == 0
+    res = pd.read_csv(tmp_path / "m" / "eval" / "results.csv")
+    assert set(res.variant) == {"dense", "mindskip"}  # static drop removes attention: not a match for mlp
+    assert res[(res.variant == "mindskip") & (res.task == "macro_avg")].skip_ratio.notna().all()
