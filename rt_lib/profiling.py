@@ -183,10 +183,16 @@ def _roofline(cost, peak_flops, bandwidth):
     return max(flops / peak_flops, nbytes / bandwidth)
 
 
-def regime_time(shape: Shape, regime: str, batch: int, seq_len: int, attn_removed: float,
-                peak_flops: float, bandwidth: float, dtype_bytes: int, new_tokens: int = 1) -> float:
+def regime_time(shape: Shape, regime: str, batch: int, seq_len: int, removed: float,
+                peak_flops: float, bandwidth: float, dtype_bytes: int, new_tokens: int = 1,
+                granularity: str = "attn") -> float:
     """Roofline seconds of one prefill forward, or per generated token in decode (averaged over
-    `new_tokens` steps from a context of `seq_len`), with `attn_removed` attention sublayers gone."""
+    `new_tokens` steps from a context of `seq_len`), with `removed` sublayers of `granularity`
+    gone (attn: attention sublayers, mlp: MLP sublayers, block: whole layers)."""
+    if granularity not in ("attn", "mlp", "block"):
+        raise ValueError(f"granularity must be attn, mlp or block, got {granularity!r}")
+    no_attn = removed if granularity in ("attn", "block") else 0.0
+    no_mlp = removed if granularity in ("mlp", "block") else 0.0
     if regime == "prefill":
         steps = [step_costs(shape, batch, seq_len, 0, dtype_bytes, head_tokens=1)]
     elif regime == "decode":
@@ -197,18 +203,19 @@ def regime_time(shape: Shape, regime: str, batch: int, seq_len: int, attn_remove
     for c in steps:
         t_attn = _roofline(c["attn"], peak_flops, bandwidth)
         t_mlp = _roofline(c["mlp"], peak_flops, bandwidth)
-        total += (shape.num_layers - attn_removed) * t_attn + shape.num_layers * t_mlp
+        total += (shape.num_layers - no_attn) * t_attn + (shape.num_layers - no_mlp) * t_mlp
         total += _roofline(c["head"], peak_flops, bandwidth)
     return total / len(steps)
 
 
-def bound_speedup(shape: Shape, regime: str, batch: int, seq_len: int, attn_removed: float,
-                  peak_flops: float, bandwidth: float, dtype_bytes: int, new_tokens: int = 1) -> float:
-    """Predicted oracle speedup: dense roofline time / time without `attn_removed` attention
-    sublayers (fractional: a sublayer skipped for half of the rows counts 0.5)."""
-    args = (peak_flops, bandwidth, dtype_bytes, new_tokens)
+def bound_speedup(shape: Shape, regime: str, batch: int, seq_len: int, removed: float,
+                  peak_flops: float, bandwidth: float, dtype_bytes: int, new_tokens: int = 1,
+                  granularity: str = "attn") -> float:
+    """Predicted oracle speedup: dense roofline time / time without `removed` sublayers of
+    `granularity` (fractional: a sublayer skipped for half of the rows counts 0.5)."""
+    args = (peak_flops, bandwidth, dtype_bytes, new_tokens, granularity)
     dense = regime_time(shape, regime, batch, seq_len, 0, *args)
-    return dense / regime_time(shape, regime, batch, seq_len, attn_removed, *args)
+    return dense / regime_time(shape, regime, batch, seq_len, removed, *args)
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> tuple[float, float]:
@@ -377,12 +384,12 @@ def build_variants(ms, names, skip_layers, static_layers=None, threshold=None) -
         ms.force(None)
         ms.set_execution("skip")
 
-    def plain(key, drop=()):
+    def plain(key, drop=(), granularity="attn"):
         def enter():
             st = stack[key] = contextlib.ExitStack()
             st.enter_context(ms.detached())  # same weights, plain base model
             if drop:
-                st.callback(drop_sublayers(ms.model, list(drop), granularity="attn").restore)
+                st.callback(drop_sublayers(ms.model, list(drop), granularity=granularity).restore)
 
         def exit():
             stack.pop(key).close()
@@ -403,7 +410,9 @@ def build_variants(ms, names, skip_layers, static_layers=None, threshold=None) -
             out.append(Variant(name, ms.model, ms_state(forced, "mask"), ms_exit, ms_ratio, ms.reset_stats))
         elif name == "oracle":
             k = len(skip_layers)
-            out.append(Variant(name, ms.model, *plain(name, skip_layers), lambda k=k: k / n_routed))
+            # the oracle removes what the routers gate: attention, MLP or whole layers
+            out.append(Variant(name, ms.model, *plain(name, skip_layers, ms.config.granularity),
+                               lambda k=k: k / n_routed))
         elif name == "static_drop":
             if not static_layers:
                 log.warning("static_drop: no layer list (static_layers) and none from rt_lib.baselines; omitted")
@@ -553,10 +562,11 @@ def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, p
             med = _percentile(times, 50)
             ratio = sum(r["skip_ratio"] for r in rs) / len(rs)
             n_tokens = batch * (seq_len if regime == "prefill" else 1)
-            # the bound for the attention sublayers this variant's decisions skip (for `mask`:
-            # what skipping them for real could reach)
+            # the bound for the sublayers this variant's decisions skip (for `mask`: what skipping
+            # them for real could reach); static drop removes attention whatever the routers gate
+            kind = "attn" if v.name == "static_drop" else ms.config.granularity
             bound = bound_speedup(shape, regime, batch, seq_len, ratio * len(ms.routed_layers), peak_flops,
-                                  bandwidth, dtype_bytes, max(new, 1))
+                                  bandwidth, dtype_bytes, max(new, 1), granularity=kind)
             point_rows.append(dict(base_row, variant=v.name, median_ms=med, p10_ms=_percentile(times, 10),
                                    p90_ms=_percentile(times, 90), tokens_per_s=n_tokens * 1e3 / med,
                                    skip_ratio=ratio, kv_bytes=rs[-1]["kv_bytes"], bound_speedup=bound,
@@ -587,7 +597,8 @@ def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, p
         "roofline": {"peak_flops": peak_flops, "bandwidth_bytes_per_s": bandwidth, "dtype_bytes": dtype_bytes,
                      "measured": settings.peak_flops is None or settings.bandwidth is None},
         "bound_curves": _bound_curves(shape, points, len(ms.routed_layers), peak_flops, bandwidth, dtype_bytes,
-                                      settings.new_tokens),
+                                      settings.new_tokens, ms.config.granularity),
+        "granularity": ms.config.granularity,
         "settings": asdict(settings),
         **_provenance(),
         "measurements": raw,
@@ -595,15 +606,15 @@ def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, p
     return rows, conditions
 
 
-def _bound_curves(shape, points, n_routed, peak_flops, bandwidth, dtype_bytes, new_tokens):
-    """The bound at every number of removed routed attention sublayers, per grid point (plots)."""
+def _bound_curves(shape, points, n_routed, peak_flops, bandwidth, dtype_bytes, new_tokens, granularity="attn"):
+    """The bound at every number of removed routed sublayers, per grid point (plots)."""
     out = []
     for regime, batch, seq_len in points:
         n = max(new_tokens, 1) if regime == "decode" else 1
         out.append({"regime": regime, "batch_size": batch, "seq_len": seq_len,
                     "skip_ratio": [k / n_routed for k in range(n_routed + 1)],
                     "bound_speedup": [bound_speedup(shape, regime, batch, seq_len, k, peak_flops, bandwidth,
-                                                    dtype_bytes, n) for k in range(n_routed + 1)]})
+                                                    dtype_bytes, n, granularity) for k in range(n_routed + 1)]})
     return out
 
 

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rt_lib import profiling as P
 from rt_lib.config import MindSkipConfig
+from rt_lib.mindskip import _get_slot
 
 L = 6
 ROUTED = [1, 2, 3, 4]  # num_routed_layers=4 on 6 layers: L-1-n .. L-2
@@ -39,7 +40,7 @@ def untouched(ms):
     """Routers decide again and no sublayer is left removed or unwrapped."""
     layers = ms.model.model.layers
     return (all(g.forced is None and g.execution == "skip" for g in ms.gates.values())
-            and all(layers[i].self_attn is g for i, g in ms.gates.items())
+            and all(_get_slot(layers, i, ms.config.granularity) is g for i, g in ms.gates.items())
             and not any(type(m).__name__ == "_Removed" for m in ms.model.modules()))
 
 
@@ -85,16 +86,24 @@ def test_bound_speedup_hand_checked():
     shape = P.Shape.from_config(hand_config())
     args = dict(regime="prefill", batch=1, seq_len=2, dtype_bytes=2)
     # compute-bound (1 flop/s, unlimited bandwidth): 4*864 + 4*1536 + 512 = 10112; minus 2*864
-    assert P.bound_speedup(shape, attn_removed=2, peak_flops=1, bandwidth=1e30, **args) == pytest.approx(10112 / 8384)
+    assert P.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1e30, **args) == pytest.approx(10112 / 8384)
     # memory-bound: 4*704 + 4*1216 + 592 = 8272; minus 2*704
-    assert P.bound_speedup(shape, attn_removed=2, peak_flops=1e30, bandwidth=1, **args) == pytest.approx(8272 / 6864)
+    assert P.bound_speedup(shape, removed=2, peak_flops=1e30, bandwidth=1, **args) == pytest.approx(8272 / 6864)
     # per-operation roofline at 1 flop/s and 1 byte/s: attn 864, mlp 1536, head 592 (memory)
-    assert P.bound_speedup(shape, attn_removed=2, peak_flops=1, bandwidth=1, **args) == pytest.approx(10192 / 8464)
-    assert P.bound_speedup(shape, attn_removed=0, peak_flops=1, bandwidth=1, **args) == 1.0
+    assert P.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1, **args) == pytest.approx(10192 / 8464)
+    assert P.bound_speedup(shape, removed=0, peak_flops=1, bandwidth=1, **args) == 1.0
     # decode, 1 step on a context of 2, memory-bound: attn 576, mlp 2*(384 + 2*(8 + 48)) = 992,
     # head 2*(256 + 40) = 592: (4*576 + 4*992 + 592) / (2*576 + 4*992 + 592)
     got = P.bound_speedup(shape, "decode", 1, 2, 2, peak_flops=1e30, bandwidth=1, dtype_bytes=2, new_tokens=1)
     assert got == pytest.approx(6864 / 5712)
+    # MLP sublayers removed instead (compute-bound prefill): 4*864 + 4*1536 + 512 minus 2*1536;
+    # whole layers: minus 2*(864 + 1536)
+    assert P.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1e30, granularity="mlp", **args) == \
+        pytest.approx(10112 / 7040)
+    assert P.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1e30, granularity="block", **args) == \
+        pytest.approx(10112 / 5312)
+    with pytest.raises(ValueError, match="granularity"):
+        P.bound_speedup(shape, removed=1, peak_flops=1, bandwidth=1, granularity="head", **args)
 
 
 # ---------------------------------------------------------------------------- protocol
@@ -150,9 +159,10 @@ def test_kv_memory_of_skipped_layers_is_saved(ms):
             assert by(rows, regime, "mask", b)[0]["kv_bytes"] == dense["kv_bytes"]  # computes and stores all
 
 
-def test_oracle_and_forced_skip_give_identical_logits():
+@pytest.mark.parametrize("granularity", ["attn", "mlp", "block"])
+def test_oracle_and_forced_skip_give_identical_logits(granularity):
     reference = tiny_llama()  # the same weights, never wrapped
-    ms = P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4))
+    ms = P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4, granularity=granularity))
     variants = {v.name: v for v in P.build_variants(ms, ["mindskip_forced", "oracle", "mask", "dense"], SKIP)}
     ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
     steps = torch.randint(3, 96, (2, 3), generator=torch.Generator().manual_seed(2))
