@@ -488,6 +488,21 @@ def _point(tidy: pd.DataFrame, run_id: str, method: str, threshold: float | None
     return sub
 
 
+def _thresholds_of(sub: pd.DataFrame) -> Any:
+    """The threshold the rows were actually evaluated at ("" when none or mixed)."""
+    thr = sub["threshold"].dropna().unique() if len(sub) else []
+    return round(float(thr[0]), 6) if len(thr) == 1 else ""
+
+
+def _tuned_points(tidy: pd.DataFrame, run_id: str, method: str = "router-tuning") -> list[pd.DataFrame]:
+    """Every operating point of ``method`` in a run: one per variant label and threshold (a
+    threshold sweep writes ``mindskip_t<thr>`` labels or one label with several thresholds),
+    ordered by threshold."""
+    sub = tidy[(tidy["run_id"] == run_id) & (tidy["method"] == method)]
+    points = [g for _, g in sub.groupby([sub["variant"], sub["threshold"].fillna(-1.0)], sort=False)]
+    return sorted(points, key=lambda g: (g["threshold"].dropna().min() if g["threshold"].notna().any() else -1.0))
+
+
 def _scores(sub: pd.DataFrame, tasks: list[str]) -> dict:
     """Percent score per task, paired diff to dense (points) per task, speedup, skip ratio."""
     out = {"score": {}, "paired": {}, "speedup": float("nan"), "skip_ratio": float("nan")}
@@ -585,19 +600,20 @@ def main_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.Da
     for run in chosen:
         base = {"source": "kit", "run_id": run.run_id, "model": run.model}
         dense = _dense_scores(tidy, run.run_id, tasks)
-        key = (run.model, tuple(sorted(dense["score"].items()))) if dense else None
+        key = (run.model, tuple(sorted((t, round(v, 6)) for t, v in dense["score"].items()))) if dense else None
         if key is None or key not in shown_dense:
             shown_dense.add(key)
             rows.append(_row({**base, "method": "baseline", "granularity": "", "route_level": "", "threshold": ""},
                              "score", tasks, dense["score"] if dense else {},
                              dense["speedup"] if dense else float("nan"), paper_tasks))
-        sc = _scores(_point(tidy, run.run_id, "router-tuning", run.threshold), tasks)
-        rb = {**base, "method": "router-tuning", "granularity": run.granularity or "",
-              "route_level": run.route_level or "", "threshold": run.threshold}
-        rows.append(_row(rb, "score", tasks, sc["score"], sc["speedup"], paper_tasks))
         paper = _paper_match(ref, run.model, method="router-tuning", granularity=run.granularity,
                              route_level=run.route_level)
-        rows.extend(_diff_rows(rb, sc, dense, paper, tasks, paper_tasks))
+        for point in _tuned_points(tidy, run.run_id):  # each evaluated threshold, labelled with its own value
+            sc = _scores(point, tasks)
+            rb = {**base, "method": "router-tuning", "granularity": run.granularity or "",
+                  "route_level": run.route_level or "", "threshold": _thresholds_of(point)}
+            rows.append(_row(rb, "score", tasks, sc["score"], sc["speedup"], paper_tasks))
+            rows.extend(_diff_rows(rb, sc, dense, paper, tasks, paper_tasks))
     return _finish(rows, ["source", "run_id", "model", "method", "granularity", "route_level", "threshold", "row",
                           "speedup", *tasks, "avg", "avg_tasks"])
 
@@ -617,7 +633,7 @@ def lora_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.Da
             point = _point(tidy, run.run_id, method, thr)
             sc = _scores(point, tasks)  # an operating point the run lacks stays in the table as "not run"
             rb = {"source": "kit", "run_id": run.run_id, "model": run.model, "method": method,
-                  "threshold": thr if thr is not None else ""}
+                  "threshold": _thresholds_of(point) if thr is not None else ""}  # the evaluated value
             rows.append(_row(rb, "score", tasks, sc["score"], sc["speedup"], paper_tasks))
             if method != "baseline" and len(point):
                 rows.extend(_diff_rows(rb, sc, dense, _paper_match(ref, run.model, method=method), tasks, paper_tasks))
@@ -639,11 +655,15 @@ def data_ablation_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None)
         dense = _dense_scores(tidy, run.run_id, tasks)
         rows.append(_row({**base, "data": "baseline"}, "score", tasks, dense["score"] if dense else {}, "",
                          paper_tasks))
-        sc = _scores(_point(tidy, run.run_id, "router-tuning", run.threshold), tasks)
         data = (run.dataset or "not recorded").lower()
-        rb = {**base, "data": data}
-        rows.append(_row(rb, "score", tasks, sc["score"], "", paper_tasks))
-        rows.extend(_diff_rows(rb, sc, dense, _paper_match(ref, run.model, data=data), tasks, paper_tasks))
+        points = _tuned_points(tidy, run.run_id)
+        for point in points:
+            sc = _scores(point, tasks)
+            # several thresholds of one run: each labelled with its value
+            label = data if len(points) == 1 else f"{data} (threshold {_thresholds_of(point)})"
+            rb = {**base, "data": label}
+            rows.append(_row(rb, "score", tasks, sc["score"], "", paper_tasks))
+            rows.extend(_diff_rows(rb, sc, dense, _paper_match(ref, run.model, data=data), tasks, paper_tasks))
     df = _finish(rows, ["source", "run_id", "model", "data", "row", *tasks, "avg", "avg_tasks"])
     return df
 

@@ -157,13 +157,17 @@ def test_kit_rows_are_the_runs_values_in_percent(built):
     out, _ = built
     t = read_table(out, "main_table")
     kit = t[(t["run_id"] == "fixture-attn-seq")]
-    score = kit[(kit["method"] == "router-tuning") & (kit["row"] == "score")].iloc[0]
+    tuned = kit[(kit["method"] == "router-tuning") & (kit["row"] == "score")]
+    # one row per evaluated threshold, each labelled with its own value
+    assert tuned["threshold"].tolist() == [0.45, 0.5, 0.55]
+    assert tuned["arc_c"].tolist() == [36.5, 36.0, 33.5]
+    score = tuned[tuned["threshold"] == 0.5].iloc[0]
     assert score["arc_c"] == 36.0  # acc_norm (the paper's metric), not acc
     assert score["speedup"] == pytest.approx(1.06, abs=0.006)
     assert score["avg"] == pytest.approx(np.mean([36.0, 61.0, 66.5, 53.0]), abs=0.006)  # paper tasks only
     assert score["avg_tasks"] == 4
     assert score["arc_easy"] == 58.5  # extra task kept as its own column
-    diff = kit[kit["row"] == "diff_dense"].iloc[0]
+    diff = kit[(kit["row"] == "diff_dense") & (kit["threshold"] == 0.5)].iloc[0]
     assert diff["arc_c"] == pytest.approx(-1.0) and diff["piqa"] == pytest.approx(-1.0)
     assert (t["row"] != "diff_paper").all()  # SmolLM2 is none of the paper's models
 
@@ -237,6 +241,23 @@ def test_sweep_runs_sharing_one_dense_evaluation_show_one_baseline_row(tmp_path)
     d = kit[kit["row"] == "diff_dense"].set_index("granularity")["piqa"]
     assert d["mlp"] == pytest.approx(-11.0) and d["attn"] == pytest.approx(-2.0)
     assert "shown once" in (tmp_path / "tables" / "main_table.md").read_text()
+
+
+def test_threshold_sweep_labels_each_row_with_its_own_threshold(tmp_path):
+    run = tmp_path / "runs" / "thr"
+    (run / "eval").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"run_id": "thr", "parameters": {
+        "train": {"model": "smollm2-135m-instruct", "granularity": "attn", "route_level": "seq", "threshold": 0.5}}}))
+    (run / "eval" / "results.csv").write_text("\n".join([
+        "variant,task,metric,value,stderr,n,num_fewshot,threshold,skip_ratio",
+        "dense,piqa,acc_norm,0.66,0.03,200,0,,",
+        "mindskip_t0.49,piqa,acc_norm,0.70,0.03,200,0,0.49,0.14",
+        "mindskip_t0.494,piqa,acc_norm,0.62,0.03,200,0,0.494,0.27"]) + "\n")
+    paper.build_all(tmp_path, tmp_path / "tables", tmp_path / "figures", figures=False)
+    t = read_table(tmp_path, "main_table")
+    tuned = t[(t["method"] == "router-tuning") & (t["row"] == "score") & (t["source"] != "paper")]
+    # the configured 0.5 was not evaluated: no row claims it
+    assert sorted(zip(tuned["threshold"], tuned["piqa"])) == [(0.49, pytest.approx(70.0)), (0.494, pytest.approx(62.0))]
 
 
 def test_evaluation_only_run_takes_model_and_config_from_results_json(tmp_path):
