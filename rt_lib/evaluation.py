@@ -428,7 +428,8 @@ class EvalResults:
         t = self.table
         metric_of = {k: v["metric"] for k, v in self.tasks.items()}
         rows = []
-        for task in [*self.tasks, MACRO]:
+        macro = [MACRO] if (t.task == MACRO).any() else []  # one task: no macro average
+        for task in [*self.tasks, *macro]:
             metric = metric_of.get(task, "paper")
             row = {"task": task, "metric": metric}
             for _, r in t[(t.task == task) & (t.metric == metric)].iterrows():

@@ -848,7 +848,7 @@ def figure2_kit_points(runs: list[Run], tidy: pd.DataFrame) -> tuple[pd.DataFram
         return None
     _, run, pts, common = best
     kit = pts.rename(columns={"accuracy": "performance"})[["skip_ratio", "method", "performance"]]
-    title = f"rt-kit: {run.model}, run {run.run_id} ({len(common)} tasks)"
+    title = f"rt-kit: {run.model}\nrun {run.run_id} ({len(common)} tasks)"
     return kit, title
 
 
@@ -915,6 +915,23 @@ def build_figures(runs: list[Run], tidy: pd.DataFrame, out_figures: str | Path, 
     return written
 
 
+def _eval_settings(tidy: pd.DataFrame, run_ids: list[str]) -> list[str]:
+    """One note line: how each kit run's rows were scored (documents and shots per task), so
+    rows scored on different documents or shots are not read as comparable."""
+    groups: dict[str, list[str]] = {}  # settings -> runs scored that way
+    for rid in run_ids:
+        sub = tidy[(tidy["run_id"] == rid) & (tidy["method"] == "baseline") & ~tidy["task"].isin(NOT_TASKS)]
+        sub = sub if len(sub) else tidy[(tidy["run_id"] == rid) & ~tidy["task"].isin(NOT_TASKS)]
+        if not len(sub):
+            continue
+        per = sub.drop_duplicates("task")
+        desc = ", ".join(f"{r.task} n={int(r.n)}/{int(r.num_fewshot)}-shot" if not pd.isna(r.n) and not pd.isna(r.num_fewshot)
+                         else f"{r.task}" for r in per.itertuples())
+        groups.setdefault(desc, []).append(rid)
+    parts = [f"{', '.join(rids)}: {desc}" for desc, rids in groups.items()]
+    return ["Kit evaluation settings (documents scored / shots per task): " + "; ".join(parts)] if parts else []
+
+
 def build_tables(runs: list[Run], tidy: pd.DataFrame, out_tables: str | Path, reference_dir=None,
                  regime: str = "prefill", problems: list[str] | None = None) -> dict:
     problems = problems or []
@@ -927,8 +944,10 @@ def build_tables(runs: list[Run], tidy: pd.DataFrame, out_tables: str | Path, re
     for name, builder, title in specs:
         df = builder(runs, tidy, reference_dir)
         n_avg = len(_task_columns(load_reference(name, reference_dir)))
-        written[name] = write_table(df, name, out_tables, title, _notes(name, reference_dir, n_avg, regime, problems),
-                                    n_avg)
+        notes = _notes(name, reference_dir, n_avg, regime, problems)
+        shown = list(dict.fromkeys(df.loc[df["source"] == "kit", "run_id"])) if len(df) else []
+        notes += _eval_settings(tidy, shown)
+        written[name] = write_table(df, name, out_tables, title, notes, n_avg)
     Path(out_tables).mkdir(parents=True, exist_ok=True)
     runs_csv = Path(out_tables) / "runs.csv"
     runs_csv.write_text(tidy.to_csv(index=False, lineterminator="\n"), encoding="utf-8")
