@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib.evaluation import DEFAULT_SEEDS, MindSkipLM, _leaf_tasks, _seed_fewshot_per_document, check_request, task_manager  # noqa: E402
-from rt_lib.tasks import PAPER_TASKS  # noqa: E402
+from rt_lib.evaluation import DEFAULT_SEEDS, MindSkipLM, check_request, load_task, task_manager  # noqa: E402
 
 
 class CountingLM(MindSkipLM):
@@ -108,12 +107,7 @@ def main(argv=None) -> int:
     rows, all_batches = [], []
     t_build = time.perf_counter()
     for task in names:
-        harness_name = p.harness_task(task)
-        loaded = tm.load([harness_name])
-        obj = loaded["groups"].get(harness_name) or loaded["tasks"][harness_name]
-        if not p.offline:
-            for leaf in _leaf_tasks(obj):
-                _seed_fewshot_per_document(leaf)
+        _, obj = load_task(tm, p, task)
         lim = a.limit if a.limit is not None else p.limits.get(task)
         lm.inputs, lm.n_requests = [], 0
         res = simple_evaluate(model=lm, tasks=[obj], num_fewshot=p.shots[task], limit=lim,

@@ -760,12 +760,7 @@ def evaluate(
     for task in names:
         spec = PAPER_TASKS[task]
         shots = p.shots[task]
-        harness_name = p.harness_task(task)
-        loaded = tm.load([harness_name])
-        obj = loaded["groups"].get(harness_name) or loaded["tasks"][harness_name]
-        if not p.offline:
-            for leaf in _leaf_tasks(obj):
-                _seed_fewshot_per_document(leaf)
+        harness_name, obj = load_task(tm, p, task)
         metric_names = ["acc", "acc_norm"] if spec.metric == "acc_norm" else ["acc"]
         lim = limits[task]
         task_info[task] = {
@@ -858,6 +853,18 @@ def evaluate(
     if out_dir is not None:
         result.save(out_dir)
     return result
+
+
+def load_task(tm, p: Preset, task: str) -> tuple[str, Any]:
+    """The harness task (or group) of a preset's standard task name, ready to evaluate: the
+    standard tasks get the per-document few-shot sampler (the offline ones have it built in)."""
+    harness_name = p.harness_task(task)
+    loaded = tm.load([harness_name])
+    obj = loaded["groups"].get(harness_name) or loaded["tasks"][harness_name]
+    if not p.offline:
+        for leaf in _leaf_tasks(obj):
+            _seed_fewshot_per_document(leaf)
+    return harness_name, obj
 
 
 def _seeds(fewshot_seed: int) -> dict:

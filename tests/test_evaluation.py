@@ -469,3 +469,22 @@ def test_group_stderr_from_documents_when_the_harness_gives_none():
     values, docs, n = _collect(res, "mmlu_offline", ["acc"])
     assert n == 4 and docs["keys"][0] == ["mmlu_offline_a", 0]
     assert values["acc"] == (0.5, pytest.approx((1 / 3) ** 0.5 / 2))  # sd (ddof 1) / sqrt(n)
+
+
+def test_eval_cost_counts_the_requests_hflm_would_run(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_cost", Path(__file__).parents[1] / "benchmarks" / "eval_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "cost.json"
+    assert mod.main(["--preset", "quick", "--pretrained", "tiny-random-llama", "--tasks", "piqa,mmlu",
+                     "--limit", "3", "--out", str(out)]) == 0
+    rows = {r["task"]: r for r in json.loads(out.read_text())["tasks"]}
+    assert rows["piqa"]["docs"] == 3 and rows["piqa"]["requests"] == 6  # two solutions per question
+    # MMLU: 4 one-letter answers share one forward pass per question (57 subjects x 3)
+    assert rows["mmlu"]["docs"] == 171 and rows["mmlu"]["requests"] == 4 * 171
+    assert rows["mmlu"]["forward_passes"] == 171
+    for r in rows.values():
+        assert 0 < r["input_tokens"] <= r["padded_tokens"]
+    assert mod.padded_batches([5, 9, 2], 2) == [(2, 9), (1, 2)]
