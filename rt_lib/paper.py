@@ -589,9 +589,9 @@ def _dense_scores(tidy: pd.DataFrame, run_id: str, tasks: list[str]) -> dict | N
 
 
 def main_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.DataFrame:
-    """Main table: the paper's rows, then per kit run with a mindskip variant its dense row,
-    its router-tuning row (at the run's configured threshold), Δ vs dense and, for the
-    paper's own models, Δ vs paper."""
+    """Main table: the paper's rows, then per kit run with a mindskip variant its dense row
+    (once when several runs share it), a router-tuning row per evaluated threshold with Δ vs
+    dense and, for the paper's own models, Δ vs paper."""
     ref = load_reference("main_table", reference_dir)
     chosen = _kit_runs(tidy, runs, lambda r: _has(tidy, r, "router-tuning"))
     tasks, paper_tasks = _table_tasks(ref, tidy, [r.run_id for r in chosen])
