@@ -491,11 +491,10 @@ class EvalResults:
         if absent:
             raise ValueError(f"no task(s) {absent} in these results (have {list(self.tasks)})")
 
-        def keep(frame, by_task=True):
-            sel = frame.variant.isin(list(variants))
-            if by_task:
-                sel &= frame.task.isin(tasks + ([MACRO] if len(tasks) == len(self.tasks) else []))
-            return frame[sel].reset_index(drop=True)
+        kept_tasks = tasks + ([MACRO] if len(tasks) == len(self.tasks) else [])  # a subset has no macro
+
+        def keep(frame):
+            return frame[frame.variant.isin(list(variants)) & frame.task.isin(kept_tasks)].reset_index(drop=True)
 
         def sub(d):
             return {v: {t: x for t, x in d[v].items() if t in tasks} for v in variants if v in d}

@@ -14,9 +14,10 @@ What is measured, per regime and grid point, for each variant:
 - `skip_ratio`: realised fraction of routed attention executions skipped during the timed
   call (`ms.reset_stats()` / `ms.skip_ratio()`); for the variants with layers physically
   removed it is `removed / len(routed_layers)`, so every variant sits on the same axis.
-- `bound_speedup`: the analytic oracle speedup for the attention sublayers the variant's
-  decisions skip (`skip_ratio * len(routed_layers)`); for `mask` that is what skipping them
-  for real could reach, not what computing them all can.
+- `bound_speedup`: the analytic oracle speedup for the sublayers the variant's decisions skip
+  (`skip_ratio * len(routed_layers)` of what the routers gate: attention, MLP or whole layers;
+  attention for `static_drop`); for `mask` that is what skipping them for real could reach,
+  not what computing them all can.
 Prompts are consecutive windows of a text (the CLI tokenizes `wikipedia-en`), so the routers
 decide on the kind of input they were tuned on; decode feeds the text's next tokens.
 
