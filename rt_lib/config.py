@@ -1,4 +1,4 @@
-"""MindSkipConfig: where routers go and how they decide (paper section 3, issue #3)."""
+"""MindSkipConfig: where routers go and how they decide (paper section 3)."""
 
 from __future__ import annotations
 
@@ -64,8 +64,14 @@ class MindSkipConfig:
         if self.reg_lambda < 0:
             raise ValueError(f"reg_lambda must be >= 0, got {self.reg_lambda}")
 
-    def resolve_layers(self, num_layers: int) -> list[int]:
-        """Layer indices to route for a model with `num_layers` decoder layers."""
+    def resolve_layers(self, num_layers: int, exclude=()) -> list[int]:
+        """Layer indices to route for a model with `num_layers` decoder layers.
+
+        The default (no explicit `routed_layers`) is the `num_routed_layers` deepest layers
+        except the last, minus the layers in `exclude` (layers the model cannot have routed,
+        see `mindskip.routed_layers_for`). An explicit list is returned as given; checking it
+        against `exclude` is the caller's job, so that the error can say why.
+        """
         if self.routed_layers is not None:
             bad = [i for i in self.routed_layers if not 0 <= i < num_layers]
             if bad:
@@ -77,7 +83,12 @@ class MindSkipConfig:
                 f"num_routed_layers={n} is too many for {num_layers} layers: the default keeps the first and the "
                 f"last layer dense, so at most {num_layers - 2}; pass routed_layers explicitly otherwise"
             )
-        return list(range(num_layers - 1 - n, num_layers - 1))
+        excluded = set(exclude)
+        layers = [i for i in range(num_layers - 1 - n, num_layers - 1) if i not in excluded]
+        if not layers:
+            raise ValueError(f"no layer of the default range {num_layers - 1 - n}..{num_layers - 2} can be routed "
+                             f"(excluded: {sorted(excluded)}); pass routed_layers explicitly")
+        return layers
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -946,11 +946,11 @@ def _main_preset(argv: list[str]) -> int:
         # hand-set routing: the default routed layers (zero-initialised routers keep everything)
         # plus the given ones, whose attention is skipped for every input
         from rt_lib.config import MindSkipConfig
-        from rt_lib.mindskip import find_decoder, get_mindskip_model
+        from rt_lib.mindskip import get_mindskip_model, routed_layers_for
 
         skip = sorted({int(x) for x in a.force_skip.split(",") if x.strip()})
         cfg = MindSkipConfig()
-        cfg.routed_layers = sorted(set(cfg.resolve_layers(len(find_decoder(model)[1]))) | set(skip))
+        cfg.routed_layers = sorted(set(routed_layers_for(model, cfg)) | set(skip))
         target = get_mindskip_model(model, cfg)
         target.force({layer: False for layer in skip})
     t0 = time.perf_counter()

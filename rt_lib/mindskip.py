@@ -2,7 +2,7 @@
 
 A router is `Linear(hidden_size, 1, bias=False)`, zero-initialised, reading the normalised
 input of the gated sublayer; score `r = sigmoid(w . x)`, keep when `r >= threshold`
-(ROUTER_TUNING.md, "Exact semantics"). The wrapper replaces a module of each routed decoder
+(README, "MindSkip in five lines"; API in docs/core_api.md). The wrapper replaces a module of each routed decoder
 layer in place (PEFT style, the original kept as `base_layer`):
 
     granularity  wrapped module         router input                    skipped output
@@ -25,6 +25,8 @@ Execution modes (eval):
   beside the cache and the attention mask is rebuilt from it.
 - `mask`: compute every row/token, then multiply by the decision: the reference that saves
   nothing (what a compute-then-mask implementation does).
+Beam search: the model's first forward pass on a new cache makes `cache.reorder_cache` reorder
+the gates' stored decisions, kept rows and key histories with the beams (`_follow_reorders`).
 Training (`ms.train()`): hard decisions in the forward pass, full compute, straight-through
 gradient `m = hard + r - r.detach()` to the router score; capacities are differentiable.
 """
@@ -110,6 +112,49 @@ def cache_reference_layers(model: nn.Module) -> set[int]:
         if full:
             ref.add(full[0])
     return ref
+
+
+def routed_layers_for(model: nn.Module, config: MindSkipConfig) -> list[int]:
+    """The layers `config` routes in `model`.
+
+    The default range (the `num_routed_layers` deepest layers except the last) leaves out, at
+    `attn`/`block` granularity, the layers Hugging Face reads the cache length from
+    (`cache_reference_layers`) and logs their indices; an explicit `routed_layers` list naming
+    one of them is an error.
+    """
+    _, layers = find_decoder(model)
+    ref = cache_reference_layers(model) if config.granularity != "mlp" else set()
+    if config.routed_layers is not None:
+        routed = config.resolve_layers(len(layers))
+        bad = sorted(ref & set(routed))
+        if bad:
+            raise ValueError(
+                f"layers {bad} cannot be routed at {config.granularity!r} granularity: Hugging Face reads the "
+                "cache length from them (layer 0 and the first full-attention layer). Route other layers."
+            )
+        return routed
+    routed = config.resolve_layers(len(layers), exclude=ref)
+    full = config.resolve_layers(len(layers))
+    left_out = sorted(set(full) - set(routed))
+    if left_out:
+        logger.warning("MindSkip: default routed layers leave out %s (Hugging Face reads the cache length from them); "
+                    "routing %d layers: %s", left_out, len(routed), routed)
+    return routed
+
+
+def _sliding_window(layer: nn.Module, layer_idx: int, config) -> int | None:
+    """The attention window of decoder layer `layer_idx`, or None for full attention.
+
+    Models with per-layer types (Gemma2/3, Qwen2/3) keep it on the attention module or mark the
+    layer `sliding_attention`; Mistral and Phi3 apply `config.sliding_window` to every layer.
+    """
+    attn = getattr(layer, "self_attn", None)
+    if attn is not None and hasattr(attn, "sliding_window"):
+        return attn.sliding_window or None
+    types = getattr(config, "layer_types", None)
+    if types:
+        return getattr(config, "sliding_window", None) if types[layer_idx] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None) or None
 
 
 _SLOT = {"attn": "self_attn", "mlp": "mlp"}  # block granularity: the decoder layer itself
@@ -201,12 +246,12 @@ class MindSkipGate(nn.Module):
     """Wraps one sublayer (or block) of one decoder layer with a router."""
 
     def __init__(self, base_layer: nn.Module, layer: nn.Module, layer_idx: int, cfg: MindSkipConfig,
-                 hidden_size: int, ctx: RoutingContext, attn_impl: str | None):
+                 model_config, ctx: RoutingContext):
         super().__init__()
         self.base_layer = base_layer
         dtype = getattr(torch, cfg.router_dtype)
         ref_param = next(base_layer.parameters())
-        router = nn.Linear(hidden_size, 1, bias=False, device=ref_param.device, dtype=dtype)
+        router = nn.Linear(model_config.hidden_size, 1, bias=False, device=ref_param.device, dtype=dtype)
         nn.init.zeros_(router.weight)
         setattr(self, ROUTER_PREFIX, router)
         self.layer_idx = layer_idx
@@ -215,12 +260,11 @@ class MindSkipGate(nn.Module):
         self.threshold = cfg.threshold
         self.forced: bool | None = None
         self.execution = "skip"
-        self.attn_impl = attn_impl
+        self.attn_impl = getattr(model_config, "_attn_implementation", None)
         # not registered as submodules: they belong to the base layer
         object.__setattr__(self, "_ctx", ctx)
         object.__setattr__(self, "_block_norm", layer.input_layernorm if cfg.granularity == "block" else None)
-        attn = layer.self_attn
-        self.sliding_window = getattr(attn, "sliding_window", None)
+        self.sliding_window = _sliding_window(layer, layer_idx, model_config)
         self._seq_state: tuple[weakref.ref, torch.Tensor, torch.Tensor] | None = None  # (cache, keep, kept rows)
         self._tok_state: _TokenHistory | None = None
         self.capacity: torch.Tensor | None = None
@@ -348,6 +392,37 @@ class MindSkipGate(nn.Module):
         out[rows] = sub
         return self._wrap(out, tup)
 
+    # -- beam search ---------------------------------------------------------------------
+    def reorder_cache(self, cache, beam_idx: torch.Tensor) -> bool:
+        """Follow a beam-search reorder of `cache` (row b becomes old row beam_idx[b]).
+
+        Reorders the decisions and key history stored for this cache. Returns True when this
+        gate also reordered its layer's cache (its rows are a subset of the batch under `seq`
+        routing), False when the cache layer holds every row and the caller reorders it.
+        """
+        if self._tok_state is not None and self._tok_state.cache() is cache:
+            st = self._tok_state
+            idx = beam_idx.to(st.time.device)
+            st.time, st.valid = st.time.index_select(0, idx), st.valid.index_select(0, idx)
+        seq = self._seq_state
+        if seq is None or seq[0]() is not cache:
+            return False
+        ref, hard, rows = seq
+        idx = beam_idx.to(hard.device)
+        new_hard = hard.index_select(0, idx)
+        new_rows = new_hard.nonzero().squeeze(-1)
+        self._seq_state = (ref, new_hard, new_rows)
+        layer = getattr(cache, "layers", [None] * (self.layer_idx + 1))[self.layer_idx]
+        keys = getattr(layer, "keys", None)
+        if self.granularity == "mlp" or not isinstance(keys, torch.Tensor) or keys.shape[0] == hard.shape[0]:
+            return False  # the layer's cache holds every row (or none): the standard reorder applies
+        # the cache holds the kept rows in batch order: old row r sits at slot (number kept before r)
+        slot = torch.cumsum(hard.long(), 0) - 1
+        take = slot.index_select(0, idx.index_select(0, new_rows)).to(keys.device)
+        layer.keys = keys.index_select(0, take)
+        layer.values = layer.values.index_select(0, take)
+        return True
+
     def _record(self, hard, units):
         """Accumulate executed / total units (sequences or real tokens) without a host sync."""
         with torch.no_grad():
@@ -394,8 +469,10 @@ class MindSkipGate(nn.Module):
             return self._wrap(self._skipped_output(x), self.granularity == "attn")
         n_sel = sel.sum(1)
         t_k = int(n_sel.max())
-        # stable order of selected tokens first, then the rest (padding slots, marked invalid)
-        order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :t_k]  # (B, Tk)
+        # per row: filler slots (marked invalid) first, then the selected tokens in time order, so
+        # the valid keys of a row always occupy its newest cache slots; a sliding-window cache,
+        # which keeps only the newest slots, then never drops a valid key still inside the window
+        order = torch.argsort(sel.to(torch.int8), dim=1, stable=True)[:, q_len - t_k:]  # (B, Tk)
         q_valid = torch.gather(sel, 1, order)
         q_time = torch.gather(time_now, 1, order)
         k_valid_new = torch.gather(hard, 1, order) & q_valid  # skipped tokens are not keys
@@ -495,27 +572,16 @@ class MindSkipModel(nn.Module):
         self.model = model
         self.config = config
         decoder, layers = find_decoder(model)
-        num_layers = len(layers)
-        self.routed_layers = config.resolve_layers(num_layers)
-        if config.granularity != "mlp":
-            bad = sorted(cache_reference_layers(model) & set(self.routed_layers))
-            if bad:
-                raise ValueError(
-                    f"layers {bad} cannot be routed at {config.granularity!r} granularity: Hugging Face reads the "
-                    "cache length from them (layer 0 and the first full-attention layer). Route deeper layers."
-                )
-        hidden = model.config.hidden_size
+        self.routed_layers = routed_layers_for(model, config)
         self._ctx = RoutingContext()
-        self._hook = decoder.register_forward_pre_hook(self._ctx.hook, with_kwargs=True)
+        self._hook = decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True)
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        attn_impl = getattr(model.config, "_attn_implementation", None)
         self._layers = layers
         self._gates: dict[int, MindSkipGate] = {}
         for i in self.routed_layers:
-            gate = MindSkipGate(_get_slot(layers, i, config.granularity), layers[i], i, config, hidden, self._ctx,
-                                attn_impl)
+            gate = MindSkipGate(_get_slot(layers, i, config.granularity), layers[i], i, config, model.config, self._ctx)
             _set_slot(layers, i, config.granularity, gate)
             self._gates[i] = gate
         self.model.train(model.training)
@@ -525,9 +591,36 @@ class MindSkipModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        if kwargs.get("num_beams", 1) > 1:
-            raise NotImplementedError("beam search reorders cache rows; MindSkip supports greedy and sampling")
         return self.model.generate(*args, **kwargs)
+
+    def _before_decoder(self, module, args, kwargs):
+        self._ctx.hook(module, args, kwargs)
+        cache = self._ctx.cache
+        if cache is not None and self._ctx.past_len == 0:
+            self._follow_reorders(cache)
+        return None
+
+    def _follow_reorders(self, cache) -> None:
+        """Make `cache.reorder_cache` (called by beam search) reorder what the gates store too.
+
+        Under `seq` routing a routed layer's cache holds only the kept rows, so the stock
+        reorder (index rows 0..B-1 of every layer) would fail or pick wrong rows; token routing
+        keeps a key history per row beside the cache, which must follow the rows."""
+        owner = getattr(cache, "_mindskip_reorder_owner", None)
+        if (owner is not None and owner() is self) or not isinstance(getattr(cache, "layers", None), list):
+            return
+        model_ref = weakref.ref(self)
+
+        def reorder_cache(beam_idx: torch.Tensor) -> None:
+            ms = model_ref()
+            gates = ms._gates if ms is not None else {}
+            done = {i for i, g in gates.items() if g.reorder_cache(cache, beam_idx)}
+            for i, layer in enumerate(cache.layers):
+                if i not in done:
+                    layer.reorder_cache(beam_idx)
+
+        cache.reorder_cache = reorder_cache
+        cache._mindskip_reorder_owner = model_ref
 
     @property
     def device(self):
@@ -686,6 +779,7 @@ class MindSkipModel(nn.Module):
         if problems:
             raise ValueError(f"router checkpoint {path} does not fit this model: " + "; ".join(problems))
         cfg = MindSkipConfig.from_dict({**meta["config"], **overrides})
+        _check_weights_digest(Path(path), meta)
         weights = _read_router_weights(Path(path))
         ms = cls(model, cfg)
         expected = ms.router_state_dict()
@@ -728,6 +822,22 @@ def read_checkpoint_metadata(path: str | Path) -> dict:
         if key not in meta:
             raise ValueError(f"{cfg_file} lacks {key!r}; the router checkpoint is corrupt")
     return meta
+
+
+def _check_weights_digest(path: Path, meta: dict) -> None:
+    """The weights file must be the one `save_pretrained` wrote beside this config."""
+    recorded = meta.get("weights_sha256")
+    weights = path / WEIGHTS_NAME
+    if recorded is None:
+        logger.warning("%s records no weights_sha256: %s is loaded unverified", path / CONFIG_NAME, weights)
+        return
+    actual = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if actual != recorded:
+        raise ValueError(
+            f"{weights} does not match its checkpoint: sha256 {actual[:12]}... but {CONFIG_NAME} records "
+            f"{recorded[:12]}... The weights file was replaced or damaged after saving. Restore the original "
+            "file, or re-save the routers with MindSkipModel.save_pretrained (which writes both files)."
+        )
 
 
 def _read_router_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -437,7 +437,7 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
     """Setup, train, save, evaluate. All input checks happen before the first step."""
     from accelerate import Accelerator
 
-    from rt_lib.mindskip import get_mindskip_model
+    from rt_lib.mindskip import get_mindskip_model, routed_layers_for
 
     t_start = time.perf_counter()
     _check_config(cfg)
@@ -463,8 +463,7 @@ def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data
         from rt_lib.assets import load_model
 
         model, tokenizer = load_model(cfg.model, dtype=cfg.model_dtype)
-    num_layers = model.config.num_hidden_layers
-    routed = mcfg.resolve_layers(num_layers)
+    routed = routed_layers_for(model, mcfg)  # errors here, before the data is built
     pad_id = pad_token_id(tokenizer)
     data_opts = dict(format=cfg.data_format, template=cfg.template, max_length=cfg.max_length,
                      packing=cfg.packing, seed=cfg.seed, system_prompt=cfg.system_prompt)

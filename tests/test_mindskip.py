@@ -1,6 +1,7 @@
 """MindSkip core (issue #3): exactness, real skipping, cache consistency, save/load."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -267,29 +268,63 @@ def test_load_onto_wrong_model_fails(tmp_path):
         MindSkipModel.from_pretrained(deeper, path)
 
 
+def _rewrite_weights(path, data):
+    """Replace the weights file and record its digest, as a consistent (but wrong) checkpoint."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    if isinstance(data, bytes):
+        (path / WEIGHTS_NAME).write_bytes(data)
+    else:
+        save_file(data, str(path / WEIGHTS_NAME))
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    meta["weights_sha256"] = hashlib.sha256((path / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+
+
 def test_load_missing_extra_and_misshapen_keys_fail(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     model, path = _saved(tmp_path)
     w = load_file(str(path / WEIGHTS_NAME))
-    save_file({k: v for k, v in w.items() if "layers.2." not in k}, str(path / WEIGHTS_NAME))
+    _rewrite_weights(path, {k: v for k, v in w.items() if "layers.2." not in k})
     with pytest.raises(ValueError, match="missing keys"):
         MindSkipModel.from_pretrained(model, path)
-    save_file({**w, "layers.9.router.weight": torch.zeros(1, 32)}, str(path / WEIGHTS_NAME))
+    _rewrite_weights(path, {**w, "layers.9.router.weight": torch.zeros(1, 32)})
     with pytest.raises(ValueError, match="unexpected keys"):
         MindSkipModel.from_pretrained(model, path)
-    save_file({**w, "layers.2.router.weight": torch.zeros(1, 16)}, str(path / WEIGHTS_NAME))
+    _rewrite_weights(path, {**w, "layers.2.router.weight": torch.zeros(1, 16)})
     with pytest.raises(ValueError, match="shape"):
         MindSkipModel.from_pretrained(model, path)
     # a failed load leaves the model untouched
     assert not any("mindskip" in n for n, _ in model.named_parameters())
 
 
+def test_load_refuses_weights_that_do_not_match_the_recorded_digest(tmp_path, caplog):
+    """A routers file swapped for another with the same keys and shapes must not load silently."""
+    model, path = _saved(tmp_path)
+    other = tiny_model("llama")
+    ms = get_mindskip_model(other, MindSkipConfig(num_routed_layers=3))
+    random_routers(ms, seed=1)
+    ms.save_pretrained(tmp_path / "other")
+    (path / WEIGHTS_NAME).write_bytes((tmp_path / "other" / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ValueError, match=f"{WEIGHTS_NAME} does not match its checkpoint.*re-save"):
+        MindSkipModel.from_pretrained(model, path)
+    assert not any("mindskip" in n for n, _ in model.named_parameters())
+    # a checkpoint written before digests were recorded loads, with a warning
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    del meta["weights_sha256"]
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+    MindSkipModel.from_pretrained(model, path).unload()
+    assert "loaded unverified" in caplog.text
+
+
 def test_load_non_checkpoints_fail(tmp_path):
     model, path = _saved(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a router checkpoint"):
         MindSkipModel.from_pretrained(model, tmp_path / "nowhere")
-    (path / WEIGHTS_NAME).write_bytes(b"\x00garbage")
+    _rewrite_weights(path, b"\x00garbage")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         MindSkipModel.from_pretrained(model, path)
     (path / CONFIG_NAME).write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
@@ -377,3 +412,157 @@ def test_detached_runs_the_base_model_on_the_same_weights():
         assert base is model and not any("mindskip" in n for n, _ in base.named_parameters())
         torch.testing.assert_close(logits(base, ids, mask), ref, atol=0, rtol=0)
     torch.testing.assert_close(logits(model, ids, mask), skipped, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------- sliding windows
+SLIDING = {  # every supported architecture that has a sliding-window attention, window 8
+    "mistral": dict(sliding_window=8),
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=0),
+    "qwen3": dict(use_sliding_window=True, sliding_window=8, max_window_layers=0),
+    "gemma2": dict(sliding_window=8),
+    "gemma3": dict(sliding_window=8),
+    "phi3": dict(sliding_window=8),
+}
+
+
+def _max_generate_gap(ms, model, ids, mask, steps):
+    # no end-of-sequence token: a finished row would be padded while the reference runs on
+    out = ms.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                      output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    assert out.sequences.shape[1] == ids.shape[1] + steps
+    ref_ids, ref_logits = _greedy_uncached(model, ids, mask, steps)
+    gap = float((torch.stack(out.scores, 1) - ref_logits).abs().max())
+    return gap, torch.equal(out.sequences, ref_ids)
+
+
+@pytest.mark.parametrize("arch", sorted(SLIDING))
+@pytest.mark.parametrize("gran", ["attn", "block"])
+def test_token_routing_with_sliding_window_cached_equals_uncached(arch, gran):
+    """Rows keep different numbers of tokens; the sliding cache keeps only its newest slots,
+    so a row's valid keys must be its newest slots (10 router seeds, prompts longer than the window)."""
+    model = tiny_model(arch, **SLIDING[arch])
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], route_level="token", granularity=gran))
+    ms.eval()
+    ids, mask = padded_batch([20, 9, 14], seed=2)
+    gaps = {}
+    for seed in range(10):
+        random_routers(ms, seed=seed)
+        ms.reset_stats()
+        gap, same_tokens = _max_generate_gap(ms, model, ids, mask, steps=6)
+        assert 0.0 < ms.skip_ratio() < 1.0
+        gaps[seed] = (gap, same_tokens)
+    bad = {s: g for s, g in gaps.items() if g[0] > 1e-4 or not g[1]}
+    assert not bad, f"cached != uncached for router seeds {bad}"
+
+
+@pytest.mark.parametrize("arch", sorted(SLIDING))
+def test_token_routing_keep_all_equals_base_with_sliding_window(arch):
+    """The gate's own mask applies the model's window (Mistral and Phi3 set it in the config)."""
+    model = tiny_model(arch, **SLIDING[arch])
+    ids, mask = padded_batch([20, 9, 14], seed=2)
+    ref = logits(model, ids, mask)
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], route_level="token"))
+    ms.eval()
+    ms.force(True)
+    real = mask.bool()
+    torch.testing.assert_close(logits(model, ids, mask)[real], ref[real], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- beam search
+def _beam(model_or_ms, ids, mask, steps=5, beams=3, **kw):
+    return model_or_ms.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                                num_beams=beams, do_sample=False, pad_token_id=0, length_penalty=0.0,
+                                output_scores=True, return_dict_in_generate=True, **kw)
+
+
+def test_beam_search_with_forced_keep_equals_the_unrouted_model():
+    model = tiny_model("llama")
+    ids, mask = padded_batch([9, 5, 7], seed=2)
+    ref = _beam(model, ids, mask)
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4]))
+    ms.eval()
+    ms.force(True)
+    out = _beam(ms.model, ids, mask)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("gran", ["attn", "block"])
+def test_beam_search_with_mixed_seq_decisions_equals_recomputation(gran):
+    """Routed layers cache only the kept rows; beam reorders must pick the right ones."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch([9, 5, 7], seed=2)
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], granularity=gran))
+    ms.eval()
+    # generate expands each prompt to 3 beam rows (prompt-major); decisions here differ between
+    # the beams of one prompt, so a reorder moves decisions and kept cache rows together
+    per_prompt = {2: torch.tensor([True, False, True]), 3: torch.tensor([False, True, True])}
+    per_row = {i: d.repeat(3) for i, d in per_prompt.items()}
+    for decisions in (per_row, {i: d.repeat_interleave(3) for i, d in per_prompt.items()}):
+        ms.force(decisions)
+        ms.reset_stats()
+        out = _beam(ms.model, ids, mask)  # through the model's own generate, as the docs say
+        assert all(0 < ms.skip_stats()[i] < 1 for i in (2, 3))
+        # reference: compute-then-mask keeps every row in every cache (the stock reorder applies)
+        ms.set_execution("mask")
+        ref = _beam(ms.model, ids, mask)
+        ms.set_execution("skip")
+        assert torch.equal(out.sequences, ref.sequences)
+        torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-5, rtol=0)
+    # decisions per prompt (what routers give): score each returned sequence from scratch, no cache
+    ms.force(per_prompt)
+    seqs = out.sequences
+    full_mask = torch.cat([mask, torch.ones(3, seqs.shape[1] - ids.shape[1], dtype=torch.long)], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    lp = torch.log_softmax(logits(model, seqs, full_mask, position_ids=pos, use_cache=False), -1)
+    new = seqs[:, ids.shape[1]:]
+    summed = lp[:, ids.shape[1] - 1:-1].gather(-1, new.unsqueeze(-1)).squeeze(-1).sum(1)
+    torch.testing.assert_close(out.sequences_scores, summed, atol=1e-4, rtol=0)
+
+
+def test_beam_search_with_token_routing_equals_uncached_beam_search():
+    """Token routing keeps a per-row key history beside the cache: it must follow the beams."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch([9, 5, 7], seed=2)
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], route_level="token"))
+    ms.eval()
+    random_routers(ms, seed=5)
+    out = _beam(ms, ids, mask)
+    assert 0.0 < ms.skip_ratio() < 1.0
+    ref = _beam(ms, ids, mask, use_cache=False)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------- default layers
+@pytest.mark.parametrize("arch, expected_left_out", [("gemma3", [5]), ("gemma2", [1])])
+def test_default_layers_leave_out_cache_reference_layers(arch, expected_left_out, caplog, tmp_path):
+    """Real layer patterns: Gemma-3 (18 layers) has full attention at 5, 11, 17; Gemma-2 alternates."""
+    model = tiny_model(arch, num_hidden_layers=18)
+    types = model.config.layer_types
+    assert types.index("full_attention") == expected_left_out[0]
+    for gran in ("attn", "block"):
+        ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=16, granularity=gran))
+        assert ms.routed_layers == [i for i in range(1, 17) if i not in expected_left_out]
+        assert f"leave out {expected_left_out}" in caplog.text
+        ms.unload()
+    # mlp granularity never touches the cache: the full default range
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=16, granularity="mlp"))
+    assert ms.routed_layers == list(range(1, 17))
+    ms.unload()
+    # naming such a layer explicitly stays an error
+    with pytest.raises(ValueError, match=re.escape(f"layers {expected_left_out} cannot be routed")):
+        get_mindskip_model(model, MindSkipConfig(routed_layers=[*expected_left_out, 8]))
+    # the routers save and load with the same layer list
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=16))
+    ids, mask = padded_batch([9, 5], seed=1)
+    ms.eval()
+    random_routers(ms, seed=2)
+    before = logits(model, ids, mask)
+    routed = ms.routed_layers
+    ms.save_pretrained(tmp_path / "r")
+    ms.unload()
+    ms2 = MindSkipModel.from_pretrained(model, tmp_path / "r")
+    ms2.eval()
+    assert ms2.routed_layers == routed
+    torch.testing.assert_close(logits(model, ids, mask), before, atol=0, rtol=0)
