@@ -12,8 +12,9 @@ Markdown, CSV and LaTeX and figures as PNG and PDF. Nothing here runs a model.
 
 Which run provides which row is decided by ``collect_runs`` (see its docstring). A cell the
 kit never measured shows "not run", never a value borrowed from elsewhere. A run folder with
-a missing or malformed file is named in a warning and in ``problems`` and left out; every
-other run still builds.
+a missing or malformed file, or with stale results (a step rerun with ``--replace`` after later
+steps used its results; rt_lib.runs), is named in a warning and in ``problems`` (a stale one
+with the command that refreshes it) and left out; every other run still builds.
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ OPTIONAL_FILES = ("eval/paired.csv", "eval/skip_stats.csv", "train/log.csv", "pr
 
 class MalformedRun(Exception):
     """A run folder whose files cannot be read as documented."""
+
+
+class StaleRun(MalformedRun):
+    """A run folder with a stale step: its results were made from results since replaced
+    (run.json ``steps.<step>.stale``, or a recorded input file that changed; rt_lib.runs)."""
 
 
 # ---------------------------------------------------------------------------- names
@@ -288,7 +294,18 @@ def read_run(path: str | Path) -> Run:
     steps = meta.get("steps") or {}
     if not isinstance(steps, dict):
         raise MalformedRun("run.json: steps is not an object")
-    wanted = [STEP_FILES[s] for s in STEP_FILES if s in steps]
+    from rt_lib import pipeline
+    from rt_lib import runs as runs_mod
+
+    if any(not isinstance(steps.get(s, {}), dict) for s in runs_mod.STEPS):
+        raise MalformedRun("run.json: a step entry is not an object")
+    states = {s: runs_mod.step_state(path, meta, s) for s in runs_mod.STEPS}
+    stale = {s: why for s, (state, why) in states.items() if state == "stale"}
+    if stale:
+        raise StaleRun("stale results, not used: " + "; ".join(f"{s} ({why})" for s, why in stale.items())
+                       + f". Refresh them with: {pipeline.refresh_command(path, stale, meta)}")
+    # a step recorded as completed promises its main file; an interrupted one may have none yet
+    wanted = [STEP_FILES[s] for s in STEP_FILES if states[s][0] == "completed"]
     for rel in STEP_FILES.values():
         if rel not in wanted and (path / rel).is_file():
             wanted.append(rel)  # written, though run.json does not record the step

@@ -4,6 +4,12 @@ Each notebook has one cell tagged `parameters`. A preset (`notebooks/presets/<na
 gives values per notebook; the runner adds `run_dir` (and `preset`) to every notebook so that
 each one reads what the previous ones wrote there. Parameters are validated against what the
 notebooks declare *before* anything executes.
+
+Notebooks 01-03 are the steps `train`, `eval` and `profile` of the run folder (rt_lib.runs.STEPS).
+Before anything executes, a notebook whose step already completed in the folder (or whose later
+steps completed with its results) is refused unless `replace=True`; with it, the old results move
+to `<run>/replaced/<step>-<time>/` and later steps that used them are marked stale
+(rt_lib.runs.start_step). An interrupted step is resumed without `replace`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ NOTEBOOKS = (
     "04_paper_tables_and_figures",
 )
 RUNNER_PARAMETERS = ("run_dir", "preset")  # set by the runner for every notebook
+# The run-folder step each notebook writes (rt_lib.runs.STEPS); 04 only reads.
+NOTEBOOK_STEPS = {"01_router_tuning": "train", "02_evaluation": "eval", "03_speedup_profiling": "profile"}
 
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}
 
@@ -153,11 +161,82 @@ class NotebookFailure(RuntimeError):
                 f"the executed copy with the traceback is {self.executed_copy}; everything produced so far is kept")
 
 
+def _step_inputs(notebook: str, parameters: dict) -> dict[str, Path]:
+    """Files of earlier steps a notebook reads when they are not the run's own (rt_lib.runs.STEPS
+    ``inputs``): an explicit ``routers`` folder (02/03; relative paths are relative to the kit root,
+    where the notebooks run)."""
+    routers = parameters.get("routers")
+    if NOTEBOOK_STEPS.get(notebook) in ("eval", "profile") and routers:
+        return {"routers": ROOT / routers / "routers.safetensors"}
+    return {}
+
+
+def check_run_folder(run_dir: str | Path, notebooks: list[str] | None = None, replace: bool = False) -> None:
+    """Raise ``rt_lib.runs.ResultsExist`` when running ``notebooks`` into ``run_dir`` would replace
+    results of completed steps and ``replace`` is False; nothing is changed. Called before anything
+    executes (by ``run_pipeline`` and, for every run folder of a sweep, by rt_lib.reproduce)."""
+    from rt_lib import runs
+
+    run_dir = Path(run_dir)
+    if replace or not (run_dir / runs.RUN_FILE).exists():
+        return
+    record = runs.load_run(run_dir)
+    selected = list(notebooks or NOTEBOOKS)
+    blocking: dict[str, str] = {}
+    for nb in selected:
+        if nb in NOTEBOOK_STEPS:
+            blocking.update(runs.replace_plan(run_dir, NOTEBOOK_STEPS[nb], record))
+    if blocking:
+        todo = [nb for nb in selected if nb not in NOTEBOOK_STEPS
+                or runs.step_state(run_dir, record, NOTEBOOK_STEPS[nb])[0] != "completed"]
+        hint = ("To continue an interrupted run instead, run only the notebooks not completed yet: "
+                f"--notebooks {','.join(nb[:2] for nb in todo)}") if len(todo) < len(selected) and todo else ""
+        raise runs.ResultsExist(run_dir, list(blocking.items()), hint)
+
+
+def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> str:
+    """The rt_lib.reproduce command that reruns ``steps`` (e.g. stale ones) into ``run_dir``: their
+    notebooks with the parameters they last ran with (run.json ``steps.pipeline``) where those
+    differ from the preset's."""
+    import shlex
+
+    from rt_lib import runs
+
+    run_dir = Path(run_dir)
+    record = record or {}
+    ran = ((record.get("steps") or {}).get("pipeline") or {})
+    preset = record.get("preset") or ran.get("preset") or "cpu"
+    nbs = [nb for nb in NOTEBOOKS if nb in {runs.STEPS[s]["notebook"] for s in steps}]
+    try:
+        sections = load_preset(preset)
+    except (ParameterError, OSError, ValueError):
+        sections = {}
+    extra = []
+    for nb in nbs:
+        used = ((ran.get("notebooks") or {}).get(nb) or {}).get("parameters") or {}
+        for name, value in used.items():
+            if name not in RUNNER_PARAMETERS and sections.get(nb, {}).get(name, _MISSING) != value:
+                extra += ["-p", shlex.quote(f"{nb}.{name}={json.dumps(value)}")]
+    return " ".join(["python -m rt_lib.reproduce", "--preset", shlex.quote(preset),
+                     "--out", shlex.quote(str(run_dir.parent)), "--run-id", shlex.quote(run_dir.name),
+                     "--notebooks", ",".join(nb[:2] for nb in nbs), *extra])
+
+
+_MISSING = object()
+
+
 def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | None = None,
-                 notebooks: list[str] | None = None, progress: bool = True) -> dict[str, float]:
-    """Execute the notebooks in order; returns wall time per notebook (seconds)."""
+                 notebooks: list[str] | None = None, progress: bool = True, replace: bool = False) -> dict[str, float]:
+    """Execute the notebooks in order; returns wall time per notebook (seconds).
+
+    A notebook whose step (NOTEBOOK_STEPS) already completed in ``run_dir`` raises
+    ``rt_lib.runs.ResultsExist`` before anything executes, unless ``replace``: then the old
+    results are moved to ``<run_dir>/replaced/`` and later steps that used them marked stale
+    (``rt_lib.runs.start_step``). An interrupted step resumes without ``replace``."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
+
+    from rt_lib import runs
 
     params = {nb: dict(sec) for nb, sec in load_preset(preset).items() if nb in NOTEBOOKS}
     for nb, sec in (overrides or {}).items():
@@ -168,13 +247,19 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
         if nb not in NOTEBOOKS:
             raise ParameterError(f"unknown notebook {nb!r}; notebooks: {list(NOTEBOOKS)}")
     run_dir = Path(run_dir).resolve()
+    check_run_folder(run_dir, selected, replace)
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / runs.RUN_FILE).exists():
+        runs.new_run(root=run_dir.parent, run_id=run_dir.name, preset=preset)
     times: dict[str, float] = {}
     for k, nb in enumerate(selected, 1):
         declared = declared_parameters(nb)
         p = dict(params.get(nb, {}))
         p.update({name: val for name, val in (("run_dir", str(run_dir)), ("preset", preset)) if name in declared})
+        step = NOTEBOOK_STEPS.get(nb)
+        if step:  # moves replaced / stale results aside, records the step as running with its inputs
+            runs.start_step(run_dir, step, replace=replace, inputs=_step_inputs(nb, p))
         out_nb = out_dir / f"{nb}.ipynb"
         logger.info("[%d/%d] %s", k, len(selected), nb)
         print(f"[{k}/{len(selected)}] {nb} ...", flush=True)
@@ -191,6 +276,8 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
         times[nb] = time.perf_counter() - t0
         print(f"[{k}/{len(selected)}] {nb} done in {times[nb]:.0f} s", flush=True)
         _record(run_dir, preset, nb, p, times[nb])
+        if step:
+            runs.finish_step(run_dir, step)
     return times
 
 

@@ -18,6 +18,12 @@ Sweeps run the tuning, evaluation and profiling notebooks once per combination, 
 own run folder, then the paper notebook once over all of them:
 
     python -m rt_lib.reproduce --preset cpu --sweep granularity=attn,mlp,block --sweep route_level=seq,token
+
+Rerunning into an existing run folder (`--run-id`): a notebook whose step (01 train, 02 eval,
+03 profile) already completed there is refused before anything runs, naming what it would
+replace. `--replace` moves those results to `<run>/replaced/<step>-<time>/` and moves aside the
+results of later steps that used them, marking them stale in run.json (rerun 02/03 to refresh
+them; the paper tables leave stale runs out). A step that was interrupted resumes without it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from rt_lib import pipeline
 
@@ -78,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebooks", default=None, help="comma list of notebooks to run (default: all)")
     parser.add_argument("--list-parameters", action="store_true", help="print every notebook parameter and exit")
     parser.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    parser.add_argument("--replace", action="store_true",
+                        help="rerun steps that already completed in the run folder: move their results and those of "
+                             "later steps that used them to <run>/replaced/<step>-<time>/ (later steps become stale)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.list_parameters:
@@ -109,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((jobs[-1][0], overrides, [pipeline.NOTEBOOKS[-1]], None))
     else:
         jobs = [(args.run_id, overrides, selected, None)]
+    try:  # refuse before anything runs (or run.json is touched) if a run folder holds completed results
+        for run_id, _, notebooks, _ in jobs:
+            if run_id is not None:
+                pipeline.check_run_folder(Path(args.out) / run_id, notebooks, args.replace)
+    except runs.ResultsExist as e:
+        parser.exit(2, f"error: {e}\n")
     t0 = time.perf_counter()
     times_all, failed = [], []
     for k, (run_id, ov, notebooks, combo) in enumerate(jobs):
@@ -117,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                                parameters={"pipeline": record} if (combo or not args.sweep) else {})
         print(f"run folder: {run_dir}" + (f"  ({_label(combo)})" if combo else ""))
         try:
-            times = pipeline.run_pipeline(args.preset, run_dir, ov, notebooks, progress=not args.no_progress)
+            times = pipeline.run_pipeline(args.preset, run_dir, ov, notebooks, progress=not args.no_progress,
+                                          replace=args.replace)
+        except runs.ResultsExist as e:  # the folder changed since the check above
+            print(f"\nerror: {e}", file=sys.stderr)
+            return 2
         except pipeline.NotebookFailure as e:
             print(f"\nFAILED: {e}", file=sys.stderr)
             if not combo:

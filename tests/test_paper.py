@@ -358,3 +358,32 @@ def test_a_figure_failing_on_odd_data_is_reported_and_the_rest_drawn(tmp_path, m
     assert written["problems"] == ["fixture-block-token: figure capacity_heatmap_fixture-block-token not drawn "
                                    "(ValueError: odd data)"]
     assert {"fig2_drop_vs_mindskip", "accuracy_vs_speedup_fixture-block-token"} <= set(written["figures"])
+
+
+# ---------------------------------------------------------------------------- stale runs
+def test_runs_with_stale_steps_are_left_out_naming_the_refresh_command(tmp_path):
+    """A step rerun with --replace leaves later steps stale (rt_lib.runs.start_step); a step whose
+    recorded input (the routers it used) changed since is stale too. Neither may reach a table."""
+    root = _copy_fixtures(tmp_path)
+    marked = root / "runs" / "fixture-attn-seq"
+    meta = json.loads((marked / "run.json").read_text())
+    meta["steps"]["profile"] = {"stale": True, "stale_reason": "train was rerun on 2026-01-01T00:00:00+00:00"}
+    (marked / "run.json").write_text(json.dumps(meta))
+    changed = root / "runs" / "fixture-block-token"
+    (changed / "train" / "routers").mkdir(parents=True)
+    (changed / "train" / "routers" / "routers.safetensors").write_bytes(b"new routers")
+    meta = json.loads((changed / "run.json").read_text())
+    meta["steps"]["eval"]["inputs"] = {"routers": {"path": "train/routers/routers.safetensors", "sha256": "0" * 64}}
+    (changed / "run.json").write_text(json.dumps(meta))
+
+    written = paper.build_all(root, tmp_path / "tables", tmp_path / "figures", figures=False)
+    by_name = {p.split(":")[0]: p for p in written["problems"]}
+    assert set(by_name) == {"fixture-attn-seq", "fixture-block-token"}
+    assert "stale results, not used: profile (train was rerun" in by_name["fixture-attn-seq"]
+    assert "--run-id fixture-attn-seq --notebooks 03" in by_name["fixture-attn-seq"]
+    assert "eval (its routers train/routers/routers.safetensors changed after it ran)" in by_name["fixture-block-token"]
+    assert "--notebooks 02" in by_name["fixture-block-token"]
+    tidy = pd.read_csv(tmp_path / "tables" / "runs.csv")
+    assert set(tidy["run_id"]) == {"fixture-lora"}  # no row of a stale run
+    with pytest.raises(paper.StaleRun):
+        paper.read_run(marked)

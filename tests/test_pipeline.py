@@ -168,6 +168,20 @@ def test_evaluation_reuses_dense_scores_and_matches_static_drop_per_threshold(tm
     paired = pd.read_csv(tmp_path / "b" / "eval" / "paired.csv")
     assert set(paired.variant) == {"mindskip_t0", "mindskip_t2", f"static_drop_k{n_routed}"}
     assert (paired[paired.variant == "mindskip_t0"]["diff"] == 0).all()
+    # run.json records the routers each evaluation used: a's own, and a's for the evaluation-only run b
+    assert runs.load_run(a)["steps"]["eval"]["inputs"]["routers"]["path"] == "train/routers/routers.safetensors"
+    b_eval = runs.load_run(tmp_path / "b")["steps"]["eval"]
+    assert b_eval["inputs"]["routers"]["path"] == "../a/train/routers/routers.safetensors"
+    assert b_eval["status"] == "completed"
+    # new routers for a: its evaluation moves aside, and b's (of a's old routers) is stale too
+    assert reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "a", "--no-progress",
+                           "--notebooks", "01", "-p", "01_router_tuning.max_steps=1", "--replace"]) == 0
+    assert sorted(p.name.split("-")[0] for p in (a / "replaced").iterdir()) == ["eval", "train"]
+    assert not (a / "eval").exists() and not (a / "baselines").exists()
+    from rt_lib import paper
+
+    problems = paper.collect_runs(tmp_path).attrs["problems"]
+    assert len(problems) == 2 and all("stale results" in p for p in problems)
 
 
 def test_evaluation_of_mlp_routers_runs_without_the_attention_drop_baseline(tmp_path):
@@ -176,3 +190,144 @@ def test_evaluation_of_mlp_routers_runs_without_the_attention_drop_baseline(tmp_
     res = pd.read_csv(tmp_path / "m" / "eval" / "results.csv")
     assert set(res.variant) == {"dense", "mindskip"}  # static drop removes attention: not a match for mlp
     assert res[(res.variant == "mindskip") & (res.task == "macro_avg")].skip_ratio.notna().all()
+
+
+# ----------------------------------------------------------------------------- reruns into a run folder
+class FakeNotebooks:
+    """Stands in for papermill.execute_notebook: each notebook writes its step's main files the
+    way the real ones do (routers numbered by execution, so replaced ones can be told apart)."""
+
+    def __init__(self, fail=()):
+        self.calls, self.fail, self.trained = [], set(fail), 0
+
+    def __call__(self, input_path, output_path, parameters=None, **kwargs):
+        from pathlib import Path
+
+        from papermill.exceptions import PapermillExecutionError
+
+        nb = Path(input_path).stem
+        self.calls.append(nb)
+        Path(output_path).write_text("{}")
+        if nb in self.fail:
+            raise PapermillExecutionError(0, 3, "evaluate(...)", "KeyboardInterrupt", "interrupted", [])
+        run = Path(parameters["run_dir"])
+        if nb == "01_router_tuning":
+            self.trained += 1
+            (run / "train" / "routers").mkdir(parents=True, exist_ok=True)
+            (run / "train" / "routers" / "routers.safetensors").write_text(f"routers {self.trained}")
+            (run / "train" / "summary.json").write_text("{}")
+            runs.update_run(run, "train", {"finished": True})
+        elif nb in ("02_evaluation", "03_speedup_profiling"):
+            from rt_lib import paper
+
+            routers = parameters.get("routers") or run / "train" / "routers"
+            step, name = ("eval", "results.csv") if nb == "02_evaluation" else ("profile", "profile.csv")
+            (run / step).mkdir(exist_ok=True)
+            (run / step / name).write_text(",".join(paper.REQUIRED_COLUMNS[f"{step}/{name}"]) + "\n")  # no rows
+            # which routers the results were made with
+            (run / step / "used.txt").write_text((Path(routers) / "routers.safetensors").read_text())
+            runs.update_run(run, step, {"files": [f"{step}/{name}"]})
+
+
+@pytest.fixture
+def fake_notebooks(monkeypatch):
+    import papermill
+
+    fake = FakeNotebooks()
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    return fake
+
+
+def _reproduce(tmp_path, run_id, *args):
+    return reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", run_id, "--no-progress", *args])
+
+
+def test_rerun_into_a_completed_run_is_refused_before_anything_runs(tmp_path, fake_notebooks, capsys):
+    assert _reproduce(tmp_path, "r", "--notebooks", "01,02,03") == 0
+    run = tmp_path / "r"
+    record = runs.load_run(run)
+    assert {s: record["steps"][s]["status"] for s in ("train", "eval", "profile")} == dict.fromkeys(
+        ("train", "eval", "profile"), "completed")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        _reproduce(tmp_path, "r", "--notebooks", "01")
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "--replace" in msg and "train (train, notebooks/01_router_tuning.ipynb)" in msg
+    assert "eval (eval, notebooks/02_evaluation.ipynb)" in msg and "profile (profile" in msg
+    assert "would become stale" in msg
+    assert fake_notebooks.calls == ["01_router_tuning", "02_evaluation", "03_speedup_profiling"]  # nothing ran
+    assert runs.load_run(run) == record  # run.json untouched
+    assert (run / "eval" / "used.txt").read_text() == "routers 1"
+    # the Python entry point refuses the same way
+    with pytest.raises(runs.ResultsExist, match="--replace"):
+        pipeline.run_pipeline("smoke", run, notebooks=["03_speedup_profiling"], progress=False)
+
+
+def test_replace_moves_results_aside_and_the_paper_refuses_stale_steps(tmp_path, fake_notebooks):
+    from rt_lib import paper
+
+    assert _reproduce(tmp_path, "r", "--notebooks", "01,02,03") == 0
+    run = tmp_path / "r"
+    assert _reproduce(tmp_path, "r", "--notebooks", "01", "--replace") == 0
+    replaced = {p.name.split("-")[0]: p for p in (run / "replaced").iterdir()}
+    assert set(replaced) == {"train", "eval", "profile"}
+    assert (replaced["train"] / "train" / "routers" / "routers.safetensors").read_text() == "routers 1"
+    assert (replaced["train"] / "notebooks" / "01_router_tuning.ipynb").exists()
+    assert (replaced["eval"] / "eval" / "used.txt").read_text() == "routers 1"
+    assert (run / "train" / "routers" / "routers.safetensors").read_text() == "routers 2"
+    assert not (run / "eval").exists() and not (run / "profile").exists()  # no mixed folder left behind
+    steps = runs.load_run(run)["steps"]
+    assert steps["train"]["status"] == "completed"
+    assert steps["eval"]["stale"] and steps["profile"]["stale"]
+    with pytest.raises(paper.StaleRun) as err:
+        paper.read_run(run)
+    msg = str(err.value)
+    assert "stale" in msg and "eval" in msg and "profile" in msg
+    assert msg.endswith("--run-id r --notebooks 02,03") and "--preset smoke" in msg  # preset values: no -p
+    df = paper.collect_runs(tmp_path)
+    assert df.empty and "r: stale results" in df.attrs["problems"][0]
+    # rerunning the stale steps needs no --replace; then the run is whole again
+    assert _reproduce(tmp_path, "r", "--notebooks", "02,03") == 0
+    assert (run / "eval" / "used.txt").read_text() == "routers 2"
+    assert runs.stale_steps(run) == {}
+    paper.read_run(run)
+
+
+def test_interrupted_notebook_resumes_without_replace(tmp_path, monkeypatch, capsys):
+    import papermill
+
+    fake = FakeNotebooks(fail={"02_evaluation"})
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    assert _reproduce(tmp_path, "r", "--notebooks", "01,02,03") == 1
+    run = tmp_path / "r"
+    assert runs.load_run(run)["steps"]["eval"]["status"] == "running"
+    # the whole pipeline again would retrain: refused, with the way to continue
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _reproduce(tmp_path, "r")
+    assert "--notebooks 02,03,04" in capsys.readouterr().err
+    fake.fail.clear()
+    assert _reproduce(tmp_path, "r", "--notebooks", "02,03") == 0
+    assert fake.calls == ["01_router_tuning", "02_evaluation", "02_evaluation", "03_speedup_profiling"]
+    assert not (run / "replaced").exists()
+    steps = runs.load_run(run)["steps"]
+    assert all(steps[s]["status"] == "completed" for s in ("train", "eval", "profile"))
+
+
+def test_evaluation_of_another_runs_routers_goes_stale_when_they_are_replaced(tmp_path, fake_notebooks):
+    from rt_lib import paper
+
+    assert _reproduce(tmp_path, "a", "--notebooks", "01") == 0
+    a = tmp_path / "a"
+    assert _reproduce(tmp_path, "b", "--notebooks", "02",
+                      "-p", f"02_evaluation.routers={json.dumps(str(a / 'train' / 'routers'))}") == 0
+    b = tmp_path / "b"
+    assert runs.load_run(b)["steps"]["eval"]["inputs"]["routers"]["path"] == "../a/train/routers/routers.safetensors"
+    assert _reproduce(tmp_path, "b", "--notebooks", "01") == 0  # b's own routers: not what b's eval used
+    paper.read_run(b)
+    assert _reproduce(tmp_path, "a", "--notebooks", "01", "--replace") == 0
+    with pytest.raises(paper.StaleRun, match="changed after it ran") as err:
+        paper.read_run(b)
+    # the refresh command repeats the parameters 02 ran with
+    assert f"--run-id b --notebooks 02 -p '02_evaluation.routers=\"{a / 'train' / 'routers'}\"'" in str(err.value)
