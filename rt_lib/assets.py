@@ -197,7 +197,7 @@ def _smollm2_tokenizer(gguf: Path):
     With transformers 5.x the GGUF tokenizer matches the hub tokenizer: bos <|im_start|>
     (id 1) that is *not* prepended to inputs, eos = pad = <|im_end|> (id 2), unk
     <|endoftext|> (id 0). transformers 4.57 prepended <|im_start|> and used it as eos,
-    which raises perplexity (10.5 instead of 8.4, shared/OFFLINE_ASSETS.md); we check
+    which raises perplexity (10.5 instead of 8.4 on the same text); we check
     rather than trust the converter. The checks of any GGUF (``_gguf_tokenizer``) come first.
     """
     tok = _gguf_tokenizer(gguf)

@@ -2,7 +2,7 @@
 
 A router is `Linear(hidden_size, 1, bias=False)`, zero-initialised, reading the normalised
 input of the gated sublayer; score `r = sigmoid(w . x)`, keep when `r >= threshold`
-(README, "MindSkip in five lines"; API in docs/core_api.md). The wrapper replaces a module of each routed decoder
+(docs/method.md; API in docs/core_api.md). The wrapper replaces a module of each routed decoder
 layer in place (PEFT style, the original kept as `base_layer`):
 
     granularity  wrapped module         router input                    skipped output
@@ -27,6 +27,9 @@ Execution modes (eval):
   nothing (what a compute-then-mask implementation does).
 Beam search: the model's first forward pass on a new cache makes `cache.reorder_cache` reorder
 the gates' stored decisions, kept rows and key histories with the beams (`_follow_reorders`).
+Modules: `architecture` (layers, routable layers, windows), `gates` (the sequence and token
+gates), `removal` (physically removed sublayers); this module holds the model handle and the
+router checkpoints.
 Training (`ms.train()`): hard decisions in the forward pass, full compute, straight-through
 gradient `m = hard + r - r.detach()` to the router score; capacities are differentiable.
 """
@@ -38,519 +41,30 @@ import hashlib
 import json
 import logging
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .architecture import (  # noqa: F401 - part of this module's API
+    REQUIRED_LAYER_PARTS,
+    cache_reference_layers,
+    check_architecture,
+    find_decoder,
+    get_slot,
+    routed_layers_for,
+    set_slot,
+)
 from .config import MindSkipConfig
+from .gates import ROUTER_PREFIX, MindSkipGate, RoutingContext, SeqGate, TokenGate, make_gate  # noqa: F401
+from .removal import DroppedLayers, drop_sublayers  # noqa: F401 - part of this module's API
 
 logger = logging.getLogger(__name__)
 
-ROUTER_PREFIX = "mindskip_router"
 CHECKPOINT_FORMAT = "rt-kit-mindskip-routers"
 CHECKPOINT_VERSION = 1
 WEIGHTS_NAME = "routers.safetensors"
 CONFIG_NAME = "mindskip_config.json"
-REQUIRED_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
-
-
-# ----------------------------------------------------------------------------------------
-# Architecture
-# ----------------------------------------------------------------------------------------
-def find_decoder(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """The module owning the decoder layers and the layer list, or a clear error."""
-    candidates = []
-    inner = getattr(model, "model", None)
-    if inner is not None:
-        candidates.append(inner)
-        if getattr(inner, "language_model", None) is not None:
-            candidates.append(inner.language_model)
-    if hasattr(model, "get_decoder"):
-        try:
-            candidates.append(model.get_decoder())
-        except Exception:  # noqa: BLE001 - some models raise here; the other candidates remain
-            pass
-    candidates.append(model)
-    for dec in candidates:
-        layers = getattr(dec, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return dec, layers
-    raise ValueError(
-        f"{type(model).__name__} is not a supported decoder: no `model.layers` ModuleList found. "
-        "MindSkip supports Llama-shaped causal LMs (Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, ...)."
-    )
-
-
-def check_architecture(model: nn.Module) -> None:
-    _, layers = find_decoder(model)
-    for i, layer in enumerate(layers):
-        base = layer.base_layer if isinstance(layer, MindSkipGate) else layer
-        missing = [p for p in REQUIRED_LAYER_PARTS if not hasattr(base, p)]
-        if missing:
-            raise ValueError(
-                f"{type(model).__name__}: decoder layer {i} ({type(base).__name__}) lacks {missing}. MindSkip needs "
-                f"Llama-shaped layers with {list(REQUIRED_LAYER_PARTS)}."
-            )
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl not in (None, "eager", "sdpa"):
-        logger.warning("attention implementation %r: seq routing works; token routing needs eager or sdpa", impl)
-
-
-def cache_reference_layers(model: nn.Module) -> set[int]:
-    """Layers whose cache length Hugging Face reads (sequence length, mask sizes).
-
-    Layer 0 gives `cache.get_seq_length()`; the first full-attention layer gives the mask
-    sizes. Skipping their attention would leave those caches empty, so they cannot be routed
-    at `attn`/`block` granularity.
-    """
-    ref = {0}
-    types = getattr(model.config, "layer_types", None)
-    if types:
-        full = [i for i, t in enumerate(types) if t == "full_attention"]
-        if full:
-            ref.add(full[0])
-    return ref
-
-
-def routed_layers_for(model: nn.Module, config: MindSkipConfig) -> list[int]:
-    """The layers `config` routes in `model`.
-
-    The default range (the `num_routed_layers` deepest layers except the last) leaves out, at
-    `attn`/`block` granularity, the layers Hugging Face reads the cache length from
-    (`cache_reference_layers`) and logs their indices; an explicit `routed_layers` list naming
-    one of them is an error.
-    """
-    _, layers = find_decoder(model)
-    ref = cache_reference_layers(model) if config.granularity != "mlp" else set()
-    if config.routed_layers is not None:
-        routed = config.resolve_layers(len(layers))
-        bad = sorted(ref & set(routed))
-        if bad:
-            raise ValueError(
-                f"layers {bad} cannot be routed at {config.granularity!r} granularity: Hugging Face reads the "
-                "cache length from them (layer 0 and the first full-attention layer). Route other layers."
-            )
-        return routed
-    routed = config.resolve_layers(len(layers), exclude=ref)
-    full = config.resolve_layers(len(layers))
-    left_out = sorted(set(full) - set(routed))
-    if left_out:
-        logger.warning("MindSkip: default routed layers leave out %s (Hugging Face reads the cache length from them); "
-                    "routing %d layers: %s", left_out, len(routed), routed)
-    return routed
-
-
-def _sliding_window(layer: nn.Module, layer_idx: int, config) -> int | None:
-    """The attention window of decoder layer `layer_idx`, or None for full attention.
-
-    Models with per-layer types (Gemma2/3, Qwen2/3) keep it on the attention module or mark the
-    layer `sliding_attention`; Mistral and Phi3 apply `config.sliding_window` to every layer.
-    """
-    attn = getattr(layer, "self_attn", None)
-    if attn is not None and hasattr(attn, "sliding_window"):
-        return attn.sliding_window or None
-    types = getattr(config, "layer_types", None)
-    if types:
-        return getattr(config, "sliding_window", None) if types[layer_idx] == "sliding_attention" else None
-    return getattr(config, "sliding_window", None) or None
-
-
-_SLOT = {"attn": "self_attn", "mlp": "mlp"}  # block granularity: the decoder layer itself
-
-
-def _get_slot(layers: nn.ModuleList, i: int, granularity: str) -> nn.Module:
-    """The module of layer i that `granularity` gates (or removes)."""
-    return layers[i] if granularity == "block" else getattr(layers[i], _SLOT[granularity])
-
-
-def _set_slot(layers: nn.ModuleList, i: int, granularity: str, module: nn.Module) -> None:
-    if granularity == "block":
-        layers[i] = module
-    else:
-        setattr(layers[i], _SLOT[granularity], module)
-
-
-# ----------------------------------------------------------------------------------------
-# Shared routing context: what the gates need from the top-level call
-# ----------------------------------------------------------------------------------------
-class RoutingContext:
-    """Filled by a forward pre-hook on the decoder before any layer runs."""
-
-    def __init__(self):
-        self.real: torch.Tensor | None = None  # (B, T) bool: real (non-padding) tokens of the current input
-        self.past_len = 0  # tokens already in the cache before this call
-        self.cache = None
-        self.padded = False  # the current (prefill) input has padding tokens
-
-    def hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        emb = kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else emb
-        bsz, q_len = ref.shape[0], ref.shape[1]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        self.cache = cache
-        self.past_len = int(cache.get_seq_length()) if cache is not None else 0
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            self.real = mask[:, -q_len:].to(device=ref.device, dtype=torch.bool)
-            # one host sync per forward (not per layer); decode steps reuse prefill decisions
-            self.padded = self.past_len == 0 and not bool(self.real.all())
-        else:
-            self.real = torch.ones(bsz, q_len, dtype=torch.bool, device=ref.device)
-            self.padded = False
-        return None
-
-
-def _take_rows(obj, rows: torch.Tensor, bsz: int):
-    """Select batch rows in every tensor of (nested) call arguments whose first dim is the batch."""
-    if isinstance(obj, torch.Tensor):
-        return obj[rows] if obj.ndim >= 2 and obj.shape[0] == bsz else obj
-    if isinstance(obj, tuple):
-        return tuple(_take_rows(o, rows, bsz) for o in obj)
-    if isinstance(obj, list):
-        return [_take_rows(o, rows, bsz) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _take_rows(v, rows, bsz) for k, v in obj.items()}
-    return obj
-
-
-def _masked_mean(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Mean of v over the positions where m is True (keeps the autograd graph of v)."""
-    m = m.to(v.dtype) if v.is_floating_point() else m.float()
-    v = v if v.is_floating_point() else v.float()
-    return (v * m).sum() / m.sum().clamp_min(1.0)
-
-
-def _gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t: (B or 1, T, ...) -> (B, Tk, ...) at token indices idx (B, Tk)."""
-    t = t.expand(idx.shape[0], *t.shape[1:])
-    view = idx.view(*idx.shape, *([1] * (t.ndim - 2))).expand(*idx.shape, *t.shape[2:])
-    return torch.gather(t, 1, view)
-
-
-@dataclass
-class _TokenHistory:
-    """Key slots of one layer's cache under token routing: (B, S) time index and validity."""
-
-    cache: weakref.ref
-    time: torch.Tensor
-    valid: torch.Tensor
-
-
-# ----------------------------------------------------------------------------------------
-# The gate
-# ----------------------------------------------------------------------------------------
-class MindSkipGate(nn.Module):
-    """Wraps one sublayer (or block) of one decoder layer with a router."""
-
-    def __init__(self, base_layer: nn.Module, layer: nn.Module, layer_idx: int, cfg: MindSkipConfig,
-                 model_config, ctx: RoutingContext):
-        super().__init__()
-        self.base_layer = base_layer
-        dtype = getattr(torch, cfg.router_dtype)
-        ref_param = next(base_layer.parameters())
-        router = nn.Linear(model_config.hidden_size, 1, bias=False, device=ref_param.device, dtype=dtype)
-        nn.init.zeros_(router.weight)
-        setattr(self, ROUTER_PREFIX, router)
-        self.layer_idx = layer_idx
-        self.granularity = cfg.granularity
-        self.route_level = cfg.route_level
-        self.threshold = cfg.threshold
-        self.forced: bool | None = None
-        self.execution = "skip"
-        self.attn_impl = getattr(model_config, "_attn_implementation", None)
-        # not registered as submodules: they belong to the base layer
-        object.__setattr__(self, "_ctx", ctx)
-        object.__setattr__(self, "_block_norm", layer.input_layernorm if cfg.granularity == "block" else None)
-        self.sliding_window = _sliding_window(layer, layer_idx, model_config)
-        self._seq_state: tuple[weakref.ref, torch.Tensor, torch.Tensor] | None = None  # (cache, keep, kept rows)
-        self._tok_state: _TokenHistory | None = None
-        self.capacity: torch.Tensor | None = None
-        self.last_keep: torch.Tensor | None = None
-        self.reset_stats()
-
-    @property
-    def router(self) -> nn.Linear:
-        return getattr(self, ROUTER_PREFIX)
-
-    def __getattr__(self, name):  # transparent to code that reads attributes of the wrapped module
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self._modules["base_layer"], name)
-
-    def reset_stats(self):
-        self.n_exec = 0.0
-        self.n_total = 0.0
-
-    # -- routing -------------------------------------------------------------------------
-    def _scores(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Router score r in (0, 1): (B,) for seq routing, (B, T) for token routing."""
-        w = self.router.weight
-        xs = x.to(w.dtype)
-        if self.route_level == "seq":
-            if not self._ctx.padded and not self.training:
-                return torch.sigmoid(self.router(xs.mean(1))).squeeze(-1)
-            m = real.to(w.dtype).unsqueeze(-1)  # (B, T, 1): pool over real tokens only
-            pooled = (xs * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, d)
-            return torch.sigmoid(self.router(pooled)).squeeze(-1)
-        return torch.sigmoid(self.router(xs)).squeeze(-1)
-
-    def _hard(self, r: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.forced, torch.Tensor):  # per-row (or per-token) forced decisions
-            f = self.forced.to(device=r.device, dtype=torch.bool)
-            return (f.view(-1, *([1] * (r.ndim - 1))) if f.ndim == 1 else f).expand_as(r)
-        if self.forced is not None:
-            return torch.full_like(r, float(self.forced)).bool()
-        return r >= self.threshold
-
-    def _normed(self, x):
-        return self._block_norm(x) if self._block_norm is not None else x
-
-    # -- forward -------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        ctx = self._ctx
-        x = hidden_states
-        bsz, q_len = x.shape[0], x.shape[1]
-        real = ctx.real
-        if real is None or real.shape != (bsz, q_len):
-            real = torch.ones(bsz, q_len, dtype=torch.bool, device=x.device)
-        if self.route_level == "seq":
-            return self._forward_seq(x, real, args, kwargs)
-        return self._forward_token(x, real, args, kwargs)
-
-    def _call(self, x, args, kwargs):
-        out = self.base_layer(x, *args, **kwargs)
-        return (out[0] if isinstance(out, tuple) else out), isinstance(out, tuple)
-
-    def _wrap(self, out, was_tuple):
-        return (out, None) if was_tuple else out
-
-    def _skipped_output(self, x):
-        return x if self.granularity == "block" else torch.zeros_like(x)
-
-    def _apply_gate(self, x, out, g):
-        """Sublayer output weighted by the decision g (hard 0/1, or straight-through)."""
-        g = g.to(out.dtype).view(*g.shape, *([1] * (out.ndim - g.ndim)))
-        return x + g * (out - x) if self.granularity == "block" else g * out
-
-    def _forward_seq(self, x, real, args, kwargs):
-        ctx = self._ctx
-        bsz = x.shape[0]
-        cache = ctx.cache
-        if self.training:
-            rows_real = real.any(1)
-            r = self._scores(self._normed(x), real)
-            hard = self._hard(r)
-            gate = hard.to(r.dtype) + r - r.detach()  # straight-through estimator
-            out, tup = self._call(x, args, kwargs)
-            self.capacity = _masked_mean(gate, rows_real)
-            self._record(hard, rows_real)
-            return self._wrap(self._apply_gate(x, out, gate), tup)
-
-        if cache is not None and ctx.past_len > 0:
-            # decode / continuation: reuse the decision taken at prefill (cache rows depend on it)
-            st = self._seq_state
-            if st is None or st[0]() is not cache or st[1].shape[0] != bsz:
-                raise RuntimeError(
-                    f"MindSkip layer {self.layer_idx}: this cache was not prefilled by this MindSkip model "
-                    "(no routing decision stored for it). Start generation from an empty cache."
-                )
-            _, hard, rows = st
-        else:
-            if isinstance(self.forced, bool):  # forced decisions: no router work, no host sync
-                hard = torch.full((bsz,), self.forced, dtype=torch.bool, device=x.device)
-                rows = torch.arange(bsz if self.forced else 0, device=x.device)
-            else:
-                with torch.no_grad():
-                    hard = self._hard(self._scores(self._normed(x), real))
-                rows = hard.nonzero().squeeze(-1)  # one host sync per prefill, none per decode step
-            if cache is not None:
-                self._seq_state = (weakref.ref(cache), hard, rows)
-        # eval statistics as host integers: the kept rows are known on the host already
-        self.capacity = None
-        self.last_keep = hard
-        self.n_exec += rows.numel()
-        self.n_total += bsz
-        n_keep = rows.numel()
-        if self.execution == "mask" or (0 < n_keep < bsz and cache is not None
-                                         and not _row_subset_cache(cache, self.layer_idx)):
-            # compute-then-mask reference; or a preallocated (static) cache with a fixed batch
-            out, tup = self._call(x, args, kwargs)
-            return self._wrap(self._apply_gate(x, out, hard), tup)
-        if n_keep == bsz:
-            out, tup = self._call(x, args, kwargs)
-            return self._wrap(out, tup)
-        if n_keep == 0:
-            return self._wrap(self._skipped_output(x), self.granularity == "attn")
-        sub, tup = self._call(x[rows], _take_rows(args, rows, bsz), _take_rows(kwargs, rows, bsz))
-        out = self._skipped_output(x).clone()
-        out[rows] = sub
-        return self._wrap(out, tup)
-
-    # -- beam search ---------------------------------------------------------------------
-    def reorder_cache(self, cache, beam_idx: torch.Tensor) -> bool:
-        """Follow a beam-search reorder of `cache` (row b becomes old row beam_idx[b]).
-
-        Reorders the decisions and key history stored for this cache. Returns True when this
-        gate also reordered its layer's cache (its rows are a subset of the batch under `seq`
-        routing), False when the cache layer holds every row and the caller reorders it.
-        """
-        if self._tok_state is not None and self._tok_state.cache() is cache:
-            st = self._tok_state
-            idx = beam_idx.to(st.time.device)
-            st.time, st.valid = st.time.index_select(0, idx), st.valid.index_select(0, idx)
-        seq = self._seq_state
-        if seq is None or seq[0]() is not cache:
-            return False
-        ref, hard, rows = seq
-        idx = beam_idx.to(hard.device)
-        new_hard = hard.index_select(0, idx)
-        new_rows = new_hard.nonzero().squeeze(-1)
-        self._seq_state = (ref, new_hard, new_rows)
-        layer = getattr(cache, "layers", [None] * (self.layer_idx + 1))[self.layer_idx]
-        keys = getattr(layer, "keys", None)
-        if self.granularity == "mlp" or not isinstance(keys, torch.Tensor) or keys.shape[0] == hard.shape[0]:
-            return False  # the layer's cache holds every row (or none): the standard reorder applies
-        # the cache holds the kept rows in batch order: old row r sits at slot (number kept before r)
-        slot = torch.cumsum(hard.long(), 0) - 1
-        take = slot.index_select(0, idx.index_select(0, new_rows)).to(keys.device)
-        layer.keys = keys.index_select(0, take)
-        layer.values = layer.values.index_select(0, take)
-        return True
-
-    def _record(self, hard, units):
-        """Accumulate executed / total units (sequences or real tokens) without a host sync."""
-        with torch.no_grad():
-            self.last_keep = hard.detach()
-            self.n_exec = self.n_exec + (hard & units).sum()
-            self.n_total = self.n_total + units.sum()
-
-    # -- token routing ---------------------------------------------------------------------
-    def _forward_token(self, x, real, args, kwargs):
-        bsz, q_len = x.shape[0], x.shape[1]
-        ctx = self._ctx
-        grad_mode = self.training
-        if grad_mode:
-            r = self._scores(self._normed(x), real)
-        else:
-            with torch.no_grad():
-                r = self._scores(self._normed(x), real)
-        hard = self._hard(r) & real  # padding never runs / never stored
-        gate = hard.to(r.dtype) + r - r.detach() if grad_mode else hard
-        self.capacity = _masked_mean(gate, real)
-        self._record(hard, real)
-
-        if self.granularity == "mlp":  # position-wise: no keys/values involved
-            if grad_mode or self.execution == "mask":
-                out, tup = self._call(x, args, kwargs)
-                return self._wrap(self._apply_gate(x, out, gate), tup)
-            out = torch.zeros_like(x)
-            if hard.any():
-                out[hard] = self.base_layer(x[hard].unsqueeze(0)).squeeze(0)
-            return out
-
-        cache = ctx.cache
-        if cache is not None and not _row_subset_cache(cache, self.layer_idx):
-            raise NotImplementedError(
-                "token routing stores a compacted key history per layer and needs a DynamicCache; "
-                f"got {type(cache).__name__}. Use the default cache (no cache_implementation) or seq routing."
-            )
-        compute_all = grad_mode or self.execution == "mask"
-        # queries: the tokens that go through the module, compacted per row
-        sel = real if compute_all else hard
-        hist = self._history(cache, bsz, x.device)
-        time_now = ctx.past_len + torch.arange(q_len, device=x.device).expand(bsz, q_len)
-        if not compute_all and not sel.any():
-            return self._wrap(self._skipped_output(x), self.granularity == "attn")
-        n_sel = sel.sum(1)
-        t_k = int(n_sel.max())
-        # per row: filler slots (marked invalid) first, then the selected tokens in time order, so
-        # the valid keys of a row always occupy its newest cache slots; a sliding-window cache,
-        # which keeps only the newest slots, then never drops a valid key still inside the window
-        order = torch.argsort(sel.to(torch.int8), dim=1, stable=True)[:, q_len - t_k:]  # (B, Tk)
-        q_valid = torch.gather(sel, 1, order)
-        q_time = torch.gather(time_now, 1, order)
-        k_valid_new = torch.gather(hard, 1, order) & q_valid  # skipped tokens are not keys
-        sub_x = _gather_tokens(x, order)
-        kw = dict(kwargs)
-        pe = kw.get("position_embeddings")
-        if pe is not None:
-            kw["position_embeddings"] = tuple(_gather_tokens(p, order) for p in pe)
-        if isinstance(kw.get("position_ids"), torch.Tensor):
-            kw["position_ids"] = _gather_tokens(kw["position_ids"], order)
-        k_time = torch.cat([hist.time, q_time], 1) if hist is not None else q_time
-        k_valid = torch.cat([hist.valid, k_valid_new], 1) if hist is not None else k_valid_new
-        allowed = k_valid[:, None, :] & (k_time[:, None, :] <= q_time[:, :, None])  # (B, Tk, S+Tk)
-        if self.sliding_window:
-            allowed &= k_time[:, None, :] > q_time[:, :, None] - self.sliding_window
-        n_past = k_time.shape[1] - t_k
-        eye = torch.zeros_like(allowed)
-        eye[:, :, n_past:] = torch.eye(t_k, dtype=torch.bool, device=x.device)
-        allowed = (allowed | eye).unsqueeze(1)  # every query sees at least itself: no empty softmax rows
-        if self.attn_impl == "eager":
-            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-            mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
-        else:
-            mask = allowed
-        kw["attention_mask"] = mask
-        sub, tup = self._call(sub_x, args, kw)
-        self._extend_history(cache, hist, q_time, k_valid_new)
-        out = self._skipped_output(x).clone()
-        b_idx, j_idx = q_valid.nonzero(as_tuple=True)
-        out[b_idx, order[b_idx, j_idx]] = sub[b_idx, j_idx]
-        if compute_all:  # every real token was computed: apply the (straight-through) decision
-            out = self._apply_gate(x, out, gate)
-        return self._wrap(out, tup)
-
-    def _history(self, cache, bsz, device) -> _TokenHistory | None:
-        ctx = self._ctx
-        if cache is None:
-            return None
-        if ctx.past_len == 0:
-            self._tok_state = _TokenHistory(weakref.ref(cache), torch.zeros(bsz, 0, dtype=torch.long, device=device),
-                                            torch.zeros(bsz, 0, dtype=torch.bool, device=device))
-        st = self._tok_state
-        if st is None or st.cache() is not cache or st.time.shape[0] != bsz:
-            raise RuntimeError(
-                f"MindSkip layer {self.layer_idx}: this cache was not prefilled by this MindSkip model "
-                "(no token history stored for it). Start generation from an empty cache."
-            )
-        return st
-
-    def _extend_history(self, cache, hist, q_time, k_valid_new):
-        if hist is None:
-            return
-        hist.time = torch.cat([hist.time, q_time], 1)
-        hist.valid = torch.cat([hist.valid, k_valid_new], 1)
-        stored = _stored_len(cache, self.layer_idx)
-        if stored is not None and stored < hist.time.shape[1]:  # sliding-window caches drop old slots
-            hist.time = hist.time[:, -stored:]
-            hist.valid = hist.valid[:, -stored:]
-
-
-def _row_subset_cache(cache, layer_idx) -> bool:
-    """True when the layer's cache grows by concatenation (DynamicCache layers), so it can hold
-    a subset of the batch rows or a compacted token history."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if layers is None or layer_idx >= len(layers):
-        return True
-    return isinstance(layers[layer_idx], DynamicLayer)
-
-
-def _stored_len(cache, layer_idx) -> int | None:
-    """Number of key slots the cache holds for a layer (None when unknown or empty)."""
-    try:
-        keys = getattr(cache.layers[layer_idx], "keys", None)
-    except (AttributeError, IndexError):
-        return None
-    return keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.ndim >= 3 else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -581,8 +95,8 @@ class MindSkipModel(nn.Module):
         self._layers = layers
         self._gates: dict[int, MindSkipGate] = {}
         for i in self.routed_layers:
-            gate = MindSkipGate(_get_slot(layers, i, config.granularity), layers[i], i, config, model.config, self._ctx)
-            _set_slot(layers, i, config.granularity, gate)
+            gate = make_gate(get_slot(layers, i, config.granularity), layers[i], i, config, model.config, self._ctx)
+            set_slot(layers, i, config.granularity, gate)
             self._gates[i] = gate
         self.model.train(model.training)
 
@@ -703,7 +217,7 @@ class MindSkipModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove routers and hooks; return the base model exactly as it was."""
         for i, g in self._gates.items():
-            _set_slot(self._layers, i, self.config.granularity, g.base_layer)
+            set_slot(self._layers, i, self.config.granularity, g.base_layer)
         self._hook.remove()
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
@@ -715,12 +229,12 @@ class MindSkipModel(nn.Module):
         """Within the block `ms.model` is the plain base model (same weights, gates taken out);
         the gates return on exit. For timing the dense model on exactly the same tensors."""
         for i, g in self._gates.items():
-            _set_slot(self._layers, i, self.config.granularity, g.base_layer)
+            set_slot(self._layers, i, self.config.granularity, g.base_layer)
         try:
             yield self.model
         finally:
             for i, g in self._gates.items():
-                _set_slot(self._layers, i, self.config.granularity, g)
+                set_slot(self._layers, i, self.config.granularity, g)
 
     # -- save / load ---------------------------------------------------------------------------
     def router_state_dict(self) -> dict[str, torch.Tensor]:
@@ -853,62 +367,3 @@ def _read_router_weights(path: Path) -> dict[str, torch.Tensor]:
 def get_mindskip_model(model: nn.Module, config: MindSkipConfig | None = None) -> MindSkipModel:
     """Attach zero-initialised MindSkip routers to `model` (in place); the base is frozen."""
     return MindSkipModel(model, config or MindSkipConfig())
-
-
-# ----------------------------------------------------------------------------------------
-# Physically removed sublayers (the oracle of profiling, the static-drop baseline)
-# ----------------------------------------------------------------------------------------
-class _Removed(nn.Module):
-    """Stands in for a removed sublayer: computes nothing, stores no keys/values."""
-
-    def __init__(self, kind: str, original: nn.Module):
-        super().__init__()
-        self.kind = kind
-        object.__setattr__(self, "_original", original)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_original"), name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if self.kind == "block":
-            return hidden_states
-        out = torch.zeros_like(hidden_states)
-        return (out, None) if self.kind == "attn" else out
-
-
-class DroppedLayers:
-    """Handle returned by `drop_sublayers`; `restore()` puts the original modules back."""
-
-    def __init__(self, model, layers, granularity, originals):
-        self.model, self.layers, self.granularity, self._originals = model, layers, granularity, originals
-
-    def restore(self) -> nn.Module:
-        _, mlist = find_decoder(self.model)
-        for i, orig in self._originals.items():
-            _set_slot(mlist, i, self.granularity, orig)
-        self._originals = {}
-        return self.model
-
-
-def drop_sublayers(model: nn.Module, layers, granularity: str = "attn") -> DroppedLayers:
-    """Remove the `granularity` sublayer of each layer in `layers` from `model` (in place)."""
-    check_architecture(model)
-    _, mlist = find_decoder(model)
-    layers = sorted({int(i) for i in layers})
-    bad = [i for i in layers if not 0 <= i < len(mlist)]
-    if bad:
-        raise ValueError(f"layers {bad} do not exist (model has {len(mlist)})")
-    if granularity not in ("attn", "mlp", "block"):
-        raise ValueError(f"granularity must be attn, mlp or block, got {granularity!r}")
-    if granularity != "mlp":
-        ref = sorted(cache_reference_layers(model) & set(layers))
-        if ref:
-            raise ValueError(f"layers {ref} hold the cache length Hugging Face reads; they cannot be dropped")
-    originals = {}
-    for i in layers:
-        originals[i] = _get_slot(mlist, i, granularity)
-        _set_slot(mlist, i, granularity, _Removed(granularity, originals[i]))
-    return DroppedLayers(model, layers, granularity, originals)

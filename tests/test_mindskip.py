@@ -106,16 +106,59 @@ def test_forced_skip_equals_removed_sublayer(arch, gran):
     assert not torch.allclose(ref, logits(model, ids, mask), atol=1e-3)  # the removal mattered
 
 
-def test_forced_skip_mask_mode_equals_skip_mode():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
+@pytest.mark.parametrize("level", ["seq", "token"])
+@pytest.mark.parametrize("gran", GRANS)
+def test_mask_mode_equals_skip_mode_with_mixed_decisions(arch, level, gran):
+    """Computing only the kept rows/tokens gives what compute-everything-then-mask gives."""
+    model = tiny_model(arch)
     ids, mask = padded_batch([8, 5, 7])
-    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=3))
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], granularity=gran, route_level=level))
     ms.eval()
-    random_routers(ms)
-    out_skip = logits(model, ids, mask)
+    for seed in range(10):  # the first router seed that mixes decisions inside the batch
+        random_routers(ms, seed=seed)
+        out_skip = logits(model, ids, mask)
+        keep = {i: d.clone() for i, d in ms.decisions().items()}
+        if any(0 < int(d.sum()) < d.numel() for d in keep.values()):
+            break
+    assert any(0 < int(d.sum()) < d.numel() for d in keep.values()), "want mixed decisions"
     ms.set_execution("mask")
     out_mask = logits(model, ids, mask)
-    torch.testing.assert_close(out_skip, out_mask, atol=1e-5, rtol=0)
+    assert all(torch.equal(keep[i], d) for i, d in ms.decisions().items())
+    real = mask.bool()
+    torch.testing.assert_close(out_skip[real], out_mask[real], atol=1e-5, rtol=0)
+
+
+def test_token_routing_attention_equals_a_loop_over_kept_prefixes():
+    """Independent reference for token routing: the output of a kept token t is the plain
+    attention module run on the kept tokens up to t (a skipped token is no key), read at t;
+    a skipped token's output is zero."""
+    model = tiny_model("llama")
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[3], route_level="token"))
+    ms.eval()
+    random_routers(ms, seed=4)
+    gate = ms.gates[3]
+    seen = {}
+
+    def capture(module, args, kwargs, output):
+        seen.update(x=kwargs.get("hidden_states", args[0] if args else None), kw=kwargs, out=output[0])
+
+    handle = gate.register_forward_hook(capture, with_kwargs=True)
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    logits(model, ids)
+    handle.remove()
+    keep = ms.decisions()[3][0]
+    assert 0 < int(keep.sum()) < keep.numel()
+    cos, sin = seen["kw"]["position_embeddings"]
+    for t in range(ids.shape[1]):
+        if not keep[t]:
+            assert torch.count_nonzero(seen["out"][0, t]) == 0
+            continue
+        prefix = [j for j in range(t + 1) if keep[j]]
+        with torch.no_grad():
+            ref, _ = gate.base_layer(seen["x"][:, prefix], position_embeddings=(cos[:, prefix], sin[:, prefix]),
+                                     attention_mask=None)
+        torch.testing.assert_close(seen["out"][0, t], ref[0, -1], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------- batch invariance

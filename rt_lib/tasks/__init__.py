@@ -1,6 +1,6 @@
 """The paper's eight benchmarks as lm-evaluation-harness tasks: standard, offline, quick.
 
-The paper evaluates with lm-evaluation-harness (ROUTER_TUNING.md, evaluation settings):
+The paper evaluates with lm-evaluation-harness (docs/method.md, evaluation settings):
 
     task           shots  metric     standard harness split scored / few-shot source
     arc_challenge  25     acc_norm   test / train

@@ -6,7 +6,7 @@ gets therefore depend on how many documents the same process saw before it: with
 ``accelerate launch`` (documents dealt round-robin to N processes) or a different ``limit``
 or ``samples`` selection, the same document is shown different examples, and scores move.
 The paper's authors patched their harness fork to select by sample index for this reason
-(ROUTER_TUNING.md, evaluation settings).
+(docs/method.md, evaluation settings).
 
 ``DocSeededSampler`` derives a fresh generator from ``(fewshot seed, fingerprint of the
 scored document)`` for every document, so its examples are the same in any process layout,
