@@ -86,16 +86,9 @@ def load_records(source: Any, split: str | None = None) -> list[dict]:
         if hasattr(ds, "keys"):
             ds = ds[split or "train"]
         return [dict(r) for r in ds]
-    try:
-        from rt_lib import assets
-    except ImportError:  # assets not available: hub names only
-        assets = None
-    if assets is not None:
-        ds = assets.load_dataset(source, split=split or "train")
-    else:
-        import datasets
+    from rt_lib import assets  # embedded names offline, anything else from the hub
 
-        ds = datasets.load_dataset(source, split=split or "train")
+    ds = assets.load_dataset(source, split=split or "train")
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # DatasetDict
         ds = ds[split or "train"]
     return [dict(r) for r in ds]
@@ -266,6 +259,44 @@ def _pack(examples: Iterable[tuple[list[int], list[int]]], max_length: int):
         yield buf_ids, buf_lab
 
 
+def _encoder(tokenizer, fmt: str, template: str, max_length: int, system_prompt: str | None):
+    """``record -> (input_ids, labels)`` for data of format ``fmt``; raises if ``max_length``
+    leaves no room for a response in the instruction template."""
+    if fmt == "instruction":
+        overhead = template_overhead(tokenizer, template)
+        if max_length <= overhead:
+            raise ValueError(f"max_length={max_length} is not longer than the {template!r} template "
+                             f"({overhead} tokens for an empty exchange): no response token would fit")
+        prefix = _special_prefix(tokenizer) if template == "paper" else []
+
+        def encode(rec):
+            msgs = to_messages(rec, system_prompt)
+            segs = paper_segments(msgs) if template == "paper" else chat_segments(tokenizer, msgs)
+            return encode_segments(tokenizer, segs, prefix)
+    else:
+        prefix = _special_prefix(tokenizer)
+
+        def encode(rec):
+            ids = prefix + _tok(tokenizer, str(rec["text"])) + [tokenizer.eos_token_id]
+            return ids, list(ids)
+    return encode
+
+
+def _encode_selected(records: list[dict], order: Iterable[int], encode, stats: DataStats):
+    """Yield ``encode(records[i])`` for ``i`` in ``order``: cut at ``stats.max_length`` unless
+    packing, without the examples left with no label; counts both in ``stats``."""
+    for i in order:
+        ids, labels = encode(records[i])
+        stats.selected += 1
+        if not stats.packing and len(ids) > stats.max_length:
+            ids, labels = ids[:stats.max_length], labels[:stats.max_length]
+            stats.truncated += 1
+        if not has_labels(labels):
+            stats.dropped_all_masked += 1
+            continue
+        yield ids, labels
+
+
 # ----------------------------------------------------------------------------- datasets
 def build_dataset(
     tokenizer,
@@ -302,55 +333,26 @@ def build_dataset(
     fmt = detect_format(records, name) if format == "auto" else format
     _check_fields(records, fmt, name)
 
-    if fmt == "instruction":
-        overhead = template_overhead(tokenizer, template)
-        if max_length <= overhead:
-            raise ValueError(f"max_length={max_length} is not longer than the {template!r} template "
-                             f"({overhead} tokens for an empty exchange): no response token would fit")
-        prefix = _special_prefix(tokenizer) if template == "paper" else []
-
-        def encode(rec):
-            msgs = to_messages(rec, system_prompt)
-            segs = paper_segments(msgs) if template == "paper" else chat_segments(tokenizer, msgs)
-            return encode_segments(tokenizer, segs, prefix)
-    else:
-        prefix = _special_prefix(tokenizer)
-
-        def encode(rec):
-            ids = prefix + _tok(tokenizer, str(rec["text"])) + [tokenizer.eos_token_id]
-            return ids, list(ids)
-
+    encode = _encoder(tokenizer, fmt, template, max_length, system_prompt)
     stats = DataStats(source=str(name), split=split, format=fmt,
                       template=template if fmt == "instruction" else None,
                       available=len(records), selected=0, dropped_all_masked=0, truncated=0,
                       sequences=0, tokens=0, label_tokens=0, max_length=max_length,
                       packing=packing, seed=seed)
-
-    def encoded(order):
-        for i in order:
-            ids, labels = encode(records[i])
-            stats.selected += 1
-            if not packing and len(ids) > max_length:
-                ids, labels = ids[:max_length], labels[:max_length]
-                stats.truncated += 1
-            if not has_labels(labels):
-                stats.dropped_all_masked += 1
-                continue
-            yield ids, labels
-
     if packing:
         # num_samples/skip count packed sequences: encode the permuted source lazily until
         # enough blocks exist (large sources are not tokenised in full).
         order = select_indices(len(records), None, seed)
         want = None if num_samples is None else skip + num_samples
         seqs = []
-        for block in _pack(encoded(order), max_length):
+        for block in _pack(_encode_selected(records, order, encode, stats), max_length):
             seqs.append(block)
             if want is not None and len(seqs) >= want:
                 break
         seqs = seqs[skip:]
     else:
-        seqs = list(encoded(select_indices(len(records), num_samples, seed, skip)))
+        order = select_indices(len(records), num_samples, seed, skip)
+        seqs = list(_encode_selected(records, order, encode, stats))
 
     out = [{"input_ids": ids, "labels": labels} for ids, labels in seqs]
     stats.sequences = len(out)
@@ -399,7 +401,7 @@ def pad_token_id(tokenizer) -> int:
 
 def byte_tokenizer():
     """A byte-level tokenizer built in memory (259 ids: ``<s>``, ``</s>``, ``<pad>`` and the 256
-    bytes): no files, no downloads. For the ``smoke`` preset and tests."""
+    bytes): no files, no downloads. For tests that need a tokenizer but no model files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

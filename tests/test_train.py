@@ -9,7 +9,11 @@ import pytest
 import torch
 import transformers as tf
 
-from rt_lib.data import byte_tokenizer
+from rt_lib.config import MindSkipConfig
+from rt_lib.data import build_dataset, byte_tokenizer, collate
+from rt_lib.heldout import evaluate_heldout, heldout_lm_loss
+from rt_lib.mindskip import get_mindskip_model
+from rt_lib.recipe import RouterTuningRecipe
 from rt_lib.train import TrainConfig, build_parser, main, make_config, train_routers
 
 
@@ -81,6 +85,63 @@ PINNED = [
     (5.56321907043457, 5.56321907043457, 0.0, 0.0),
     (5.549758000160331, 5.549758000160331, 0.0, 0.0),
 ]
+
+
+# ----------------------------------------------------------------------------- recipe phases
+def test_recipe_phases_give_the_run_of_train_routers(tmp_path):
+    """setup / step / record / finish driven by hand: each step returns the row that lands in
+    train/log.csv, and the whole gives the log and routers of train_routers."""
+    model, tok = tiny_llama()
+    cfg = make_config(None, **{**SMALL, "max_steps": 3, "out": str(tmp_path / "manual")})
+    recipe = RouterTuningRecipe(cfg)
+    recipe.setup(model=model, tokenizer=tok, data=instructions())
+    assert list(recipe.steps()) == [0, 1, 2] and recipe.accum == 2  # 8 = micro batch 4 x 2
+    assert recipe.dense_loss is not None  # the dense reference is taken before any update
+    for k in recipe.steps():
+        row = recipe.step(k)
+        recipe.record(row)
+        with open(tmp_path / "manual/train/log.csv") as f:
+            last = list(csv.DictReader(f))[-1]
+        assert int(last["step"]) == k + 1 == row["step"]
+        assert float(last["loss"]) == pytest.approx(row["loss"], rel=1e-12)
+    result = recipe.finish()
+    assert result.summary["finished"] and (tmp_path / "manual/train/routers/routers.safetensors").is_file()
+
+    reference = run_small(max_steps=3)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert strip(result.log) == strip(reference.log)
+    a, b = router_weights(result.ms), router_weights(reference.ms)
+    assert all(torch.equal(a[i], b[i]) for i in a)
+
+
+def test_heldout_lm_loss_matches_transformers_loss():
+    """Summed over batches of 3 and divided by all label tokens = the model's own mean loss
+    over one batch of everything."""
+    model, tok = tiny_llama()
+    examples, _ = build_dataset(tok, instructions(8), max_length=64)
+    ours = heldout_lm_loss(model, examples, pad_id=tok.pad_token_id, batch_size=3)
+    batch = collate(examples, tok.pad_token_id)
+    with torch.no_grad():
+        reference = model(**batch).loss
+    assert ours == pytest.approx(float(reference), rel=1e-5)
+
+
+@pytest.mark.parametrize("threshold, capacity", [(0.4, 1.0), (0.6, 0.0)])
+def test_evaluate_heldout_capacity_and_margin(threshold, capacity):
+    """Zero-initialised routers score sigmoid(0) = 0.5 everywhere: below a 0.4 threshold every
+    sublayer runs, above 0.6 none does; either way the margin is |0.5 - threshold| = 0.1."""
+    model, tok = tiny_llama()
+    examples, _ = build_dataset(tok, instructions(8), max_length=64)
+    plain = heldout_lm_loss(model, examples, pad_id=tok.pad_token_id, batch_size=4)
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=4, threshold=threshold))
+    opts = dict(pad_id=tok.pad_token_id, batch_size=4, device=torch.device("cpu"))
+    routed = evaluate_heldout(ms, ms.model, examples, dense=False, **opts)
+    assert routed.capacity == {i: capacity for i in (1, 2, 3, 4)}
+    assert all(m == pytest.approx(0.1) for m in routed.margin.values())
+    dense = evaluate_heldout(ms, ms.model, examples, dense=True, **opts)
+    assert dense.capacity == {i: 1.0 for i in (1, 2, 3, 4)} and dense.lm_loss == pytest.approx(plain, rel=1e-6)
+    assert (routed.lm_loss == pytest.approx(plain, rel=1e-6)) == (capacity == 1.0)
+    assert all(g.forced is None for g in ms.gates.values())  # routers decide again afterwards
 
 
 # ----------------------------------------------------------------------------- resume
@@ -220,6 +281,19 @@ def test_cli_maps_to_config():
     assert (cfg.lr, cfg.routed_layers, cfg.progress, cfg.adam_betas) == (0.5, [1, 2], False, [0.8, 0.9])
     assert cfg.max_length == make_config("smoke").max_length  # untouched options keep the preset's value
     assert set(TrainConfig.help()) == {a.dest for a in build_parser()._actions} - {"help"}
+
+
+def test_cli_flags_override_only_what_is_given():
+    """Every flag defaults to None (the preset's value); --no-<flag> turns off a boolean a preset
+    turned on, and the underscore spelling of a flag is accepted too."""
+    args = vars(build_parser().parse_args([]))
+    assert args.pop("preset") == "cpu" and set(args.values()) == {None}
+    assert make_config("cpu").packing is True
+    args = vars(build_parser().parse_args(["--preset", "cpu", "--no-packing", "--max_steps", "3"]))
+    cfg = make_config(args.pop("preset"), **args)
+    assert (cfg.packing, cfg.max_steps, cfg.lr) == (False, 3, make_config("cpu").lr)
+    args = vars(build_parser().parse_args(["--packing", "--progress"]))
+    assert (args["packing"], args["progress"]) == (True, True)
 
 
 def test_cli_end_to_end(tmp_path):
