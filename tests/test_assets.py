@@ -105,7 +105,7 @@ def test_cache_problem_names_each_kind_of_damage(tmp_path):
     folder.mkdir()
     (folder / "a.bin").write_bytes(b"0123456789")
     (folder / "b.txt").write_text("hello")
-    assets._write_manifest(folder, {"cache_version": "1"})
+    assets.write_manifest(folder, {"cache_version": "1"})
     assert assets.cache_problem(folder, "1") is None
     assert "another kit version" in assets.cache_problem(folder, "2")
     (folder / "a.bin").write_bytes(b"0123456780")  # same size, other content

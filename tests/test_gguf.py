@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from rt_lib import assets
+from rt_lib import assets, gguf_files
+from rt_lib.runs import file_sha256
 from rt_lib.assets import AssetError
 
 TEXT = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."
@@ -143,7 +144,7 @@ def test_gguf_file_loads_like_the_embedded_model(smollm2_gguf, embedded_model, m
     assert getattr(cfg, "quantization_config", None) is None and model.dtype == torch.float32
     assert not model.training
     assert cfg.rt_kit_name == str(smollm2_gguf.path)
-    sha = assets._sha256(smollm2_gguf.path)
+    sha = file_sha256(smollm2_gguf.path)
     assert cfg.rt_kit_source == f"{smollm2_gguf.path.resolve()} (sha256 {sha})"
     # the same tokenizer checks as the embedded model
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
@@ -168,8 +169,8 @@ def test_second_load_uses_the_cache(smollm2_gguf, monkeypatch):
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the GGUF was read or converted again")
 
-    monkeypatch.setattr(assets, "_convert_gguf", no_rebuild)
-    monkeypatch.setattr(assets, "_check_gguf", no_rebuild)
+    monkeypatch.setattr(gguf_files, "convert_gguf", no_rebuild)
+    monkeypatch.setattr(gguf_files, "check_gguf", no_rebuild)
     t0 = time.perf_counter()
     model, tok = assets.load_model(str(smollm2_gguf.path), dtype="bfloat16", attn_implementation="eager")
     print(f"warm load of a GGUF file from the cache: {time.perf_counter() - t0:.2f} s")
@@ -193,7 +194,7 @@ def test_tiny_gguf_gets_pad_and_matches_transformers(tiny_gguf, cache):
     direct = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
     assert torch.equal(logits(model, tok), logits(direct, tok))
     (folder,) = entries(cache)
-    assert folder.name == f"tiny-llama.Q8_0-{assets._sha256(tiny_gguf)[:12]}"
+    assert folder.name == f"tiny-llama.Q8_0-{file_sha256(tiny_gguf)[:12]}"
     assert manifest(folder)["tensor_types"] == {"F32": 5, "Q8_0": 15}
 
 
