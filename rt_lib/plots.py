@@ -1,9 +1,11 @@
 """Figure style and the kit's plot functions (used by rt_lib.paper and by the notebooks).
 
 Every function takes plain data (a DataFrame or a CSV path in the formats of
-docs/results_format.md), returns a ``matplotlib.figure.Figure`` and touches no global
-pyplot state, so a notebook shows the returned figure and a batch build can make hundreds
-without leaking memory. ``save_figure`` writes PNG and PDF side by side.
+docs/results_format.md) and returns a ``matplotlib.figure.Figure``. None touches global
+pyplot state or ``matplotlib.rcParams``: the kit's style applies only while a figure is made,
+drawn and saved (``matplotlib.rc_context``), so a notebook shows the returned figure, its own
+plots keep their style, and a batch build can make hundreds without leaking memory.
+``save_figure`` writes PNG and PDF side by side.
 
     from rt_lib import plots
     fig = plots.plot_training_curves("results/runs/<id>/train/log.csv", capacity_target=0.5)
@@ -12,6 +14,7 @@ without leaking memory. ``save_figure`` writes PNG and PDF side by side.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -81,13 +84,40 @@ STYLE = {
 
 
 def apply_style() -> None:
-    """Set the kit's figure style (fonts, grid, colour-blind-safe colour cycle) globally."""
+    """Set the kit's figure style globally, for figures drawn with pyplot in a notebook.
+
+    The kit's own plot functions do not need it: they apply ``STYLE`` only while they build,
+    draw and save a figure (``style``) and leave the global ``matplotlib.rcParams`` as found.
+    """
     matplotlib.rcParams.update(STYLE)
 
 
+def style():
+    """Context manager: the kit's figure style (fonts, grid, colour-blind-safe colour cycle)
+    for what is made or drawn inside it; ``matplotlib.rcParams`` is restored on exit."""
+    return matplotlib.rc_context(STYLE)
+
+
+def _styled(plot):
+    """Build a figure under ``style()``."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with style():
+            return plot(*args, **kwargs)
+    return wrapper
+
+
+class _KitFigure(Figure):
+    """A Figure that is drawn under the kit's style wherever it is rendered (``save_figure``, a
+    notebook's inline display): some artists, such as ticks, are made only when drawn."""
+
+    def draw(self, renderer):
+        with style():
+            return super().draw(renderer)
+
+
 def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0), **kw):
-    apply_style()
-    fig = Figure(figsize=size, layout="constrained")
+    fig = _KitFigure(figsize=size, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes
 
@@ -100,11 +130,12 @@ def save_figure(fig: Figure, path_without_ext: str | os.PathLike, formats: Itera
     base = Path(path_without_ext)
     base.parent.mkdir(parents=True, exist_ok=True)
     out = []
-    for ext in formats:
-        path = base.with_name(base.name + "." + ext)
-        metadata = {"CreationDate": None} if ext == "pdf" else None
-        fig.savefig(path, format=ext, metadata=metadata)
-        out.append(path)
+    with style():  # savefig.dpi and the PDF font type are read when saving
+        for ext in formats:
+            path = base.with_name(base.name + "." + ext)
+            metadata = {"CreationDate": None} if ext == "pdf" else None
+            fig.savefig(path, format=ext, metadata=metadata)
+            out.append(path)
     return out
 
 
@@ -129,6 +160,7 @@ def _percent_axis(axis) -> None:
 _CAP_COL = re.compile(r"^capacity_L(\d+)$")
 
 
+@_styled
 def plot_training_curves(log_csv_or_df, capacity_target: float | None = 0.5, title: str | None = None) -> Figure:
     """Router-Tuning log (train/log.csv): losses, regulariser, capacity per layer vs step.
 
@@ -170,6 +202,7 @@ def plot_training_curves(log_csv_or_df, capacity_target: float | None = 0.5, tit
 
 
 # ---------------------------------------------------------------------------- capacity heatmap
+@_styled
 def plot_capacity_heatmap(df: pd.DataFrame, title: str | None = None, annotate: bool | None = None) -> Figure:
     """Executed fraction per routed layer (rows) and task (columns), from eval/skip_stats.csv.
 
@@ -208,6 +241,7 @@ def _config_key(df: pd.DataFrame) -> pd.Series:
     return np.where(by_thr, "t" + thr.astype(str), "s" + df["skip_ratio"].round(3).astype(str))
 
 
+@_styled
 def plot_speedup_vs_skip(profile_df, title: str | None = None) -> Figure:
     """Measured speedup vs realised skip ratio per regime (profile/profile.csv).
 
@@ -264,6 +298,7 @@ def pareto_front(x: Iterable[float], y: Iterable[float]) -> np.ndarray:
     return np.array(sorted(front, key=lambda i: x[i]), dtype=int)
 
 
+@_styled
 def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accuracy_label: str = "average accuracy (%)") -> Figure:
     """Accuracy against realised skip ratio (left) and measured speedup (right).
 
@@ -341,6 +376,7 @@ def _drop_panel(ax, df: pd.DataFrame, title: str) -> None:
     ax.legend(loc="lower left")
 
 
+@_styled
 def plot_drop_vs_mindskip(ref_df: pd.DataFrame, kit_df: pd.DataFrame | None = None,
                           kit_title: str = "rt-kit (measured)") -> Figure:
     """The paper's Figure 2 (static attention drop vs MindSkip) with the kit's curve beside it.

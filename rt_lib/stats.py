@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,15 @@ def paired_difference(
     mean = float(d.mean())
     if n == 1:
         return PairedDifference(mean, math.nan, math.nan, 1, math.nan, confidence, method)
-    sd = float(d.std(ddof=1))
-    se = sd / math.sqrt(n)
+    se = float(scipy_stats.sem(d))
     if method == "t":
-        from scipy import stats
-
-        half = float(stats.t.ppf(0.5 + confidence / 2.0, df=n - 1)) * se
+        # mean +- t * se rather than ttest_rel(...).confidence_interval: the same interval, but
+        # scipy's differs in the last bit for about half of all inputs, and paired.csv records it
+        half = float(scipy_stats.t.ppf(0.5 + confidence / 2.0, df=n - 1)) * se
         return PairedDifference(mean, mean - half, mean + half, n, se, confidence, "t")
     if method == "bootstrap":
+        # resampled here rather than with scipy.stats.bootstrap, which draws its resamples in a
+        # different order: the same seed would give other intervals than the ones recorded
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, n, size=(n_boot, n))
         boots = d[idx].mean(axis=1)
@@ -107,9 +109,7 @@ def macro_difference(parts: Sequence[PairedDifference], confidence: float | None
     se = math.sqrt(sum(p.se**2 for p in parts)) / k
     if math.isnan(se):
         return PairedDifference(diff, math.nan, math.nan, sum(p.n for p in parts), se, confidence, "normal")
-    from scipy import stats
-
-    half = float(stats.norm.ppf(0.5 + confidence / 2.0)) * se
+    half = float(scipy_stats.norm.ppf(0.5 + confidence / 2.0)) * se
     return PairedDifference(diff, diff - half, diff + half, sum(p.n for p in parts), se, confidence, "normal")
 
 

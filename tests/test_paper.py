@@ -337,7 +337,7 @@ def test_cli_builds_and_strict_fails_on_problems(tmp_path, capsys):
 
 def test_figure2_kit_curve_uses_one_run():
     runs, _ = paper.load_runs(RUNS)
-    tidy = paper._tidy(runs, "prefill")
+    tidy = paper.tidy_runs(runs, "prefill")
     kit, title = paper.figure2_kit_points(runs, tidy)
     assert "fixture-attn-seq" in title  # the attn run with the most operating points
     assert sorted(kit["method"]) == ["dense", "mindskip", "mindskip", "mindskip", "static_drop"]

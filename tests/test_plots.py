@@ -27,6 +27,27 @@ def test_apply_style_sets_colour_blind_safe_cycle():
     assert matplotlib.rcParams["font.size"] >= 9
 
 
+def test_plot_functions_leave_global_rcparams_alone_and_style_their_own_figures(tmp_path):
+    with matplotlib.rc_context({"font.size": 13.0, "axes.grid": False}):
+        before = dict(matplotlib.rcParams)
+        fig = plots.plot_training_curves(RUN / "train" / "log.csv", capacity_target=0.5)
+        plots.save_figure(fig, tmp_path / "curves")
+        assert dict(matplotlib.rcParams) == before
+    ax = fig.axes[0]
+    assert ax.title.get_fontsize() == plots.STYLE["axes.titlesize"]  # made under the kit's style
+    assert not ax.spines["top"].get_visible() and ax.xaxis.get_gridlines()[0].get_visible()
+    labels = ax.get_xticklabels()  # ticks made while drawing (saving) use the style too
+    assert labels and all(t.get_fontsize() == plots.STYLE["xtick.labelsize"] for t in labels)
+
+
+def test_style_context_restores_rcparams():
+    old = matplotlib.rcParams["font.size"]
+    with plots.style():
+        assert matplotlib.rcParams["font.size"] == plots.STYLE["font.size"]
+        assert matplotlib.rcParams["pdf.fonttype"] == 42
+    assert matplotlib.rcParams["font.size"] == old
+
+
 def test_save_figure_writes_png_and_pdf(tmp_path):
     fig = Figure()
     fig.subplots().plot([0, 1], [1, 0])

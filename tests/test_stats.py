@@ -1,4 +1,4 @@
-"""Paired statistics (issue #5): known numbers, pairing by document, macro combination."""
+"""Paired statistics: known numbers, pairing by document, macro combination."""
 
 import math
 
@@ -24,6 +24,19 @@ def test_paired_t_interval_known_numbers():
     # 90%: t(0.95, 9) = 1.833113
     r90 = stats.paired_difference(VARIANT, REFERENCE, confidence=0.90)
     assert r90.ci_high - r90.diff == pytest.approx(1.833113 * r.se, abs=1e-6)
+
+
+def test_t_interval_agrees_with_scipys_paired_t_test():
+    from scipy import stats as scipy_stats
+
+    rng = np.random.default_rng(2)
+    ref = (rng.random(300) < 0.55).astype(float)
+    var = np.where(rng.random(300) < 0.1, 1 - ref, ref)
+    for confidence in (0.9, 0.95, 0.99):
+        r = stats.paired_difference(var, ref, confidence=confidence)
+        ci = scipy_stats.ttest_rel(var, ref).confidence_interval(confidence)
+        assert (r.ci_low, r.ci_high) == pytest.approx((ci.low, ci.high), abs=1e-12)
+        assert r.se == scipy_stats.sem(var - ref)
 
 
 def test_identical_scores_give_a_zero_width_interval():
