@@ -1,14 +1,17 @@
 """Where MindSkip's forced skip spends time that the physically removed sublayer does not.
 
-Not a test. On the embedded model with every routed attention sublayer force-skipped:
-1. torch.profiler attribution: aten ops issued under each function of rt_lib/mindskip.py per
-   forward (prefill 1 x seq_len, and one decode step), with their CPU time;
-2. one gate called in isolation with the arguments it receives in the model, against the
-   stand-in that `drop_sublayers` puts in place of a removed sublayer (us per call);
+Not a test. On the embedded model with every routed sublayer (attention, the default
+granularity) force-skipped:
+1. torch.profiler attribution: aten ops issued under each function of the kit's routing code
+   (every rt_lib module except the profiler that drives the model) per forward (prefill
+   1 x seq_len, and one decode step), with their CPU time;
+2. one gate called in isolation with the arguments and routing context it gets in the model,
+   against the stand-in that `drop_sublayers` puts in place of a removed sublayer (us per call);
 3. with --what-if: one interleaved profiler run of dense, oracle, static_drop of the same
-   layers (identical code to the oracle: the noise floor), the forced skip as it is, and the
-   forced skip with the gate's per-call bookkeeping left out (a patch applied only inside
-   this process, only while that variant runs).
+   layers (identical code to the oracle: the noise floor), the forced skip, and the forced skip
+   with its skipped gates replaced by the removed-sublayer stand-in (`drop_sublayers` on the
+   MindSkip model): forced minus that is what the gates cost, that minus the oracle is what
+   MindSkip's per-forward routing work costs.
 
     python benchmarks/skip_overhead.py [--what-if --repeats 20]
 """
@@ -18,39 +21,49 @@ import collections
 import sys
 import time
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import rt_lib.mindskip as M
 from rt_lib import profiling as P
 from rt_lib.assets import load_model
 from rt_lib.config import MindSkipConfig
+from rt_lib.mindskip import drop_sublayers, find_decoder, get_slot
+
+# frames of the code that drives the model, not of the routing code being attributed
+DRIVER_FRAMES = ("rt_lib/profiling.py(", "rt_lib/profile_timing.py(")
+
+
+def routing_frame(event):
+    """(innermost rt_lib routing-code frame above an aten op or None, whether the op is top-level)."""
+    par, top, owner = event.cpu_parent, True, None
+    while par is not None:
+        top = top and not par.name.startswith("aten::")
+        if owner is None and "rt_lib/" in par.name and not any(d in par.name for d in DRIVER_FRAMES):
+            owner = par.name.split("rt_lib/")[-1]
+        par = par.cpu_parent
+    return owner, top
 
 
 def attribution(model, prompt, step, seq_len):
-    """aten ops (and their CPU us) under each rt_lib/mindskip.py function, per forward."""
+    """aten ops (and their CPU us) under each routing-code function of rt_lib, per forward."""
     out = {}
     with torch.inference_mode():
         for phase in ("prefill", "decode"):
-            cache = P._new_cache(model)
-            P._step(model, prompt, cache, 0)
+            cache = P.new_cache(model)
+            P.forward_step(model, prompt, cache, 0)
             n = 1 if phase == "prefill" else 10
             with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
                 if phase == "prefill":
-                    P._step(model, prompt, P._new_cache(model), 0)
+                    P.forward_step(model, prompt, P.new_cache(model), 0)
                 else:
                     for i in range(n):
-                        P._step(model, step, cache, seq_len + i)
+                        P.forward_step(model, step, cache, seq_len + i)
             ops, us = collections.Counter(), collections.Counter()
             for e in prof.events():
                 if not e.name.startswith("aten::"):
                     continue
-                par, top, owner = e.cpu_parent, True, None
-                while par is not None:
-                    top = top and not par.name.startswith("aten::")
-                    if owner is None and "mindskip.py(" in par.name:
-                        owner = par.name.split("rt_lib/")[-1]
-                    par = par.cpu_parent
+                owner, top = routing_frame(e)
                 if owner:
                     ops[owner] += 1
                     us[owner] += e.cpu_time_total if top else 0
@@ -58,83 +71,75 @@ def attribution(model, prompt, step, seq_len):
     return out
 
 
-def isolated_gate(ms, model, prompt, step, seq_len, calls=2000):
+def per_call_us(fn, calls):
+    """Best of 5 timings of `calls` calls of `fn`, in us per call (after 50 warm-up calls)."""
+    for _ in range(50):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def removed_stand_in(ms, layer):
+    """The module `drop_sublayers` puts in place of the routed sublayer of `layer`."""
+    with ms.detached():
+        dropped = drop_sublayers(ms.model, [layer], ms.config.granularity)
+        stand_in = get_slot(find_decoder(ms.model)[1], layer, ms.config.granularity)
+        dropped.restore()
+    return stand_in
+
+
+def isolated_gate(ms, prompt, step, seq_len, calls=2000):
     """us per call of one forced-skip gate and of the removed-sublayer stand-in, same arguments."""
-    gate = ms.gates[ms.routed_layers[len(ms.routed_layers) // 2]]
+    layer = ms.routed_layers[len(ms.routed_layers) // 2]
+    gate, stand_in = ms.gates[layer], removed_stand_in(ms, layer)
+    with torch.inference_mode():
+        cache = P.new_cache(ms.model)
+        return {phase: time_gate_call(ms.model, gate, stand_in, ids, cache, start, calls)
+                for phase, ids, start in (("prefill", prompt, 0), ("decode", step, seq_len))}
+
+
+def time_gate_call(model, gate, stand_in, ids, cache, start, calls):
+    """Run the model's forward of `ids` into `cache`, capturing the arguments `gate` gets; then
+    (gate us per call, stand-in us per call, aten ops of one gate call) with those arguments."""
     seen = []
     hook = gate.register_forward_pre_hook(lambda m, a, k: seen.append((a, dict(k))), with_kwargs=True)
-    with torch.inference_mode():
-        cache = P._new_cache(model)
-        P._step(model, prompt, cache, 0)
-        P._step(model, step, cache, seq_len)
+    P.forward_step(model, ids, cache, start)
     hook.remove()
-    stub = M._Removed("attn", gate.base_layer)
-    ctx = gate._ctx
-
-    def per_call(fn):
-        for _ in range(50):
-            fn()
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-        return best
-
-    out = {}
-    with torch.inference_mode():
-        for phase, (args, kw), past in (("prefill", seen[0], 0), ("decode", seen[1], seq_len)):
-            # the routing context as the decoder hook leaves it for this call
-            hs = args[0] if args else kw["hidden_states"]
-            ctx.past_len, ctx.cache = past, cache
-            ctx.real = torch.ones(hs.shape[:2], dtype=torch.bool, device=hs.device)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                gate(*args, **kw)
-            n_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
-            out[phase] = (per_call(lambda: gate(*args, **kw)), per_call(lambda: stub(*args, **kw)), n_ops)
-    return out
-
-
-LEAN = {"on": False}
-
-
-def _install_lean_patch():
-    """Forced bool decisions in eval/skip mode without scores, capacity or on-device stats."""
-    full = M.MindSkipGate._forward_seq
-
-    def forward_seq(self, x, real, args, kwargs):
-        if not LEAN["on"] or self.training or self.execution != "skip" or not isinstance(self.forced, bool):
-            return full(self, x, real, args, kwargs)
-        bsz = x.shape[0]
-        self.n_exec = self.n_exec + (bsz if self.forced else 0)
-        self.n_total = self.n_total + bsz
-        if self.forced:
-            return self.base_layer(x, *args, **kwargs)
-        return self._wrap(self._skipped_output(x), self.granularity == "attn")
-
-    M.MindSkipGate._forward_seq = forward_seq
+    # called right after the model's forward: the routing context is as its decoder hook set
+    # it for this call (cache, tokens already cached, real tokens)
+    args, kw = seen[0]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        gate(*args, **kw)
+    n_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    return (per_call_us(lambda: gate(*args, **kw), calls), per_call_us(lambda: stand_in(*args, **kw), calls), n_ops)
 
 
 def what_if(ms, args):
-    _install_lean_patch()
+    """Interleaved medians (ms; decode per token) of the profiler's variants and the forced skip
+    with its skipped gates replaced by the removed-sublayer stand-in."""
     skip = list(ms.routed_layers)
     variants = P.build_variants(ms, ["dense", "oracle", "static_drop", "mindskip_forced"], skip, static_layers=skip)
     forced = variants[-1]
+    dropped = []
 
     def enter():
         forced.enter()
-        LEAN["on"] = True
+        dropped.append(drop_sublayers(ms.model, skip, ms.config.granularity))
 
     def exit():
-        LEAN["on"] = False
+        dropped.pop().restore()
         forced.exit()
-    variants.append(P.Variant("forced_lean", ms.model, enter, exit, forced.skip_ratio, forced.reset))
+    variants.append(P.Variant("gates_removed", ms.model, enter, exit, lambda: 1.0))
     settings = P.ProfileSettings(repeats=args.repeats, warmup=2, new_tokens=args.new_tokens)
     res = {}
     for regime in P.REGIMES:
-        r = P._measure_point(variants, regime, 1, args.seq_len, settings, torch.device("cpu"), ms.model.config.vocab_size)
-        res[regime] = {name: P._percentile([x["ms"] for x in rs], 50) for name, rs in r.items()}
+        r = P.measure_point(variants, regime, 1, args.seq_len, settings, torch.device("cpu"), ms.model.config.vocab_size)
+        res[regime] = {name: float(np.median([x["time_ms"] for x in rs])) for name, rs in r.items()}
     return res
 
 
@@ -156,16 +161,16 @@ def main(argv=None):
     prompt = torch.randint(0, model.config.vocab_size, (1, a.seq_len), generator=g)
     step = torch.randint(0, model.config.vocab_size, (1, 1), generator=g)
     n = len(ms.routed_layers)
-    print(f"{a.model}, {n} routed attention sublayers force-skipped, batch 1, length {a.seq_len}, "
+    print(f"{a.model}, {n} routed sublayers ({ms.config.granularity}) force-skipped, batch 1, length {a.seq_len}, "
           f"threads {torch.get_num_threads()}")
     ms.force(False)
     try:
-        print("\n1. aten ops under rt_lib/mindskip.py functions, per forward (all gates; profiler-inflated us)")
+        print("\n1. aten ops under rt_lib routing functions, per forward (all gates; profiler-inflated us)")
         for phase, rows in attribution(ms.model, prompt, step, a.seq_len).items():
             for fn, (ops, us) in rows.items():
                 print(f"  {phase:7s} {ops:6.0f} ops ({ops / n:4.1f}/gate) {us:8.0f} us  {fn}")
         print("\n2. one gate in isolation vs the removed-sublayer stand-in (us per call, best of 5 x 2000)")
-        for phase, (tg, ts, n_ops) in isolated_gate(ms, ms.model, prompt, step, a.seq_len).items():
+        for phase, (tg, ts, n_ops) in isolated_gate(ms, prompt, step, a.seq_len).items():
             print(f"  {phase:7s} gate {tg:7.1f} us ({n_ops} aten ops)  removed {ts:6.1f} us  "
                   f"-> {(tg - ts) * n / 1e3:.2f} ms per forward for {n} gates")
     finally:
@@ -176,7 +181,7 @@ def main(argv=None):
             o = med["oracle"]
             print(f"  {regime:7s} " + "  ".join(f"{k} {v:.2f}" for k, v in med.items()))
             print(f"  {'':7s} static_drop/oracle {med['static_drop'] / o:.3f} (noise floor)  "
-                  f"forced/oracle {med['mindskip_forced'] / o:.3f}  forced_lean/oracle {med['forced_lean'] / o:.3f}")
+                  f"forced/oracle {med['mindskip_forced'] / o:.3f}  gates_removed/oracle {med['gates_removed'] / o:.3f}")
     return 0
 
 

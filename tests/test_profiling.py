@@ -1,10 +1,11 @@
-"""Profiler (issue #6) on tiny random Llama models built here: what it measures besides time.
+"""Profiler on tiny random Llama models built here: what it measures besides time.
 
 No assertion depends on a timing: they check skip ratios, KV bytes, outputs, the handling of
 grid points that do not fit, and the analytic bound against hand arithmetic.
 """
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -12,8 +13,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rt_lib import profiling as P
+from rt_lib import roofline as R
 from rt_lib.config import MindSkipConfig
-from rt_lib.mindskip import _get_slot
+from rt_lib.mindskip import get_slot
 
 L = 6
 ROUTED = [1, 2, 3, 4]  # num_routed_layers=4 on 6 layers: L-1-n .. L-2
@@ -40,13 +42,24 @@ def untouched(ms):
     """Routers decide again and no sublayer is left removed or unwrapped."""
     layers = ms.model.model.layers
     return (all(g.forced is None and g.execution == "skip" for g in ms.gates.values())
-            and all(_get_slot(layers, i, ms.config.granularity) is g for i, g in ms.gates.items())
+            and all(get_slot(layers, i, ms.config.granularity) is g for i, g in ms.gates.items())
             and not any(type(m).__name__ == "_Removed" for m in ms.model.modules()))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One CPU thread per test, then the count the next test had: tiny models gain nothing from
+    more, and threads spinning against other jobs on a busy machine slow them many times."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def settings(**kw):
     # fixed roofline peaks: no device measurement in tests
-    return P.preset("smoke", skip_layers=SKIP, warmup=0, repeats=2, peak_flops=1e12, bandwidth=1e11, **kw)
+    return P.preset("smoke", **{"skip_layers": SKIP, "warmup": 0, "repeats": 2, "peak_flops": 1e12,
+                                "bandwidth": 1e11, "threads": 1, **kw})
 
 
 def by(rows, regime, variant, batch=None):
@@ -65,10 +78,10 @@ def hand_config():
 
 
 def test_step_costs_match_hand_arithmetic():
-    shape = P.Shape.from_config(hand_config())
+    shape = R.Shape.from_config(hand_config())
     assert (shape.num_layers, shape.hidden, shape.heads, shape.kv_heads, shape.head_dim) == (4, 8, 2, 1, 4)
     # prefill, batch 1, 2 tokens, 2-byte dtype; q_dim 8, kv_dim 4
-    c = P.step_costs(shape, batch=1, new=2, past=0, dtype_bytes=2, head_tokens=1)
+    c = R.step_costs(shape, batch=1, new=2, past=0, dtype_bytes=2, head_tokens=1)
     # attn flops: projections 2*1*2*8*(2*8 + 2*4) = 768; scores+values 4*1*2*4*(0 + 2*3/2 = 3) = 96
     # attn bytes: 2 * (weights 8*24 + cache read 2*4*2 + cache write 2*4*2 + acts 2*(2*8 + 2*24)) = 2*352
     assert c["attn"] == (864, 704)
@@ -77,33 +90,55 @@ def test_step_costs_match_hand_arithmetic():
     # head on the last token only: 2*8*32 flops; 2 * (8*32 + 8 + 32) bytes
     assert c["head"] == (512, 592)
     # decode: 1 token on a context of 2 -> keys seen 2 + 1 = 3
-    d = P.step_costs(shape, batch=1, new=1, past=2, dtype_bytes=2)
+    d = R.step_costs(shape, batch=1, new=1, past=2, dtype_bytes=2)
     # 2*1*1*8*24 + 4*2*4*3 = 480 flops; 2 * (192 + 2*4*3 + 2*4*1 + 1*(16 + 48)) = 576 bytes
     assert d["attn"] == (480, 576)
 
 
 def test_bound_speedup_hand_checked():
-    shape = P.Shape.from_config(hand_config())
-    args = dict(regime="prefill", batch=1, seq_len=2, dtype_bytes=2)
+    shape = R.Shape.from_config(hand_config())
+    args = {"regime": "prefill", "batch": 1, "seq_len": 2, "dtype_bytes": 2}
     # compute-bound (1 flop/s, unlimited bandwidth): 4*864 + 4*1536 + 512 = 10112; minus 2*864
-    assert P.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1e30, **args) == pytest.approx(10112 / 8384)
+    assert R.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1e30, **args) == pytest.approx(10112 / 8384)
     # memory-bound: 4*704 + 4*1216 + 592 = 8272; minus 2*704
-    assert P.bound_speedup(shape, removed=2, peak_flops=1e30, bandwidth=1, **args) == pytest.approx(8272 / 6864)
+    assert R.bound_speedup(shape, removed=2, peak_flops=1e30, bandwidth=1, **args) == pytest.approx(8272 / 6864)
     # per-operation roofline at 1 flop/s and 1 byte/s: attn 864, mlp 1536, head 592 (memory)
-    assert P.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1, **args) == pytest.approx(10192 / 8464)
-    assert P.bound_speedup(shape, removed=0, peak_flops=1, bandwidth=1, **args) == 1.0
+    assert R.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1, **args) == pytest.approx(10192 / 8464)
+    assert R.bound_speedup(shape, removed=0, peak_flops=1, bandwidth=1, **args) == 1.0
     # decode, 1 step on a context of 2, memory-bound: attn 576, mlp 2*(384 + 2*(8 + 48)) = 992,
     # head 2*(256 + 40) = 592: (4*576 + 4*992 + 592) / (2*576 + 4*992 + 592)
-    got = P.bound_speedup(shape, "decode", 1, 2, 2, peak_flops=1e30, bandwidth=1, dtype_bytes=2, new_tokens=1)
+    got = R.bound_speedup(shape, "decode", 1, 2, 2, peak_flops=1e30, bandwidth=1, dtype_bytes=2, new_tokens=1)
     assert got == pytest.approx(6864 / 5712)
     # MLP sublayers removed instead (compute-bound prefill): 4*864 + 4*1536 + 512 minus 2*1536;
     # whole layers: minus 2*(864 + 1536)
-    assert P.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1e30, granularity="mlp", **args) == \
+    assert R.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1e30, granularity="mlp", **args) == \
         pytest.approx(10112 / 7040)
-    assert P.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1e30, granularity="block", **args) == \
+    assert R.bound_speedup(shape, removed=2, peak_flops=1, bandwidth=1e30, granularity="block", **args) == \
         pytest.approx(10112 / 5312)
     with pytest.raises(ValueError, match="granularity"):
-        P.bound_speedup(shape, removed=1, peak_flops=1, bandwidth=1, granularity="head", **args)
+        R.bound_speedup(shape, removed=1, peak_flops=1, bandwidth=1, granularity="head", **args)
+
+
+def test_bound_curves_run_from_dense_to_every_routed_sublayer_removed():
+    shape = R.Shape.from_config(hand_config())
+    points = [("prefill", 1, 2), ("decode", 2, 3)]
+    curves = R.bound_curves(shape, points, n_routed=3, peak_flops=1, bandwidth=1, dtype_bytes=2, new_tokens=4,
+                            granularity="mlp")
+    assert [(c["regime"], c["batch_size"], c["seq_len"]) for c in curves] == points
+    for c, (regime, batch, seq_len) in zip(curves, points):
+        assert c["skip_ratio"] == [0, 1 / 3, 2 / 3, 1]
+        assert c["bound_speedup"][0] == 1.0
+        assert c["bound_speedup"] == sorted(c["bound_speedup"])  # removing more never costs time
+        # prefill is one forward; decode averages over new_tokens steps
+        n = 4 if regime == "decode" else 1
+        assert c["bound_speedup"][2] == R.bound_speedup(shape, regime, batch, seq_len, 2, 1, 1, 2, n, "mlp")
+
+
+def test_point_memory_estimate_hand_checked():
+    shape = R.Shape.from_config(hand_config())
+    # decode, batch 2, context 3 + 1 new, 2-byte dtype: kv 2*4*2*1*4*4*2 = 512;
+    # activations 2*3*(4*8 + 3*16 + 2*(2 + 2*1)*4)*2 = 1344; scores 2*2*3*4*2 = 96; logits 2*32*4 = 256
+    assert R.estimate_point_bytes(shape, "decode", 2, 3, 1, 2) == 512 + 1344 + 96 + 256
 
 
 # ---------------------------------------------------------------------------- protocol
@@ -113,6 +148,30 @@ def test_interleave_runs_variants_in_alternating_rounds():
     out = P.interleave(["a", "b", "c"], lambda n: calls.append(n) or {"n": n}, warmup=1, repeats=3)
     assert "".join(calls) == "abc" + "abc" + "cba" + "abc"
     assert {k: len(v) for k, v in out.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_grid_points_prefill_first_and_filtered_by_regime():
+    st = P.preset("smoke", prefill_batch_sizes=[1, 4], prefill_seq_lens=[8, 16], decode_batch_sizes=[2],
+                  decode_context_lens=[32])
+    assert P.grid_points(st) == [("prefill", 1, 8), ("prefill", 1, 16), ("prefill", 4, 8), ("prefill", 4, 16),
+                                 ("decode", 2, 32)]
+    assert P.grid_points(replace(st, regimes=["decode"])) == [("decode", 2, 32)]
+
+
+def test_measure_point_returns_one_record_per_round(ms):
+    variants = P.build_variants(ms, ["dense", "mindskip_forced"], SKIP)
+    st = settings(warmup=1, repeats=3)
+    out = P.measure_point(variants, "decode", 2, 5, st, torch.device("cpu"), vocab=96)
+    assert set(out) == {"dense", "mindskip_forced"}
+    for records in out.values():
+        assert len(records) == 3
+        for r in records:
+            assert set(r) == {"time_ms", "skip_ratio", "kv_bytes", "kv_bytes_prefill"}
+            assert r["time_ms"] > 0
+            # decode: the cache grows by the new tokens after the prefill
+            assert r["kv_bytes"] * 5 == r["kv_bytes_prefill"] * (5 + st.new_tokens)
+    assert [r["skip_ratio"] for r in out["mindskip_forced"]] == [len(SKIP) / len(ROUTED)] * 3
+    assert untouched(ms)
 
 
 def test_kv_cache_bytes_counts_only_updated_layers():
@@ -170,10 +229,10 @@ def test_oracle_and_forced_skip_give_identical_logits(granularity):
     def run(v):
         logits = []
         with v.active() as model, torch.inference_mode():
-            cache = P._new_cache(model)
-            logits.append(P._step(model, ids, cache, 0, logits_to_keep=0).logits)
+            cache = P.new_cache(model)
+            logits.append(P.forward_step(model, ids, cache, 0, logits_to_keep=0).logits)
             for i in range(steps.shape[1]):
-                logits.append(P._step(model, steps[:, i:i + 1], cache, ids.shape[1] + i).logits)
+                logits.append(P.forward_step(model, steps[:, i:i + 1], cache, ids.shape[1] + i).logits)
         return torch.cat(logits, 1)
 
     forced, oracle = run(variants["mindskip_forced"]), run(variants["oracle"])
@@ -185,9 +244,42 @@ def test_oracle_and_forced_skip_give_identical_logits(granularity):
     assert untouched(ms)
 
 
+def test_rows_summarise_the_recorded_rounds(ms):
+    rows, cond = P.profile(ms, settings(variants=["dense", "oracle"], repeats=4), progress=False)
+    raw = {(m["regime"], m["batch_size"], m["variant"]): m["times_ms"] for m in cond["measurements"]}
+    for r in rows:
+        times = sorted(raw[(r["regime"], r["batch_size"], r["variant"])])
+        assert len(times) == 4
+        # linear interpolation between closest ranks: positions 0.3, 1.5 and 2.7 of 4 sorted times
+        assert r["p10_ms"] == pytest.approx(times[0] + 0.3 * (times[1] - times[0]))
+        assert r["median_ms"] == pytest.approx((times[1] + times[2]) / 2)
+        assert r["p90_ms"] == pytest.approx(times[2] + 0.7 * (times[3] - times[2]))
+        dense = next(d for d in rows if d["variant"] == "dense" and d["regime"] == r["regime"]
+                     and d["batch_size"] == r["batch_size"])
+        assert r["speedup"] == pytest.approx(dense["median_ms"] / r["median_ms"])
+    # the oracle's bound is the bound curve's value at its number of removed sublayers
+    for r in by(rows, "prefill", "oracle") + by(rows, "decode", "oracle"):
+        curve = next(c for c in cond["bound_curves"] if (c["regime"], c["batch_size"], c["seq_len"]) ==
+                     (r["regime"], r["batch_size"], r["seq_len"]))
+        assert r["bound_speedup"] == pytest.approx(curve["bound_speedup"][len(SKIP)])
+
+
+def test_static_drop_removes_attention_whatever_the_routers_gate():
+    ms = P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4, granularity="mlp"))
+    rows, _ = P.profile(ms, settings(variants=["dense", "oracle", "static_drop"], static_layers=[1, 3],
+                                     regimes=["prefill"]), progress=False)
+    for dense in by(rows, "prefill", "dense"):
+        b = dense["batch_size"]
+        # MLP sublayers removed: every layer still stores keys and values
+        assert by(rows, "prefill", "oracle", b)[0]["kv_bytes"] == dense["kv_bytes"]
+        # attention removed from 2 of 6 layers: their keys and values are never stored
+        assert by(rows, "prefill", "static_drop", b)[0]["kv_bytes"] * L == dense["kv_bytes"] * (L - 2)
+    assert untouched(ms)
+
+
 def test_skip_layers_chosen_from_router_decisions(ms):
     with torch.no_grad():
-        for i, r in ms.routers().items():
+        for r in ms.routers().values():
             r.weight.fill_(0.0)
         ms.set_threshold(0.5)
     ids = torch.randint(3, 96, (2, 6))
@@ -237,9 +329,9 @@ def test_other_runtime_errors_are_not_swallowed(ms):
 
 
 def test_point_larger_than_memory_is_skipped_by_estimate(ms, monkeypatch):
-    shape = P.Shape.from_config(ms.model.config)
-    small = P.estimate_point_bytes(shape, "prefill", 1, 8, 0, 4)
-    big = P.estimate_point_bytes(shape, "prefill", 2, 8, 0, 4)
+    shape = R.Shape.from_config(ms.model.config)
+    small = R.estimate_point_bytes(shape, "prefill", 1, 8, 0, 4)
+    big = R.estimate_point_bytes(shape, "prefill", 2, 8, 0, 4)
     assert big > small
     monkeypatch.setattr(P, "available_memory", lambda device: int((small + big) / 2 / 0.9))
     rows, _ = P.profile(ms, settings(variants=["dense", "oracle"], regimes=["prefill"]), progress=False)
@@ -261,7 +353,7 @@ def test_results_files_follow_the_format(ms, tmp_path):
     assert list(df.columns) == P.COLUMNS
     assert set(df.regime) == {"prefill", "decode"}
     assert (df[df.regime == "prefill"].new_tokens == 0).all() and (df[df.regime == "decode"].new_tokens == 3).all()
-    meta = json.load(open(f"{prof}/profile.json"))
+    meta = json.loads((prof / "profile.json").read_text())
     for key in ("device", "dtype", "threads", "repeats", "warmup", "versions", "skip_layers", "roofline"):
         assert key in meta, key
     assert meta["threads"] == torch.get_num_threads()
@@ -287,11 +379,11 @@ def test_prompts_are_windows_of_the_given_text():
 def test_cli_writes_a_run_on_the_embedded_tiny_model(tmp_path, capsys):
     out = tmp_path / "runs" / "p1"
     assert P.main(["--preset", "smoke", "--model", "tiny-random-llama", "--num-routed-layers", "2",
-                   "--static-layers", "3", "--out", str(out), "--text", "none", "--repeats", "1",
+                   "--static-layers", "3", "--out", str(out), "--text", "none", "--repeats", "1", "--threads", "1",
                    "--no-progress"]) == 0
     df = pd.read_csv(out / "profile" / "profile.csv")
     assert list(df.columns) == P.COLUMNS and (df.status == "ok").all()
     assert set(df.variant) == set(P.VARIANTS)
-    run = json.load(open(out / "run.json"))
+    run = json.loads((out / "run.json").read_text())
     assert run["steps"]["profile"]["skip_layers"] == [1, 2]
     assert "forced/oracle" in capsys.readouterr().out

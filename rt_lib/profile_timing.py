@@ -1,0 +1,126 @@
+"""Timing primitives of the profiler: one timed call, interleaved rounds, forward steps into a
+KV cache, the prompts of a grid point, and the measurement of one grid point.
+
+The timing loop is hand-written on purpose: which variants run in which order, and what is
+inside the timed region, are the measurement. On CUDA the timed region is bracketed by CUDA
+events after a synchronize; on CPU it is wall-clock `perf_counter`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from .roofline import synchronize
+
+if TYPE_CHECKING:
+    from .profile_variants import Variant
+    from .profiling import ProfileSettings
+
+
+def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of `fn`: CUDA events on GPU, perf_counter on CPU."""
+    synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleave(names: list[str], run_once: Callable[[str], dict], warmup: int, repeats: int) -> dict[str, list[dict]]:
+    """Warm up every variant, then `repeats` rounds A B C, C B A, ...: each round runs every
+    variant once; alternating the order cancels drift that is linear in time."""
+    for _ in range(warmup):
+        for name in names:
+            run_once(name)
+    out = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            out[name].append(run_once(name))
+    return out
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes of keys and values held by a transformers Cache (a layer never updated holds none)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _cache_argument(model) -> str:
+    # transformers 5.x names the cache argument `cache` (`past_key_values` is deprecated);
+    # older releases only know `past_key_values`. The one place that knows.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def new_cache(model):
+    """An empty `DynamicCache` for `model` (one per prefill)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def forward_step(model, ids, cache, start: int, logits_to_keep: int = 1):
+    """One forward of `ids` (batch, new tokens) at positions `start...` into `cache`."""
+    # explicit positions: the cache's own length is read from layer 0, which a removed or
+    # skipped layer 0 would leave empty
+    pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    return model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=logits_to_keep,
+                 **{_cache_argument(model): cache})
+
+
+def grid_tokens(batch: int, length: int, vocab: int, seed: int = 0, tokens: torch.Tensor | None = None):
+    """(batch, length) token ids: consecutive non-overlapping windows of the 1-D `tokens` (text,
+    so that routers see what they were tuned on; wrapping around), else seeded random ids."""
+    if tokens is None:
+        g = torch.Generator().manual_seed(seed + 7919 * batch + length)
+        return torch.randint(0, vocab, (batch, length), generator=g)
+    n = tokens.numel()
+    stride = length if batch * length <= n else max(n // batch, 1)
+    idx = (torch.arange(batch)[:, None] * stride + torch.arange(length)[None, :] + seed) % n
+    return tokens.reshape(-1)[idx]
+
+
+def measure_point(variants: list[Variant], regime: str, batch: int, seq_len: int, settings: ProfileSettings,
+                  device: torch.device, vocab: int, tokens: torch.Tensor | None = None) -> dict[str, list[dict]]:
+    """Time every variant at one grid point, interleaved. Returns, per variant name, one dict
+    per timed round: `time_ms` (per forward, or per generated token in decode), `skip_ratio`,
+    `kv_bytes` (after the timed call) and `kv_bytes_prefill` (decode: after the prefill)."""
+    ids = grid_tokens(batch, seq_len + settings.new_tokens, vocab, settings.seed, tokens).to(device)
+    prompt, steps = ids[:, :seq_len], ids[:, seq_len:]  # decode feeds the text's next tokens
+    by_name = {v.name: v for v in variants}
+
+    def run_once(name):
+        v = by_name[name]
+        with v.active(), torch.inference_mode():
+            cache = new_cache(v.model)
+            if regime == "prefill":
+                v.reset()
+                t_ms = timed_ms(lambda: forward_step(v.model, prompt, cache, 0), device)
+                ratio, kv, kv_prefill = v.skip_ratio(), kv_cache_bytes(cache), None
+            else:
+                forward_step(v.model, prompt, cache, 0)
+                kv_prefill = kv_cache_bytes(cache)
+                v.reset()
+
+                def decode():
+                    for i in range(settings.new_tokens):
+                        forward_step(v.model, steps[:, i:i + 1], cache, seq_len + i)
+                t_ms = timed_ms(decode, device) / settings.new_tokens
+                ratio, kv = v.skip_ratio(), kv_cache_bytes(cache)
+        return {"time_ms": t_ms, "skip_ratio": ratio, "kv_bytes": kv, "kv_bytes_prefill": kv_prefill}
+
+    return interleave([v.name for v in variants], run_once, settings.warmup, settings.repeats)

@@ -1,0 +1,176 @@
+"""Analytic cost of a Llama-family decoder: the roofline bound the profiler reports beside its
+measurements, and the memory estimate it uses to skip grid points that cannot fit.
+
+Each attention sublayer, MLP sublayer and the LM head of one forward costs
+`max(flops / peak_flops, bytes / bandwidth)` (a per-operation roofline). Removing sublayers
+of the routers' granularity (attention, MLP or whole layers) removes their terms, so
+
+    bound_speedup = dense time / time without the removed sublayers
+
+is what skipping them could reach at best on a device with those peaks. It ignores per-kernel
+launch and Python overhead, which removing a sublayer also saves, so on a small model measured
+speedups can exceed it. `measure_peaks` gives achievable peaks of the device at hand.
+
+Everything here is arithmetic on `Shape` (the sizes of the model) except `measure_peaks`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+REGIMES = ("prefill", "decode")
+GRANULARITIES = ("attn", "mlp", "block")
+
+
+@dataclass
+class Shape:
+    """The sizes of a Llama-family decoder that set its cost."""
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> Shape:
+        heads = config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            intermediate=config.intermediate_size,
+            vocab=config.vocab_size,
+        )
+
+
+def step_costs(shape: Shape, batch: int, new: int, past: int, dtype_bytes: int, head_tokens: int | None = None):
+    """(flops, bytes) of one attention sublayer, one MLP sublayer and the LM head for one forward
+    of `new` tokens per sequence on top of `past` cached ones. A multiply-add is 2 flops.
+
+    Attention: Q/K/V/O projections, scores and values over the causal context (query i sees
+    past + i + 1 keys); bytes = weights once + cached keys/values read once + new ones written
+    + the sublayer's input/output and its intermediates (q, k, v, attention output) written
+    and read once. MLP: gate/up/down; bytes = weights + input/output + 3 intermediates written
+    and read. Head: final projection for `head_tokens` per sequence (1 with logits_to_keep=1).
+    Norms, RoPE and softmax are elementwise and left out.
+    """
+    s, b, t = shape, batch, new
+    q_dim, kv_dim = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    keys_seen = t * past + t * (t + 1) // 2  # sum over queries of visible keys
+    attn_flops = 2 * b * t * s.hidden * (2 * q_dim + 2 * kv_dim) + 4 * b * s.heads * s.head_dim * keys_seen
+    attn_bytes = dtype_bytes * (
+        s.hidden * (2 * q_dim + 2 * kv_dim)                 # weights
+        + b * 2 * kv_dim * (past + t)                       # cache read (incl. the new entries)
+        + b * 2 * kv_dim * t                                # cache write
+        + b * t * (2 * s.hidden + 2 * (2 * q_dim + 2 * kv_dim))  # in/out + intermediates
+    )
+    mlp_flops = 2 * b * t * s.hidden * s.intermediate * 3
+    mlp_bytes = dtype_bytes * (3 * s.hidden * s.intermediate + b * t * (2 * s.hidden + 2 * 3 * s.intermediate))
+    h = t if head_tokens is None else head_tokens
+    head_flops = 2 * b * h * s.hidden * s.vocab
+    head_bytes = dtype_bytes * (s.hidden * s.vocab + b * h * (s.hidden + s.vocab))
+    return {"attn": (attn_flops, attn_bytes), "mlp": (mlp_flops, mlp_bytes), "head": (head_flops, head_bytes)}
+
+
+def op_seconds(cost: tuple[float, float], peak_flops: float, bandwidth: float) -> float:
+    """Roofline time of one operation: compute-bound or memory-bound, whichever is slower."""
+    flops, nbytes = cost
+    return max(flops / peak_flops, nbytes / bandwidth)
+
+
+def regime_time(shape: Shape, regime: str, batch: int, seq_len: int, removed: float,
+                peak_flops: float, bandwidth: float, dtype_bytes: int, new_tokens: int = 1,
+                granularity: str = "attn") -> float:
+    """Roofline seconds of one prefill forward, or per generated token in decode (averaged over
+    `new_tokens` steps from a context of `seq_len`), with `removed` sublayers of `granularity`
+    gone (attn: attention sublayers, mlp: MLP sublayers, block: whole layers)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be attn, mlp or block, got {granularity!r}")
+    no_attn = removed if granularity in ("attn", "block") else 0.0
+    no_mlp = removed if granularity in ("mlp", "block") else 0.0
+    if regime == "prefill":
+        steps = [step_costs(shape, batch, seq_len, 0, dtype_bytes, head_tokens=1)]
+    elif regime == "decode":
+        steps = [step_costs(shape, batch, 1, seq_len + i, dtype_bytes) for i in range(max(new_tokens, 1))]
+    else:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    total = 0.0
+    for c in steps:
+        t_attn = op_seconds(c["attn"], peak_flops, bandwidth)
+        t_mlp = op_seconds(c["mlp"], peak_flops, bandwidth)
+        total += (shape.num_layers - no_attn) * t_attn + (shape.num_layers - no_mlp) * t_mlp
+        total += op_seconds(c["head"], peak_flops, bandwidth)
+    return total / len(steps)
+
+
+def bound_speedup(shape: Shape, regime: str, batch: int, seq_len: int, removed: float,
+                  peak_flops: float, bandwidth: float, dtype_bytes: int, new_tokens: int = 1,
+                  granularity: str = "attn") -> float:
+    """Predicted oracle speedup: dense roofline time / time without `removed` sublayers of
+    `granularity` (fractional: a sublayer skipped for half of the rows counts 0.5)."""
+    args = (peak_flops, bandwidth, dtype_bytes, new_tokens, granularity)
+    dense = regime_time(shape, regime, batch, seq_len, 0, *args)
+    return dense / regime_time(shape, regime, batch, seq_len, removed, *args)
+
+
+def bound_curves(shape: Shape, points, n_routed: int, peak_flops: float, bandwidth: float, dtype_bytes: int,
+                 new_tokens: int, granularity: str = "attn") -> list[dict]:
+    """The bound at every number of removed routed sublayers (0..n_routed), per grid point
+    `(regime, batch, seq_len)`: the curves drawn beside the measured speedups."""
+    out = []
+    for regime, batch, seq_len in points:
+        n = max(new_tokens, 1) if regime == "decode" else 1
+        out.append({"regime": regime, "batch_size": batch, "seq_len": seq_len,
+                    "skip_ratio": [k / n_routed for k in range(n_routed + 1)],
+                    "bound_speedup": [bound_speedup(shape, regime, batch, seq_len, k, peak_flops, bandwidth,
+                                                    dtype_bytes, n, granularity) for k in range(n_routed + 1)]})
+    return out
+
+
+def estimate_point_bytes(shape: Shape, regime: str, batch: int, seq_len: int, new_tokens: int, dtype_bytes: int) -> int:
+    """Upper estimate of what one grid point allocates beyond the weights: the dense KV cache,
+    one layer's activations, a fully materialised score matrix and the last-token logits."""
+    s = shape
+    tokens = seq_len + (new_tokens if regime == "decode" else 0)
+    kv = batch * tokens * 2 * s.kv_heads * s.head_dim * s.num_layers * dtype_bytes
+    act = batch * seq_len * (4 * s.hidden + 3 * s.intermediate + 2 * (s.heads + 2 * s.kv_heads) * s.head_dim) * dtype_bytes
+    scores = batch * s.heads * seq_len * tokens * dtype_bytes
+    logits = batch * s.vocab * 4
+    return kv + act + scores + logits
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (no-op on CPU), so that a host clock reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> tuple[float, float]:
+    """Achievable (flops/s, bytes/s) on this device: best of repeated large matmuls and copies."""
+    n = 4096 if device.type == "cuda" else 1024
+    numel = (1 << 28 if device.type == "cuda" else 1 << 24)
+    a = torch.randn(n, n, device=device).to(dtype)
+    x = torch.empty(numel, device=device, dtype=dtype)
+    y = torch.empty_like(x)
+
+    def best(fn):
+        fn()
+        synchronize(device)
+        out, deadline = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            out = min(out, time.perf_counter() - t0)
+        return out
+
+    flops = 2 * n ** 3 / best(lambda: a @ a)
+    bandwidth = 2 * x.numel() * x.element_size() / best(lambda: y.copy_(x))
+    return flops, bandwidth
