@@ -371,7 +371,7 @@ def _drop_panel(ax, df: pd.DataFrame, title: str) -> None:
             ax.annotate(f"{r['performance']:.1f}", (r["skip_ratio"], r["performance"]), textcoords="offset points",
                         xytext=(0, 7), ha="center", fontsize=8, color=st["color"])
     _percent_axis(ax.xaxis)
-    ax.set(xlabel="skip ratio (attention sublayers)", title=title)
+    ax.set(xlabel="skip ratio (routed sublayers)", title=title)
     ax.margins(x=0.08, y=0.15)
     ax.legend(loc="lower left")
 
