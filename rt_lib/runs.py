@@ -152,6 +152,8 @@ def file_lock(path: str | os.PathLike):
     """Exclusive advisory lock on ``path`` (a folder, or a file created if missing).
 
     Locking a folder leaves no lock file behind; a no-op where fcntl is absent (Windows).
+    Hand-written rather than ``filelock.FileLock``: that needs a lock file, which would be left
+    in every run folder (and committed with the results).
     """
     try:
         import fcntl
