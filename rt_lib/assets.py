@@ -170,12 +170,30 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     return build_cached(cache_dir() / "models" / name, spec.cache_version, spec.build, f"model {name!r}")
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """True where bfloat16 matrix products run natively: CUDA devices that support bf16, and
+    CPUs with AVX512-BF16 or AMX (where a bf16 forward pass is several times faster than
+    float32; elsewhere bf16 is emulated and slower)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch 2.x, hence getattr
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from a dtype or its name; ``"auto"`` is bfloat16 where ``native_bf16``
+    holds for ``device`` and float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if str(dtype) == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):
-        raise AssetError(f"unknown dtype {dtype!r}: use e.g. torch.float32, 'bfloat16' or 'float16'")
+        raise AssetError(f"unknown dtype {dtype!r}: use 'auto', 'float32', 'bfloat16', 'float16' or a torch.dtype")
     return value
 
 
@@ -211,9 +229,11 @@ def load_model(
 
     ``name`` is an embedded kit name (``EMBEDDED_MODELS``), a local folder, a ``.gguf`` file
     (converted once into ``cache_dir()/gguf/``, see ``gguf_model_dir``) or a Hugging Face hub id
-    (``org/name``). ``model.config.rt_kit_name`` records ``name`` for run records.
+    (``org/name``). ``dtype`` may be ``"auto"`` (``resolve_dtype``: bfloat16 on CUDA and on
+    CPUs with native bf16 matrix products, float32 elsewhere). ``model.config.rt_kit_name``
+    records ``name`` for run records.
     """
-    dtype = _as_dtype(dtype)
+    dtype = resolve_dtype(dtype, device)
     path = Path(name).expanduser()
     if name in EMBEDDED_MODELS:
         model, tok = _load_cached(lambda: embedded_model_dir(name), dtype, attn_implementation)

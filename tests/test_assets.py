@@ -347,3 +347,19 @@ def test_corrupt_wikipedia_cache_is_rebuilt_identically(tmp_path, monkeypatch, w
         f.write('{"text": "tampered"}\n')
     assert assets.wiki_dir() == folder
     assert (folder / "train.jsonl").read_bytes() == user_train
+
+
+def test_resolve_dtype_auto_follows_the_hardware(monkeypatch):
+    import torch
+
+    assert assets.resolve_dtype("bfloat16") is torch.bfloat16
+    assert assets.resolve_dtype(torch.float16) is torch.float16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not assets.native_bf16("cpu")
+    assert assets.resolve_dtype("auto", "cpu") is torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert assets.resolve_dtype("auto", "cpu") is torch.bfloat16
+    assert assets.resolve_dtype("auto", "meta") is torch.float32
+    with pytest.raises(AssetError, match="unknown dtype 'bf17'.*'auto'"):
+        assets.resolve_dtype("bf17")
