@@ -1,4 +1,5 @@
-"""Evaluation through lm-evaluation-harness (issue #5).
+"""Evaluation through lm-evaluation-harness: the adapter (rt_lib.harness), the driver
+(rt_lib.evaluation) and its results (rt_lib.eval_results).
 
 Tiny random Llamas with the embedded SmolLM2 tokenizer, a few documents per task: what is
 asserted is identity with the harness (scores, prompts), invariance (batch size, process
@@ -26,18 +27,11 @@ from lm_eval.utils import apply_template
 
 from rt_lib import assets
 from rt_lib.config import MindSkipConfig
-from rt_lib.evaluation import (
-    PAIRED_COLUMNS,
-    RESULT_COLUMNS,
-    SKIP_COLUMNS,
-    EvalResults,
-    MindSkipLM,
-    evaluate,
-    main,
-    task_manager,
-)
+from rt_lib.eval_results import PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
+from rt_lib.evaluation import evaluate, main
+from rt_lib.harness import MindSkipLM, task_manager
 from rt_lib.mindskip import get_mindskip_model
-from rt_lib.tasks import PAPER_TASKS, PRESETS, harness_tasks_dir
+from rt_lib.tasks import PAPER_TASKS, harness_tasks_dir
 from rt_lib.tasks.samplers import DocSeededSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +199,7 @@ def test_standard_tasks_get_per_document_examples_from_another_split(tm, tmp_pat
     """The paper preset's path: examples from a train split (the harness passes no eval_doc)."""
     from lm_eval.api.samplers import ContextSampler
 
-    from rt_lib.evaluation import _seed_fewshot_per_document
+    from rt_lib.harness import seed_fewshot_per_document
 
     files = [str(f) for f in assets.benchmark_files("arc_challenge")]
     cfg = {"include": str(harness_tasks_dir() / "arc/arc_challenge.yaml"), "task": "arc_two_splits",
@@ -216,7 +210,7 @@ def test_standard_tasks_get_per_document_examples_from_another_split(tm, tmp_pat
     (tmp_path / "arc_two_splits.yaml").write_text(yaml.safe_dump(cfg))
     task = tm.load([str(tmp_path / "arc_two_splits.yaml")])["tasks"]["arc_two_splits"]
     assert type(task.sampler) is ContextSampler  # the harness's order-dependent stream
-    _seed_fewshot_per_document(task)
+    seed_fewshot_per_document(task)
     assert isinstance(task.sampler, DocSeededSampler)
     task.set_config(key="num_fewshot", value=2)
     task.set_fewshot_seed(1234)
@@ -488,3 +482,15 @@ def test_eval_cost_counts_the_requests_hflm_would_run(tmp_path):
     for r in rows.values():
         assert 0 < r["input_tokens"] <= r["padded_tokens"]
     assert mod.padded_batches([5, 9, 2], 2) == [(2, 9), (1, 2)]
+
+
+def test_names_that_moved_still_import_from_rt_lib_evaluation():
+    """The adapter and the results container have their own modules; scripts that import them
+    from rt_lib.evaluation (benchmarks/eval_cost.py) get the same objects."""
+    import rt_lib.evaluation as ev
+    from rt_lib import eval_results, harness
+
+    for name in ("MindSkipLM", "task_manager", "load_task", "load_routers", "routers_sha256"):
+        assert getattr(ev, name) is getattr(harness, name), name
+    for name in ("EvalResults", "RESULT_COLUMNS", "PAIRED_COLUMNS", "SKIP_COLUMNS", "MACRO"):
+        assert getattr(ev, name) is getattr(eval_results, name), name

@@ -1,4 +1,8 @@
-"""Notebooks and the papermill pipeline (issue #7): presets, parameter checks, the smoke run."""
+"""Notebooks and the papermill pipeline: presets, parameter checks, sweeps and reruns into a run
+folder (with stand-in notebooks), and one end-to-end smoke run of all four notebooks (slow).
+
+What the notebooks compute is tested through the library calls they make (rt_lib.sweep,
+rt_lib.checkpoints, rt_lib.train, rt_lib.profiling, rt_lib.paper)."""
 
 import ast
 import json
@@ -77,6 +81,7 @@ def test_sweep_values_are_validated_too(tmp_path, capsys):
     assert "max_steps" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_failing_notebook_is_named_with_its_cell_and_output_kept(tmp_path, capsys):
     rc = reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "f", "--no-progress",
                          "--notebooks", "02", "-p", "02_evaluation.model=\"tiny-random-llama\""])
@@ -87,6 +92,7 @@ def test_failing_notebook_is_named_with_its_cell_and_output_kept(tmp_path, capsy
     assert (tmp_path / "f" / "run.json").exists()
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_runs_all_four_notebooks(tmp_path):
     assert reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "s", "--no-progress"]) == 0
     run = tmp_path / "s"
@@ -116,89 +122,25 @@ def test_smoke_pipeline_runs_all_four_notebooks(tmp_path):
             assert (run / "paper" / "tables" / f"{name}.{ext}").exists()
     assert (run / "paper" / "figures" / "fig2_drop_vs_mindskip.png").exists()
     main = (run / "paper" / "tables" / "main_table.md").read_text()
-    assert "| paper | Llama-3-8B | baseline" in main and "s" in main
+    assert "| paper | Llama-3-8B | baseline" in main
+    # the run's own rows (source "kit <run id>") beside the paper's: dense and the tuned routers at
+    # the preset's threshold
+    assert "| kit s | tiny-random-llama | baseline |" in main
+    assert "| kit s | tiny-random-llama | router-tuning | attn | seq | 0.5 |" in main
     record = runs.load_run(run)
     assert set(record["steps"]["pipeline"]["notebooks"]) == set(pipeline.NOTEBOOKS)
     assert {"train", "eval", "profile"} <= set(record["steps"])
 
 
-def test_sweep_runs_each_combination_in_its_own_folder(tmp_path):
-    rc = reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "sw", "--no-progress",
-                         "--notebooks", "01", "--sweep", "max_steps=1,2"])
-    assert rc == 0
-    for steps in (1, 2):
-        run = tmp_path / f"sw-max_steps={steps}"
-        assert json.loads((run / "train" / "summary.json").read_text())["steps"] == steps
-        assert runs.load_run(run)["parameters"]["pipeline"]["sweep"] == {"max_steps": steps}
-
-
-def test_failed_sweep_point_does_not_stop_the_others(tmp_path, capsys):
-    rc = reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "sf", "--no-progress",
-                         "--notebooks", "01", "--sweep", "num_routed_layers=16,2"])
-    assert rc == 1  # 16 routed layers do not fit the 4-layer smoke model ...
-    err = capsys.readouterr().err
-    assert "FAILED sf-num_routed_layers=16" in err
-    # ... and the next point still ran
-    assert (tmp_path / "sf-num_routed_layers=2" / "train" / "routers" / "routers.safetensors").exists()
-
-
-def test_evaluation_reuses_dense_scores_and_matches_static_drop_per_threshold(tmp_path):
-    assert reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "a", "--no-progress",
-                           "--notebooks", "01,02"]) == 0
-    a = tmp_path / "a"
-    # a second run folder, evaluation only: the routers of run a at two thresholds, dense from run a
-    assert reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "b", "--no-progress",
-                           "--notebooks", "02", "-p", f"02_evaluation.routers={json.dumps(str(a / 'train' / 'routers'))}",
-                           "-p", f"02_evaluation.dense_from={json.dumps(str(a))}",
-                           "-p", "02_evaluation.thresholds=[0.0, 2.0]"]) == 0
-    ra, rb = pd.read_csv(a / "eval" / "results.csv"), pd.read_csv(tmp_path / "b" / "eval" / "results.csv")
-    dense_a, dense_b = (r[r.variant == "dense"].reset_index(drop=True) for r in (ra, rb))
-    pd.testing.assert_frame_equal(dense_a, dense_b)  # copied, not re-run
-    macro = rb[rb.task == "macro_avg"].set_index("variant")
-    # threshold 0 keeps everything (skip 0, k = 0: no static drop), 2 skips every routed layer
-    assert macro.loc["mindskip_t0", "skip_ratio"] == 0 and macro.loc["mindskip_t2", "skip_ratio"] == 1
-    n_routed = len(json.loads((a / "train" / "routers" / "mindskip_config.json").read_text())["routed_layers"])
-    assert set(macro.index) == {"dense", "mindskip_t0", "mindskip_t2", f"static_drop_k{n_routed}"}
-    assert macro.loc[f"static_drop_k{n_routed}", "skip_ratio"] == 1
-    # the smoke model has 4 layers: droppable (not first or last) = routed = {1, 2}, so dropping k = 2
-    # attention layers is what threshold 2 does: identical scores
-    assert macro.loc[f"static_drop_k{n_routed}", "value"] == pytest.approx(macro.loc["mindskip_t2", "value"])
-    drop = json.loads((tmp_path / "b" / "baselines" / "static_drop.json").read_text())
-    assert drop["k"] == n_routed
-    paired = pd.read_csv(tmp_path / "b" / "eval" / "paired.csv")
-    assert set(paired.variant) == {"mindskip_t0", "mindskip_t2", f"static_drop_k{n_routed}"}
-    assert (paired[paired.variant == "mindskip_t0"]["diff"] == 0).all()
-    # run.json records the routers each evaluation used: a's own, and a's for the evaluation-only run b
-    assert runs.load_run(a)["steps"]["eval"]["inputs"]["routers"]["path"] == "train/routers/routers.safetensors"
-    b_eval = runs.load_run(tmp_path / "b")["steps"]["eval"]
-    assert b_eval["inputs"]["routers"]["path"] == "../a/train/routers/routers.safetensors"
-    assert b_eval["status"] == "completed"
-    # new routers for a: its evaluation moves aside, and b's (of a's old routers) is stale too
-    assert reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "a", "--no-progress",
-                           "--notebooks", "01", "-p", "01_router_tuning.max_steps=1", "--replace"]) == 0
-    assert sorted(p.name.split("-")[0] for p in (a / "replaced").iterdir()) == ["eval", "train"]
-    assert not (a / "eval").exists() and not (a / "baselines").exists()
-    from rt_lib import paper
-
-    problems = paper.collect_runs(tmp_path).attrs["problems"]
-    assert len(problems) == 2 and all("stale results" in p for p in problems)
-
-
-def test_evaluation_of_mlp_routers_runs_without_the_attention_drop_baseline(tmp_path):
-    assert reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "m", "--no-progress",
-                           "--notebooks", "01,02", "-p", 'granularity="mlp"']) == 0
-    res = pd.read_csv(tmp_path / "m" / "eval" / "results.csv")
-    assert set(res.variant) == {"dense", "mindskip"}  # static drop removes attention: not a match for mlp
-    assert res[(res.variant == "mindskip") & (res.task == "macro_avg")].skip_ratio.notna().all()
-
-
 # ----------------------------------------------------------------------------- reruns into a run folder
 class FakeNotebooks:
     """Stands in for papermill.execute_notebook: each notebook writes its step's main files the
-    way the real ones do (routers numbered by execution, so replaced ones can be told apart)."""
+    way the real ones do (routers numbered by execution, so replaced ones can be told apart) and
+    the parameters of each call are kept; ``fail`` / ``fail_when`` make a notebook fail."""
 
-    def __init__(self, fail=()):
-        self.calls, self.fail, self.trained = [], set(fail), 0
+    def __init__(self, fail=(), fail_when=None):
+        self.calls, self.parameters, self.fail, self.trained = [], [], set(fail), 0
+        self.fail_when = fail_when or (lambda notebook, parameters: False)
 
     def __call__(self, input_path, output_path, parameters=None, **kwargs):
         from pathlib import Path
@@ -207,8 +149,9 @@ class FakeNotebooks:
 
         nb = Path(input_path).stem
         self.calls.append(nb)
+        self.parameters.append((nb, dict(parameters)))
         Path(output_path).write_text("{}")
-        if nb in self.fail:
+        if nb in self.fail or self.fail_when(nb, parameters):
             raise PapermillExecutionError(0, 3, "evaluate(...)", "KeyboardInterrupt", "interrupted", [])
         run = Path(parameters["run_dir"])
         if nb == "01_router_tuning":
@@ -226,6 +169,9 @@ class FakeNotebooks:
             (run / step / name).write_text(",".join(paper.REQUIRED_COLUMNS[f"{step}/{name}"]) + "\n")  # no rows
             # which routers the results were made with
             (run / step / "used.txt").write_text((Path(routers) / "routers.safetensors").read_text())
+            if step == "eval":  # the static drop choice beside the scores
+                (run / "baselines").mkdir(exist_ok=True)
+                (run / "baselines" / "static_drop.json").write_text("{}")
             runs.update_run(run, step, {"files": [f"{step}/{name}"]})
 
 
@@ -236,6 +182,35 @@ def fake_notebooks(monkeypatch):
     fake = FakeNotebooks()
     monkeypatch.setattr(papermill, "execute_notebook", fake)
     return fake
+
+
+def test_sweep_runs_each_combination_in_its_own_folder(tmp_path, fake_notebooks):
+    rc = reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "sw", "--no-progress",
+                         "--notebooks", "01", "--sweep", "max_steps=1,2"])
+    assert rc == 0
+    assert [(nb, p["max_steps"]) for nb, p in fake_notebooks.parameters] == [("01_router_tuning", 1),
+                                                                            ("01_router_tuning", 2)]
+    for steps, (_, parameters) in zip((1, 2), fake_notebooks.parameters):
+        run = tmp_path / f"sw-max_steps={steps}"
+        assert parameters["run_dir"] == str(run.resolve())
+        assert (run / "train" / "routers" / "routers.safetensors").exists()
+        assert runs.load_run(run)["parameters"]["pipeline"]["sweep"] == {"max_steps": steps}
+        assert runs.load_run(run)["steps"]["pipeline"]["notebooks"]["01_router_tuning"]["parameters"]["max_steps"] == steps
+
+
+def test_failed_sweep_point_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    import papermill
+
+    fake = FakeNotebooks(fail_when=lambda nb, p: p.get("num_routed_layers") == 16)
+    monkeypatch.setattr(papermill, "execute_notebook", fake)
+    rc = reproduce.main(["--preset", "smoke", "--out", str(tmp_path), "--run-id", "sf", "--no-progress",
+                         "--notebooks", "01", "--sweep", "num_routed_layers=16,2"])
+    assert rc == 1  # the first point failed ...
+    err = capsys.readouterr().err
+    assert "FAILED sf-num_routed_layers=16" in err
+    # ... and the next point still ran
+    assert [p["num_routed_layers"] for _, p in fake.parameters] == [16, 2]
+    assert (tmp_path / "sf-num_routed_layers=2" / "train" / "routers" / "routers.safetensors").exists()
 
 
 def _reproduce(tmp_path, run_id, *args):
@@ -254,7 +229,7 @@ def test_rerun_into_a_completed_run_is_refused_before_anything_runs(tmp_path, fa
     assert err.value.code == 2
     msg = capsys.readouterr().err
     assert "--replace" in msg and "train (train, notebooks/01_router_tuning.ipynb)" in msg
-    assert "eval (eval, notebooks/02_evaluation.ipynb)" in msg and "profile (profile" in msg
+    assert "eval (eval, baselines, notebooks/02_evaluation.ipynb)" in msg and "profile (profile" in msg
     assert "would become stale" in msg
     assert fake_notebooks.calls == ["01_router_tuning", "02_evaluation", "03_speedup_profiling"]  # nothing ran
     assert runs.load_run(run) == record  # run.json untouched
@@ -331,3 +306,28 @@ def test_evaluation_of_another_runs_routers_goes_stale_when_they_are_replaced(tm
         paper.read_run(b)
     # the refresh command repeats the parameters 02 ran with
     assert f"--run-id b --notebooks 02 -p '02_evaluation.routers=\"{a / 'train' / 'routers'}\"'" in str(err.value)
+
+
+def test_new_routers_move_the_evaluation_and_its_baselines_aside(tmp_path, fake_notebooks):
+    from rt_lib import paper
+
+    assert _reproduce(tmp_path, "a", "--notebooks", "01,02") == 0
+    a = tmp_path / "a"
+    # a second run folder, evaluation only: the routers of run a at two thresholds, dense from run a
+    assert _reproduce(tmp_path, "b", "--notebooks", "02",
+                      "-p", f"02_evaluation.routers={json.dumps(str(a / 'train' / 'routers'))}",
+                      "-p", f"02_evaluation.dense_from={json.dumps(str(a))}",
+                      "-p", "02_evaluation.thresholds=[0.0, 2.0]") == 0
+    nb, used = fake_notebooks.parameters[-1]
+    assert nb == "02_evaluation" and used["dense_from"] == str(a) and used["thresholds"] == [0.0, 2.0]
+    # run.json records the routers each evaluation used: a's own, and a's for the evaluation-only run b
+    assert runs.load_run(a)["steps"]["eval"]["inputs"]["routers"]["path"] == "train/routers/routers.safetensors"
+    b_eval = runs.load_run(tmp_path / "b")["steps"]["eval"]
+    assert b_eval["inputs"]["routers"]["path"] == "../a/train/routers/routers.safetensors"
+    assert b_eval["status"] == "completed"
+    # new routers for a: its evaluation and static drop choice move aside, and b's evaluation is stale
+    assert _reproduce(tmp_path, "a", "--notebooks", "01", "-p", "01_router_tuning.max_steps=1", "--replace") == 0
+    assert sorted(p.name.split("-")[0] for p in (a / "replaced").iterdir()) == ["eval", "train"]
+    assert not (a / "eval").exists() and not (a / "baselines").exists()
+    problems = paper.collect_runs(tmp_path).attrs["problems"]
+    assert len(problems) == 2 and all("stale results" in p for p in problems)
