@@ -201,7 +201,7 @@ def evaluate(
             runs[variant] = _run_harness(job, *call)
             if ms is not None:
                 skip_rows += [{"variant": variant, "task": task, "layer": layer, "executed_fraction": frac}
-                              for layer, frac in lm.skip_stats().items()]
+                              for layer, frac in lm.capacities().items()]
                 skip_ratio = task_info[task]["skip_ratio"] = lm.skip_ratio()
         for label, run in runs.items():
             per_doc[label][task], wall[label][task], harness_out[label][task] = run.docs, run.wall_s, run.harness

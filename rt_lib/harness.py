@@ -9,7 +9,7 @@ writing result files is the driver's job (``rt_lib.evaluation``), as the harness
 
     lm = MindSkipLM(pretrained=ms, tokenizer=tok, batch_size=8)   # or pretrained="<kit name>", routers=DIR
     lm_eval.simple_evaluate(model=lm, tasks=["rte_offline"], task_manager=task_manager())
-    lm.skip_stats(); lm.skip_ratio()
+    lm.capacities(); lm.skip_ratio()
 
 Data-parallel runs (``accelerate launch`` / ``torchrun`` with ``WORLD_SIZE`` > 1): each process
 loads the model onto its own device; skip counts are summed over processes (the harness pads
@@ -257,7 +257,7 @@ class MindSkipLM(HFLM):
     def reset_skip_counts(self) -> None:
         self.skip_counts = {}
 
-    def skip_stats(self, tasks: Sequence[str] | None = None) -> dict[int, float]:
+    def capacities(self, tasks: Sequence[str] | None = None) -> dict[int, float]:
         """Executed fraction per routed layer, summed over ``tasks`` (default: all so far)."""
         tot: dict[int, list[float]] = {}
         for task, layers in self.skip_counts.items():
@@ -296,7 +296,7 @@ class MindSkipLM(HFLM):
                 "routed_layers": list(ms.routed_layers),
                 "config": ms.config.to_dict(),
                 "skip_ratio": {t: self.skip_ratio([t]) for t in self.skip_counts},
-                "executed_fraction": {t: self.skip_stats([t]) for t in self.skip_counts},
+                "executed_fraction": {t: self.capacities([t]) for t in self.skip_counts},
             }
         return info
 

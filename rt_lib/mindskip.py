@@ -178,9 +178,9 @@ class MindSkipModel(nn.Module):
             g.execution = mode
 
     # -- statistics and the regulariser -------------------------------------------------------
-    def capacities(self) -> dict[int, torch.Tensor]:
-        """Executed fraction of each routed layer in the last forward pass (differentiable in
-        training; in eval computed here from the last decisions)."""
+    def batch_capacities(self) -> dict[int, torch.Tensor]:
+        """Capacity of each routed layer in the last forward pass only (differentiable in
+        training, the regulariser's input; in eval computed from the last decisions)."""
         out = {}
         for i, g in self._gates.items():
             if g.capacity is not None:
@@ -190,7 +190,7 @@ class MindSkipModel(nn.Module):
         return out
 
     def regularizer(self) -> torch.Tensor:
-        caps = list(self.capacities().values())
+        caps = list(self.batch_capacities().values())
         if not caps:
             return torch.zeros((), device=self.device)
         s = self.config.capacity_target
@@ -200,8 +200,10 @@ class MindSkipModel(nn.Module):
         for g in self._gates.values():
             g.reset_stats()
 
-    def skip_stats(self) -> dict[int, float]:
-        """Executed fraction per routed layer since the last reset (NaN if nothing ran)."""
+    def capacities(self) -> dict[int, float]:
+        """Capacity (executed fraction) of each routed layer since the last reset, over the
+        sequences or real tokens that ran (NaN if nothing ran); `batch_capacities` is the
+        differentiable value of the last forward pass that the regulariser reads."""
         return {i: (float(g.n_exec) / float(g.n_total) if float(g.n_total) else float("nan"))
                 for i, g in self._gates.items()}
 

@@ -124,7 +124,7 @@ def choose_skip_layers(ms, input_ids: torch.Tensor, k: int | None) -> list[int]:
     ms.reset_stats()
     with torch.inference_mode():
         ms.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-    executed = {int(layer): float(v) for layer, v in ms.skip_stats().items()}
+    executed = {int(layer): float(v) for layer, v in ms.capacities().items()}
     ms.reset_stats()
     if k is None:
         return sorted(layer for layer, v in executed.items() if v == 0.0)

@@ -258,7 +258,7 @@ class RouterTuningRecipe:
                 reg = ms.regularizer()
                 loss = ce * world / label_tokens + reg / len(micro)
                 acc.backward(loss)
-            caps = ms.capacities()
+            caps = ms.batch_capacities()
             sums[0] += ce.detach().double()
             sums[1] += reg.detach().double() / len(micro)
             sums[2:] += torch.stack([caps[i].detach().double() for i in layers]) / len(micro)

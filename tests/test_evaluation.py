@@ -230,6 +230,7 @@ def test_sampler_refuses_without_the_scored_document():
 
 
 # ------------------------------------------------------------------ batch-size invariance
+@pytest.mark.slow
 @pytest.mark.parametrize("routers", [False, True], ids=["dense", "mindskip"])
 def test_scores_do_not_change_with_batch_size(tok, tm, routers):
     model = tiny_llama(tok, seed=1)
@@ -238,7 +239,7 @@ def test_scores_do_not_change_with_batch_size(tok, tm, routers):
     for bs in (1, 4):
         lm = MindSkipLM(pretrained=target, tokenizer=tok, batch_size=bs)
         res = run(lm, tm, ["piqa_offline", "arc_challenge_offline"], limit=6)
-        per_bs[bs] = (res, {t: lm.skip_stats([t]) for t in lm.skip_counts})
+        per_bs[bs] = (res, {t: lm.capacities([t]) for t in lm.skip_counts})
     (a, sa), (b, sb) = per_bs[1], per_bs[4]
     for task in ("piqa_offline", "arc_challenge_offline"):
         la, lb = loglikelihoods(a, task), loglikelihoods(b, task)

@@ -69,7 +69,7 @@ def test_keep_all_equals_base_and_unload_restores(arch, gran):
     torch.testing.assert_close(logits(model, ids, mask), ref, atol=1e-5, rtol=0)
     ms.force(None)  # zero-initialised routers: r = 0.5 = threshold -> keep everything
     torch.testing.assert_close(logits(model, ids, mask), ref, atol=1e-5, rtol=0)
-    assert ms.skip_stats() == {i: 1.0 for i in ms.routed_layers}
+    assert ms.capacities() == {i: 1.0 for i in ms.routed_layers}
     base = ms.unload()
     assert base is model
     assert [(n, m) for n, m in base.named_modules()] == modules_before
@@ -97,7 +97,7 @@ def test_forced_skip_equals_removed_sublayer(arch, gran):
     ms.eval()
     ms.force({3: False, 4: False})
     out = logits(model, ids, mask)
-    assert ms.skip_stats() == {2: 1.0, 3: 0.0, 4: 0.0}
+    assert ms.capacities() == {2: 1.0, 3: 0.0, 4: 0.0}
     ms.unload()
     removed = drop_sublayers(model, [3, 4], granularity=gran)
     ref = logits(model, ids, mask)
@@ -266,7 +266,7 @@ def test_straight_through_gradients_reach_routers_only(level, gran):
     assert len(trainable) == len(ms.routed_layers)
     for p in ms.router_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
-    caps = ms.capacities()
+    caps = ms.batch_capacities()
     assert set(caps) == set(ms.routed_layers) and all(c.requires_grad for c in caps.values())
     # zero init: every layer executes, capacity 1 > target -> positive regulariser
     torch.testing.assert_close(ms.regularizer(), torch.tensor(0.1 * 3 * 0.75), rtol=0, atol=1e-6)
@@ -425,7 +425,7 @@ def test_one_token_prompt_takes_the_prefill_branch():
     out = ms.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                       pad_token_id=0)
     assert out.shape == (1, 4)
-    assert ms.skip_stats()[2] == 0.0 and ms.skip_stats()[3] == 1.0
+    assert ms.capacities()[2] == 0.0 and ms.capacities()[3] == 1.0
 
 
 def test_static_cache_mixed_rows_stays_correct():
@@ -545,7 +545,7 @@ def test_beam_search_with_mixed_seq_decisions_equals_recomputation(gran):
         ms.force(decisions)
         ms.reset_stats()
         out = _beam(ms.model, ids, mask)  # through the model's own generate, as the docs say
-        assert all(0 < ms.skip_stats()[i] < 1 for i in (2, 3))
+        assert all(0 < ms.capacities()[i] < 1 for i in (2, 3))
         # reference: compute-then-mask keeps every row in every cache (the stock reorder applies)
         ms.set_execution("mask")
         ref = _beam(ms.model, ids, mask)

@@ -286,6 +286,7 @@ def _copy_fixtures(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_malformed_run_folders_are_named_and_the_rest_builds(tmp_path, caplog):
     root = _copy_fixtures(tmp_path)
     bad_json = root / "runs" / "bad-json"
