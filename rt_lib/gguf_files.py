@@ -167,11 +167,7 @@ def gguf_tokenizer(gguf_path: Path):
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AssetError(
-            f"transformers cannot build a tokenizer from GGUF file {gguf_path.name} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}) with {_versions('transformers')}; load the "
-            f"model's original Hugging Face checkpoint instead (hub id or save_pretrained folder)"
-        ) from e
+        raise _refused("build a tokenizer from", gguf_path, e, "transformers") from e
     def fix(kind: str) -> str:
         return (
             f"add it with gguf-new-metadata (from the gguf package): gguf-new-metadata "
@@ -205,6 +201,15 @@ def gguf_tokenizer(gguf_path: Path):
     return tok
 
 
+def _refused(action: str, gguf_path: Path, e: Exception, *packages: str) -> AssetError:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return AssetError(
+        f"transformers cannot {action} GGUF file {gguf_path.name} ({type(e).__name__}: {first}) with "
+        f"{_versions(*packages)}; load the model's original Hugging Face checkpoint instead (hub id or "
+        "save_pretrained folder)"
+    )
+
+
 def convert_gguf(
     gguf_path: Path, folder: Path, tokenizer=None, name_or_path: str | None = None
 ) -> dict[str, Any]:
@@ -225,11 +230,7 @@ def convert_gguf(
             quantization_config=GgufConfig(dequantize=True),
         )
     except (OSError, ValueError, KeyError, NotImplementedError) as e:
-        raise AssetError(
-            f"transformers could not load GGUF file {gguf_path.name} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}) with {_versions('transformers', 'gguf')}; "
-            f"load the model's original Hugging Face checkpoint instead (hub id or save_pretrained folder)"
-        ) from e
+        raise _refused("load", gguf_path, e, "transformers", "gguf") from e
     config = copy.deepcopy(qmodel.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
