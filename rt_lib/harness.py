@@ -111,6 +111,7 @@ class MindSkipLM(HFLM):
         dtype: str | torch.dtype | None = "float32",
         device: str | None = None,
         strict_base: bool = True,
+        logits_where_read: bool = True,
         **kwargs,
     ) -> None:
         ms = None
@@ -157,40 +158,56 @@ class MindSkipLM(HFLM):
         # then runs 57 small batches); evaluate() runs one task or group at a time and turns it off
         self.skip_stats_per_task = True
         self.skip_counts: dict[str, dict[int, list[float]]] = {}
-        self._known_inputs: set[tuple[int, ...]] = set()
+        # the exact inputs of this call's requests -> longest continuation scored on them
+        self._cont_lens: dict[tuple[int, ...], int] = {}
+        # vocabulary logits only from the first continuation position of a batch on (the harness
+        # reads no other); False: every position, as HFLM computes them
+        self.logits_where_read = bool(logits_where_read)
 
     # -- routing-aware forward -------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        if self.mindskip is not None:
-            # the exact model inputs HFLM will build, to tell real tokens from right padding
-            self._known_inputs = {
-                tuple((ctx + cont)[-(self.max_length + 1):][:-1]) for _, ctx, cont in requests
-            }
+        # the exact model inputs HFLM will build (context + continuation, minus the last token,
+        # truncated from the left) and the continuation length scored on each
+        self._cont_lens = {}
+        for _, ctx, cont in requests:
+            key = tuple((ctx + cont)[-(self.max_length + 1):][:-1])
+            self._cont_lens[key] = max(self._cont_lens.get(key, 0), len(cont))
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
-            self._known_inputs = set()
+            self._cont_lens = {}
 
-    def _padding_mask(self, inps: torch.Tensor) -> torch.Tensor:
-        """(B, T) mask of real tokens in a right-padded batch (padding value 0).
+    def _row_lengths(self, inps: torch.Tensor) -> list[int | None]:
+        """Real length of each row of a right-padded batch (padding value 0), None if unknown.
 
         The real length of a row is the shortest L >= (last non-zero position + 1) whose
         prefix is one of the inputs of this call (a real input may itself end in token 0).
-        Rows not found (e.g. the batch-size probe) are taken as unpadded.
+        Rows not found (e.g. the batch-size probe) are unknown.
         """
-        bsz, width = inps.shape
-        mask = torch.ones(bsz, width, dtype=torch.long, device=inps.device)
-        if not self._known_inputs:
-            return mask
-        for b, row in enumerate(inps.tolist()):
+        width = inps.shape[1]
+        lengths: list[int | None] = []
+        for row in inps.tolist():
             end = width
             while end > 0 and row[end - 1] == 0:
                 end -= 1
-            for length in range(max(end, 1), width + 1):
-                if tuple(row[:length]) in self._known_inputs:
-                    mask[b, length:] = 0
-                    break
+            lengths.append(next((n for n in range(max(end, 1), width + 1) if tuple(row[:n]) in self._cont_lens), None))
+        return lengths
+
+    def _padding_mask(self, inps: torch.Tensor, lengths: list[int | None]) -> torch.Tensor:
+        """(B, T) mask of real tokens; rows of unknown length are taken as unpadded."""
+        mask = torch.ones(inps.shape, dtype=torch.long, device=inps.device)
+        for b, n in enumerate(lengths):
+            if n is not None:
+                mask[b, n:] = 0
         return mask
+
+    def _logits_to_keep(self, inps: torch.Tensor, lengths: list[int | None]) -> int:
+        """How many trailing positions of the batch hold every continuation the harness scores
+        (its slice ``[inplen - contlen, inplen)`` of each row); 0 (all) if a row is unknown."""
+        if not self.logits_where_read or any(n is None for n in lengths):
+            return 0
+        starts = [n - self._cont_lens[tuple(row[:n])] for row, n in zip(inps.tolist(), lengths)]
+        return inps.shape[1] - min(starts)
 
     def _detect_batch_size(self, requests=None, pos: int = 0):
         # the probe forwards of batch_size="auto" are not documents: keep them out of the skip counts
@@ -204,15 +221,21 @@ class MindSkipLM(HFLM):
                 g.n_exec, g.n_total = saved[i]
 
     def _model_call(self, inps, attn_mask=None, labels=None):
-        if self.mindskip is None or attn_mask is not None or labels is not None:
+        """HFLM's forward, plus: right padding masked for the routers (a dense model needs no
+        mask: causal attention keeps padding out of real positions), and vocabulary logits only
+        at the trailing positions the harness reads (``_logits_to_keep``; the harness slices
+        each row's continuation relative to the returned length, so fewer positions are exact)."""
+        if attn_mask is not None or labels is not None:  # seq2seq models: HFLM's own call
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-        mask = self._padding_mask(inps)
+        lengths = self._row_lengths(inps) if self._cont_lens else [None] * inps.shape[0]
+        mask = self._padding_mask(inps, lengths) if self.mindskip is not None else None
         with (
             torch.no_grad(),
             torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                            enabled=self.mixed_precision_dtype is not None),
         ):
-            return self.model(input_ids=inps, attention_mask=mask).logits
+            return self.model(input_ids=inps, attention_mask=mask,
+                              logits_to_keep=self._logits_to_keep(inps, lengths)).logits
 
     # -- per-task skip statistics ------------------------------------------------------------
     def _per_task(self, method, requests, **kwargs):
