@@ -1,4 +1,4 @@
-"""MindSkip core (issue #3): exactness, real skipping, cache consistency, save/load."""
+"""MindSkip core: exactness, real skipping, cache consistency (sliding windows, beam search), save/load."""
 
 import json
 import re
