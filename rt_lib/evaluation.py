@@ -46,7 +46,6 @@ from rt_lib.eval_results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLU
 from rt_lib.harness import (
     ALL_TASKS,
     MindSkipLM,
-    file_sha256,
     leaf_tasks,
     load_routers,
     load_task,
@@ -55,6 +54,7 @@ from rt_lib.harness import (
     task_manager,
 )
 from rt_lib.mindskip import MindSkipModel
+from rt_lib.runs import file_sha256
 from rt_lib.tasks import PAPER_TASKS, PRESETS, Preset
 
 log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from rt_lib.mindskip import MindSkipModel
+from rt_lib.runs import file_sha256
 from rt_lib.tasks import Preset, write_offline_tasks
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,6 @@ def routers_sha256(ms) -> str:
     for key, t in sorted(ms.router_state_dict().items(), key=lambda kv: int(kv[0].split(".")[1])):
         h.update(key.encode())
         h.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (a router checkpoint on disk)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
