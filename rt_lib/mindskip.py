@@ -37,7 +37,6 @@ gradient `m = hard + r - r.detach()` to the router score; capacities are differe
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import weakref
@@ -58,6 +57,7 @@ from .architecture import (  # noqa: F401 - part of this module's API
 from .config import MindSkipConfig
 from .gates import ROUTER_PREFIX, MindSkipGate, RoutingContext, SeqGate, TokenGate, make_gate  # noqa: F401
 from .removal import DroppedLayers, drop_sublayers  # noqa: F401 - part of this module's API
+from .runs import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class MindSkipModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         save_file(self.router_state_dict(), str(path / WEIGHTS_NAME), metadata={"format": CHECKPOINT_FORMAT})
         meta = self.checkpoint_metadata()
-        meta["weights_sha256"] = hashlib.sha256((path / WEIGHTS_NAME).read_bytes()).hexdigest()
+        meta["weights_sha256"] = file_sha256(path / WEIGHTS_NAME)
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -347,7 +347,7 @@ def _check_weights_digest(path: Path, meta: dict) -> None:
     if recorded is None:
         logger.warning("%s records no weights_sha256: %s is loaded unverified", path / CONFIG_NAME, weights)
         return
-    actual = hashlib.sha256(weights.read_bytes()).hexdigest()
+    actual = file_sha256(weights)
     if actual != recorded:
         raise ValueError(
             f"{weights} does not match its checkpoint: sha256 {actual[:12]}... but {CONFIG_NAME} records "
