@@ -129,38 +129,54 @@ class EvalResults:
 
     @classmethod
     def combine(cls, parts: Sequence["EvalResults"]) -> "EvalResults":
-        """One result from evaluations of several variants on the same preset, tasks and
-        documents (e.g. MindSkip at several thresholds and static drop, each paired with the
-        same dense run). Rows of a variant present in several parts are kept once (first)."""
+        """One result from evaluations of several variants and tasks of one preset (e.g. MindSkip
+        at several thresholds and static drop, each paired with the same dense run; or one part
+        per variant and task). A task in several parts must have been scored on the same
+        documents in each. Rows of a (variant, task) present in several parts are kept once
+        (first); a variant without a macro average in any part gets one over the combined tasks."""
         import pandas as pd
+
+        from rt_lib.evaluation import add_macro_paired, add_macro_rows
 
         if not parts:
             raise ValueError("nothing to combine")
         first = parts[0]
-        def docs(r):  # what decides which documents and prompts are scored
-            return r.preset, {t: tuple(str(v.get(k)) for k in ("limit", "num_fewshot", "metric"))
-                              for t, v in r.tasks.items()}
 
-        for p in parts[1:]:
-            if docs(p) != docs(first):
-                raise ValueError("can only combine evaluations of the same preset and tasks (same documents); "
-                                 f"got {first.preset}/{sorted(first.tasks)} and {p.preset}/{sorted(p.tasks)}")
+        def docs(task: dict):  # what decides which documents and prompts are scored
+            return tuple(str(task.get(k)) for k in ("limit", "num_fewshot", "metric", "sample"))
 
+        tasks: dict = {}
+        for p in parts:
+            if p.preset != first.preset:
+                raise ValueError(f"can only combine evaluations of one preset; got {first.preset} and {p.preset}")
+            for t, info in p.tasks.items():
+                if t in tasks and docs(tasks[t]) != docs(info):
+                    raise ValueError(f"can only combine evaluations that scored {t} on the same documents "
+                                     f"({docs(tasks[t])} vs {docs(info)})")
+                tasks.setdefault(t, info)
+        names = list(tasks)
         table = pd.concat([p.table for p in parts], ignore_index=True).drop_duplicates(
             subset=["variant", "task", "metric"], keep="first", ignore_index=True)
         paired = pd.concat([p.paired for p in parts], ignore_index=True).drop_duplicates(
             subset=["variant", "task", "metric"], keep="first", ignore_index=True)
+        # a variant whose parts each scored some of the tasks gets its macro average here
+        split = [v for v in dict.fromkeys(table.variant) if not ((table.variant == v) & (table.task == MACRO)).any()]
+        table = add_macro_rows(table, names, tasks, split)
+        split_p = [v for v in dict.fromkeys(paired.variant) if not ((paired.variant == v) & (paired.task == MACRO)).any()]
+        paired = add_macro_paired(paired, names, tasks, split_p) if len(paired) else paired
         skip = pd.concat([p.skip_stats for p in parts], ignore_index=True).drop_duplicates(
             subset=["variant", "task", "layer"], keep="first", ignore_index=True)
         merged = {"per_doc": {}, "wall_time_s": {}, "harness": {}}
         for p in parts:
             for attr, acc in merged.items():
                 for variant, value in getattr(p, attr).items():
-                    acc.setdefault(variant, value)
+                    into = acc.setdefault(variant, {})
+                    for task, v in value.items():
+                        into.setdefault(task, v)
         provenance = dict(first.provenance)
         provenance["parts"] = [p.provenance for p in parts]
         return cls(preset=first.preset, table=table, paired=paired, skip_stats=skip, per_doc=merged["per_doc"],
-                   tasks=first.tasks, provenance=provenance, wall_time_s=merged["wall_time_s"],
+                   tasks=tasks, provenance=provenance, wall_time_s=merged["wall_time_s"],
                    harness=merged["harness"])
 
     @classmethod

@@ -192,9 +192,14 @@ def evaluate(
     for task in names:
         harness_name, obj = load_task(job.tm, p, task)
         task_info[task] = _task_info(p, task, harness_name, obj, limits[task])
-        log.info("%s (%s): %d-shot, limit %s", task, harness_name, p.shots[task], limits[task])
+        samples = _sampled(p, obj, limits[task])
+        task_info[task]["sample"] = None if samples is None else {
+            "n": sum(len(v) for v in samples.values()), "seed": p.sample_seed,
+            "of": sum(len(t.eval_docs) for t in leaf_tasks(obj))}
+        log.info("%s (%s): %d-shot, %s", task, harness_name, p.shots[task],
+                 f"limit {limits[task]}" if samples is None else f"seeded sample of {task_info[task]['sample']['n']}")
         metrics = ["acc", "acc_norm"] if PAPER_TASKS[task].metric == "acc_norm" else ["acc"]
-        call = (obj, p.shots[task], limits[task], harness_name, metrics)
+        call = (obj, p.shots[task], limits[task], harness_name, metrics, samples)
         runs = {"dense": _run_dense(job, *call)} if run_dense else {}
         skip_ratio = None
         if variant != "dense":
@@ -252,7 +257,8 @@ def _dense_reference(dense_reference, preset: str, p: Preset, names: list[str], 
         raise ValueError(f"dense_reference lacks tasks {missing}; evaluate the dense model on them first")
     for t in names:
         ref_t = reference.tasks[t]
-        if ref_t["limit"] != limits[t] or ref_t["num_fewshot"] != p.shots[t]:
+        if ref_t["limit"] != limits[t] or ref_t["num_fewshot"] != p.shots[t] or (
+                ref_t.get("sample") is not None and ref_t.get("sample", {}).get("n") != p.sample):
             raise ValueError(
                 f"dense_reference scored {t} with limit {ref_t['limit']} and {ref_t['num_fewshot']} shots, "
                 f"this run uses limit {limits[t]} and {p.shots[t]} shots: pass the same limit"
@@ -287,18 +293,29 @@ def _task_info(p: Preset, task: str, harness_name: str, obj, limit) -> dict:
     }
 
 
-def _run_harness(job: _Job, task_obj, shots: int, limit, harness_name: str, metrics: list[str]) -> _HarnessRun:
+def _sampled(p: Preset, task_obj, limit) -> dict[str, list[int]] | None:
+    """The harness's ``samples`` argument for a preset that scores a seeded sample (None: the
+    first ``limit`` documents, or all). An explicit limit wins over the preset's sample."""
+    if p.sample is None or limit is not None:
+        return None
+    from rt_lib.tasks import sample_documents
+
+    return sample_documents({t.task_name: len(t.eval_docs) for t in leaf_tasks(task_obj)}, p.sample, p.sample_seed)
+
+
+def _run_harness(job: _Job, task_obj, shots: int, limit, harness_name: str, metrics: list[str],
+                 samples: dict | None = None) -> _HarnessRun:
     """Score ``job.lm`` as it is on one task (or group) with per-document logs."""
     from lm_eval import simple_evaluate
 
     start = time.perf_counter()
     job.lm.reset_skip_counts()
     res = simple_evaluate(
-        model=job.lm, tasks=[task_obj], num_fewshot=shots, limit=limit, batch_size=job.batch_size,
+        model=job.lm, tasks=[task_obj], num_fewshot=shots, limit=limit, samples=samples, batch_size=job.batch_size,
         log_samples=True, task_manager=job.tm, bootstrap_iters=1000, **_seeds(job.seed),
     )
     wall_s = time.perf_counter() - start
-    values, docs, n = _collect(res, harness_name, metrics)
+    values, docs, n = _collect(res, harness_name, metrics, {t.task_name: t for t in leaf_tasks(task_obj)})
     return _HarnessRun(values, n, docs, wall_s, {k: v for k, v in res.items() if k not in ("samples", "config")})
 
 
@@ -356,7 +373,18 @@ def _results_table(rows: list[dict], names: list[str], task_info: dict, threshol
     """results.csv: the rows, plus per variant the macro average over the tasks' paper metrics
     (when every task has one and there are several tasks)."""
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"n": "Int64", "num_fewshot": "Int64"})
-    for label in dict.fromkeys(table.variant):
+    return add_macro_rows(table, names, task_info)
+
+
+def add_macro_rows(table, names: list[str], task_info: dict, variants=None):
+    """``table`` (results.csv rows) with, per variant scored on every task of ``names``, the
+    macro average over the tasks' paper metrics (a variant's threshold from its task rows).
+    ``variants``: recompute only these (default: all); the others keep their rows."""
+    variants = list(dict.fromkeys(table.variant)) if variants is None else list(variants)
+    table = table[(table.task != MACRO) | ~table.variant.isin(variants)].reset_index(drop=True)
+    for label in variants:
+        rows_t = table[(table.variant == label)]
+        threshold = rows_t.threshold.dropna().iloc[0] if rows_t.threshold.notna().any() else None
         sel = [table[(table.variant == label) & (table.task == t) & (table.metric == task_info[t]["metric"])]
                for t in names]
         sel = [s.iloc[0] for s in sel if len(s)]
@@ -376,17 +404,31 @@ def _paired_table(paired_rows: list[dict], names: list[str], task_info: dict, va
     paired = pd.DataFrame(paired_rows)
     if not len(paired):
         return pd.DataFrame(columns=PAIRED_COLUMNS)
-    parts = []
-    for t in names:
-        s = paired[(paired.task == t) & (paired.metric == task_info[t]["metric"])]
-        if len(s):
-            r = s.iloc[0]
-            parts.append(stats.PairedDifference(r["diff"], r.ci_low, r.ci_high, int(r.n), r.se, confidence, r.method))
-    if len(parts) == len(names) and len(names) > 1:
-        m = stats.macro_difference(parts, confidence)
-        paired.loc[len(paired)] = {"variant": variant, "task": MACRO, "metric": "paper", "diff": m.diff,
-                                   "ci_low": m.ci_low, "ci_high": m.ci_high, "n": m.n, "confidence": confidence,
-                                   "se": m.se, "method": m.method}
+    return add_macro_paired(paired, names, task_info)
+
+
+def add_macro_paired(paired, names: list[str], task_info: dict, variants=None):
+    """``paired`` with, per variant paired on every task of ``names``, the macro-averaged
+    difference over the tasks' paper metrics. ``variants``: recompute only these (default: all)."""
+    variants = list(dict.fromkeys(paired.variant)) if variants is None else list(variants)
+    paired = paired[(paired.task != MACRO) | ~paired.variant.isin(variants)].reset_index(drop=True)
+    for variant in variants:
+        parts, confidence = [], None
+        for t in names:
+            s = paired[(paired.variant == variant) & (paired.task == t) & (paired.metric == task_info[t]["metric"])]
+            if len(s):
+                r = s.iloc[0]
+                confidence = float(r.confidence)
+                se = r.get("se")
+                if se is None or se != se:  # read back from paired.csv: the t interval's half-width
+                    se = stats.se_from_interval(r.ci_low, r.ci_high, int(r.n), confidence)
+                parts.append(stats.PairedDifference(r["diff"], r.ci_low, r.ci_high, int(r.n), se, confidence,
+                                                    r.get("method", "t")))
+        if len(parts) == len(names) and len(names) > 1:
+            m = stats.macro_difference(parts, confidence)
+            paired.loc[len(paired)] = {"variant": variant, "task": MACRO, "metric": "paper", "diff": m.diff,
+                                       "ci_low": m.ci_low, "ci_high": m.ci_high, "n": m.n, "confidence": confidence,
+                                       "se": m.se, "method": m.method}
     return paired
 
 
@@ -397,14 +439,41 @@ def _float(x) -> float:
         return math.nan
 
 
-def _collect(res: dict, harness_name: str, metrics: Sequence[str]) -> tuple[dict, dict, int]:
-    """(metric -> (value, stderr), per-doc table, n) of one task/group from harness results."""
+def _choice_scores(task, sample: dict) -> dict | None:
+    """Per document, what the harness's multiple-choice scoring decided, from its logged
+    sample: the gold choice, the predicted choice (raw and per-character log-likelihood, the
+    ``acc``/``acc_norm`` rules of ``ConfigurableTask.process_results``) and the gold choice's
+    log-likelihood (raw and per character). None for other output types or a gold the
+    harness could not place among the choices."""
+    if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice" or getattr(task, "multiple_target", False):
+        return None
+    doc = sample["doc"]
+    choices = task.doc_to_choice(doc)
+    lls = [float(r[0]) for r in sample["filtered_resps"]][: len(choices)]
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    if isinstance(gold, str):
+        gold = choices.index(gold) if gold in choices else -1
+    if not isinstance(gold, int) or not 0 <= gold < len(choices) or len(lls) != len(choices):
+        return None
+    lens = [float(len(c)) for c in choices]
+    per_char = [ll / n for ll, n in zip(lls, lens)]
+    return {"gold": gold, "pred": max(range(len(lls)), key=lls.__getitem__),
+            "pred_norm": max(range(len(per_char)), key=per_char.__getitem__),
+            "ll_gold": lls[gold], "ll_gold_norm": per_char[gold]}
+
+
+CHOICE_FIELDS = ("gold", "pred", "pred_norm", "ll_gold", "ll_gold_norm")
+
+
+def _collect(res: dict, harness_name: str, metrics: Sequence[str], tasks: dict | None = None) -> tuple[dict, dict, int]:
+    """(metric -> (value, stderr), per-doc table, n) of one task/group from harness results.
+    With ``tasks`` (leaf name -> harness task) the per-doc table also holds ``CHOICE_FIELDS``."""
     r = res["results"][harness_name]
     values = {}
     for m in metrics:
         if f"{m},none" in r:
             values[m] = (_float(r[f"{m},none"]), _float(r.get(f"{m}_stderr,none")))
-    keys, hashes, per_metric = [], [], defaultdict(list)
+    keys, hashes, per_metric, choice = [], [], defaultdict(list), defaultdict(list)
     for leaf in sorted(res.get("samples", {})):
         for s in sorted(res["samples"][leaf], key=lambda s: s["doc_id"]):
             keys.append([leaf, int(s["doc_id"])])
@@ -412,7 +481,12 @@ def _collect(res: dict, harness_name: str, metrics: Sequence[str]) -> tuple[dict
             for m in metrics:
                 if m in s:
                     per_metric[m].append(float(s[m]))
+            c = _choice_scores(tasks[leaf], s) if tasks and leaf in tasks else None
+            for f in CHOICE_FIELDS:
+                choice[f].append(None if c is None else c[f])
     per_doc = {"keys": keys, "prompt_hash": hashes, **per_metric}
+    if any(v is not None for v in choice.get("gold", [])):
+        per_doc.update(choice)
     for m, (v, se) in list(values.items()):
         xs = per_metric.get(m, [])
         if math.isnan(se) and len(xs) > 1:

@@ -135,3 +135,33 @@ def build_figures(runs: list[Run], tidy: pd.DataFrame, out_figures: str | Path, 
                 accuracy_label=f"average accuracy over {len(common)} tasks (%)"))
     return written
 
+
+
+def build_evidence_figures(results_root: str | Path, out_figures: str | Path, reference_dir=None) -> dict:
+    """Figures of the newest evidence run (``rt_lib.evidence``), every kit point with its paired
+    95% interval: ``fig2_evidence`` (accuracy change vs the paper's skip ratio, with the
+    published Figure 2 points), ``evidence_tasks`` (per task) and ``evidence_heldout``."""
+    from rt_lib import plots
+    from rt_lib.claims import find_evidence_runs
+    from rt_lib.evidence_plots import plot_evidence_fig2, plot_heldout, plot_task_panels
+
+    found = find_evidence_runs(results_root)
+    if not found:
+        return {}
+    run = found[-1]
+    measures_csv, heldout_csv = run / "evidence" / "measures.csv", run / "evidence" / "heldout.csv"
+    if not measures_csv.exists():
+        return {}
+    measures = pd.read_csv(measures_csv)
+    out = Path(out_figures)
+    ref = load_reference("drop_vs_mindskip", reference_dir)
+    n_tasks = int((~measures.task.str.startswith("macro")).sum() / max(measures.variant.nunique(), 1))
+    written = {"fig2_evidence": plots.save_figure(plot_evidence_fig2(
+        measures, ref, f"rt-kit evidence run {run.name}: macro over {n_tasks} tasks\n"
+                       "(published points: Llama-3-8B, paper Figure 2)"), out / "fig2_evidence")}
+    written["evidence_tasks"] = plots.save_figure(plot_task_panels(
+        measures, f"accuracy change per task, run {run.name}"), out / "evidence_tasks")
+    if heldout_csv.exists():
+        written["evidence_heldout"] = plots.save_figure(plot_heldout(
+            pd.read_csv(heldout_csv), f"held-out Wikipedia loss, run {run.name}"), out / "evidence_heldout")
+    return written

@@ -23,6 +23,8 @@ dealt to processes.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import hashlib
 import logging
 import math
@@ -225,6 +227,7 @@ class MindSkipLM(HFLM):
             torch.no_grad(),
             torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                            enabled=self.mixed_precision_dtype is not None),
+            float32_logits(self.model),
         ):
             return self.model(input_ids=inps, attention_mask=mask,
                               logits_to_keep=self._logits_to_keep(inps, lengths)).logits
@@ -364,6 +367,33 @@ def seed_fewshot_per_document(task) -> None:
             new.current_doc = None
 
     task.fewshot_context = fewshot_context
+
+
+@contextmanager
+def float32_logits(model):
+    """Within the block, a half-precision model computes its output projection in float32.
+
+    A bfloat16 logit near 20 is rounded to a multiple of 0.125; summed over a continuation's
+    tokens, such errors tie or swap the log-likelihoods of close answer choices (BoolQ's
+    " yes"/" no" are one token each). The hidden state stays as the model computed it; only
+    the projection (``get_output_embeddings``) and what follows it (log-softmax, sums) run in
+    float32, which costs little because only the positions the harness reads are projected.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dtype == torch.float32 or not weight.is_floating_point():
+        yield
+        return
+
+    def hook(module, args, output):
+        bias = module.bias.float() if getattr(module, "bias", None) is not None else None
+        return torch.nn.functional.linear(args[0].float(), module.weight.float(), bias)
+
+    handle = head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def leaf_tasks(obj) -> list:

@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 # Re-exported so that `from rt_lib import paper` reaches every public name of the parts.
-from rt_lib.figures import build_figures, figure2_kit_points, operating_points  # noqa: F401
+from rt_lib.claims import build_claims, write_claims  # noqa: F401
+from rt_lib.figures import build_evidence_figures, build_figures, figure2_kit_points, operating_points  # noqa: F401
 from rt_lib.paper_tables import (  # noqa: F401
     DEFAULT_REFERENCE_DIR,
     NOT_RUN,
@@ -94,7 +95,12 @@ def build_all(results_root: str | Path = "results", out_tables: str | Path = "re
     runs, problems = load_runs(results_root)
     tidy = tidy_runs(runs, regime)
     tables = build_tables(runs, tidy, out_tables, reference_dir, regime, problems)
+    claims_files = write_claims(results_root, out_tables, reference_dir)
+    if claims_files:
+        tables["claims"] = claims_files
     figs = build_figures(runs, tidy, out_figures, reference_dir, problems) if figures else {}
+    if figures:
+        figs.update(build_evidence_figures(results_root, out_figures, reference_dir))
     log.info("built %d tables and %d figures from %d runs", len(tables), len(figs), len(runs))
     return {"tables": tables, "figures": figs, "problems": problems}
 

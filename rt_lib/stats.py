@@ -95,6 +95,14 @@ def paired_difference(
     raise ValueError(f"method must be 't' or 'bootstrap', got {method!r}")
 
 
+def se_from_interval(ci_low: float, ci_high: float, n: int, confidence: float) -> float:
+    """The standard error behind a paired t interval (``paired_difference``'s default):
+    half-width / t quantile with n - 1 degrees of freedom; NaN when it cannot be told."""
+    if n < 2 or ci_low != ci_low or ci_high != ci_high:
+        return math.nan
+    return (ci_high - ci_low) / 2 / float(scipy_stats.t.ppf(0.5 + confidence / 2.0, n - 1))
+
+
 def macro_difference(parts: Sequence[PairedDifference], confidence: float | None = None) -> PairedDifference:
     """Unweighted mean of per-task paired differences, tasks being independent samples.
 

@@ -38,6 +38,11 @@ Presets (``PRESETS``):
     over ``mmlu_offline_<subject>``), tagged ``rt_offline``.
 ``quick``
     ``offline`` cut to fit a 2-core CPU in minutes: see ``QUICK_LIMITS``/``QUICK_SHOTS``.
+``evidence``
+    ``offline`` sized to decide a claim: every document of a split with at most
+    ``EVIDENCE_SAMPLE`` documents, a fixed seeded sample of ``EVIDENCE_SAMPLE`` otherwise
+    (``sample_documents``; MMLU: pooled over its 57 subjects' test questions), with the
+    ``quick`` shots (see ``EVIDENCE_SHOTS`` for why).
 
 Few-shot examples are picked per scored document from ``(fewshot seed, document)``
 (``samplers.DocSeededSampler``), so they do not change with batch size, number of
@@ -135,6 +140,18 @@ QUICK_SHOTS: dict[str, int] = {
 }
 
 
+# The evidence preset: enough documents per task for paired intervals of about +-1 point on
+# the macro average, within about two hours for five variants on 2 CPU cores. A split larger
+# than EVIDENCE_SAMPLE documents is scored on a fixed sample of that size drawn with
+# EVIDENCE_SAMPLE_SEED (boolq 3,270, hellaswag 10,042, piqa 1,838, winogrande 1,267, mmlu
+# 14,042 test questions); arc_challenge (299), openbookqa (500) and rte (277) are scored whole.
+# Shots as in ``quick``: benchmarks/eval_cost.py puts the paper's 25-shot arc_challenge and
+# 10-shot hellaswag at about 20x the tokens of 0-shot, and every variant pays it.
+EVIDENCE_SAMPLE = 1000
+EVIDENCE_SAMPLE_SEED = 2410
+EVIDENCE_SHOTS: dict[str, int] = dict(QUICK_SHOTS)
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -142,6 +159,8 @@ class Preset:
     shots: dict[str, int]
     limits: dict[str, int | None] = field(default_factory=dict)  # missing: all documents
     description: str = ""
+    sample: int | None = None  # score a seeded sample of this many documents of larger splits
+    sample_seed: int = EVIDENCE_SAMPLE_SEED
 
     @property
     def tasks(self) -> list[str]:
@@ -158,7 +177,32 @@ PRESETS: dict[str, Preset] = {
                       description="standard prompts/metrics/shots over the embedded data"),
     "quick": Preset("quick", True, dict(QUICK_SHOTS), dict(QUICK_LIMITS),
                     description="offline tasks, first documents only and fewer shots (QUICK_LIMITS, QUICK_SHOTS)"),
+    "evidence": Preset("evidence", True, dict(EVIDENCE_SHOTS), sample=EVIDENCE_SAMPLE,
+                       description=f"offline tasks, whole splits up to {EVIDENCE_SAMPLE} documents and a seeded "
+                                   f"sample of {EVIDENCE_SAMPLE} of larger ones; quick shots"),
 }
+
+
+def sample_documents(sizes: dict[str, int], n: int, seed: int) -> dict[str, list[int]] | None:
+    """Which documents a sampled preset scores: ``sizes`` maps each leaf task of one task (or
+    group) to its number of documents. None (score all) when they hold at most ``n`` in all;
+    else ``n`` documents drawn without replacement from the pooled (leaf, index) list with
+    ``seed``, as sorted indices per leaf (the harness's ``samples`` argument). The draw
+    depends only on the sizes, ``n`` and ``seed``: every variant scores the same documents."""
+    import numpy as np
+
+    if n <= 0:
+        raise ValueError(f"a sample needs a positive number of documents, got {n}")
+    total = sum(sizes.values())
+    if total <= n:
+        return None
+    pool = [(leaf, i) for leaf in sorted(sizes) for i in range(sizes[leaf])]
+    picked = np.random.default_rng(seed).choice(total, size=n, replace=False)
+    out: dict[str, list[int]] = {leaf: [] for leaf in sorted(sizes)}
+    for j in sorted(int(x) for x in picked):
+        leaf, i = pool[j]
+        out[leaf].append(i)
+    return {leaf: idx for leaf, idx in out.items() if idx}
 
 
 # -------------------------------------------------------------------------- YAML writing

@@ -1,0 +1,284 @@
+"""The paper's claims, decided from an evidence run by written rules (``claims.csv`` / ``.md``).
+
+    python -m rt_lib.paper            # also writes results/tables/claims.{csv,md}
+    from rt_lib.claims import build_claims
+    table = build_claims("results/runs/evidence-cpu")
+
+Inputs are files only: the evidence run (``rt_lib.evidence``: ``eval/results.json`` with
+per-document records, ``evidence/heldout/*.json``, ``evidence/plan.json``), the run that tuned
+its routers (``train/summary.json``, ``profile/profile.json``) and the paper's published
+numbers (``results/reference/``). Every verdict comes from the rule in its row, applied to
+the interval in its row; nothing is decided by hand.
+
+Claims (one row each; ``k``: skipped attention sublayers per sequence, of the model's layers):
+
+* C1: MindSkip (attn, seq) stays within 1 point of dense at about 12.5% and 25% skip;
+* C2: MindSkip beats static attention drop at the same number of skipped layers, in
+  accuracy and in held-out loss;
+* C3: attention routing beats MLP and block routing at the same number of skipped sublayers
+  (held-out loss: the evidence run scores accuracy only for attention routers);
+* C4: sequence routing is at least as good as token routing (held-out loss, each granularity);
+* C5: router-only tuning takes minutes and trains only router weights;
+* C6: the speedup at the operating point of the tuned routers, with C1's accuracy rule there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from rt_lib import stats
+from rt_lib.measures import MACRO, evidence_measures, heldout_table, method_of, paired_loss_difference
+
+CLAIM_COLUMNS = ["claim", "paper_value", "measure", "kit_value", "ci_low", "ci_high", "n", "verdict", "rule", "run"]
+HOLDS, FAILS, OPEN = "holds", "does not hold", "inconclusive"
+ACC_MARGIN = 1.0  # points: C1's "within 1 point"
+LOSS_MARGIN = 0.01  # nats: C4's non-inferiority margin on held-out loss
+TUNING_MINUTES = 60.0  # C5's "minutes": under an hour
+
+
+# ------------------------------------------------------------------------- rules
+def above(ci_low: float, ci_high: float, margin: float = 0.0) -> str:
+    """``holds`` when the whole interval lies above ``margin``, ``does not hold`` when it lies
+    below, else ``inconclusive`` (also for a missing interval)."""
+    if any(v is None or v != v for v in (ci_low, ci_high)):
+        return OPEN
+    return HOLDS if ci_low > margin else FAILS if ci_high < margin else OPEN
+
+
+def at_least(ci_low: float, ci_high: float, margin: float) -> str:
+    """Non-inferiority: ``holds`` when the interval lies at or above ``margin``, ``does not
+    hold`` when it lies below, else ``inconclusive``."""
+    if any(v is None or v != v for v in (ci_low, ci_high)):
+        return OPEN
+    return HOLDS if ci_low >= margin else FAILS if ci_high < margin else OPEN
+
+
+# ------------------------------------------------------------------------- helpers
+def _reference(ref_dir: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(ref_dir / f"{name}.csv", comment="#")
+
+
+def _paper_values(ref_dir: Path) -> dict:
+    """The published numbers the claims are compared with."""
+    main = _reference(ref_dir, "main_table")
+    fig2 = _reference(ref_dir, "drop_vs_mindskip")
+    llama = main[main.model == "Llama-3-8B"]
+
+    def avg(method, gran=None, level=None):
+        s = llama[llama.method == method]
+        if gran:
+            s = s[(s.granularity == gran) & (s.route_level == level)]
+        return float(s.avg.iloc[0])
+
+    def fig(method, skip):
+        return float(fig2[(fig2.method == method) & np.isclose(fig2.skip_ratio, skip)].performance.iloc[0])
+
+    base = fig("baseline", 0.0)
+    return {
+        "c1": {k: fig("mindskip", s) - base for k, s in ((4, 0.125), (8, 0.25))},
+        "c2": {k: fig("mindskip", s) - fig("attention-drop", s) for k, s in ((4, 0.125), (8, 0.25))},
+        "attn_seq": avg("router-tuning", "attn", "seq"), "dense": avg("baseline"),
+        "avg": {(g, lv): avg("router-tuning", g, lv) for g in ("attn", "mlp", "block") for lv in ("seq", "token")},
+        "speedup": float(llama[(llama.granularity == "attn") & (llama.route_level == "seq")].speedup.iloc[0]),
+    }
+
+
+def _per_doc(run_dir: Path) -> dict:
+    return json.loads((run_dir / "eval" / "results.json").read_text())
+
+
+def _paired_variants(res: dict, a: str, b: str) -> stats.PairedDifference:
+    """Macro-averaged paired accuracy difference a - b over the tasks both scored (paper metric)."""
+    parts = []
+    for task, info in res["tasks"].items():
+        da, db = res["per_doc"][a].get(task), res["per_doc"][b].get(task)
+        if da is None or db is None:
+            continue
+        m = info["metric"]
+        _, x, y = stats.pair_scores({tuple(k): v for k, v in zip(da["keys"], da[m])},
+                                    {tuple(k): v for k, v in zip(db["keys"], db[m])})
+        parts.append(stats.paired_difference(x, y))
+    return stats.macro_difference(parts)
+
+
+def speedup_interval(dense_ms: list[float], variant_ms: list[float], confidence: float = 0.95) -> tuple:
+    """Speedup dense/variant from interleaved rounds: the geometric mean of the per-round
+    ratios with a t interval on their logs (rounds are paired: they ran back to back)."""
+    logs = np.log(np.asarray(dense_ms, dtype=float)) - np.log(np.asarray(variant_ms, dtype=float))
+    n = len(logs)
+    mean = float(logs.mean())
+    if n < 2:
+        return math.exp(mean), math.nan, math.nan, n
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(scipy_stats.sem(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half), n
+
+
+def _row(claim, paper_value, measure, value, lo, hi, n, verdict, rule, run) -> dict:
+    return dict(zip(CLAIM_COLUMNS, (claim, paper_value, measure, value, lo, hi, n, verdict, rule, run)))
+
+
+# ------------------------------------------------------------------------- the table
+def build_claims(evidence_run: str | Path, reference_dir: str | Path | None = None) -> pd.DataFrame:
+    """``claims.csv`` rows of one evidence run (see the module docstring)."""
+    from rt_lib.paper_tables import DEFAULT_REFERENCE_DIR
+
+    run = Path(evidence_run)
+    ev = run / "evidence"
+    plan = json.loads((ev / "plan.json").read_text())
+    routers = Path(plan["routers"])
+    tuned = routers.parent.parent if routers.name == "routers" else routers
+    num_layers = int(json.loads((routers / "mindskip_config.json").read_text())["num_layers"])
+    paper = _paper_values(Path(reference_dir or DEFAULT_REFERENCE_DIR))
+    measures = evidence_measures(run, num_layers=num_layers)
+    held = heldout_table(ev, num_layers).set_index("variant")
+    res = _per_doc(run)
+    rid = run.name
+    rows = []
+    macro = measures[measures.task == MACRO].set_index("variant")
+    c1_rule = f"holds if ci_low >= -{ACC_MARGIN:g}; does not hold if ci_high < -{ACC_MARGIN:g}; else inconclusive"
+    gt0 = "holds if ci_low > 0; does not hold if ci_high < 0; else inconclusive"
+    ms_targets = [v for v in macro.index if v.startswith("mindskip_k")]
+    for v in ms_targets:
+        m = macro.loc[v]
+        k = int(v.rsplit("_k", 1)[1])
+        pct = f"{100 * m.skip_ratio:.1f}% skip ({m.skipped_layers:.2f} of {num_layers} layers)"
+        rows.append(_row(
+            f"C1 MindSkip attn/seq within {ACC_MARGIN:g} point of dense at {pct}",
+            f"{paper['c1'].get(k, math.nan):+.1f} (Fig. 2, {12.5 * k / 4:g}% skip); "
+            f"{paper['attn_seq'] - paper['dense']:+.1f} (main table, 1.21x)",
+            "macro paired accuracy difference vs dense, points", 100 * m.acc_diff, 100 * m.acc_ci_low,
+            100 * m.acc_ci_high, int(m.n), at_least(100 * m.acc_ci_low, 100 * m.acc_ci_high, -ACC_MARGIN), c1_rule,
+            rid))
+        drop = f"static_drop_k{int(round(m.skipped_layers))}"
+        if drop in res["per_doc"]:
+            d = _paired_variants(res, v, drop)
+            rows.append(_row(
+                f"C2 MindSkip beats static attention drop at {int(round(m.skipped_layers))} skipped layers (accuracy)",
+                f"{paper['c2'].get(k, math.nan):+.1f} (Fig. 2, {12.5 * k / 4:g}% skip)",
+                f"macro paired accuracy difference {v} - {drop}, points", 100 * d.diff, 100 * d.ci_low,
+                100 * d.ci_high, d.n, above(d.ci_low, d.ci_high), gt0, rid))
+        drop_h = f"static_drop_k{k}"
+        if v in held.index and drop_h in held.index:
+            d = paired_loss_difference(ev, drop_h, v)
+            rows.append(_row(
+                f"C2 MindSkip beats static attention drop at {k} skipped layers (held-out loss)", "not reported",
+                f"held-out loss {drop_h} - {v}, nats per token, paired per block", d.diff, d.ci_low, d.ci_high,
+                d.n, above(d.ci_low, d.ci_high), gt0 + " (positive: MindSkip's loss is lower)", rid))
+    # C3 / C4 on held-out loss, at the largest target
+    k = max(int(v.rsplit("_k", 1)[1]) for v in ms_targets) if ms_targets else None
+    main_v = f"mindskip_k{k}"
+    comp = {(r.granularity, r.route_level): name for name, r in held.iterrows()
+            if name.endswith(f"_k{k}") and not name.startswith(("mindskip", "static"))}
+    comp[("attn", "seq")] = main_v
+    for gran in ("mlp", "block"):
+        other = comp.get((gran, "seq"))
+        if other and main_v in held.index:
+            d = paired_loss_difference(ev, other, main_v)
+            rows.append(_row(
+                f"C3 attention routing beats {gran} routing at {k} skipped sublayers (seq)",
+                f"{paper['avg'][('attn', 'seq')] - paper['avg'][(gran, 'seq')]:+.1f} (main table avg, attn - {gran})",
+                f"held-out loss {other} - {main_v}, nats per token, paired per block", d.diff, d.ci_low, d.ci_high,
+                d.n, above(d.ci_low, d.ci_high), gt0 + " (positive: attention routing's loss is lower)", rid))
+    for gran in ("attn", "mlp", "block"):
+        seq, tok = comp.get((gran, "seq")), comp.get((gran, "token"))
+        if seq and tok:
+            d = paired_loss_difference(ev, tok, seq)
+            rows.append(_row(
+                f"C4 sequence routing at least as good as token routing ({gran}, {k} skipped sublayers)",
+                f"{paper['avg'][(gran, 'seq')] - paper['avg'][(gran, 'token')]:+.1f} (main table avg, seq - token)",
+                f"held-out loss {tok} - {seq}, nats per token, paired per block", d.diff, d.ci_low, d.ci_high, d.n,
+                at_least(d.ci_low, d.ci_high, -LOSS_MARGIN),
+                f"holds if ci_low >= -{LOSS_MARGIN:g}; does not hold if ci_high < -{LOSS_MARGIN:g}; else inconclusive",
+                rid))
+    rows += _c5(tuned, routers)
+    own = [v for v in macro.index if v.startswith("mindskip_t")]
+    rows += _c6(tuned, macro.loc[own[0]] if own else None, paper, rid)
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+
+
+def _c5(tuned: Path, routers: Path) -> list[dict]:
+    summary_path = tuned / "train" / "summary.json"
+    if not summary_path.exists():
+        return []
+    s = json.loads(summary_path.read_text())
+    meta = json.loads((routers / "mindskip_config.json").read_text())
+    router_params = len(meta["routed_layers"]) * int(meta["hidden_size"])
+    minutes = float(s["wall_time_s"]) / 60
+    only_routers = s.get("trainable") == "routers" and int(s.get("trainable_parameters", -1)) == router_params
+    verdict = HOLDS if minutes < TUNING_MINUTES and only_routers else FAILS
+    return [_row(
+        "C5 router-only tuning takes minutes and trains only router weights",
+        "under 30 min on one RTX A6000 for an 8B model",
+        f"tuning wall time, minutes ({s.get('steps')} steps, {s.get('preset')} preset); "
+        f"{s.get('trainable_parameters')} trainable parameters = {len(meta['routed_layers'])} routers x "
+        f"{meta['hidden_size']}", minutes, math.nan, math.nan, int(s.get("steps", 0)), verdict,
+        f"holds if wall time < {TUNING_MINUTES:g} min and the trainable parameters are exactly the routers'; "
+        "else does not hold", tuned.name)]
+
+
+def _c6(tuned: Path, op, paper: dict, rid: str) -> list[dict]:
+    prof = tuned / "profile" / "profile.json"
+    if not prof.exists() or op is None:
+        return []
+    p = json.loads(prof.read_text())
+    acc_ok = at_least(100 * op.acc_ci_low, 100 * op.acc_ci_high, -ACC_MARGIN)
+    groups: dict = {}
+    for m in p["measurements"]:
+        groups.setdefault((m["regime"], m["batch_size"], m["seq_len"]), {})[m["variant"]] = m["times_ms"]
+    rows = []
+    for (regime, bs, L), v in groups.items():
+        if "dense" not in v or "mindskip" not in v:
+            continue
+        sp, lo, hi, n = speedup_interval(v["dense"], v["mindskip"])
+        speed = above(lo, hi, 1.0)
+        verdict = FAILS if FAILS in (speed, acc_ok) else HOLDS if speed == acc_ok == HOLDS else OPEN
+        rows.append(_row(
+            f"C6 speedup at the tuned routers' operating point ({regime}, batch {bs}, {L} tokens)",
+            f"{paper['speedup']:.2f}x at {paper['attn_seq'] - paper['dense']:+.1f} points (main table, attn/seq)",
+            f"dense / MindSkip time, {p.get('dtype')} {p.get('device_name')} {p.get('threads')} thread(s); accuracy "
+            f"there {100 * op.acc_diff:+.2f} [{100 * op.acc_ci_low:+.2f}, {100 * op.acc_ci_high:+.2f}] points "
+            f"({acc_ok} under C1's rule)", sp, lo, hi, n, verdict,
+            "holds if the speedup's ci_low > 1 and the accuracy there holds under C1's rule; does not hold if "
+            "ci_high < 1 or the accuracy does not hold; else inconclusive", f"{rid}, {tuned.name}"))
+    return rows
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The claims as a Markdown table (numbers rounded for reading; the CSV keeps them whole)."""
+    shown = table.copy()
+    for c in ("kit_value", "ci_low", "ci_high"):
+        shown[c] = shown[c].map(lambda x: "" if x != x else f"{x:.3g}")
+    head = ("# The paper's claims, decided on the embedded model\n\n"
+            "Built by `python -m rt_lib.paper` from the evidence run named in `run`; the verdict of each row "
+            "follows from its rule applied to its interval (95%).\n\n")
+    return head + shown.to_markdown(index=False) + "\n"
+
+
+def find_evidence_runs(results_root: str | Path) -> list[Path]:
+    """Run folders under ``<results_root>/runs`` holding a finished evidence run."""
+    root = Path(results_root) / "runs"
+    return sorted(p for p in root.glob("*") if (p / "evidence" / "plan.json").exists()
+                  and (p / "eval" / "results.json").exists())
+
+
+def write_claims(results_root: str | Path, out_tables: str | Path, reference_dir=None) -> list[Path]:
+    """``claims.csv`` and ``claims.md`` from the newest evidence run (none: nothing written)."""
+    from rt_lib import runs
+
+    found = find_evidence_runs(results_root)
+    if not found:
+        return []
+    table = build_claims(found[-1], reference_dir)
+    out = Path(out_tables)
+    return [runs.write_csv(out / "claims.csv", table, CLAIM_COLUMNS),
+            runs.atomic_write_text(out / "claims.md", to_markdown(table))]
+
+
+__all__ = ["CLAIM_COLUMNS", "HOLDS", "FAILS", "OPEN", "above", "at_least", "build_claims", "find_evidence_runs",
+           "speedup_interval", "to_markdown", "write_claims", "method_of"]

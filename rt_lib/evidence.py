@@ -1,0 +1,433 @@
+"""The evidence run: enough documents, at the paper's operating points, to decide its claims.
+
+    python -m rt_lib.evidence --out results/runs/evidence-cpu \\
+        --routers results/runs/cpu-main/train/routers
+
+What it scores (every variant on the same documents and prompts, paired with dense):
+
+* ``dense``: the base model;
+* ``mindskip_k4``, ``mindskip_k8``: the routers at the thresholds that skip on average 4 and
+  8 attention sublayers per sequence on held-out text: 13.3% and 26.7% of the embedded
+  model's 30 layers, the paper's 12.5% and 25% (4 and 8 of Llama-3-8B's 32) rounded to whole
+  layers. The threshold is found by bisection on ``calibration`` blocks of the Wikipedia
+  validation text (no task document, no label), because one tuning then serves every
+  operating point and the comparison isolates how many layers are skipped;
+* ``static_drop_k<k>``: static attention drop of ``k`` layers, ``k`` = MindSkip's realised
+  skipped layers on the tasks (macro average), rounded, for each MindSkip operating point;
+* ``mindskip_t<τ>``: the routers at their own threshold (the ``cpu`` preset's operating point).
+
+Each (variant, task) is one part written atomically under ``<out>/evidence/parts/``; a run
+that is interrupted continues with the first missing part (calibration and static-drop
+scores are files too). When every part is there the parts are combined into ``<out>/eval/``
+(the usual results files) and ``<out>/evidence/measures.csv`` (``rt_lib.measures``).
+
+Held-out LM loss (``<out>/evidence/heldout.csv``): every variant above plus, for the
+granularity and routing-level claims, the routers of ``--compare`` run folders calibrated to
+the same skipped-layer count, each scored on the same ``heldout`` Wikipedia validation
+blocks (disjoint from the calibration blocks), per block, so differences are paired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rt_lib import runs
+
+log = logging.getLogger(__name__)
+
+TARGET_LAYERS = (4, 8)  # skipped attention sublayers per sequence (of the model's layers)
+TASK_PRESET = "evidence"
+CALIBRATION_BLOCKS = 32  # Wikipedia validation blocks for the threshold bisection
+HELDOUT_BLOCKS = 256  # further validation blocks for the paired held-out loss
+BLOCK_TOKENS = 256
+BISECTION_STEPS = 14
+
+
+# ------------------------------------------------------------------------- text blocks
+def wiki_blocks(tokenizer, n: int, skip: int = 0) -> list[dict]:
+    """``n`` packed ``BLOCK_TOKENS``-token blocks of the embedded Wikipedia validation text,
+    after the first ``skip`` (so calibration and held-out blocks never overlap)."""
+    from rt_lib.data import build_dataset
+
+    blocks, _ = build_dataset(tokenizer, "wikipedia-en", split="validation", num_samples=skip + n,
+                              max_length=BLOCK_TOKENS, packing=True, format="text", seed=0)
+    if len(blocks) < skip + n:
+        raise ValueError(f"the Wikipedia validation text gives {len(blocks)} blocks of {BLOCK_TOKENS} tokens, "
+                         f"fewer than the {skip + n} asked for")
+    return blocks[skip:skip + n]
+
+
+@torch.no_grad()
+def block_losses(model, blocks: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
+    """Mean next-token cross-entropy of each block (the unit of the paired held-out loss)."""
+    from rt_lib.data import IGNORE_INDEX, collate
+
+    out = []
+    for i in range(0, len(blocks), batch_size):
+        batch = collate(blocks[i:i + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                               reduction="none")
+        n = (labels != IGNORE_INDEX).sum(1).clamp_min(1)
+        out += (ce.sum(1) / n).tolist()
+    return out
+
+
+@torch.no_grad()
+def skipped_layers(ms, blocks: list[dict], pad_id: int, batch_size: int = 8) -> float:
+    """Mean number of routed sublayers skipped per sequence (token routing: per token) on ``blocks``."""
+    from rt_lib.data import collate
+
+    ms.reset_stats()
+    for i in range(0, len(blocks), batch_size):
+        batch = collate(blocks[i:i + batch_size], pad_id)
+        ms(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return float(sum(1.0 - c for c in ms.capacities().values()))
+
+
+def calibrate_threshold(ms, blocks: list[dict], pad_id: int, target: float, steps: int = BISECTION_STEPS) -> dict:
+    """The threshold at which the routers skip ``target`` sublayers per sequence on ``blocks``:
+    bisection on [0, 1] (more is skipped as the threshold rises), keeping the closest point."""
+    lo, hi = 0.0, 1.0
+    best = None
+    trace = []
+    for _ in tqdm(range(steps), desc=f"threshold for {target:g} skipped", leave=False):
+        tau = (lo + hi) / 2
+        ms.set_threshold(tau)
+        s = skipped_layers(ms, blocks, pad_id)
+        trace.append([tau, s])
+        if best is None or abs(s - target) < abs(best[1] - target):
+            best = (tau, s)
+        lo, hi = (tau, hi) if s < target else (lo, tau)
+    return {"target_skipped": target, "threshold": best[0], "skipped": best[1], "trace": trace}
+
+
+# ------------------------------------------------------------------------- the run
+class Evidence:
+    """One evidence run folder; every step is a file, present parts are never recomputed."""
+
+    def __init__(self, out: str | os.PathLike, routers: str | os.PathLike, *, model: str | None = None,
+                 dtype: str = "auto", tasks: Sequence[str] | None = None, batch_size: int = 8,
+                 targets: Sequence[int] = TARGET_LAYERS, compare: Sequence[str | os.PathLike] = (),
+                 heldout_blocks: int = HELDOUT_BLOCKS, calibration_blocks: int = CALIBRATION_BLOCKS,
+                 limit: int | None = None):
+        from rt_lib.mindskip import read_checkpoint_metadata
+        from rt_lib.tasks import PRESETS
+
+        self.out = Path(out)
+        self.dir = self.out / "evidence"
+        self.routers = Path(routers)
+        meta = read_checkpoint_metadata(self.routers)
+        self.model_name = model or meta.get("base_model")
+        if not self.model_name:
+            raise ValueError(f"{self.routers} does not name its base model: pass model=")
+        self.dtype, self.batch_size = dtype, batch_size
+        self.tasks = list(tasks or PRESETS[TASK_PRESET].tasks)
+        self.targets = [int(t) for t in targets]
+        self.compare = [Path(c) for c in compare]
+        self.heldout_blocks, self.calibration_blocks = heldout_blocks, calibration_blocks
+        self.limit = limit  # documents per task (a smoke run), None: the preset's
+        self._base = self._tok = None
+
+    # -- shared state ----------------------------------------------------------------------
+    @property
+    def base(self):
+        if self._base is None:
+            from rt_lib.assets import load_model
+
+            self._base, self._tok = load_model(self.model_name, dtype=self.dtype)
+        return self._base
+
+    @property
+    def tok(self):
+        self.base
+        return self._tok
+
+    def _pad(self) -> int:
+        from rt_lib.data import pad_token_id
+
+        return pad_token_id(self.tok)
+
+    def _json(self, name: str, make):
+        """The JSON file ``name`` under the evidence folder, made (and written atomically) once."""
+        path = self.dir / name
+        if path.exists():
+            return _read_json(path)
+        value = make()
+        runs.atomic_write_json(path, value)
+        return value
+
+    # -- steps -----------------------------------------------------------------------------
+    def plan(self) -> dict:
+        from rt_lib.mindskip import read_checkpoint_metadata
+
+        meta = read_checkpoint_metadata(self.routers)
+        plan = {"model": self.model_name, "dtype": self.dtype, "task_preset": TASK_PRESET, "tasks": self.tasks,
+                "routers": str(self.routers), "routers_weights_sha256": meta.get("weights_sha256"),
+                "routers_config": meta.get("config"), "target_skipped_layers": self.targets,
+                "compare": [str(c) for c in self.compare], "batch_size": self.batch_size,
+                "calibration_blocks": self.calibration_blocks, "heldout_blocks": self.heldout_blocks,
+                "limit": self.limit,
+                "block_tokens": BLOCK_TOKENS}
+        old = self._json("plan.json", lambda: plan)
+        changed = {k for k in plan if old.get(k) != plan[k]}
+        if changed:
+            raise ValueError(f"{self.dir / 'plan.json'} was written with other settings ({sorted(changed)}); "
+                             "continue with the same command, or choose a new --out")
+        return plan
+
+    def _ms(self, routers: Path):
+        from rt_lib.checkpoints import attach_routers
+
+        ms = attach_routers(self.base, routers)
+        ms.eval()
+        return ms
+
+    def calibration(self) -> dict:
+        """Thresholds of the main routers for each target, and of each ``compare`` run's routers
+        for the largest target."""
+        def make():
+            blocks = wiki_blocks(self.tok, self.calibration_blocks)
+            out = {"blocks": len(blocks), "skip": 0, "main": {}, "compare": {}}
+            ms = self._ms(self.routers)
+            try:
+                for k in self.targets:
+                    out["main"][str(k)] = calibrate_threshold(ms, blocks, self._pad(), k)
+                    log.info("threshold for %d skipped layers: %s", k, out["main"][str(k)]["threshold"])
+            finally:
+                ms.unload()
+            for run in self.compare:
+                ms = self._ms(_routers_of(run))
+                try:
+                    out["compare"][str(run)] = {
+                        "granularity": ms.config.granularity, "route_level": ms.config.route_level,
+                        **calibrate_threshold(ms, blocks, self._pad(), max(self.targets))}
+                finally:
+                    ms.unload()
+            return out
+        return self._json("calibration.json", make)
+
+    def variants(self) -> list[dict]:
+        """The task variants in run order: dense, MindSkip at each target, its own threshold."""
+        cal = self.calibration()
+        from rt_lib.mindskip import read_checkpoint_metadata
+
+        own = read_checkpoint_metadata(self.routers)["config"]["threshold"]
+        out = [{"variant": "dense", "method": "dense", "threshold": None, "k": None}]
+        out += [{"variant": f"mindskip_k{k}", "method": "mindskip", "threshold": cal["main"][str(k)]["threshold"],
+                 "k": k} for k in self.targets]
+        out.append({"variant": f"mindskip_t{own:g}", "method": "mindskip", "threshold": own, "k": None})
+        return out
+
+    def part_dir(self, variant: str, task: str) -> Path:
+        return self.dir / "parts" / f"{variant}__{task}"
+
+    def _part(self, variant: str, task: str, score) -> None:
+        """Run ``score(out_dir)`` for one (variant, task) unless its part is already written."""
+        final = self.part_dir(variant, task)
+        if (final / "eval" / "results.json").exists():
+            return
+        start = time.perf_counter()
+        with runs.atomic_dir(final) as tmp:
+            score(tmp)
+        log.info("%s on %s: %.0f s", variant, task, time.perf_counter() - start)
+
+    def _dense(self, task: str):
+        from rt_lib.eval_results import EvalResults
+
+        return EvalResults.load(self.part_dir("dense", task))
+
+    def score_tasks(self) -> None:
+        from rt_lib.evaluation import evaluate
+
+        common = dict(preset=TASK_PRESET, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit)
+        todo = self.variants()
+        bar = tqdm(total=len(todo) * len(self.tasks), desc="evidence parts")
+        for v in todo:
+            if v["method"] == "dense":
+                for task in self.tasks:
+                    self._part("dense", task, lambda d, t=task: evaluate(
+                        self.base, self.tok, tasks=[t], variant="dense", out_dir=d, **common))
+                    bar.update()
+                continue
+            ms = self._ms(self.routers)
+            ms.set_threshold(v["threshold"])
+            try:
+                for task in self.tasks:
+                    self._part(v["variant"], task, lambda d, t=task: evaluate(
+                        ms, self.tok, tasks=[t], variant=v["variant"], dense_reference=self._dense(t),
+                        out_dir=d, **common))
+                    bar.update()
+            finally:
+                ms.unload()
+        bar.close()
+        self.score_static_drops()
+
+    def static_drop_ks(self) -> list[int]:
+        """k of each MindSkip target: its realised skipped sublayers, macro over the tasks, rounded."""
+        from rt_lib.eval_results import EvalResults
+
+        n_layers = self.base.config.num_hidden_layers
+        ks = []
+        for k in self.targets:
+            ratios = []
+            for task in self.tasks:
+                t = EvalResults.load(self.part_dir(f"mindskip_k{k}", task)).table
+                ratios.append(float(t[t.variant == f"mindskip_k{k}"].skip_ratio.iloc[0]))
+            routed = len(_read_json(self.routers / "mindskip_config.json")["routed_layers"])
+            ks.append(int(round(sum(ratios) / len(ratios) * routed)))
+        return [k for k in dict.fromkeys(ks) if 0 < k <= n_layers]
+
+    def score_static_drops(self) -> None:
+        from rt_lib.baselines import attention_importance, static_attention_drop
+        from rt_lib.evaluation import evaluate
+
+        scores = self._json("static_drop_scores.json", lambda: dict(zip(
+            ("scores", "calibration"), attention_importance(self.base, self.tok))))
+        scores_by_layer = {int(k): v for k, v in scores["scores"].items()}
+        common = dict(preset=TASK_PRESET, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit)
+        for k in self.static_drop_ks():
+            variant = f"static_drop_k{k}"
+            drop = static_attention_drop(self.base, k, self.tok, scores=scores_by_layer)
+            drop.calibration = scores["calibration"]
+            drop.save(self.dir / "baselines" / f"{variant}.json")
+            try:
+                for task in tqdm(self.tasks, desc=variant):
+                    self._part(variant, task, lambda d, t=task: evaluate(
+                        self.base, self.tok, tasks=[t], variant=variant, dense_reference=self._dense(t),
+                        out_dir=d, **common))
+            finally:
+                drop.restore()
+
+    def score_heldout(self) -> None:
+        """Per-block held-out loss of every variant (one file each, ``heldout/<variant>.json``)."""
+        from rt_lib.baselines import static_attention_drop
+
+        blocks = wiki_blocks(self.tok, self.heldout_blocks, skip=self.calibration_blocks)
+        cal = self.calibration()
+        pad = self._pad()
+
+        def losses_of(model):
+            return block_losses(model, blocks, pad, self.batch_size)
+
+        def write(name: str, info: dict, run):
+            path = self.dir / "heldout" / f"{name}.json"
+            if not path.exists():
+                start = time.perf_counter()
+                losses, skipped = run()
+                runs.atomic_write_json(path, {**info, "variant": name, "losses": losses, "skipped": skipped,
+                                              "blocks": len(blocks), "wall_s": time.perf_counter() - start})
+                log.info("held-out loss of %s: %.4f", name, sum(losses) / len(losses))
+
+        write("dense", {"method": "dense"}, lambda: (losses_of(self.base), 0.0))
+        main = [(v, self.routers, v["threshold"]) for v in self.variants() if v["method"] == "mindskip"]
+        comp = [({"variant": f"{c['granularity']}_{c['route_level']}_k{max(self.targets)}", "method": "mindskip",
+                  "threshold": c["threshold"], "k": max(self.targets)}, _routers_of(Path(run)), c["threshold"])
+                for run, c in cal["compare"].items()]
+        for v, routers, tau in main + comp:
+            def run(routers=routers, tau=tau):
+                ms = self._ms(routers)
+                ms.set_threshold(tau)
+                try:
+                    ms.reset_stats()
+                    losses = losses_of(ms)
+                    return losses, float(sum(1.0 - c for c in ms.capacities().values()))
+                finally:
+                    ms.unload()
+            ms_cfg = _read_json(routers / "mindskip_config.json")["config"]
+            write(v["variant"], {"method": "mindskip", "threshold": tau, "k": v["k"], "routers": str(routers),
+                                 "granularity": ms_cfg["granularity"], "route_level": ms_cfg["route_level"]}, run)
+        scores_file = self.dir / "static_drop_scores.json"
+        scores = _read_json(scores_file) if scores_file.exists() else None
+        # static drop at each target (MindSkip's count on this text) and at each task-matched k
+        for k in (sorted(set(self.static_drop_ks()) | set(self.targets)) if scores else []):
+            def run(k=k):
+                by_layer = {int(i): s for i, s in scores["scores"].items()}
+                drop = static_attention_drop(self.base, k, self.tok, scores=by_layer)
+                try:
+                    return losses_of(self.base), float(k)
+                finally:
+                    drop.restore()
+            write(f"static_drop_k{k}", {"method": "static_drop", "k": k, "granularity": "attn"}, run)
+
+    def combine(self):
+        """``<out>/eval/`` from every part, and the measures table."""
+        from rt_lib.eval_results import EvalResults
+        from rt_lib.measures import evidence_measures
+
+        from rt_lib.measures import heldout_table
+
+        parts = sorted(p for p in (self.dir / "parts").iterdir() if not p.name.startswith("."))
+        results = EvalResults.combine([EvalResults.load(p) for p in parts])
+        # static drop has no gates to count: its routed-unit skip ratio is k / routed layers, as
+        # rt_lib.sweep writes it (the paper's ratio, k / all layers, is in measures.csv)
+        n_routed = len(_read_json(self.routers / "mindskip_config.json")["routed_layers"])
+        is_drop = results.table.variant.str.startswith("static_drop_k")
+        results.table.loc[is_drop, "skip_ratio"] = results.table.loc[is_drop, "variant"].map(
+            lambda v: int(v.rsplit("_k", 1)[1]) / n_routed).astype(float)
+        results.save(self.out)
+        num_layers = int(_read_json(self.routers / "mindskip_config.json")["num_layers"])
+        table = evidence_measures(self.out, num_layers=num_layers)
+        runs.write_csv(self.dir / "measures.csv", table)
+        runs.write_csv(self.dir / "heldout.csv", heldout_table(self.dir, num_layers))
+        return table
+
+    def run(self):
+        self.plan()
+        runs.new_run(root=self.out.parent, run_id=self.out.name, preset=TASK_PRESET) if not (
+            self.out / runs.RUN_FILE).exists() else None
+        self.calibration()
+        self.score_tasks()
+        self.score_heldout()
+        return self.combine()
+
+
+def _read_json(path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def _routers_of(run: Path) -> Path:
+    """A router checkpoint folder, or a run folder holding one under ``train/routers``."""
+    run = Path(run)
+    return run if (run / "mindskip_config.json").exists() else run / "train" / "routers"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="run folder (created; an existing one is continued)")
+    ap.add_argument("--routers", required=True, help="router checkpoint folder, or a run folder with train/routers")
+    ap.add_argument("--compare", nargs="*", default=[], help="run folders of other routers for the held-out loss")
+    ap.add_argument("--tasks", default=None, help="comma list (default: all eight)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--heldout-blocks", type=int, default=HELDOUT_BLOCKS)
+    ap.add_argument("--calibration-blocks", type=int, default=CALIBRATION_BLOCKS)
+    ap.add_argument("--limit", type=int, default=None, help="documents per task (a smoke run)")
+    ap.add_argument("--targets", default=",".join(map(str, TARGET_LAYERS)),
+                    help="skipped attention sublayers per sequence, comma list")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ev = Evidence(a.out, _routers_of(Path(a.routers)), dtype=a.dtype, batch_size=a.batch_size,
+                  tasks=a.tasks.split(",") if a.tasks else None, compare=a.compare,
+                  targets=[int(t) for t in a.targets.split(",")], heldout_blocks=a.heldout_blocks,
+                  calibration_blocks=a.calibration_blocks, limit=a.limit)
+    start = time.perf_counter()
+    table = ev.run()
+    print(table.to_string(index=False))
+    print(f"evidence run finished in {time.perf_counter() - start:.0f} s: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

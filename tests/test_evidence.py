@@ -1,0 +1,198 @@
+"""The evidence run: seeded document samples, per-document choice records, float32 logits of a
+bfloat16 model, results combined from per-task parts, the paired measures, the claim rules,
+and (slow) a resumable run of ``rt_lib.evidence`` on the embedded model."""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rt_lib import assets, claims, measures
+from rt_lib.eval_results import MACRO, EvalResults
+from rt_lib.evaluation import evaluate
+from rt_lib.harness import float32_logits
+from rt_lib.tasks import PRESETS, sample_documents
+
+from test_evaluation import routed, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return assets.load_model("tiny-random-llama")[1]
+
+
+# ------------------------------------------------------------------------- samples
+def test_sample_documents_is_a_fixed_draw_of_n_pooled_documents():
+    sizes = {"a": 30, "b": 5, "c": 70}
+    s = sample_documents(sizes, 40, seed=3)
+    assert sum(len(v) for v in s.values()) == 40
+    assert all(v == sorted(set(v)) and all(0 <= i < sizes[k] for i in v) for k, v in s.items())
+    assert s == sample_documents(dict(reversed(sizes.items())), 40, seed=3)  # order of the leaves is irrelevant
+    assert s != sample_documents(sizes, 40, seed=4)
+    assert sample_documents(sizes, 105, seed=3) is None  # all documents: no sample
+    with pytest.raises(ValueError, match="positive"):
+        sample_documents(sizes, 0, seed=3)
+
+
+def test_a_sampled_preset_scores_exactly_the_drawn_documents(tok, monkeypatch):
+    monkeypatch.setitem(PRESETS, "evidence", replace(PRESETS["evidence"], sample=6))
+    res = evaluate(tiny_llama(tok), tok, preset="evidence", tasks=["rte"], batch_size=4)
+    keys = [tuple(k) for k in res.per_doc["dense"]["rte"]["keys"]]
+    drawn = sample_documents({"rte_offline": 277}, 6, PRESETS["evidence"].sample_seed)
+    assert keys == [("rte_offline", i) for i in drawn["rte_offline"]]
+    assert res.tasks["rte"]["sample"] == {"n": 6, "seed": PRESETS["evidence"].sample_seed, "of": 277}
+
+
+# ------------------------------------------------------------------------- choice records
+def test_choice_records_reproduce_the_harness_scores(tok):
+    """gold/pred/pred_norm per document give back the harness's acc and acc_norm, for a plain
+    task, a length-normalised one and WinoGrande's partial scoring (gold from doc_to_text)."""
+    res = evaluate(tiny_llama(tok), tok, preset="quick", tasks=["arc_challenge", "boolq", "winogrande"], limit=6,
+                   batch_size=4)
+    for task, d in res.per_doc["dense"].items():
+        assert len(d["gold"]) == len(d["keys"]) == 6
+        assert [float(p == g) for p, g in zip(d["pred"], d["gold"])] == d["acc"], task
+        if "acc_norm" in d:
+            assert [float(p == g) for p, g in zip(d["pred_norm"], d["gold"])] == d["acc_norm"], task
+        assert all(math.isfinite(x) and x <= 0 for x in d["ll_gold"])
+
+
+def test_float32_logits_projects_a_bfloat16_model_in_float32(tok):
+    model = tiny_llama(tok).to(torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with float32_logits(model):
+            out = model(input_ids=ids, output_hidden_states=True)
+        head = model.get_output_embeddings().weight
+        want = torch.nn.functional.linear(out.hidden_states[-1].float(), head.float())
+        again = model(input_ids=ids).logits
+    assert plain.dtype == torch.bfloat16 and again.dtype == torch.bfloat16  # the hook is gone afterwards
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits, want)
+    assert (out.logits - plain.float()).abs().max() > 0  # bfloat16 rounding is what it removes
+
+
+# ------------------------------------------------------------------------- combined parts
+@pytest.fixture(scope="module")
+def parts_and_whole(tok, tmp_path_factory):
+    model = tiny_llama(tok, seed=1)
+    ms = routed(model, layers=(1, 2), seed=2)
+    ms.eval()
+    tasks, common = ["boolq", "rte"], dict(preset="quick", limit=5, batch_size=4)
+    whole = evaluate(ms, tok, tasks=tasks, **common)
+    dense = {t: evaluate(ms, tok, tasks=[t], variant="dense", **common) for t in tasks}
+    parts = list(dense.values()) + [evaluate(ms, tok, tasks=[t], variant="mindskip", dense_reference=dense[t],
+                                             **common) for t in tasks]
+    combined = EvalResults.combine(parts)
+    run = tmp_path_factory.mktemp("combined") / "run"
+    combined.save(run)
+    return whole, combined, run
+
+
+def test_parts_per_task_combine_to_the_same_tables_as_one_evaluation(parts_and_whole):
+    whole, combined, _ = parts_and_whole
+    cols = ["variant", "task", "metric", "value", "n"]
+    a = whole.table[cols].sort_values(cols[:3]).reset_index(drop=True)
+    b = combined.table[cols].sort_values(cols[:3]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_dtype=False)
+    pa = whole.paired.sort_values(["variant", "task", "metric"]).reset_index(drop=True)
+    pb = combined.paired.sort_values(["variant", "task", "metric"]).reset_index(drop=True)
+    for c in ("diff", "ci_low", "ci_high"):
+        np.testing.assert_allclose(pa[c].astype(float), pb[c].astype(float), rtol=1e-9, atol=1e-12)
+    assert set(combined.per_doc["mindskip"]) == {"boolq", "rte"}
+
+
+def test_combine_refuses_a_task_scored_on_other_documents(tok):
+    model = tiny_llama(tok)
+    a = evaluate(model, tok, preset="quick", tasks=["rte"], limit=3, batch_size=4)
+    b = evaluate(model, tok, preset="quick", tasks=["rte"], limit=4, batch_size=4, variant="other",
+                 dense_reference=False)
+    with pytest.raises(ValueError, match="same documents"):
+        EvalResults.combine([a, b])
+
+
+# ------------------------------------------------------------------------- measures
+def _docs(keys, gold, pred, ll, acc=None):
+    acc = acc if acc is not None else [float(p == g) for p, g in zip(pred, gold)]
+    return {"keys": keys, "acc": acc, "gold": gold, "pred": pred, "pred_norm": pred, "ll_gold": ll,
+            "ll_gold_norm": ll}
+
+
+def test_task_measures_pair_documents_and_count_flips():
+    keys = [["t", i] for i in range(6)]
+    dense = _docs(keys, [0, 0, 0, 1, 0, 1], [0, 0, 1, 1, 0, 1], [-1.0, -2.0, -3.0, -1.0, -2.0, -1.0])
+    var = _docs(keys, [0, 0, 0, 1, 0, 1], [0, 1, 1, 0, 0, 1], [-1.5, -2.5, -3.0, -2.0, -2.0, -1.0])
+    m = measures.task_measures(var, dense, "acc")
+    assert m["n"] == 6 and m["acc_diff"] == pytest.approx(-2 / 6)
+    assert m["ll_diff"] == pytest.approx(-2.0 / 6)
+    assert m["flip_rate"] == pytest.approx(2 / 6)
+    assert m["flip_ci_low"] < 2 / 6 < m["flip_ci_high"]
+    assert m["majority_rate"] == pytest.approx(4 / 6)
+
+
+def test_evidence_measures_agree_with_paired_csv(parts_and_whole):
+    _, combined, run = parts_and_whole
+    table = measures.evidence_measures(run, num_layers=4)
+    paired = combined.paired.set_index(["variant", "task"])
+    for _, r in table[~table.task.str.startswith("macro")].iterrows():
+        assert r.acc_diff == pytest.approx(paired.loc[(r.variant, r.task), "diff"])
+    macro = table[(table.task == MACRO)].iloc[0]
+    assert macro.acc_diff == pytest.approx(paired.loc[("mindskip", MACRO), "diff"])
+    assert macro.skip_ratio == pytest.approx(macro.skipped_layers / 4)
+
+
+# ------------------------------------------------------------------------- claims
+@pytest.mark.parametrize("lo,hi,want", [(0.1, 0.5, claims.HOLDS), (-0.5, -0.1, claims.FAILS),
+                                        (-0.1, 0.1, claims.OPEN), (math.nan, 1.0, claims.OPEN)])
+def test_above_decides_from_where_the_interval_lies(lo, hi, want):
+    assert claims.above(lo, hi) == want
+
+
+def test_at_least_is_non_inferiority_with_a_margin():
+    assert claims.at_least(-0.9, 0.5, -1.0) == claims.HOLDS
+    assert claims.at_least(-1.5, 0.5, -1.0) == claims.OPEN
+    assert claims.at_least(-3.0, -1.2, -1.0) == claims.FAILS
+
+
+def test_speedup_interval_from_paired_rounds():
+    sp, lo, hi, n = claims.speedup_interval([120, 120, 120], [100, 100, 100])
+    assert (sp, lo, hi, n) == pytest.approx((1.2, 1.2, 1.2, 3))
+    sp, lo, hi, _ = claims.speedup_interval([120, 110, 130, 125], [100, 100, 100, 100])
+    assert lo < sp < hi and lo > 1.0
+
+
+# ------------------------------------------------------------------------- the run
+@pytest.mark.slow
+def test_evidence_run_resumes_and_decides_claims(tmp_path):
+    from rt_lib.evidence import Evidence
+
+    out = tmp_path / "ev"
+    kw = dict(tasks=["rte"], limit=3, targets=(4,), calibration_blocks=2, heldout_blocks=3)
+    routers = ROOT / "results" / "runs" / "cpu-main" / "train" / "routers"
+    Evidence(out, routers, **kw).run()
+    parts = sorted((out / "evidence" / "parts").iterdir())
+    assert [p.name for p in parts] == ["dense__rte", "mindskip_k4__rte", "mindskip_t0.5__rte",
+                                       f"static_drop_k{parts[-1].name.split('_k')[1].split('__')[0]}__rte"]
+    cal = json.loads((out / "evidence" / "calibration.json").read_text())["main"]["4"]
+    assert abs(cal["skipped"] - 4) <= 1
+    stamp = {p.name: (p / "eval" / "results.json").stat().st_mtime_ns for p in parts}
+    import shutil
+
+    shutil.rmtree(parts[1])
+    Evidence(out, routers, **kw).run()  # continues: only the removed part is scored again
+    again = {p.name: (p / "eval" / "results.json").stat().st_mtime_ns for p in parts}
+    assert {k for k in stamp if stamp[k] != again[k]} == {parts[1].name}
+    with pytest.raises(ValueError, match="other settings"):
+        Evidence(out, routers, **{**kw, "limit": 4}).plan()
+    table = claims.build_claims(out)
+    assert set(table.verdict) <= {claims.HOLDS, claims.FAILS, claims.OPEN}
+    assert table.claim.str.startswith("C1").any() and table.claim.str.startswith("C5").any()
+    assert list(table.columns) == claims.CLAIM_COLUMNS
