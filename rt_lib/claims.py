@@ -33,7 +33,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from rt_lib import stats
-from rt_lib.measures import MACRO, evidence_measures, heldout_table, method_of, paired_loss_difference
+from rt_lib.measures import MACRO, evidence_measures, heldout_table, paired_loss_difference
 
 CLAIM_COLUMNS = ["claim", "paper_value", "measure", "kit_value", "ci_low", "ci_high", "n", "verdict", "rule", "run"]
 HOLDS, FAILS, OPEN = "holds", "does not hold", "inconclusive"
@@ -143,10 +143,11 @@ def build_claims(evidence_run: str | Path, reference_dir: str | Path | None = No
     macro = measures[measures.task == MACRO].set_index("variant")
     c1_rule = f"holds if ci_low >= -{ACC_MARGIN:g}; does not hold if ci_high < -{ACC_MARGIN:g}; else inconclusive"
     gt0 = "holds if ci_low > 0; does not hold if ci_high < 0; else inconclusive"
-    ms_targets = [v for v in macro.index if v.startswith("mindskip_k")]
+    ms_targets = [v for v in macro.index if macro.loc[v, "method"] == "mindskip" and pd.notna(macro.loc[v, "k"])]
+    drops = {int(macro.loc[v, "k"]): v for v in macro.index if macro.loc[v, "method"] == "static_drop"}
     for v in ms_targets:
         m = macro.loc[v]
-        k = int(v.rsplit("_k", 1)[1])
+        k = int(m.k)
         pct = f"{100 * m.skip_ratio:.1f}% skip ({m.skipped_layers:.2f} of {num_layers} layers)"
         rows.append(_row(
             f"C1 MindSkip attn/seq within {ACC_MARGIN:g} point of dense at {pct}",
@@ -155,7 +156,7 @@ def build_claims(evidence_run: str | Path, reference_dir: str | Path | None = No
             "macro paired accuracy difference vs dense, points", 100 * m.acc_diff, 100 * m.acc_ci_low,
             100 * m.acc_ci_high, int(m.n), at_least(100 * m.acc_ci_low, 100 * m.acc_ci_high, -ACC_MARGIN), c1_rule,
             rid))
-        drop = f"static_drop_k{int(round(m.skipped_layers))}"
+        drop = drops.get(int(round(m.skipped_layers)))
         if drop in res["per_doc"]:
             d = _paired_variants(res, v, drop)
             rows.append(_row(
@@ -171,7 +172,7 @@ def build_claims(evidence_run: str | Path, reference_dir: str | Path | None = No
                 f"held-out loss {drop_h} - {v}, nats per token, paired per block", d.diff, d.ci_low, d.ci_high,
                 d.n, above(d.ci_low, d.ci_high), gt0 + " (positive: MindSkip's loss is lower)", rid))
     # C3 / C4 on held-out loss, at the largest target
-    k = max(int(v.rsplit("_k", 1)[1]) for v in ms_targets) if ms_targets else None
+    k = max(int(macro.loc[v, "k"]) for v in ms_targets) if ms_targets else None
     main_v = f"mindskip_k{k}"
     comp = {(r.granularity, r.route_level): name for name, r in held.iterrows()
             if name.endswith(f"_k{k}") and not name.startswith(("mindskip", "static"))}
@@ -197,7 +198,7 @@ def build_claims(evidence_run: str | Path, reference_dir: str | Path | None = No
                 f"holds if ci_low >= -{LOSS_MARGIN:g}; does not hold if ci_high < -{LOSS_MARGIN:g}; else inconclusive",
                 rid))
     rows += _c5(tuned, routers)
-    own = [v for v in macro.index if v.startswith("mindskip_t")]
+    own = [v for v in macro.index if macro.loc[v, "method"] == "mindskip" and pd.isna(macro.loc[v, "k"])]
     rows += _c6(tuned, macro.loc[own[0]] if own else None, paper, rid)
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 
@@ -281,4 +282,4 @@ def write_claims(results_root: str | Path, out_tables: str | Path, reference_dir
 
 
 __all__ = ["CLAIM_COLUMNS", "HOLDS", "FAILS", "OPEN", "above", "at_least", "build_claims", "find_evidence_runs",
-           "speedup_interval", "to_markdown", "write_claims", "method_of"]
+           "speedup_interval", "to_markdown", "write_claims"]

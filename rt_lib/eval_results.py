@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RESULT_COLUMNS = ["variant", "task", "metric", "value", "stderr", "n", "num_fewshot", "threshold", "skip_ratio"]
+RESULT_COLUMNS = ["variant", "method", "k", "task", "metric", "value", "stderr", "n", "num_fewshot", "threshold",
+                  "skip_ratio"]
+METHODS = ("dense", "mindskip", "static_drop")  # the kit's methods; a caller may name others (e.g. lora)
 PAIRED_COLUMNS = ["variant", "task", "metric", "diff", "ci_low", "ci_high", "n", "confidence"]
 SKIP_COLUMNS = ["variant", "task", "layer", "executed_fraction"]
 MACRO = "macro_avg"
@@ -190,7 +192,9 @@ class EvalResults:
         d = json.loads(path.read_text())
         return cls(
             preset=d["preset"],
-            table=pd.DataFrame(d["results"], columns=RESULT_COLUMNS),
+            table=with_variant_columns(pd.DataFrame(d["results"], columns=[
+                c for c in RESULT_COLUMNS if c not in ("method", "k") or any(c in r for r in d["results"])])
+            ).reindex(columns=RESULT_COLUMNS),
             paired=pd.DataFrame(d["paired"], columns=PAIRED_COLUMNS),
             skip_stats=pd.DataFrame(d["skip_stats"], columns=SKIP_COLUMNS),
             per_doc=d["per_doc"],
@@ -199,6 +203,35 @@ class EvalResults:
             wall_time_s=d.get("wall_time_s", {}),
             harness=d.get("harness", {}),
         )
+
+
+def legacy_variant_columns(variant: str) -> tuple[str, int | None]:
+    """``(method, k)`` of a label written before results.csv had these columns: ``dense``,
+    ``mindskip[_t<threshold>]``, ``static_drop[_k<k>]``; other labels are their own method."""
+    v = str(variant)
+    for method in ("static_drop", "mindskip", "dense"):
+        if v.startswith(method):
+            k = v.rsplit("_k", 1)[1] if method == "static_drop" and "_k" in v else None
+            return method, int(k) if k is not None and k.isdigit() else None
+    return v, None
+
+
+def with_variant_columns(table):
+    """``table`` with ``method`` and ``k`` filled for rows that lack them (files written before
+    the columns existed); rows that have them are left as they are."""
+    table = table.copy()
+    if "variant" not in table:
+        table["variant"] = None
+    for col in ("method", "k"):
+        if col not in table:
+            table[col] = None
+    missing = table["method"].isna()
+    if missing.any():
+        legacy = table.loc[missing, "variant"].map(legacy_variant_columns)
+        table.loc[missing, "method"] = legacy.map(lambda x: x[0])
+        table.loc[missing & table["k"].isna(), "k"] = legacy.map(lambda x: x[1])
+    table["k"] = table["k"].astype("Int64")
+    return table
 
 
 def _records(frame) -> list[dict]:

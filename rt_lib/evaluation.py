@@ -157,6 +157,8 @@ def evaluate(
     confidence: float = 0.95,
     interval: str = "t",
     model_name: str | None = None,
+    method: str | None = None,
+    k: int | None = None,
     **lm_kwargs,
 ) -> EvalResults:
     """Evaluate an in-memory model on a preset's tasks; see the module docstring.
@@ -167,7 +169,10 @@ def evaluate(
     MindSkipModel, ``dense`` otherwise). ``dense_reference``: None -> for a MindSkipModel,
     also run it with every router forced to keep and pair with that; an ``EvalResults`` (or
     its path) from an earlier dense run of the same preset/tasks/limit/seed -> pair with it;
-    False -> no dense run, no pairing. ``interval``: ``t`` or ``bootstrap``. Remaining
+    False -> no dense run, no pairing. ``interval``: ``t`` or ``bootstrap``. ``method`` and
+    ``k``: the variant's columns in results.csv (default: ``mindskip`` for a MindSkipModel,
+    ``dense`` for the dense label, else the label; ``k``: layers a static drop removes, or the
+    skipped-layer target of a MindSkip operating point). Remaining
     keyword arguments go to ``MindSkipLM``/HFLM (e.g. ``max_length``).
     """
     # every check before the harness starts
@@ -175,6 +180,7 @@ def evaluate(
     _check_options(model_or_ms, tokenizer, confidence, interval)
     ms = model_or_ms if isinstance(model_or_ms, MindSkipModel) else None
     variant = variant or ("mindskip" if ms is not None else "dense")
+    method = method or ("dense" if variant == "dense" else "mindskip" if ms is not None else variant)
     limits = {t: (limit if limit is not None else p.limits.get(t)) for t in names}
     reference = _dense_reference(dense_reference, preset, p, names, limits, seed)
     run_dense = variant == "dense" or (dense_reference is None and ms is not None)
@@ -210,7 +216,8 @@ def evaluate(
                 skip_ratio = task_info[task]["skip_ratio"] = lm.skip_ratio()
         for label, run in runs.items():
             per_doc[label][task], wall[label][task], harness_out[label][task] = run.docs, run.wall_s, run.harness
-            rows += _score_rows(label, task, run, p.shots[task], threshold, skip_ratio)
+            cols = ("dense", None) if label == "dense" else (method, k)
+            rows += _score_rows(label, cols, task, run, p.shots[task], threshold, skip_ratio)
         ref = (runs["dense"].docs if "dense" in runs
                else reference.per_doc["dense"][task] if reference is not None else None)
         if ref is not None and variant != "dense":
@@ -335,12 +342,14 @@ def _run_dense(job: _Job, *call) -> _HarnessRun:
         ms.force(saved)
 
 
-def _score_rows(label: str, task: str, run: _HarnessRun, shots: int, threshold, skip_ratio) -> list[dict]:
-    """results.csv rows of one variant on one task, one per metric (dense: no threshold, no skip ratio)."""
+def _score_rows(label: str, cols: tuple, task: str, run: _HarnessRun, shots: int, threshold,
+                skip_ratio) -> list[dict]:
+    """results.csv rows of one variant on one task, one per metric (dense: no threshold, no skip
+    ratio); ``cols``: the variant's (method, k)."""
     if label == "dense":
         threshold = skip_ratio = None
-    return [{"variant": label, "task": task, "metric": m, "value": v, "stderr": se, "n": run.n,
-             "num_fewshot": shots, "threshold": threshold, "skip_ratio": skip_ratio}
+    return [{"variant": label, "method": cols[0], "k": cols[1], "task": task, "metric": m, "value": v, "stderr": se,
+             "n": run.n, "num_fewshot": shots, "threshold": threshold, "skip_ratio": skip_ratio}
             for m, (v, se) in run.values.items()]
 
 
@@ -372,7 +381,7 @@ def _paired_rows(variant: str, task: str, var_docs: dict, ref_docs: dict, metric
 def _results_table(rows: list[dict], names: list[str], task_info: dict, threshold):
     """results.csv: the rows, plus per variant the macro average over the tasks' paper metrics
     (when every task has one and there are several tasks)."""
-    table = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"n": "Int64", "num_fewshot": "Int64"})
+    table = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"n": "Int64", "num_fewshot": "Int64", "k": "Int64"})
     return add_macro_rows(table, names, task_info)
 
 
@@ -391,7 +400,8 @@ def add_macro_rows(table, names: list[str], task_info: dict, variants=None):
         if len(sel) == len(names) and len(names) > 1:
             skips = [s.skip_ratio for s in sel if s.skip_ratio is not None and s.skip_ratio == s.skip_ratio]
             table.loc[len(table)] = {
-                "variant": label, "task": MACRO, "metric": "paper", "value": sum(s.value for s in sel) / len(sel),
+                "variant": label, "method": sel[0].method, "k": sel[0].k,
+                "task": MACRO, "metric": "paper", "value": sum(s.value for s in sel) / len(sel),
                 "stderr": stats.macro_stderr([s.stderr for s in sel]), "n": int(sum(s.n for s in sel)),
                 "num_fewshot": None, "threshold": threshold if label != "dense" else None,
                 "skip_ratio": (sum(skips) / len(skips)) if skips else None,

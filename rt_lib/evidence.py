@@ -264,8 +264,8 @@ class Evidence:
             try:
                 for task in self.tasks:
                     self._part(v["variant"], task, lambda d, t=task: evaluate(
-                        ms, self.tok, tasks=[t], variant=v["variant"], dense_reference=self._dense(t),
-                        out_dir=d, **common))
+                        ms, self.tok, tasks=[t], variant=v["variant"], method="mindskip", k=v["k"],
+                        dense_reference=self._dense(t), out_dir=d, **common))
                     bar.update()
             finally:
                 ms.unload()
@@ -303,8 +303,8 @@ class Evidence:
             try:
                 for task in tqdm(self.tasks, desc=variant):
                     self._part(variant, task, lambda d, t=task: evaluate(
-                        self.base, self.tok, tasks=[t], variant=variant, dense_reference=self._dense(t),
-                        out_dir=d, **common))
+                        self.base, self.tok, tasks=[t], variant=variant, method="static_drop", k=k,
+                        dense_reference=self._dense(t), out_dir=d, **common))
             finally:
                 drop.restore()
 
@@ -371,9 +371,15 @@ class Evidence:
         # static drop has no gates to count: its routed-unit skip ratio is k / routed layers, as
         # rt_lib.sweep writes it (the paper's ratio, k / all layers, is in measures.csv)
         n_routed = len(_read_json(self.routers / "mindskip_config.json")["routed_layers"])
-        is_drop = results.table.variant.str.startswith("static_drop_k")
-        results.table.loc[is_drop, "skip_ratio"] = results.table.loc[is_drop, "variant"].map(
-            lambda v: int(v.rsplit("_k", 1)[1]) / n_routed).astype(float)
+        # the variants' columns from this run's plan (the parts' own rows agree with it)
+        specs = {v["variant"]: (v["method"], v["k"]) for v in self.variants()}
+        specs.update({f"static_drop_k{k}": ("static_drop", k) for k in self.static_drop_ks()})
+        for col, i in (("method", 0), ("k", 1)):
+            results.table[col] = [specs[v][i] if v in specs else x for v, x in zip(results.table.variant,
+                                                                                 results.table[col])]
+        results.table["k"] = results.table["k"].astype("Int64")
+        is_drop = results.table.method == "static_drop"
+        results.table.loc[is_drop, "skip_ratio"] = results.table.loc[is_drop, "k"].astype(float) / n_routed
         results.save(self.out)
         num_layers = int(_read_json(self.routers / "mindskip_config.json")["num_layers"])
         table = evidence_measures(self.out, num_layers=num_layers)

@@ -54,13 +54,6 @@ HELDOUT_COLUMNS = [
 ]
 
 
-def method_of(variant: str) -> str:
-    for m in ("static_drop", "mindskip", "dense"):
-        if variant.startswith(m):
-            return m
-    return variant
-
-
 def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion k/n."""
     if n == 0:
@@ -123,7 +116,9 @@ def evidence_measures(run_dir: str | Path, confidence: float = 0.95, num_layers:
     run_dir = Path(run_dir)
     res = json.loads((run_dir / "eval" / "results.json").read_text())
     per_doc, tasks = res["per_doc"], res["tasks"]
-    table = pd.DataFrame(res["results"])
+    from rt_lib.eval_results import with_variant_columns
+
+    table = with_variant_columns(pd.DataFrame(res["results"]))
     num_layers = num_layers or _num_layers(run_dir)
     dense = per_doc["dense"]
     rows = []
@@ -135,7 +130,7 @@ def evidence_measures(run_dir: str | Path, confidence: float = 0.95, num_layers:
             r = task_measures(per_doc[variant][task], dense[task], tasks[task]["metric"], confidence)
             t = table[(table.variant == variant) & (table.task == task)]
             routed = float(t.skip_ratio.iloc[0]) if len(t) and pd.notna(t.skip_ratio.iloc[0]) else math.nan
-            r.update(_skip(variant, routed, res, num_layers))
+            r.update(_skip(variant, t.iloc[0] if len(t) else None, routed, res, num_layers))
             lo, _ = wilson(round(r["dense_value"] * r["n"]), r["n"], confidence)
             r["above_chance"] = bool(lo > r.get("majority_rate", math.nan)) if r.get("majority_rate") == r.get(
                 "majority_rate") else True
@@ -162,10 +157,10 @@ def _num_layers(run_dir: Path) -> int | None:
     return int(json.loads(cfg.read_text())["num_layers"]) if cfg.exists() else None
 
 
-def _skip(variant: str, routed_ratio: float, res: dict, num_layers: int | None) -> dict:
+def _skip(variant: str, row, routed_ratio: float, res: dict, num_layers: int | None) -> dict:
     """Skipped layers per sequence, the paper's skip ratio and the routed-layer fraction."""
-    if method_of(variant) == "static_drop":
-        k = int(variant.rsplit("_k", 1)[1])
+    if row is not None and row.method == "static_drop":
+        k = int(row.k)
         return {"skipped_layers": float(k), "skip_ratio": k / num_layers if num_layers else math.nan,
                 "routed_skip_ratio": math.nan}
     n_routed = None
@@ -178,10 +173,11 @@ def _skip(variant: str, routed_ratio: float, res: dict, num_layers: int | None) 
 
 
 def _variant_fields(variant: str, table: pd.DataFrame) -> dict:
-    method = method_of(variant)
-    t = table[table.variant == variant].threshold.dropna()
-    k = int(variant.rsplit("_k", 1)[1]) if "_k" in variant else None
-    return {"variant": variant, "method": method, "threshold": float(t.iloc[0]) if len(t) else None, "k": k}
+    t = table[table.variant == variant]
+    thr = t.threshold.dropna()
+    k = t.k.dropna()
+    return {"variant": variant, "method": t.method.iloc[0], "threshold": float(thr.iloc[0]) if len(thr) else None,
+            "k": int(k.iloc[0]) if len(k) else None}
 
 
 def heldout_table(evidence_dir: str | Path, num_layers: int, confidence: float = 0.95) -> pd.DataFrame:

@@ -65,7 +65,12 @@ THRESHOLD_OPTIONAL = _c("threshold", "router threshold of the row; only in files
                         "variants without routers)", numeric=True, required=False, written=False)
 
 EVAL_RESULTS = FileKind("eval/results.csv", "rt_lib.evaluation", (
-    _c("variant", "`dense`, `mindskip`, `static_drop` or a caller's label (`mindskip_t<threshold>`, `static_drop_k<k>`)"),
+    _c("variant", "the variant's name: `dense`, `mindskip`, or a caller's label (`mindskip_t<threshold>`, "
+       "`static_drop_k<k>`); a name only: what the variant is, is in `method`, `k` and `threshold`"),
+    _c("method", "`dense`, `mindskip`, `static_drop`, or a caller's method (e.g. `lora`); files written before "
+       "this column existed get it from their labels when read", required=False),
+    _c("k", "layers a static drop removes, or the skipped-layer target of a MindSkip operating point; empty "
+       "otherwise", numeric=True, required=False),
     _c("task", "harness task name; `macro_avg` is the unweighted mean over the tasks"),
     _c("metric", "harness metric (`acc`, `acc_norm`, ...)"),
     _c("value", "score; a fraction in [0, 1] for accuracies", numeric=True, fraction=True),

@@ -32,8 +32,6 @@ from rt_lib.evaluation import evaluate
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dense", "mindskip", "static_drop")  # the methods of the labels written here
-
 
 # ------------------------------------------------------------------------- labels
 def mindskip_variant(threshold: float, n_thresholds: int) -> str:
@@ -49,15 +47,6 @@ def static_drop_file(k: int, first: bool) -> str:
     """File of a static drop choice under ``baselines/``: the first matched threshold's keeps
     the usual name ``static_drop.json``, the others are ``static_drop_k<k>.json``."""
     return STATIC_DROP_FILE if first else f"static_drop_k{k}.json"
-
-
-def method_of_variant(variant: str) -> str:
-    """``dense``, ``mindskip`` or ``static_drop`` for a label written here (the kit's method
-    names, as in ``rt_lib.plots.METHOD_STYLE``); other labels are returned unchanged."""
-    for method in ("static_drop", "mindskip"):
-        if str(variant).startswith(method):
-            return method
-    return variant
 
 
 # ------------------------------------------------------------------------- the sweep
@@ -92,22 +81,19 @@ def evaluate_sweep(base, tokenizer, run_dir: str | os.PathLike, *, routers: str 
         n_routed, granularity = len(ms.routed_layers), ms.config.granularity
     finally:
         ms.unload()
-    drop_k: dict[str, int] = {}
     if static_drop and granularity != "attn":
         log.warning("static drop removes attention sublayers; these routers gate %s sublayers, so the matched "
                     "comparison does not apply: not run", granularity)
     elif static_drop:
         ks = matched_layer_counts(parts, n_routed)
         drops = _static_drop_parts(base, tokenizer, run_dir, ks, parts[0], common, calibration or {})
-        drop_k = {static_drop_variant(k): k for k, _ in drops}
         parts += [part for _, part in drops]
     results = EvalResults.combine(parts)
     # static drop has no gates to count: its skip ratio is removed layers / routed layers, the same
     # unit as MindSkip's realised ratio (fraction of routed attention sublayers skipped)
-    is_drop = results.table.variant.isin(list(drop_k))
+    is_drop = results.table.method == "static_drop"
     if is_drop.any():
-        results.table.loc[is_drop, "skip_ratio"] = results.table.loc[is_drop, "variant"].map(
-            lambda v: drop_k[v] / n_routed).astype(float)
+        results.table.loc[is_drop, "skip_ratio"] = (results.table.loc[is_drop, "k"].astype(float) / n_routed)
     results.save(run_dir)
     return results
 
@@ -157,7 +143,8 @@ def _static_drop_parts(base, tokenizer, run_dir: Path, ks: list[int], dense: Eva
         drop.save(run_dir / "baselines" / static_drop_file(k, first=not out))
         log.info("static drop of k=%d layers: %s", k, drop.layers)
         try:
-            out.append((k, evaluate(base, tokenizer, variant=static_drop_variant(k), dense_reference=dense, **common)))
+            out.append((k, evaluate(base, tokenizer, variant=static_drop_variant(k), method="static_drop", k=k,
+                                      dense_reference=dense, **common)))
         finally:
             drop.restore()
     return out
@@ -167,6 +154,5 @@ def operating_points(results: EvalResults):
     """One row per evaluated variant (its macro average): ``method``, ``accuracy`` (percent),
     ``skip_ratio``, ``threshold``; the input of ``rt_lib.plots.plot_accuracy_vs_speedup``."""
     t = results.table.query(f"task == '{MACRO}'").copy()
-    t["method"] = t["variant"].map(method_of_variant)
     t["accuracy"] = 100 * t["value"]
     return t[["method", "accuracy", "skip_ratio", "threshold"]]

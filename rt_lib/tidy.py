@@ -50,17 +50,16 @@ def paper_task(name: str) -> str:
     return TASK_ALIASES.get(key, str(name))
 
 
-def variant_method(variant: str) -> str:
-    """The paper's method name for an eval variant label (labels may carry suffixes, e.g. ``static_drop_k4``)."""
-    v = str(variant).strip().lower()
+def variant_method(method: str) -> str:
+    """The paper's method name for the kit's ``method`` column (``dense``, ``mindskip``,
+    ``static_drop``, ``lora``, ``lora+mindskip``); a results.csv written before that column
+    existed gets it from its variant labels (``eval_results.with_variant_columns``)."""
+    v = str(method).strip().lower()
     if v in VARIANT_METHODS:
         return VARIANT_METHODS[v]
     if v.startswith("lora") and "mindskip" in v:
         return "lora+router-tuning"
-    for prefix in ("static_drop", "mindskip", "lora", "dense"):
-        if v.startswith(prefix):
-            return VARIANT_METHODS[prefix]
-    return str(variant)
+    return str(method)
 
 
 # ---------------------------------------------------------------------------- tidy runs
@@ -68,7 +67,7 @@ TIDY_COLUMNS = schema.TIDY_RUNS.names
 
 
 def profile_speedup(run: Run, variant: str, threshold: float | None = None, skip_ratio: float | None = None,
-                    regime: str = "prefill") -> float:
+                    regime: str = "prefill", method: str | None = None) -> float:
     """Measured speedup of one eval operating point from the same run's profile/profile.csv.
 
     Median of ``speedup`` over the ``ok`` grid points of ``regime`` for the matching profile
@@ -83,7 +82,7 @@ def profile_speedup(run: Run, variant: str, threshold: float | None = None, skip
     if prof is None:
         return float("nan")
     ok = prof[(prof["regime"] == regime) & (prof["status"].fillna("ok") == "ok")].dropna(subset=["speedup"])
-    method = variant_method(variant)
+    method = variant_method(method or variant)
     if method == "baseline":
         return 1.0 if (ok["variant"] == "dense").any() else float("nan")
     if method == "attention-drop":
@@ -120,12 +119,15 @@ def _run_rows(run: Run, regime: str) -> list[dict]:
     res = run.files.get("eval/results.csv")
     if res is None:
         return []
+    from rt_lib.eval_results import with_variant_columns
+
+    res = with_variant_columns(res)
     paired = _paired_lookup(run)
     # paired.csv without a threshold column can only be matched when the variant has one threshold
     n_thresholds = res.groupby("variant")["threshold"].nunique()
     rows = []
     for r in res.itertuples(index=False):
-        method = variant_method(r.variant)
+        method = variant_method(r.method)
         if method == "router-tuning" and run.trainable != "routers":
             method = f"{run.trainable}+router-tuning"  # routers tuned together with LoRA / the backbone
         routed = method.endswith("router-tuning")
@@ -141,7 +143,7 @@ def _run_rows(run: Run, regime: str) -> list[dict]:
             "threshold": r.threshold, "task": paper_task(r.task), "task_name": r.task, "metric": r.metric,
             "value": r.value, "stderr": r.stderr, "n": r.n, "num_fewshot": r.num_fewshot,
             "skip_ratio": r.skip_ratio,
-            "speedup": profile_speedup(run, r.variant, r.threshold, r.skip_ratio, regime),
+            "speedup": profile_speedup(run, r.variant, r.threshold, r.skip_ratio, regime, r.method),
             "diff": diff[0] if diff else float("nan"), "ci_low": diff[1] if diff else float("nan"),
             "ci_high": diff[2] if diff else float("nan"), "created": run.created,
         })

@@ -72,7 +72,12 @@ def test_name_mappings():
     assert paper.model_name("mistralai/Mistral-7B-v0.3") == "Mistral-7B"
     assert paper.model_name("org/SomeModel-1B") == "SomeModel-1B"
     assert paper.variant_method("dense") == "baseline"
-    assert paper.variant_method("static_drop_k4") == "attention-drop"
+    assert paper.variant_method("static_drop") == "attention-drop"
+    from rt_lib.eval_results import legacy_variant_columns
+
+    # files written before results.csv had method/k: the labels give them, once, on reading
+    assert legacy_variant_columns("static_drop_k4") == ("static_drop", 4)
+    assert legacy_variant_columns("mindskip_t0.5") == ("mindskip", None)
     assert paper.variant_method("lora+mindskip") == "lora+router-tuning"
 
 

@@ -60,7 +60,7 @@ class FakeEvaluate:
     def __init__(self, skip: dict[float, float]):
         self.skip, self.calls = skip, []
 
-    def __call__(self, model, tok, *, variant, dense_reference, preset, tasks, limit, batch_size):
+    def __call__(self, model, tok, *, variant, dense_reference, preset, tasks, limit, batch_size, method=None, k=None):
         is_ms = isinstance(model, MindSkipModel)
         base = model.model if is_ms else model
         self.calls.append({"variant": variant, "mindskip": is_ms, "reference": dense_reference,
@@ -72,11 +72,13 @@ class FakeEvaluate:
             routed = is_ms and label != "dense"
             ratio = self.skip[model.config.threshold] if routed else None
             for task in [*tasks, MACRO]:
-                rows.append({"variant": label, "task": task, "metric": "acc" if task != MACRO else "paper",
+                rows.append({"variant": label, "method": "dense" if label == "dense" else method or "mindskip",
+                             "k": None if label == "dense" else k,
+                             "task": task, "metric": "acc" if task != MACRO else "paper",
                              "value": 0.5, "stderr": 0.1, "n": 4, "num_fewshot": 0,
                              "threshold": model.config.threshold if routed else None, "skip_ratio": ratio})
             per_doc[label] = {t: {"keys": [[t, 0]], "prompt_hash": ["h"], "acc": [1.0]} for t in tasks}
-        return EvalResults(preset=preset, table=pd.DataFrame(rows, columns=RESULT_COLUMNS),
+        return EvalResults(preset=preset, table=pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"k": "Int64"}),
                            paired=pd.DataFrame(columns=PAIRED_COLUMNS), skip_stats=pd.DataFrame(columns=SKIP_COLUMNS),
                            per_doc=per_doc, tasks={t: {"limit": limit, "num_fewshot": 0, "metric": "acc"} for t in tasks},
                            provenance={"variant": variant})
@@ -183,17 +185,19 @@ def test_fresh_default_routers_that_do_not_fit_fail_before_anything_is_written(t
 
 def test_operating_points_map_variants_to_methods():
     table = pd.DataFrame([
-        {"variant": "dense", "task": MACRO, "value": 0.5, "threshold": None, "skip_ratio": None},
-        {"variant": "mindskip_t0.5", "task": MACRO, "value": 0.25, "threshold": 0.5, "skip_ratio": 0.4},
-        {"variant": "static_drop_k3", "task": MACRO, "value": 0.125, "threshold": None, "skip_ratio": 0.375},
-        {"variant": "mindskip_t0.5", "task": "piqa", "value": 1.0, "threshold": 0.5, "skip_ratio": 0.4},
+        {"variant": "dense", "method": "dense", "task": MACRO, "value": 0.5, "threshold": None, "skip_ratio": None},
+        {"variant": "mindskip_t0.5", "method": "mindskip", "task": MACRO, "value": 0.25, "threshold": 0.5,
+         "skip_ratio": 0.4},
+        {"variant": "static_drop_k3", "method": "static_drop", "k": 3, "task": MACRO, "value": 0.125,
+         "threshold": None, "skip_ratio": 0.375},
+        {"variant": "mindskip_t0.5", "method": "mindskip", "task": "piqa", "value": 1.0, "threshold": 0.5,
+         "skip_ratio": 0.4},
     ])
     res = EvalResults("quick", table, None, None, {}, {}, {})
     points = sweep.operating_points(res)
     assert list(points.columns) == ["method", "accuracy", "skip_ratio", "threshold"]
     assert list(points.method) == ["dense", "mindskip", "static_drop"]
     assert list(points.accuracy) == [50.0, 25.0, 12.5]
-    assert sweep.method_of_variant("lora") == "lora"
     assert [sweep.mindskip_variant(0.5, 1), sweep.mindskip_variant(0.5, 3)] == ["mindskip", "mindskip_t0.5"]
     assert [sweep.static_drop_file(4, True), sweep.static_drop_file(4, False)] == ["static_drop.json",
                                                                                   "static_drop_k4.json"]
