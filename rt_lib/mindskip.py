@@ -226,6 +226,21 @@ class MindSkipModel(nn.Module):
         self._gates = {}
         return self.model
 
+    def decode_state(self) -> dict:
+        """What the gates keep for the caches they prefilled (sequence routing: the decision
+        and kept rows per cache; token routing: the key history), to put back with
+        `restore_decode_state` after another prefill replaced it. The profiler uses this to
+        decode several variants from their own prefilled caches in turn."""
+        return {i: (getattr(g, "_seq_state", None), getattr(g, "_tok_state", None)) for i, g in self._gates.items()}
+
+    def restore_decode_state(self, state: dict) -> None:
+        for i, (seq, tok) in state.items():
+            g = self._gates[i]
+            if hasattr(g, "_seq_state"):
+                g._seq_state = seq
+            if hasattr(g, "_tok_state"):
+                g._tok_state = tok
+
     @contextlib.contextmanager
     def detached(self):
         """Within the block `ms.model` is the plain base model (same weights, gates taken out);

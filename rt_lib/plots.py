@@ -56,7 +56,7 @@ METHOD_STYLE = {
     "mindskip_forced": dict(color=OKABE_ITO["sky_blue"], marker="P", label="MindSkip, forced decisions"),
     "oracle": dict(color=OKABE_ITO["green"], marker="D", label="oracle (layers removed)"),
     "mask": dict(color=OKABE_ITO["purple"], marker="x", label="mask only (computes all)"),
-    "bound": dict(color=OKABE_ITO["orange"], marker="+", label="analytic bound"),
+    "bound": dict(color=OKABE_ITO["orange"], marker="+", label="measured bound"),
 }
 SEQUENTIAL_CMAP = "viridis"  # perceptually uniform and colour-blind safe
 
@@ -246,8 +246,9 @@ def plot_speedup_vs_skip(profile_df, title: str | None = None) -> Figure:
     """Measured speedup vs realised skip ratio per regime (profile/profile.csv).
 
     Points: median over the grid (batch, length) of each variant/configuration, whiskers from
-    the smallest to the largest grid point. The analytic bound is drawn as a line; the dense
-    model sits at 1.
+    the smallest to the largest grid point. The measured bound (``bound_speedup``: what
+    removing the skipped sublayers could save at most) is drawn as a line; the dense model
+    sits at 1.
     """
     df = _read(profile_df)
     if "status" in df:

@@ -94,26 +94,52 @@ def grid_tokens(batch: int, length: int, vocab: int, seed: int = 0, tokens: torc
     return tokens.reshape(-1)[idx]
 
 
+def rewind(cache, length: int) -> None:
+    """Cut every filled layer of `cache` back to its first `length` positions (undo decode steps)."""
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() >= 2 and keys.shape[-2] > length:
+            layer.keys = keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
 def measure_point(variants: list[Variant], regime: str, batch: int, seq_len: int, settings: ProfileSettings,
                   device: torch.device, vocab: int, tokens: torch.Tensor | None = None) -> dict[str, list[dict]]:
     """Time every variant at one grid point, interleaved. Returns, per variant name, one dict
     per timed round: `time_ms` (per forward, or per generated token in decode), `skip_ratio`,
-    `kv_bytes` (after the timed call) and `kv_bytes_prefill` (decode: after the prefill)."""
+    `skipped` (per layer, the fraction of sublayer executions skipped), `kv_bytes` (after the
+    timed call) and `kv_bytes_prefill` (decode: after the prefill). In decode, a variant's
+    context is prefilled once and rewound after each round (`Variant.rewindable`), so long
+    contexts cost one prefill per variant, not one per round."""
     ids = grid_tokens(batch, seq_len + settings.new_tokens, vocab, settings.seed, tokens).to(device)
     prompt, steps = ids[:, :seq_len], ids[:, seq_len:]  # decode feeds the text's next tokens
     by_name = {v.name: v for v in variants}
+    prefilled: dict[str, tuple] = {}
+
+    def context(v):
+        """A cache holding the prefilled prompt for variant `v` (and its KV bytes)."""
+        if v.name in prefilled:
+            cache, state, kv = prefilled[v.name]
+            rewind(cache, seq_len)
+            v.restore_state(state)
+            return cache, kv
+        cache = new_cache(v.model)
+        forward_step(v.model, prompt, cache, 0)
+        kv = kv_cache_bytes(cache)
+        if v.rewindable:
+            prefilled[v.name] = (cache, v.save_state(), kv)
+        return cache, kv
 
     def run_once(name):
         v = by_name[name]
         with v.active(), torch.inference_mode():
-            cache = new_cache(v.model)
             if regime == "prefill":
+                cache = new_cache(v.model)
                 v.reset()
                 t_ms = timed_ms(lambda: forward_step(v.model, prompt, cache, 0), device)
                 ratio, kv, kv_prefill = v.skip_ratio(), kv_cache_bytes(cache), None
             else:
-                forward_step(v.model, prompt, cache, 0)
-                kv_prefill = kv_cache_bytes(cache)
+                cache, kv_prefill = context(v)
                 v.reset()
 
                 def decode():
@@ -121,6 +147,83 @@ def measure_point(variants: list[Variant], regime: str, batch: int, seq_len: int
                         forward_step(v.model, steps[:, i:i + 1], cache, seq_len + i)
                 t_ms = timed_ms(decode, device) / settings.new_tokens
                 ratio, kv = v.skip_ratio(), kv_cache_bytes(cache)
-        return {"time_ms": t_ms, "skip_ratio": ratio, "kv_bytes": kv, "kv_bytes_prefill": kv_prefill}
+            skipped = v.skipped()
+        return {"time_ms": t_ms, "skip_ratio": ratio, "skipped": skipped, "kv_bytes": kv,
+                "kv_bytes_prefill": kv_prefill}
 
-    return interleave([v.name for v in variants], run_once, settings.warmup, settings.repeats)
+    try:
+        return interleave([v.name for v in variants], run_once, settings.warmup, settings.repeats)
+    finally:
+        prefilled.clear()
+
+
+def sublayer_ms(dense: Variant, regime: str, batch: int, seq_len: int, settings: ProfileSettings,
+                device: torch.device, vocab: int, tokens: torch.Tensor | None = None,
+                rounds: int = 2) -> tuple[float, dict[tuple[int, str], float]]:
+    """The dense model's time at one grid point, in total and per sublayer: ``(total_ms,
+    {(layer, kind): ms})`` with kind ``attn``, ``mlp`` and ``block`` (the whole layer), per
+    forward (prefill) or per generated token (decode), averaged over `rounds` calls timed with
+    forward hooks (the decode prefill is not recorded). What removing a set of sublayers can
+    at most save is the sum of their times; `measured_bound` turns that into a speedup bound."""
+    from .architecture import find_decoder, get_slot
+
+    ids = grid_tokens(batch, seq_len + settings.new_tokens, vocab, settings.seed, tokens).to(device)
+    prompt, steps = ids[:, :seq_len], ids[:, seq_len:]
+    acc: dict[tuple[int, str], float] = {}
+    started: dict[tuple[int, str], float] = {}
+    recording = [False]
+
+    def now():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def hooks_for(module, key):
+        def pre(*_):
+            if recording[0]:
+                started[key] = now()
+
+        def post(*_):
+            if recording[0]:
+                acc[key] = acc.get(key, 0.0) + (now() - started.pop(key)) * 1e3
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def timed(fn) -> float:
+        recording[0] = True
+        t0 = now()
+        try:
+            fn()
+        finally:
+            recording[0] = False
+        return (now() - t0) * 1e3
+
+    total, units = 0.0, 0
+    with dense.active(), torch.inference_mode():
+        _, layers = find_decoder(dense.model)
+        handles = [h for i in range(len(layers)) for kind in ("attn", "mlp", "block")
+                   for h in hooks_for(get_slot(layers, i, kind), (i, kind))]
+        try:
+            for _ in range(rounds):
+                cache = new_cache(dense.model)
+                if regime == "prefill":
+                    total += timed(lambda: forward_step(dense.model, prompt, cache, 0))
+                    units += 1
+                    continue
+                forward_step(dense.model, prompt, cache, 0)
+                total += timed(lambda: [forward_step(dense.model, steps[:, i:i + 1], cache, seq_len + i)
+                                        for i in range(settings.new_tokens)])
+                units += settings.new_tokens
+        finally:
+            for h in handles:
+                h.remove()
+    return total / units, {k: v / units for k, v in acc.items()}
+
+
+def measured_bound(total_ms: float, sublayers: dict[tuple[int, str], float], skipped: dict[int, float],
+                   granularity: str) -> float:
+    """Upper bound on a variant's speedup at a grid point: dense time / (dense time - the
+    dense model's time in the sublayers the variant skips, weighted by the fraction of their
+    executions it skips). Removing those sublayers saves at most their own time, so the oracle
+    can approach this, not pass it (beyond timing noise)."""
+    saved = sum(frac * sublayers.get((layer, granularity), 0.0) for layer, frac in skipped.items())
+    return total_ms / (total_ms - saved) if total_ms > saved else float("inf")

@@ -29,6 +29,15 @@ class Variant:
     exit: Callable[[], None]
     skip_ratio: Callable[[], float]  # realised skip ratio of the last timed call
     reset: Callable[[], None] = lambda: None  # clears skip statistics before a timed call
+    # per layer, the fraction of its `granularity` sublayer executions skipped in the last timed
+    # call (the measured bound adds up the dense model's time of exactly these)
+    skipped: Callable[[], dict[int, float]] = dict
+    granularity: str = "attn"
+    # decode may rewind a prefilled cache instead of prefilling again each round; what the
+    # variant keeps beside its cache (the gates' decisions) is saved and put back with it
+    rewindable: bool = True
+    save_state: Callable[[], object] = lambda: None
+    restore_state: Callable[[object], None] = lambda state: None
 
     @contextlib.contextmanager
     def active(self):
@@ -78,14 +87,16 @@ def build_variants(ms, names, skip_layers, static_layers=None, threshold=None) -
             out.append(_plain_variant(ms, name, drop, granularity, len(drop) / n_routed))
         elif name in ("mindskip_forced", "mindskip", "mask"):
             decisions = None if name == "mindskip" else forced
-            out.append(_mindskip_variant(ms, name, decisions, "mask" if name == "mask" else "skip"))
+            out.append(_mindskip_variant(ms, name, decisions, "mask" if name == "mask" else "skip", skip_layers))
         else:
             raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
     return out
 
 
-def _mindskip_variant(ms, name, decisions, execution) -> Variant:
-    """MindSkip with `decisions` forced (None: the routers decide) in `execution` mode."""
+def _mindskip_variant(ms, name, decisions, execution, skip_layers) -> Variant:
+    """MindSkip with `decisions` forced (None: the routers decide) in `execution` mode. Its
+    skipped sublayers: the routers' per-layer skipped fraction, or the forced `skip_layers`
+    (for `mask`: what skipping them for real would save)."""
     def enter():
         ms.set_execution(execution)
         ms.force(decisions)
@@ -93,7 +104,14 @@ def _mindskip_variant(ms, name, decisions, execution) -> Variant:
     def exit():
         ms.force(None)
         ms.set_execution("skip")
-    return Variant(name, ms.model, enter, exit, lambda: float(ms.skip_ratio()), ms.reset_stats)
+
+    def skipped():
+        if decisions is not None:
+            return {int(layer): 1.0 for layer in skip_layers}
+        return {int(layer): 1.0 - c for layer, c in ms.capacities().items() if c == c}
+    return Variant(name, ms.model, enter, exit, lambda: float(ms.skip_ratio()), ms.reset_stats, skipped,
+                   ms.config.granularity, rewindable=ms.config.route_level == "seq",
+                   save_state=ms.decode_state, restore_state=ms.restore_decode_state)
 
 
 def _plain_variant(ms, name, drop, granularity, skip_ratio: float) -> Variant:
@@ -112,7 +130,8 @@ def _plain_variant(ms, name, drop, granularity, skip_ratio: float) -> Variant:
 
     def exit():
         stack.pop().close()
-    return Variant(name, ms.model, enter, exit, lambda: skip_ratio)
+    return Variant(name, ms.model, enter, exit, lambda: skip_ratio,
+                   skipped=lambda: {int(layer): 1.0 for layer in drop}, granularity=granularity)
 
 
 def choose_skip_layers(ms, input_ids: torch.Tensor, k: int | None) -> list[int]:

@@ -15,10 +15,15 @@ What is measured, per regime and grid point, for each variant:
   (`ms.reset_stats()` / `ms.skip_ratio()`), at the routers' granularity (attention, MLP or
   whole layers); for the variants with sublayers physically removed it is
   `removed / len(routed_layers)`, so every variant sits on the same axis.
-- `bound_speedup`: the analytic oracle speedup for the sublayers the variant's decisions skip
-  (`skip_ratio * len(routed_layers)` of what the routers gate: attention, MLP or whole layers;
-  attention for `static_drop`); for `mask` that is what skipping them for real could reach,
-  not what computing them all can.
+- `bound_speedup`: an upper bound measured at the same grid point: the dense model is run with
+  forward hooks timing every attention sublayer, MLP sublayer and layer; bound = dense time /
+  (dense time - the time of the sublayers the variant skips, each weighted by the fraction of
+  its executions skipped). Removing sublayers saves at most their own time, so the oracle can
+  approach the bound but not pass it beyond noise. For `mask` it is what skipping the masked
+  sublayers for real could reach.
+- `roofline_speedup`: the analytic roofline estimate for the same skipped sublayers
+  (`rt_lib.roofline`), a reading aid for GPU runs; not a bound (it ignores per-kernel and
+  Python overhead, which removing a sublayer also saves).
 Prompts are consecutive windows of a text (the CLI tokenizes `wikipedia-en`), so the routers
 decide on the kind of input they were tuned on; decode feeds the text's next tokens.
 
@@ -44,7 +49,7 @@ timed region is bracketed by CUDA events after a synchronize; on CPU wall-clock
 loop is hand-written on purpose: the interleaving and what is inside the timed region are
 the measurement.
 
-The analytic bound (`bound_speedup`, `rt_lib.roofline`) is a per-operation roofline: each
+The roofline estimate (`roofline_speedup`, `rt_lib.roofline`) is per operation: each
 attention sublayer, MLP sublayer and the LM head costs `max(flops / peak_flops, bytes /
 bandwidth)`; `bound = dense time / time without the removed sublayers`. Peaks are measured on
 the device at the start of a run (large matmul; large copy) unless given. It ignores
@@ -78,7 +83,10 @@ from .profile_timing import (  # noqa: F401 - part of this module's API
     interleave,
     kv_cache_bytes,
     measure_point,
+    measured_bound,
     new_cache,
+    rewind,
+    sublayer_ms,
     timed_ms,
 )
 from .profile_variants import (  # noqa: F401 - part of this module's API
@@ -102,7 +110,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = [
     "regime", "variant", "batch_size", "seq_len", "new_tokens", "median_ms", "p10_ms", "p90_ms",
-    "tokens_per_s", "skip_ratio", "kv_bytes", "speedup", "bound_speedup", "status", "reason",
+    "tokens_per_s", "skip_ratio", "kv_bytes", "speedup", "bound_speedup", "roofline_speedup", "status", "reason",
 ]  # docs/results_format.md, profile.csv
 
 
@@ -135,10 +143,13 @@ PRESETS = {
     "smoke": ProfileSettings(prefill_batch_sizes=[1, 2], prefill_seq_lens=[8],
                              decode_batch_sizes=[1, 2], decode_context_lens=[8], new_tokens=3,
                              skip_k=2, warmup=1, repeats=2),
-    # embedded SmolLM2-135M on a 2-core CPU: a few minutes. One thread: speedups are ratios
-    # and barely depend on it, while two threads on a 2-core machine shared with other jobs
-    # spin against them (a 1x128 forward measured 20x slower than with one thread)
-    "quick": ProfileSettings(threads=1),
+    # embedded SmolLM2-135M on a 2-core CPU: a few minutes. Short prompts and contexts (128)
+    # beside long-context batched decode (8 x 1024), where skipping attention saves the most:
+    # per step, attention reads the whole KV cache. One thread: speedups are ratios and barely
+    # depend on it, while two threads on a 2-core machine shared with other jobs spin against
+    # them (a 1x128 forward measured 20x slower than with one thread)
+    "quick": ProfileSettings(decode_batch_sizes=[1, 8], decode_context_lens=[128, 1024], new_tokens=8,
+                             threads=1),
     # the whole grid, meant for a GPU; points that do not fit are reported as skipped
     "full": ProfileSettings(prefill_batch_sizes=[1, 4, 16, 64], prefill_seq_lens=[128, 512, 2048, 8192],
                             decode_batch_sizes=[1, 8, 32, 128], decode_context_lens=[512, 2048, 8192],
@@ -200,7 +211,7 @@ def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, p
              "peak_flops": peak_flops, "bandwidth": bandwidth, "dtype_bytes": dtype_bytes}
 
     points = grid_points(settings)
-    rows, raw = [], []
+    rows, raw, sub_times = [], [], []
     for regime, batch, seq_len in tqdm(points, desc="profile", disable=not progress):
         new = settings.new_tokens if regime == "decode" else 0
         base_row = {"regime": regime, "batch_size": batch, "seq_len": seq_len, "new_tokens": new}
@@ -211,7 +222,8 @@ def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, p
             continue
         point_rows, point_raw = _point_rows(variants, results, base_row, bound)
         rows += point_rows
-        raw += point_raw
+        raw += [r for r in point_raw if not r.get("sublayers")]
+        sub_times += [r for r in point_raw if r.get("sublayers")]
 
     rows = [{c: r.get(c, "" if c in ("reason",) else float("nan")) for c in COLUMNS} for r in rows]
     conditions = {
@@ -236,6 +248,7 @@ def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, p
         "settings": asdict(settings),
         **_provenance(),
         "measurements": raw,
+        "sublayer_times": sub_times,
     }
     return rows, conditions
 
@@ -277,7 +290,12 @@ def _run_point(variants, base_row, settings, device, shape, dtype_bytes, tokens)
         return None, (f"estimated {need / 2**30:.2f} GiB > {settings.memory_headroom:.0%} of "
                       f"{free / 2**30:.2f} GiB available")
     try:
-        return measure_point(variants, regime, batch, seq_len, settings, device, shape.vocab, tokens), None
+        results = measure_point(variants, regime, batch, seq_len, settings, device, shape.vocab, tokens)
+        dense = next((v for v in variants if v.name == "dense"), None)
+        if dense is not None:
+            results["__sublayers__"] = sublayer_ms(dense, regime, batch, seq_len, settings, device, shape.vocab,
+                                                   tokens)
+        return results, None
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_oom(exc):
             raise
@@ -294,6 +312,7 @@ def _point_rows(variants, results, base_row, bound) -> tuple[list[dict], list[di
     regime, batch, seq_len, new = (base_row[k] for k in ("regime", "batch_size", "seq_len", "new_tokens"))
     dense_median_ms = None
     rows, raw = [], []
+    total_ms, sublayers = results.get("__sublayers__", (None, {}))
     for v in variants:
         rs = results[v.name]
         times = [r["time_ms"] for r in rs]
@@ -304,19 +323,31 @@ def _point_rows(variants, results, base_row, bound) -> tuple[list[dict], list[di
         # the bound for the sublayers this variant's decisions skip (for `mask`: what skipping
         # them for real could reach); static drop removes attention whatever the routers gate
         kind = "attn" if v.name == "static_drop" else bound["granularity"]
-        bound_value = bound_speedup(bound["shape"], regime, batch, seq_len, ratio * bound["n_routed"],
-                                    bound["peak_flops"], bound["bandwidth"], bound["dtype_bytes"], max(new, 1),
-                                    granularity=kind)
+        roofline = bound_speedup(bound["shape"], regime, batch, seq_len, ratio * bound["n_routed"],
+                                 bound["peak_flops"], bound["bandwidth"], bound["dtype_bytes"], max(new, 1),
+                                 granularity=kind)
+        skipped = _mean_skipped([r.get("skipped", {}) for r in rs])
+        measured = measured_bound(total_ms, sublayers, skipped, v.granularity) if total_ms else float("nan")
         rows.append(dict(base_row, variant=v.name, median_ms=med, p10_ms=p10, p90_ms=p90, tokens_per_s=n_tokens * 1e3 / med,
-                         skip_ratio=ratio, kv_bytes=rs[-1]["kv_bytes"], bound_speedup=bound_value,
-                         status="ok", reason=""))
+                         skip_ratio=ratio, kv_bytes=rs[-1]["kv_bytes"], bound_speedup=measured,
+                         roofline_speedup=roofline, status="ok", reason=""))
         raw.append(dict(base_row, variant=v.name, times_ms=times, kv_bytes_prefill=rs[-1]["kv_bytes_prefill"],
-                        kv_bytes=rs[-1]["kv_bytes"]))
+                        kv_bytes=rs[-1]["kv_bytes"], skipped={str(k): f for k, f in skipped.items()}))
         if v.name == "dense":
             dense_median_ms = med
     for r in rows:
         r["speedup"] = dense_median_ms / r["median_ms"] if dense_median_ms else float("nan")
+    if total_ms:
+        # read by `profile`: the dense model's hooked sublayer times behind bound_speedup
+        raw.append(dict(base_row, sublayers=True, dense_hooked_ms=total_ms,
+                        sublayer_ms={f"{layer}.{kind}": t for (layer, kind), t in sorted(sublayers.items())}))
     return rows, raw
+
+
+def _mean_skipped(per_round: list[dict[int, float]]) -> dict[int, float]:
+    """Per layer, the mean over rounds of the fraction of its sublayer executions skipped."""
+    layers = {layer for d in per_round for layer in d}
+    return {layer: sum(d.get(layer, 0.0) for d in per_round) / max(len(per_round), 1) for layer in sorted(layers)}
 
 
 def _device_name(device):
@@ -357,6 +388,8 @@ def summarize(rows) -> pd.DataFrame:  # noqa: F821
         line["skip_ratio_forced"] = get("mindskip_forced", "skip_ratio")
         line["kv_saving"] = 1 - get("mindskip_forced", "kv_bytes") / get("dense", "kv_bytes")
         line["bound_oracle"] = get("oracle", "bound_speedup")
+        line["oracle/bound"] = get("oracle", "speedup") / get("oracle", "bound_speedup")
+        line["mindskip/bound"] = get("mindskip", "speedup") / get("mindskip", "bound_speedup")
         out.append(line)
     return pd.DataFrame(out)
 
@@ -393,7 +426,8 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--routers", default=None, help="router checkpoint folder; default: fresh (zero-init) routers")
     p.add_argument("--out", required=True, help="run folder; results go to <out>/profile/")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16; default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA and on CPUs with native bf16 matrix "
+                   "products, else float32) | float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
     p.add_argument("--skip-layers", type=_ints, default=None, help="comma list of routed layers whose gated sublayers (attention, MLP or whole layers, "
                         "as the routers gate) are force-skipped, removed and masked")
@@ -419,7 +453,9 @@ def main(argv=None):
         overrides["variants"] = a.variants.split(",")
     settings = preset(a.preset, **overrides)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    from rt_lib.assets import resolve_dtype
+
+    dtype = resolve_dtype(a.dtype or "auto", device)
 
     import pandas as pd
 

@@ -115,7 +115,11 @@ PROFILE = FileKind("profile/profile.csv", "rt_lib.profiling", (
        numeric=True, fraction=True),
     _c("kv_bytes", "KV cache bytes held after prefill or after the timed decode steps"),
     _c("speedup", "dense median / variant median, same run", numeric=True),
-    _c("bound_speedup", "analytic roofline bound at this skip ratio", numeric=True),
+    _c("bound_speedup", "upper bound measured at this grid point: dense time / (dense time - the dense model's "
+       "hooked time of the sublayers this variant skips); empty in files written before it was measured",
+       numeric=True),
+    _c("roofline_speedup", "analytic roofline estimate for the same skipped sublayers (not a bound)", numeric=True,
+       required=False),
     _c("status", "`ok` or `skipped`"),
     _c("reason", "why a grid point was skipped"),
 ))

@@ -97,9 +97,9 @@ def test_speedup_vs_skip_ignores_skipped_rows_and_draws_the_bound():
     prefill, decode = fig.axes
     assert (prefill.get_title(), decode.get_title()) == ("prefill", "decode")
     labels = {t.get_text() for t in decode.get_legend().get_texts()}
-    assert {"analytic bound", "MindSkip", "oracle (layers removed)", "mask only (computes all)",
+    assert {"measured bound", "MindSkip", "oracle (layers removed)", "mask only (computes all)",
             "static attention drop"} <= labels
-    bound = [ln for ln in prefill.get_lines() if ln.get_label() == "analytic bound"][0]
+    bound = [ln for ln in prefill.get_lines() if ln.get_label() == "measured bound"][0]
     assert bound.get_xdata()[0] == 0.0 and bound.get_ydata()[0] == 1.0
     assert max(bound.get_ydata()) == pytest.approx(prof["bound_speedup"].max())
 

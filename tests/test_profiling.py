@@ -166,11 +166,66 @@ def test_measure_point_returns_one_record_per_round(ms):
     for records in out.values():
         assert len(records) == 3
         for r in records:
-            assert set(r) == {"time_ms", "skip_ratio", "kv_bytes", "kv_bytes_prefill"}
+            assert set(r) == {"time_ms", "skip_ratio", "skipped", "kv_bytes", "kv_bytes_prefill"}
             assert r["time_ms"] > 0
             # decode: the cache grows by the new tokens after the prefill
             assert r["kv_bytes"] * 5 == r["kv_bytes_prefill"] * (5 + st.new_tokens)
     assert [r["skip_ratio"] for r in out["mindskip_forced"]] == [len(SKIP) / len(ROUTED)] * 3
+    assert all(r["skipped"] == {layer: 1.0 for layer in SKIP} for r in out["mindskip_forced"])
+    assert all(r["skipped"] == {} for r in out["dense"])
+    assert untouched(ms)
+
+
+def test_rewound_decode_equals_a_fresh_prefill_after_another_variant_ran(ms):
+    """Decode from a rewound cache, with the gates' decisions put back after another variant's
+    prefill replaced them, gives the logits of a fresh prefill + decode."""
+    ms.set_threshold(0.5)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for r in ms.routers().values():
+            r.weight.copy_(torch.randn(r.weight.shape, generator=g))
+    variants = {v.name: v for v in P.build_variants(ms, ["mindskip", "mindskip_forced"], SKIP)}
+    ids = torch.randint(3, 96, (3, 9), generator=g)
+    prompt, steps = ids[:, :6], ids[:, 6:]
+
+    def decode(v, cache):
+        return [P.forward_step(v.model, steps[:, i:i + 1], cache, 6 + i).logits for i in range(3)]
+    with torch.inference_mode():
+        with variants["mindskip"].active():
+            cache = P.new_cache(ms.model)
+            P.forward_step(ms.model, prompt, cache, 0)
+            state = variants["mindskip"].save_state()
+            first = decode(variants["mindskip"], cache)
+        with variants["mindskip_forced"].active():  # replaces the gates' stored decisions
+            P.forward_step(ms.model, prompt, P.new_cache(ms.model), 0)
+        with variants["mindskip"].active():
+            P.rewind(cache, 6)
+            variants["mindskip"].restore_state(state)
+            again = decode(variants["mindskip"], cache)
+    assert variants["mindskip"].rewindable
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    ms.set_threshold(0.5)
+    with torch.no_grad():
+        for r in ms.routers().values():
+            r.weight.zero_()
+    assert untouched(ms)
+
+
+def test_measured_bound_adds_up_the_skipped_sublayers():
+    sub = {(1, "attn"): 2.0, (2, "attn"): 3.0, (1, "mlp"): 4.0, (2, "mlp"): 1.0}
+    assert P.measured_bound(10.0, sub, {1: 1.0, 2: 1.0}, "attn") == pytest.approx(10 / 5)
+    assert P.measured_bound(10.0, sub, {1: 0.5}, "mlp") == pytest.approx(10 / 8)
+    assert P.measured_bound(10.0, sub, {}, "attn") == 1.0
+
+
+def test_sublayer_times_nest_inside_the_layer_and_the_forward(ms):
+    dense = P.build_variants(ms, ["dense"], SKIP)[0]
+    total, sub = P.sublayer_ms(dense, "decode", 2, 5, settings(), torch.device("cpu"), vocab=96)
+    assert {k for k, _ in sub} == set(range(L)) and {kind for _, kind in sub} == {"attn", "mlp", "block"}
+    for i in range(L):
+        assert sub[(i, "attn")] + sub[(i, "mlp")] <= sub[(i, "block")]
+    assert sum(sub[(i, "block")] for i in range(L)) <= total
     assert untouched(ms)
 
 
@@ -257,11 +312,17 @@ def test_rows_summarise_the_recorded_rounds(ms):
         dense = next(d for d in rows if d["variant"] == "dense" and d["regime"] == r["regime"]
                      and d["batch_size"] == r["batch_size"])
         assert r["speedup"] == pytest.approx(dense["median_ms"] / r["median_ms"])
-    # the oracle's bound is the bound curve's value at its number of removed sublayers
+    # the oracle's roofline estimate is the curve's value at its number of removed sublayers; its
+    # measured bound adds up the dense model's hooked time of exactly the removed sublayers
     for r in by(rows, "prefill", "oracle") + by(rows, "decode", "oracle"):
         curve = next(c for c in cond["bound_curves"] if (c["regime"], c["batch_size"], c["seq_len"]) ==
                      (r["regime"], r["batch_size"], r["seq_len"]))
-        assert r["bound_speedup"] == pytest.approx(curve["bound_speedup"][len(SKIP)])
+        assert r["roofline_speedup"] == pytest.approx(curve["bound_speedup"][len(SKIP)])
+        sub = next(t for t in cond["sublayer_times"] if (t["regime"], t["batch_size"], t["seq_len"]) ==
+                   (r["regime"], r["batch_size"], r["seq_len"]))
+        saved = sum(sub["sublayer_ms"][f"{layer}.attn"] for layer in SKIP)
+        assert r["bound_speedup"] == pytest.approx(sub["dense_hooked_ms"] / (sub["dense_hooked_ms"] - saved))
+        assert r["bound_speedup"] > 1.0
 
 
 def test_static_drop_removes_attention_whatever_the_routers_gate():
