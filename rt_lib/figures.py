@@ -31,6 +31,20 @@ def _mean_over_common(points: list[pd.DataFrame]) -> tuple[list[float], list[str
     return [float(np.mean([p[t] for t in common])) if common else float("nan") for p in per], common
 
 
+def _paired_half_width(sub: pd.DataFrame, tasks: list[str]) -> float:
+    """Half-width (percent points) of the paired 95% interval of a point's macro difference to
+    dense over ``tasks``: per-task t intervals from paired.csv, combined as independent
+    (se = sqrt(sum se_t^2) / T); NaN when a task has no paired interval (dense, or not paired)."""
+    ses = []
+    for t in tasks:
+        r = pick_metric(sub, t)
+        lo, hi = float(r.get("ci_low", np.nan)), float(r.get("ci_high", np.nan))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            return float("nan")
+        ses.append((hi - lo) / 2 / 1.96)
+    return 100.0 * 1.96 * float(np.sqrt(np.sum(np.square(ses)))) / len(ses) if ses else float("nan")
+
+
 def operating_points(tidy: pd.DataFrame, run_id: str) -> tuple[pd.DataFrame, list[str]]:
     """One row per operating point of a run (dense, each mindskip threshold, each static-drop
     skip ratio): ``method``, ``variant``, ``threshold``, ``skip_ratio``, ``speedup``,
@@ -46,10 +60,12 @@ def operating_points(tidy: pd.DataFrame, run_id: str) -> tuple[pd.DataFrame, lis
     rows = []
     for (variant, g), a in zip(keys, acc):
         method = {"baseline": "dense", "router-tuning": "mindskip", "attention-drop": "static_drop"}[g["method"].iloc[0]]
+        half = float("nan") if method == "dense" else _paired_half_width(g, common)
         rows.append({"method": method, "variant": variant,
                      "threshold": g["threshold"].iloc[0], "skip_ratio": 0.0 if method == "dense" else g["skip_ratio"].mean(),
-                     "speedup": g["speedup"].median(), "accuracy": a})
-    return pd.DataFrame(rows, columns=["method", "variant", "threshold", "skip_ratio", "speedup", "accuracy"]), common
+                     "speedup": g["speedup"].median(), "accuracy": a, "ci_low": a - half, "ci_high": a + half})
+    columns = ["method", "variant", "threshold", "skip_ratio", "speedup", "accuracy", "ci_low", "ci_high"]
+    return pd.DataFrame(rows, columns=columns), common
 
 
 def figure2_kit_points(runs: list[Run], tidy: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
@@ -68,7 +84,7 @@ def figure2_kit_points(runs: list[Run], tidy: pd.DataFrame) -> tuple[pd.DataFram
     if best is None:
         return None
     _, run, pts, common = best
-    kit = pts.rename(columns={"accuracy": "performance"})[["skip_ratio", "method", "performance"]]
+    kit = pts.rename(columns={"accuracy": "performance"})[["skip_ratio", "method", "performance", "ci_low", "ci_high"]]
     title = f"rt-kit: {run.model}\nrun {run.run_id} ({len(common)} tasks)"
     return kit, title
 

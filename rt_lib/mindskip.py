@@ -233,6 +233,16 @@ class MindSkipModel(nn.Module):
         decode several variants from their own prefilled caches in turn."""
         return {i: (getattr(g, "_seq_state", None), getattr(g, "_tok_state", None)) for i, g in self._gates.items()}
 
+    def bind_decisions(self, cache, keep: torch.Tensor) -> None:
+        """Continue decoding from `cache` with the per-row sequence decisions `keep` (rows x
+        routed layers, in `routed_layers` order): a cache built by the caller, holding at each
+        routed attention/block layer only the rows that keep it, in batch order."""
+        if self.config.route_level != "seq":
+            raise ValueError("bind_decisions applies to sequence routing")
+        for j, layer in enumerate(self.routed_layers):
+            hard = keep[:, j].to(device=self.device, dtype=torch.bool)
+            self._gates[layer]._seq_state = (weakref.ref(cache), hard, hard.nonzero().squeeze(-1))
+
     def restore_decode_state(self, state: dict) -> None:
         for i, (seq, tok) in state.items():
             g = self._gates[i]

@@ -306,7 +306,8 @@ def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accurac
     ``df``: one row per operating point with ``method`` (dense, mindskip, static_drop),
     ``accuracy`` (percent), ``skip_ratio`` and ``speedup`` (may be missing: the point then only
     appears on the left), optional ``threshold`` (labelled). Each method is a curve over its
-    operating points; the grey step line is the Pareto front over all methods.
+    operating points; the grey step line is the Pareto front over all methods. Optional
+    ``ci_low``/``ci_high`` (percent) draw each point's paired 95% interval.
     """
     df = df.copy()
     for col in ("skip_ratio", "speedup", "threshold"):
@@ -326,6 +327,7 @@ def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accurac
             st = METHOD_STYLE.get(method, dict(color=None, marker="o", label=method))
             ax.plot(dm[xcol], dm["accuracy"], color=st["color"], marker=st["marker"], label=st["label"],
                     linestyle="-" if len(dm) > 1 else "none")
+            _paired_bars(ax, dm, xcol, "accuracy", st["color"])
             for _, r in dm.iterrows():
                 if pd.notna(r["threshold"]):
                     ax.annotate(f"τ={r['threshold']:g}", (r[xcol], r["accuracy"]), textcoords="offset points",
@@ -351,6 +353,17 @@ def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accurac
     return fig
 
 
+def _paired_bars(ax, d: pd.DataFrame, x: str, y: str, color) -> None:
+    """Whiskers of each point's paired 95% interval (columns ``ci_low``/``ci_high``, in the
+    units of ``y``), where the frame has them; points without one (dense) get none."""
+    if "ci_low" not in d or "ci_high" not in d:
+        return
+    d = d.dropna(subset=["ci_low", "ci_high"])
+    if len(d):
+        ax.errorbar(d[x], d[y], yerr=[d[y] - d["ci_low"], d["ci_high"] - d[y]], fmt="none", ecolor=color,
+                    capsize=3, linewidth=1)
+
+
 # ---------------------------------------------------------------------------- Figure 2
 def _drop_panel(ax, df: pd.DataFrame, title: str) -> None:
     base = df[df["method"].isin(["baseline", "dense"])]
@@ -361,6 +374,7 @@ def _drop_panel(ax, df: pd.DataFrame, title: str) -> None:
             continue
         st = METHOD_STYLE[method]
         ax.plot(d["skip_ratio"], d["performance"], color=st["color"], marker=st["marker"], label=st["label"])
+        _paired_bars(ax, d, "skip_ratio", "performance", st["color"])
         for _, r in d[d["method"].isin(aliases)].iterrows():
             ax.annotate(f"{r['performance']:.1f}", (r["skip_ratio"], r["performance"]), textcoords="offset points",
                         xytext=(0, 7), ha="center", fontsize=8, color=st["color"])

@@ -60,7 +60,7 @@ def kv_cache_bytes(cache) -> int:
     return total
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     # transformers 5.x names the cache argument `cache` (`past_key_values` is deprecated);
     # older releases only know `past_key_values`. The one place that knows.
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -79,7 +79,7 @@ def forward_step(model, ids, cache, start: int, logits_to_keep: int = 1):
     # skipped layer 0 would leave empty
     pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
     return model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=logits_to_keep,
-                 **{_cache_argument(model): cache})
+                 **{cache_argument(model): cache})
 
 
 def grid_tokens(batch: int, length: int, vocab: int, seed: int = 0, tokens: torch.Tensor | None = None):

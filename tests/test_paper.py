@@ -349,6 +349,16 @@ def test_figure2_kit_curve_uses_one_run():
     assert sorted(kit["method"]) == ["dense", "mindskip", "mindskip", "mindskip", "static_drop"]
     dense = kit.loc[kit["method"] == "dense", "performance"].iloc[0]
     assert dense == pytest.approx(np.mean([37.0, 60.5, 61.5, 67.5, 53.0]))  # 5 tasks, percent
+    # every kit point but dense carries its paired interval, combined over the same tasks
+    assert kit.loc[kit["method"] == "dense", ["ci_low", "ci_high"]].isna().all().all()
+    routed = kit[kit["method"] != "dense"]
+    assert (routed.ci_low < routed.performance).all() and (routed.performance < routed.ci_high).all()
+    pts, common = paper.operating_points(tidy, "fixture-attn-seq")
+    row = pts[pts.method == "mindskip"].iloc[0]
+    sub = tidy[(tidy.run_id == "fixture-attn-seq") & (tidy.variant == row.variant) & (tidy.threshold == row.threshold)]
+    ses = [(paper.pick_metric(sub, t)["ci_high"] - paper.pick_metric(sub, t)["ci_low"]) / 2 / 1.96 for t in common]
+    half = 100 * 1.96 * np.sqrt(np.sum(np.square(ses))) / len(ses)
+    assert row.ci_high - row.accuracy == pytest.approx(half)
 
 
 def test_a_figure_failing_on_odd_data_is_reported_and_the_rest_drawn(tmp_path, monkeypatch):
