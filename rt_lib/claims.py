@@ -131,7 +131,7 @@ def build_claims(evidence_run: str | Path, reference_dir: str | Path | None = No
     run = Path(evidence_run)
     ev = run / "evidence"
     plan = json.loads((ev / "plan.json").read_text())
-    routers = Path(plan["routers"])
+    routers = _beside(run, plan["routers"])
     tuned = routers.parent.parent if routers.name == "routers" else routers
     num_layers = int(json.loads((routers / "mindskip_config.json").read_text())["num_layers"])
     paper = _paper_values(Path(reference_dir or DEFAULT_REFERENCE_DIR))
@@ -201,6 +201,15 @@ def build_claims(evidence_run: str | Path, reference_dir: str | Path | None = No
     own = [v for v in macro.index if macro.loc[v, "method"] == "mindskip" and pd.isna(macro.loc[v, "k"])]
     rows += _c6(tuned, macro.loc[own[0]] if own else None, paper, rid)
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+
+
+def _beside(run: Path, path: str) -> Path:
+    """A path recorded in a run's plan: as written when it exists from here, else relative to
+    the kit root the run folder lies in (``<root>/results/runs/<run>``)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return run.resolve().parents[2] / p
 
 
 def _c5(tuned: Path, routers: Path) -> list[dict]:

@@ -250,7 +250,16 @@ class Evidence:
         from rt_lib.evaluation import evaluate
 
         common = dict(preset=TASK_PRESET, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit)
-        todo = self.variants()
+        # run order: dense, the paper's operating points, their static drops, then the routers'
+        # own threshold, so that an interrupted run has the comparisons the claims need first
+        todo = [v for v in self.variants() if v["method"] == "dense" or v["k"] is not None]
+        own = [v for v in self.variants() if v["method"] == "mindskip" and v["k"] is None]
+        self._score_variants(todo, common, evaluate)
+        self.score_static_drops()
+        self._score_variants(own, common, evaluate)
+
+    def _score_variants(self, todo: list[dict], common: dict, evaluate) -> None:
+        """Every task of each variant in ``todo`` (dense or MindSkip at its threshold)."""
         bar = tqdm(total=len(todo) * len(self.tasks), desc="evidence parts")
         for v in todo:
             if v["method"] == "dense":
@@ -270,7 +279,6 @@ class Evidence:
             finally:
                 ms.unload()
         bar.close()
-        self.score_static_drops()
 
     def static_drop_ks(self) -> list[int]:
         """k of each MindSkip target: its realised skipped sublayers, macro over the tasks, rounded."""
@@ -280,6 +288,8 @@ class Evidence:
         ks = []
         for k in self.targets:
             ratios = []
+            if not all((self.part_dir(f"mindskip_k{k}", t) / "eval" / "results.json").exists() for t in self.tasks):
+                continue  # not scored yet: no matched static drop
             for task in self.tasks:
                 t = EvalResults.load(self.part_dir(f"mindskip_k{k}", task)).table
                 ratios.append(float(t[t.variant == f"mindskip_k{k}"].skip_ratio.iloc[0]))
@@ -367,6 +377,14 @@ class Evidence:
         from rt_lib.measures import heldout_table
 
         parts = sorted(p for p in (self.dir / "parts").iterdir() if not p.name.startswith("."))
+        by_variant: dict[str, list[Path]] = {}
+        for p in parts:
+            by_variant.setdefault(p.name.split("__")[0], []).append(p)
+        incomplete = sorted(v for v, ps in by_variant.items() if len(ps) < len(self.tasks))
+        if incomplete:
+            log.warning("not combined, some tasks still missing (run the same command again to finish): %s",
+                        ", ".join(incomplete))
+        parts = [p for v, ps in by_variant.items() if v not in incomplete for p in ps]
         results = EvalResults.combine([EvalResults.load(p) for p in parts])
         # static drop has no gates to count: its routed-unit skip ratio is k / routed layers, as
         # rt_lib.sweep writes it (the paper's ratio, k / all layers, is in measures.csv)
@@ -420,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout-blocks", type=int, default=HELDOUT_BLOCKS)
     ap.add_argument("--calibration-blocks", type=int, default=CALIBRATION_BLOCKS)
     ap.add_argument("--limit", type=int, default=None, help="documents per task (a smoke run)")
+    ap.add_argument("--combine-only", action="store_true",
+                    help="only rebuild eval/ and the measures from the parts written so far")
     ap.add_argument("--targets", default=",".join(map(str, TARGET_LAYERS)),
                     help="skipped attention sublayers per sequence, comma list")
     a = ap.parse_args(argv)
@@ -429,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                   targets=[int(t) for t in a.targets.split(",")], heldout_blocks=a.heldout_blocks,
                   calibration_blocks=a.calibration_blocks, limit=a.limit)
     start = time.perf_counter()
-    table = ev.run()
+    table = ev.combine() if a.combine_only else ev.run()
     print(table.to_string(index=False))
     print(f"evidence run finished in {time.perf_counter() - start:.0f} s: {a.out}")
     return 0

@@ -153,7 +153,10 @@ def _num_layers(run_dir: Path) -> int | None:
     plan = run_dir / "evidence" / "plan.json"
     if not plan.exists():
         return None
-    cfg = Path(json.loads(plan.read_text())["routers"]) / "mindskip_config.json"
+    routers = Path(json.loads(plan.read_text())["routers"])
+    if not routers.is_absolute() and not routers.exists():
+        routers = run_dir.resolve().parents[2] / routers  # relative to the kit root
+    cfg = routers / "mindskip_config.json"
     return int(json.loads(cfg.read_text())["num_layers"]) if cfg.exists() else None
 
 
