@@ -83,7 +83,10 @@ class RouterTuningRecipe:
         # Dense reference before any update (the base model; routers forced to keep everything).
         if self.heldout and self.dense_loss is None:
             self.dense_loss = self._evaluate(dense=True).lm_loss
-        self.module, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
+        if self.shard_backbone:  # sharded already; the routers are plain replicated tensors
+            self.optimizer = self.accelerator.prepare(self.optimizer)
+        else:
+            self.module, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
         if state is not None:
             _set_rng_state(state["rng"])  # after every setup step that may draw random numbers
         self.end_step = min(self.total_steps, self.cfg.stop_after or self.total_steps)
@@ -97,10 +100,18 @@ class RouterTuningRecipe:
         # `accelerate launch --multi_gpu` / torchrun on a machine without CUDA: data-parallel CPU
         # processes over gloo (accelerate only picks MULTI_CPU when told the device is the CPU).
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = Accelerator(cpu=launched and not torch.cuda.is_available())
+        # `accelerate launch --use_fsdp` on CPU processes: accelerate 1.15 applies FSDP to GPU
+        # processes only and cannot even build its FSDP plugin without one, so the recipe shards
+        # the frozen backbone itself (_shard_backbone) and accelerate runs plain CPU processes
+        self.shard_backbone = (launched and not torch.cuda.is_available()
+                               and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+        with _env_without("ACCELERATE_USE_FSDP") if self.shard_backbone else contextlib.nullcontext():
+            self.accelerator = Accelerator(cpu=launched and not torch.cuda.is_available())
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
+        if self.shard_backbone and cfg.trainable != "routers":
+            raise ValueError("FSDP on CPU processes shards the frozen backbone: it needs trainable='routers'")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if self.main:
@@ -146,6 +157,9 @@ class RouterTuningRecipe:
             self.heldout, self.hstats = build_dataset(
                 self.tokenizer, h_src, split=cfg.heldout_split or cfg.data_split, num_samples=cfg.heldout_samples,
                 skip=(dstats.sequences if cfg.packing else dstats.selected) if same else 0, **data_opts)
+        if self.shard_backbone and len(self.heldout) % self.world:
+            raise ValueError(f"under FSDP every process runs the same forward passes: heldout_samples "
+                             f"({len(self.heldout)}) must be a multiple of the {self.world} processes")
         self.steps_per_epoch = len(self.examples) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.examples)} usable examples are fewer than one global batch of {cfg.batch_size}")
@@ -164,6 +178,8 @@ class RouterTuningRecipe:
         self.ms = get_mindskip_model(model, self.mcfg)
         assert self.ms.routed_layers == self.routed
         self.module, self.named = _set_trainable(self.ms, self.ms.model, cfg)
+        if self.shard_backbone:
+            _shard_backbone(self.ms, self.world)
         self.params = [p for _, p in self.named]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
@@ -212,6 +228,12 @@ class RouterTuningRecipe:
             counts = acc.reduce(counts, "sum")
         label_tokens, tokens = counts.tolist()
         sums = self._forward_backward(micro, label_tokens)
+        if self.shard_backbone:  # replicated routers: average their gradients as DDP does
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(self.world)
         if cfg.max_grad_norm is not None:
             acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -406,6 +428,33 @@ def _set_trainable(ms, module, cfg: TrainConfig):
         others = [n for n, p in named if id(p) not in router_ids and "lora_" not in n]
         assert not others and router_ids <= {id(p) for _, p in named}, f"unexpected trainable parameters {others[:5]}"
     return module, named
+
+
+def _shard_backbone(ms, world: int) -> None:
+    """FSDP2 over CPU processes: every decoder layer and the root sharded over the processes,
+    the routers left out (``ignored_params``), so they stay whole on every process: checkpoints,
+    statistics and the optimiser see plain tensors, and ``step`` averages their gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rt_lib.architecture import find_decoder
+
+    mesh = init_device_mesh("cpu", (world,))
+    routers = set(ms.router_parameters())
+    _, layers = find_decoder(ms.model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, ignored_params=routers)
+    fully_shard(ms.model, mesh=mesh, ignored_params=routers)
+
+
+@contextlib.contextmanager
+def _env_without(name: str):
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
 
 
 # Hand-written: accelerate saves RNG states only inside Accelerator.save_state's folder layout,

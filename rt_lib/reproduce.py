@@ -88,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replace", action="store_true",
                         help="rerun steps that already completed in the run folder: move their results and those of "
                              "later steps that used them to <run>/replaced/<step>-<time>/ (later steps become stale)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print what the run needs (assets, memory per step, KV cache, tokens; rt_lib.plan) "
+                             "without loading weights, and exit")
+    from rt_lib.plan import add_plan_arguments
+
+    add_plan_arguments(parser, json_flag="--plan-json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.list_parameters:
@@ -107,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         selected = [pipeline._match_notebook(n) for n in args.notebooks.split(",")] if args.notebooks else None
     except pipeline.ParameterError as e:
         parser.exit(2, f"error: {e}\n")
+    if args.plan:
+        from rt_lib import plan
+
+        return plan.run(args.preset, json_path=args.plan_json, gpu_memory=args.gpu_memory,
+                        eval_tokens=args.eval_tokens, notebook_overrides=overrides)
 
     # jobs: (run id, overrides, notebooks, sweep combination); a sweep runs 01-03 per combination
     # in its own folder, then the paper notebook once (it reads every run folder)

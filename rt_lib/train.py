@@ -41,7 +41,14 @@ Scale-out. The entry point is the same for one or many processes:
   trainable (router) parameters share wrapped units; wrap at the decoder-layer class
   (``fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer``). Under DeepSpeed set bf16 in its
   config and ``--precision fp32`` here (DeepSpeed casts the model itself). Neither is tested
-  by the kit's test suite (no multi-GPU machine); DDP is.
+  on GPUs by the kit's test suite (no multi-GPU machine); DDP is.
+- CPU, FSDP over gloo: ``accelerate launch --use_fsdp --num_processes 2 -m rt_lib.train ...``.
+  accelerate 1.15 applies FSDP to GPU processes only (without one it cannot build its FSDP
+  plugin), so for CPU processes the recipe shards the frozen backbone itself with FSDP2
+  (every decoder layer and the root; the routers stay whole on every process and their
+  gradients are averaged as DDP averages them). Router-only training; the held-out sequences
+  must split evenly over the processes. tests/test_fsdp.py checks that two such processes give
+  the routers of one.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -170,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         (f.name, hints[f.name], dataclasses.field(default="cpu" if f.name == "preset" else None, metadata=f.metadata))
         for f in fields(TrainConfig)])
     p = HfArgumentParser(options, prog="python -m rt_lib.train", formatter_class=argparse.HelpFormatter,
-                         description="Router-Tuning: train MindSkip routers on a frozen model.")
+                         description="Router-Tuning: train MindSkip routers on a frozen model.",
+                         epilog="--plan [--gpu-memory 80GiB] [--plan-json FILE] [--eval-tokens auto|yes|no]: print "
+                                "what the run needs (assets, memory, KV cache, tokens; rt_lib.plan) with these "
+                                "options, load no weights and exit.")
     # HfArgumentParser adds --no-<flag> only to booleans that default to True; presets switch them either way.
     for f in fields(TrainConfig):
         if hints[f.name] is bool:
@@ -179,9 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
-    args = vars(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None) -> TrainResult | None:
+    from rt_lib.plan import add_plan_arguments
+
+    plan_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    plan_flags.add_argument("--plan", action="store_true")
+    add_plan_arguments(plan_flags, json_flag="--plan-json")
+    planning, rest = plan_flags.parse_known_args(argv)
+    args = vars(build_parser().parse_args(rest))
     preset = args.pop("preset")
+    if planning.plan:
+        from rt_lib import plan
+
+        status = plan.run(preset, json_path=planning.plan_json, gpu_memory=planning.gpu_memory,
+                          eval_tokens=planning.eval_tokens, train_overrides=args)
+        if status:
+            raise SystemExit(status)
+        return None
+    if planning.gpu_memory is not None or planning.plan_json is not None:
+        print("error: --gpu-memory and --plan-json go with --plan", file=sys.stderr)
+        raise SystemExit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = make_config(preset, **args)
     result = run(cfg)
