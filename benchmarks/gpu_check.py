@@ -136,9 +136,9 @@ class GpuCheck:
         return self._base, self._tok
 
     def tasks(self) -> list[str]:
-        from rt_lib.tasks import PRESETS
+        from rt_lib.tasks import TASK_PRESETS
 
-        return list(self.settings["tasks"] or PRESETS[TASK_PRESET].tasks)
+        return list(self.settings["tasks"] or TASK_PRESETS[TASK_PRESET].tasks)
 
     def check_settings(self) -> None:
         """Write gpu_check/settings.json once; refuse to continue a folder made with other settings."""

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from rt_lib.evaluation import DEFAULT_SEEDS, check_request, evaluate
 from rt_lib.harness import load_routers, pick_device
-from rt_lib.tasks import PRESETS, write_offline_tasks
+from rt_lib.tasks import TASK_PRESETS, write_offline_tasks
 
 
 def _main_preset(argv: list[str]) -> int:
@@ -58,7 +58,7 @@ def _main_preset(argv: list[str]) -> int:
     ap.add_argument("--force-skip", default=None,
                     help="comma-separated layers whose attention is skipped for every input, added to the "
                          "default routed layers whose zero-initialised routers keep everything (hand-set routing)")
-    ap.add_argument("--preset", default="quick", choices=list(PRESETS))
+    ap.add_argument("--preset", default="quick", choices=list(TASK_PRESETS))
     ap.add_argument("--tasks", default=None)
     ap.add_argument("--limit", type=float, default=None)
     ap.add_argument("--batch-size", default="1")

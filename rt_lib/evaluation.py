@@ -62,7 +62,7 @@ from rt_lib.harness import (
 )
 from rt_lib.mindskip import MindSkipModel
 from rt_lib.runs import file_sha256
-from rt_lib.tasks import PAPER_TASKS, PRESETS, Preset
+from rt_lib.tasks import PAPER_TASKS, TASK_PRESETS, TaskPreset
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,11 @@ def _truthy_env(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def check_request(preset: str, tasks: Sequence[str] | None, limit: Any, batch_size: Any) -> tuple[Preset, list[str]]:
+def check_request(preset: str, tasks: Sequence[str] | None, limit: Any, batch_size: Any) -> tuple[TaskPreset, list[str]]:
     """Validate preset/tasks/limit/batch size before anything is loaded or run."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    p = PRESETS[preset]
+    if preset not in TASK_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(TASK_PRESETS)}")
+    p = TASK_PRESETS[preset]
     if tasks is None:
         names = p.tasks
     else:
@@ -253,7 +253,7 @@ def _check_options(model_or_ms, tokenizer, confidence: float, interval: str) -> 
         raise ValueError("pass the model's tokenizer")
 
 
-def _dense_reference(dense_reference, preset: str, p: Preset, names: list[str], limits: dict,
+def _dense_reference(dense_reference, preset: str, p: TaskPreset, names: list[str], limits: dict,
                      seed: int) -> EvalResults | None:
     """The earlier dense run to pair with (loaded if given as a path), checked to have scored the
     same documents with the same prompts; None when there is none."""
@@ -292,7 +292,7 @@ def _same_model(reference: EvalResults | None, model_name: str) -> str:
     return model_name
 
 
-def _task_info(p: Preset, task: str, harness_name: str, obj, limit) -> dict:
+def _task_info(p: TaskPreset, task: str, harness_name: str, obj, limit) -> dict:
     """What results.json records about how a task was scored."""
     spec = PAPER_TASKS[task]
     shots = p.shots[task]
@@ -307,7 +307,7 @@ def _task_info(p: Preset, task: str, harness_name: str, obj, limit) -> dict:
     }
 
 
-def _sampled(p: Preset, task_obj, limit) -> dict[str, list[int]] | None:
+def _sampled(p: TaskPreset, task_obj, limit) -> dict[str, list[int]] | None:
     """The harness's ``samples`` argument for a preset that scores a seeded sample (None: the
     first ``limit`` documents, or all). An explicit limit wins over the preset's sample."""
     if p.sample is None or limit is not None:

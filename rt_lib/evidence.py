@@ -121,7 +121,7 @@ class Evidence:
                  heldout_blocks: int = HELDOUT_BLOCKS, calibration_blocks: int = CALIBRATION_BLOCKS,
                  limit: int | None = None):
         from rt_lib.mindskip import read_checkpoint_metadata
-        from rt_lib.tasks import PRESETS
+        from rt_lib.tasks import TASK_PRESETS
 
         self.out = Path(out)
         self.dir = self.out / "evidence"
@@ -131,7 +131,7 @@ class Evidence:
         if not self.model_name:
             raise ValueError(f"{self.routers} does not name its base model: pass model=")
         self.dtype, self.batch_size = dtype, batch_size
-        self.tasks = list(tasks or PRESETS[TASK_PRESET].tasks)
+        self.tasks = list(tasks or TASK_PRESETS[TASK_PRESET].tasks)
         self.targets = [int(t) for t in targets]
         self.compare = [Path(c) for c in compare]
         self.heldout_blocks, self.calibration_blocks = heldout_blocks, calibration_blocks

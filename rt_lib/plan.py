@@ -415,11 +415,11 @@ def _lora_parameters(meta, cfg) -> int:
 
 
 def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, missing, device) -> dict:
-    from rt_lib.tasks import PRESETS
+    from rt_lib.tasks import TASK_PRESETS
 
     name = params.get("eval_preset", "quick")
-    if name not in PRESETS:
-        raise PlanInputError(f"unknown task preset {name!r}; presets: {', '.join(PRESETS)}")
+    if name not in TASK_PRESETS:
+        raise PlanInputError(f"unknown task preset {name!r}; presets: {', '.join(TASK_PRESETS)}")
     tasks, limit, batch = params.get("tasks"), params.get("limit"), params.get("batch_size", 8)
     dtype = resolve_dtype_name(params.get("dtype", "float32"), device)
     tasks_rec, m = resolve_tasks(name, tasks)
@@ -429,7 +429,7 @@ def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, mi
     if rec.get("parameters"):
         step["weights_bytes"] = rec["parameters"] * dtype_bytes(dtype)
     have_data = all(t["data"] != "missing" for t in tasks_rec["tasks"].values())
-    p = PRESETS[name]
+    p = TASK_PRESETS[name]
     small = limit is not None or all(p.limits.get(t) is not None for t in tasks_rec["tasks"])
     cmd = f"python -m rt_lib.plan --preset {preset} --model {shlex.quote(rec['name'])} --eval-tokens yes"
     if not have_data:
@@ -462,13 +462,13 @@ def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, mi
 
 
 def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
-    from rt_lib.profiling import PRESETS, grid_points
+    from rt_lib.profiling import PROFILE_PRESETS, grid_points
     from rt_lib.profiling import preset as profile_preset
     from rt_lib.roofline import Shape, estimate_point_bytes
 
     name = params.get("profile_preset", "quick")
-    if name not in PRESETS:
-        raise PlanInputError(f"unknown profile preset {name!r}; presets: {', '.join(PRESETS)}")
+    if name not in PROFILE_PRESETS:
+        raise PlanInputError(f"unknown profile preset {name!r}; presets: {', '.join(PROFILE_PRESETS)}")
     over = {k: params[k] for k in ("skip_k", "repeats") if params.get(k) is not None}
     settings = profile_preset(name, **over)
     dtype = resolve_dtype_name(params.get("dtype") or "auto", device)

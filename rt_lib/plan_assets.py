@@ -323,9 +323,9 @@ def _harness_dataset(spec) -> tuple[str, str | None]:
 def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list[dict]]:
     """The task preset's tasks and whether their data is here (embedded, or the hub caches)."""
     from rt_lib import assets
-    from rt_lib.tasks import PAPER_TASKS, PRESETS
+    from rt_lib.tasks import PAPER_TASKS, TASK_PRESETS
 
-    p = PRESETS[preset_name]
+    p = TASK_PRESETS[preset_name]
     names = [t.removesuffix("_offline") for t in tasks] if tasks else p.tasks
     rec: dict[str, Any] = {"preset": preset_name, "offline": p.offline, "tasks": {}}
     missing = []

@@ -138,7 +138,7 @@ class ProfileSettings:
     memory_headroom: float = 0.9     # a point runs only if its estimate < headroom * available
 
 
-PRESETS = {
+PROFILE_PRESETS = {
     # tiny random models in tests: seconds
     "smoke": ProfileSettings(prefill_batch_sizes=[1, 2], prefill_seq_lens=[8],
                              decode_batch_sizes=[1, 2], decode_context_lens=[8], new_tokens=3,
@@ -158,7 +158,7 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> ProfileSettings:
-    return replace(copy.deepcopy(PRESETS[name]), **overrides)
+    return replace(copy.deepcopy(PROFILE_PRESETS[name]), **overrides)
 
 
 def grid_points(settings: ProfileSettings) -> list[tuple[str, int, int]]:
@@ -425,7 +425,7 @@ def _ints(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m rt_lib.profiling", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="quick", choices=sorted(PROFILE_PRESETS))
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--routers", default=None, help="router checkpoint folder; default: fresh (zero-init) routers")
     p.add_argument("--out", required=True, help="run folder; results go to <out>/profile/")

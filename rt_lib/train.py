@@ -67,8 +67,8 @@ from typing import Any
 from rt_lib.heldout import heldout_lm_loss
 from rt_lib.recipe import STATE_NAME, RouterTuningRecipe, TrainResult, save_trained
 from rt_lib.train_config import (
-    PRESETS,
-    PRESETS_DIR,
+    TRAIN_PRESETS,
+    TRAIN_PRESETS_DIR,
     RESUME_FREE,
     TRAINABLE,
     TrainConfig,
@@ -78,7 +78,7 @@ from rt_lib.train_config import (
 )
 
 __all__ = [
-    "PRESETS", "PRESETS_DIR", "RESUME_FREE", "STATE_NAME", "TRAINABLE", "RouterTuningRecipe", "TrainConfig",
+    "TRAIN_PRESETS", "TRAIN_PRESETS_DIR", "RESUME_FREE", "STATE_NAME", "TRAINABLE", "RouterTuningRecipe", "TrainConfig",
     "TrainResult", "build_parser", "check_config", "heldout_lm_loss", "load_preset", "main", "make_config", "run",
     "save_trained", "sweep_table", "train_routers",
 ]

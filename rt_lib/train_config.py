@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-PRESETS = ("smoke", "cpu", "paper")
+TRAIN_PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+TRAIN_PRESETS = ("smoke", "cpu", "paper")
 TRAINABLE = ("routers", "full", "lora")
 
 # Options that may differ between a run and its resumption (they do not change the numbers).
@@ -107,9 +107,9 @@ _RESUME_FREE = {"out", "save_every", "resume_from", "stop_after", "progress", "t
 
 def load_preset(name: str) -> dict:
     """The ``train`` section of ``rt_lib/presets/<name>.json``."""
-    path = PRESETS_DIR / f"{name}.json"
+    path = TRAIN_PRESETS_DIR / f"{name}.json"
     if not path.is_file():
-        known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+        known = sorted(p.stem for p in TRAIN_PRESETS_DIR.glob("*.json"))
         raise ValueError(f"unknown preset {name!r}; presets: {known}")
     return json.loads(path.read_text())["train"]
 

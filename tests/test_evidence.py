@@ -16,7 +16,7 @@ from rt_lib import assets, claims, measures
 from rt_lib.eval_results import MACRO, EvalResults
 from rt_lib.evaluation import evaluate
 from rt_lib.harness import float32_logits
-from rt_lib.tasks import PRESETS, sample_documents
+from rt_lib.tasks import TASK_PRESETS, sample_documents
 
 from test_evaluation import routed, tiny_llama
 
@@ -42,12 +42,12 @@ def test_sample_documents_is_a_fixed_draw_of_n_pooled_documents():
 
 
 def test_a_sampled_preset_scores_exactly_the_drawn_documents(tok, monkeypatch):
-    monkeypatch.setitem(PRESETS, "evidence", replace(PRESETS["evidence"], sample=6))
+    monkeypatch.setitem(TASK_PRESETS, "evidence", replace(TASK_PRESETS["evidence"], sample=6))
     res = evaluate(tiny_llama(tok), tok, preset="evidence", tasks=["rte"], batch_size=4)
     keys = [tuple(k) for k in res.per_doc["dense"]["rte"]["keys"]]
-    drawn = sample_documents({"rte_offline": 277}, 6, PRESETS["evidence"].sample_seed)
+    drawn = sample_documents({"rte_offline": 277}, 6, TASK_PRESETS["evidence"].sample_seed)
     assert keys == [("rte_offline", i) for i in drawn["rte_offline"]]
-    assert res.tasks["rte"]["sample"] == {"n": 6, "seed": PRESETS["evidence"].sample_seed, "of": 277}
+    assert res.tasks["rte"]["sample"] == {"n": 6, "seed": TASK_PRESETS["evidence"].sample_seed, "of": 277}
 
 
 # ------------------------------------------------------------------------- choice records

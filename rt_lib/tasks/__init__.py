@@ -12,7 +12,7 @@ The paper evaluates with lm-evaluation-harness (docs/method.md, evaluation setti
     rte            0      acc        validation / -   (the harness's `rte` = GLUE RTE)
     winogrande     5      acc        validation / train (partial scoring)
 
-Presets (``PRESETS``):
+Presets (``TASK_PRESETS``):
 
 ``paper``
     The harness's own task names with the paper's shots and metrics. The data comes from
@@ -154,7 +154,7 @@ EVIDENCE_SHOTS: dict[str, int] = {task: 0 for task in QUICK_SHOTS}
 
 
 @dataclass(frozen=True)
-class Preset:
+class TaskPreset:
     name: str
     offline: bool
     shots: dict[str, int]
@@ -171,14 +171,14 @@ class Preset:
         return PAPER_TASKS[task].offline_name if self.offline else task
 
 
-PRESETS: dict[str, Preset] = {
-    "paper": Preset("paper", False, {k: s.shots for k, s in PAPER_TASKS.items()},
+TASK_PRESETS: dict[str, TaskPreset] = {
+    "paper": TaskPreset("paper", False, {k: s.shots for k, s in PAPER_TASKS.items()},
                     description="standard harness tasks, paper shots/metrics; needs the Hugging Face hub"),
-    "offline": Preset("offline", True, {k: s.shots for k, s in PAPER_TASKS.items()},
+    "offline": TaskPreset("offline", True, {k: s.shots for k, s in PAPER_TASKS.items()},
                       description="standard prompts/metrics/shots over the embedded data"),
-    "quick": Preset("quick", True, dict(QUICK_SHOTS), dict(QUICK_LIMITS),
+    "quick": TaskPreset("quick", True, dict(QUICK_SHOTS), dict(QUICK_LIMITS),
                     description="offline tasks, first documents only and fewer shots (QUICK_LIMITS, QUICK_SHOTS)"),
-    "evidence": Preset("evidence", True, dict(EVIDENCE_SHOTS), sample=EVIDENCE_SAMPLE,
+    "evidence": TaskPreset("evidence", True, dict(EVIDENCE_SHOTS), sample=EVIDENCE_SAMPLE,
                        description=f"offline tasks, whole splits up to {EVIDENCE_SAMPLE} documents and a seeded "
                                    f"sample of {EVIDENCE_SAMPLE} of larger ones; 0-shot"),
 }
