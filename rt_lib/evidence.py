@@ -371,6 +371,31 @@ class Evidence:
                     drop.restore()
             write(f"static_drop_k{k}", {"method": "static_drop", "k": k, "granularity": "attn"}, run)
 
+    def profile_speed(self) -> None:
+        """Dense and MindSkip timed at the largest target's threshold on the ``quick`` profile
+        grid (``<out>/profile/``), so that the speedup of claim C6 is measured at an operating
+        point whose accuracy this run scores."""
+        from rt_lib import profiling
+
+        if (self.out / "profile" / "profile.json").exists():
+            return
+        threshold = self.calibration()["main"][str(max(self.targets))]["threshold"]
+        settings = profiling.preset("quick", variants=["dense", "mindskip"], threshold=threshold)
+        ms = profiling.prepare_models(self.base, str(self.routers))
+        try:
+            tokens = profiling.text_tokens(self.tok, "wikipedia-en")
+            start = time.perf_counter()
+            rows, conditions = profiling.profile(ms, settings, tokens, progress=True)
+            conditions.update(wall_time_s=round(time.perf_counter() - start, 1), preset="quick",
+                              model=self.model_name, routers=profiling.router_record(str(self.routers)),
+                              text="wikipedia-en")
+            profiling.write_results(rows, conditions, self.out)
+            runs.update_run(self.out, "profile", {"preset": "quick", "model": self.model_name,
+                                                  "routers": conditions["routers"], "settings": conditions["settings"],
+                                                  "files": ["profile/profile.csv", "profile/profile.json"]})
+        finally:
+            ms.unload()
+
     def combine(self):
         """``<out>/eval/`` from every part, and the measures table."""
         from rt_lib.eval_results import EvalResults
@@ -414,10 +439,11 @@ class Evidence:
         self.calibration()
         # run order: the comparisons the claims need first, so that an interrupted run (to be
         # continued with the same command) already decides most of them: dense and the paper's
-        # operating points on the tasks, every held-out loss, the static drops on the tasks,
-        # then the routers' own threshold
+        # operating points on the tasks, every held-out loss, the speed at the largest target,
+        # the static drops on the tasks, then the routers' own threshold
         self.score_tasks("targets")
         self.score_heldout()
+        self.profile_speed()
         self.score_tasks("rest")
         self.score_heldout()  # held-out loss of static drops matched on the tasks, if new
         return self.combine()
