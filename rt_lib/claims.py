@@ -278,7 +278,8 @@ def _c6(prof: Path, op, paper: dict, rid: str) -> list[dict]:
             f"dense / MindSkip time, {p.get('dtype')} {p.get('device_name')} {p.get('threads')} thread(s); "
             f"{acc_text}", sp, lo, hi, n, verdict,
             "holds if the speedup's ci_low > 1 and the accuracy there holds under C1's rule; does not hold if "
-            "ci_high < 1 or the accuracy does not hold; else inconclusive", f"{rid}, {prof.parents[1].name}"))
+            "ci_high < 1 or the accuracy does not hold; else inconclusive",
+            rid if prof.parents[1].name == rid else f"{rid}, {prof.parents[1].name}"))
     return rows
 
 
