@@ -147,14 +147,16 @@ class StaticDrop:
 
 
 def static_attention_drop(model, k: int, tokenizer=None, *, candidates: list[int] | None = None,
-                          scores: dict[int, float] | None = None, apply: bool = True, out=None,
-                          **calibration) -> StaticDrop:
+                          scores: dict[int, float] | None = None, scored_on: dict | None = None,
+                          apply: bool = True, out=None, **calibration) -> StaticDrop:
     """Score the attention sublayers, choose the ``k`` least important among ``candidates``
     (default: every droppable layer) and, with ``apply``, remove them from ``model`` in place.
-    ``out``: a run folder; the result is saved as ``<out>/baselines/static_drop.json``."""
+    ``scores``: importance scores computed before (``attention_importance``), with
+    ``scored_on`` the description of the text they were computed on (recorded with the
+    choice). ``out``: a run folder; the result is saved as ``<out>/baselines/static_drop.json``."""
     from rt_lib.mindskip import drop_sublayers
 
-    calib = {"source": "<given scores>"}
+    calib = dict(scored_on) if scored_on is not None else {"source": "<given scores>"}
     if scores is None:
         scores, calib = attention_importance(model, tokenizer, **calibration)
     pool = droppable_layers(model) if candidates is None else sorted(candidates)

@@ -309,8 +309,8 @@ class Evidence:
         common = dict(preset=TASK_PRESET, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit)
         for k in self.static_drop_ks():
             variant = f"static_drop_k{k}"
-            drop = static_attention_drop(self.base, k, self.tok, scores=scores_by_layer)
-            drop.calibration = scores["calibration"]
+            drop = static_attention_drop(self.base, k, self.tok, scores=scores_by_layer,
+                                         scored_on=scores["calibration"])
             drop.save(self.dir / "baselines" / f"{variant}.json")
             try:
                 for task in tqdm(self.tasks, desc=variant):

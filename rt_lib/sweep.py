@@ -138,8 +138,7 @@ def _static_drop_parts(base, tokenizer, run_dir: Path, ks: list[int], dense: Eva
             continue
         if scores is None:
             scores, calib = attention_importance(base, tokenizer, **calibration)
-        drop = static_attention_drop(base, k, tokenizer, scores=scores)
-        drop.calibration = calib  # the scores were passed in: record the text they were computed on
+        drop = static_attention_drop(base, k, tokenizer, scores=scores, scored_on=calib)
         drop.save(run_dir / "baselines" / static_drop_file(k, first=not out))
         log.info("static drop of k=%d layers: %s", k, drop.layers)
         try:
