@@ -2,17 +2,13 @@
 routers of one process with the same global batch."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-
-from test_train import SMALL, instructions, run_small
+from accelerate_launch import accelerate_exe, launch_two
+from test_train import run_small
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,23 +23,14 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _accelerate():
-    exe = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    return exe if Path(exe).exists() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_accelerate() is None, reason="accelerate launcher not installed")
+@pytest.mark.skipif(accelerate_exe() is None, reason="accelerate launcher not installed")
 def test_two_process_ddp_equals_one_process(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # accelerate 1.15: `launch --cpu --num_processes 2` starts ONE process (multi-CPU there means
     # mpirun); `--multi_gpu` starts two through torchrun and rt_lib.train selects CPU + gloo.
-    cmd = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = launch_two("--multi_gpu", script, tmp_path / "ddp", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp/train/summary.json").read_text())
     assert (summary["processes"], summary["gradient_accumulation"]) == (2, 1)

@@ -3,16 +3,12 @@ routers of one process with the same global batch, with the frozen backbone real
 
 import csv
 import json
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-
+from accelerate_launch import accelerate_exe, launch_two
 from test_train import run_small
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,24 +46,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _accelerate():
-    exe = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    return exe if Path(exe).exists() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_accelerate() is None, reason="accelerate launcher not installed")
+@pytest.mark.skipif(accelerate_exe() is None, reason="accelerate launcher not installed")
 def test_two_process_fsdp_equals_one_process(tmp_path):
     script = tmp_path / "fsdp_run.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # `--multi_gpu` starts two processes through torchrun (CPU + gloo on a machine without CUDA);
     # `--use_fsdp` sets ACCELERATE_USE_FSDP, which accelerate honours for GPU processes only: on
     # CPU processes rt_lib.recipe shards the frozen backbone itself (FSDP2, routers replicated)
-    cmd = [_accelerate(), "launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "fsdp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = launch_two("--use_fsdp", script, tmp_path / "fsdp", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "fsdp/train/summary.json").read_text())
     assert (summary["processes"], summary["gradient_accumulation"]) == (2, 1)
