@@ -247,18 +247,24 @@ class Evidence:
         return EvalResults.load(self.part_dir("dense", task))
 
     def score_tasks(self, which: str = "all") -> None:
-        """Task parts: ``targets`` (dense and the paper's operating points), ``rest`` (their
-        static drops, then the routers' own threshold) or ``all``."""
+        """Task parts: ``dense``, ``first`` (the smallest target), ``targets`` (the other
+        targets), ``rest`` (the static drops, then the routers' own threshold) or ``all``."""
         from rt_lib.evaluation import evaluate
 
         common = dict(preset=TASK_PRESET, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit)
-        todo = [v for v in self.variants() if v["method"] == "dense" or v["k"] is not None]
-        own = [v for v in self.variants() if v["method"] == "mindskip" and v["k"] is None]
-        if which in ("all", "targets"):
-            self._score_variants(todo, common, evaluate)
+        variants = self.variants()
+        groups = {
+            "dense": [v for v in variants if v["method"] == "dense"],
+            "first": [v for v in variants if v["k"] == min(self.targets)],
+            "targets": [v for v in variants if v["k"] is not None and v["k"] != min(self.targets)],
+            "own": [v for v in variants if v["method"] == "mindskip" and v["k"] is None],
+        }
+        for name in ("dense", "first", "targets"):
+            if which in ("all", name):
+                self._score_variants(groups[name], common, evaluate)
         if which in ("all", "rest"):
             self.score_static_drops()
-            self._score_variants(own, common, evaluate)
+            self._score_variants(groups["own"], common, evaluate)
 
     def _score_variants(self, todo: list[dict], common: dict, evaluate) -> None:
         """Every task of each variant in ``todo`` (dense or MindSkip at its threshold)."""
@@ -438,11 +444,13 @@ class Evidence:
             self.out / runs.RUN_FILE).exists() else None
         self.calibration()
         # run order: the comparisons the claims need first, so that an interrupted run (to be
-        # continued with the same command) already decides most of them: dense and the paper's
-        # operating points on the tasks, every held-out loss, the speed at the largest target,
-        # the static drops on the tasks, then the routers' own threshold
-        self.score_tasks("targets")
+        # continued with the same command) already decides most of them: dense and the first
+        # operating point on the tasks, every held-out loss, the other operating points, the
+        # speed at the largest target, the static drops on the tasks, the routers' own threshold
+        self.score_tasks("dense")
+        self.score_tasks("first")
         self.score_heldout()
+        self.score_tasks("targets")
         self.profile_speed()
         self.score_tasks("rest")
         self.score_heldout()  # held-out loss of static drops matched on the tasks, if new
