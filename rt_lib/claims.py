@@ -173,7 +173,9 @@ def build_claims(evidence_run: str | Path, reference_dir: str | Path | None = No
                 f"held-out loss {drop_h} - {v}, nats per token, paired per block", d.diff, d.ci_low, d.ci_high,
                 d.n, above(d.ci_low, d.ci_high), gt0 + " (positive: MindSkip's loss is lower)", rid))
     # C3 / C4 on held-out loss, at the largest target
-    k = max(int(macro.loc[v, "k"]) for v in ms_targets) if ms_targets else None
+    # the held-out comparisons run at the compare routers' target, whatever the tasks have scored
+    ks = [int(r.k) for name, r in held.iterrows() if pd.notna(r.k) and r.method == "mindskip"]
+    k = max(ks) if ks else None
     main_v = f"mindskip_k{k}"
     comp = {(r.granularity, r.route_level): name for name, r in held.iterrows()
             if name.endswith(f"_k{k}") and not name.startswith(("mindskip", "static"))}
