@@ -119,7 +119,7 @@ class Evidence:
                  dtype: str = "auto", tasks: Sequence[str] | None = None, batch_size: int = 8,
                  targets: Sequence[int] = TARGET_LAYERS, compare: Sequence[str | os.PathLike] = (),
                  heldout_blocks: int = HELDOUT_BLOCKS, calibration_blocks: int = CALIBRATION_BLOCKS,
-                 limit: int | None = None):
+                 limit: int | None = None, profile_preset: str | None = "quick"):
         from rt_lib.mindskip import read_checkpoint_metadata
         from rt_lib.tasks import TASK_PRESETS
 
@@ -136,6 +136,7 @@ class Evidence:
         self.compare = [Path(c) for c in compare]
         self.heldout_blocks, self.calibration_blocks = heldout_blocks, calibration_blocks
         self.limit = limit  # documents per task (a smoke run), None: the preset's
+        self.profile_preset = profile_preset  # grid of the speed step (None: no speed step)
         self._base = self._tok = None
 
     # -- shared state ----------------------------------------------------------------------
@@ -383,20 +384,20 @@ class Evidence:
         point whose accuracy this run scores."""
         from rt_lib import profiling
 
-        if (self.out / "profile" / "profile.json").exists():
+        if self.profile_preset is None or (self.out / "profile" / "profile.json").exists():
             return
         threshold = self.calibration()["main"][str(max(self.targets))]["threshold"]
-        settings = profiling.preset("quick", variants=["dense", "mindskip"], threshold=threshold)
+        settings = profiling.preset(self.profile_preset, variants=["dense", "mindskip"], threshold=threshold)
         ms = profiling.prepare_models(self.base, str(self.routers))
         try:
             tokens = profiling.text_tokens(self.tok, "wikipedia-en")
             start = time.perf_counter()
             rows, conditions = profiling.profile(ms, settings, tokens, progress=True)
-            conditions.update(wall_time_s=round(time.perf_counter() - start, 1), preset="quick",
+            conditions.update(wall_time_s=round(time.perf_counter() - start, 1), preset=self.profile_preset,
                               model=self.model_name, routers=profiling.router_record(str(self.routers)),
                               text="wikipedia-en")
             profiling.write_results(rows, conditions, self.out)
-            runs.update_run(self.out, "profile", {"preset": "quick", "model": self.model_name,
+            runs.update_run(self.out, "profile", {"preset": self.profile_preset, "model": self.model_name,
                                                   "routers": conditions["routers"], "settings": conditions["settings"],
                                                   "files": ["profile/profile.csv", "profile/profile.json"]})
         finally:

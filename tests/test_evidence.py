@@ -175,7 +175,7 @@ def test_evidence_run_resumes_and_decides_claims(tmp_path):
     from rt_lib.evidence import Evidence
 
     out = tmp_path / "ev"
-    kw = dict(tasks=["rte"], limit=3, targets=(4,), calibration_blocks=2, heldout_blocks=3)
+    kw = dict(tasks=["rte"], limit=3, targets=(4,), calibration_blocks=2, heldout_blocks=3, profile_preset="smoke")
     routers = ROOT / "results" / "runs" / "cpu-main" / "train" / "routers"
     Evidence(out, routers, **kw).run()
     parts = sorted((out / "evidence" / "parts").iterdir())
