@@ -89,21 +89,30 @@ class EvalResults:
 
         run_dir = Path(run_dir)
         if not (run_dir / runs.RUN_FILE).exists():
-            runs.new_run(root=run_dir.parent, run_id=run_dir.name, preset=self.preset,
-                         parameters={"eval": self.provenance.get("parameters", {})})
+            runs.new_run(root=run_dir.parent, run_id=run_dir.name, preset=self.preset)
         eval_dir = run_dir / "eval"
         runs.write_csv(eval_dir / "results.csv", self.table, RESULT_COLUMNS)
         runs.write_csv(eval_dir / "paired.csv", self.paired, PAIRED_COLUMNS)
         runs.write_csv(eval_dir / "skip_stats.csv", self.skip_stats, SKIP_COLUMNS)
         runs.atomic_write_json(eval_dir / "results.json", self.to_json())
         runs.update_run(run_dir, "eval", {
-            "preset": self.preset,
             "variants": sorted(set(self.table.variant)) if len(self.table) else [],
-            "tasks": list(self.tasks),
             "wall_time_s": {v: round(sum(t.values()), 2) for v, t in self.wall_time_s.items()},
             "files": ["eval/results.csv", "eval/paired.csv", "eval/skip_stats.csv", "eval/results.json"],
-        })
+        }, parameters=self.options())
         return eval_dir
+
+    def options(self) -> dict:
+        """What the evaluation ran with, as run.json records it (``parameters.eval``): preset,
+        model and its dtype, tasks, per-task document limits, batch size, seed, interval
+        confidence and, when routers were evaluated, their MindSkip config."""
+        prov = self.provenance
+        called = prov.get("parameters") or {}
+        mindskip = next((q["mindskip"]["config"] for q in (prov, *prov.get("parts", ()))
+                         if (q.get("mindskip") or {}).get("config")), None)  # combined: any part's routers
+        return {"preset": self.preset, "model": prov.get("model"), "model_dtype": prov.get("model_dtype"),
+                "tasks": list(self.tasks), **{k: v for k, v in called.items() if k != "tasks"},
+                "confidence": prov.get("confidence"), **({"mindskip": mindskip} if mindskip else {})}
 
     def only(self, variants: Sequence[str], tasks: Sequence[str] | None = None) -> "EvalResults":
         """The same result restricted to some variants (and tasks), e.g. a run's dense scores to

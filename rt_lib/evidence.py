@@ -396,10 +396,7 @@ class Evidence:
             conditions.update(wall_time_s=round(time.perf_counter() - start, 1), preset=self.profile_preset,
                               model=self.model_name, routers=profiling.router_record(str(self.routers)),
                               text="wikipedia-en")
-            profiling.write_results(rows, conditions, self.out)
-            runs.update_run(self.out, "profile", {"preset": self.profile_preset, "model": self.model_name,
-                                                  "routers": conditions["routers"], "settings": conditions["settings"],
-                                                  "files": ["profile/profile.csv", "profile/profile.json"]})
+            profiling.record_step(self.out, rows, conditions)
         finally:
             ms.unload()
 

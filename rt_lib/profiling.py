@@ -486,7 +486,7 @@ def run_step(model, tokenizer, out, settings: ProfileSettings, routers: str | No
     checkpoint folder) or fresh ones (`config`), cut prompts from `text` (None: random ids),
     profile, write `<out>/profile/` and record the step in `<out>/run.json` (created if
     missing). Returns (rows, conditions, profile folder)."""
-    from rt_lib.runs import new_run, update_run
+    from rt_lib.runs import new_run
 
     out = Path(out).resolve()
     if not (out / "run.json").exists():
@@ -498,11 +498,21 @@ def run_step(model, tokenizer, out, settings: ProfileSettings, routers: str | No
     conditions["wall_time_s"] = round(time.perf_counter() - t0, 1)
     model_name = model_name or getattr(model.config, "rt_kit_name", None) or model.config.name_or_path
     conditions.update(preset=preset_name, model=model_name, routers=router_record(routers), text=text)
+    return rows, conditions, record_step(out, rows, conditions)
+
+
+def record_step(out, rows: list[dict], conditions: dict) -> Path:
+    """Write ``<out>/profile/`` and record the step in ``<out>/run.json``: its options (preset,
+    model, dtype, threads, prompt text, the grid settings) as ``parameters.profile``, what it
+    measured with (routers, skipped layers) and its files in ``steps.profile``."""
+    from rt_lib.runs import update_run
+
     prof = write_results(rows, conditions, out)
-    update_run(out, "profile", {"preset": preset_name, "model": model_name, "routers": conditions["routers"],
-                                "skip_layers": conditions["skip_layers"], "settings": conditions["settings"],
-                                "files": ["profile/profile.csv", "profile/profile.json"]})
-    return rows, conditions, prof
+    options = {"preset": conditions.get("preset"), "model": conditions.get("model"), "dtype": conditions["dtype"],
+               "threads": conditions["threads"], "text": conditions.get("text"), **conditions["settings"]}
+    update_run(out, "profile", {"routers": conditions["routers"], "skip_layers": conditions["skip_layers"],
+                                "files": ["profile/profile.csv", "profile/profile.json"]}, parameters=options)
+    return prof
 
 
 def text_tokens(tokenizer, name: str, split: str = "validation", max_chars: int = 400_000) -> torch.Tensor:

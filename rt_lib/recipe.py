@@ -333,9 +333,10 @@ class RouterTuningRecipe:
                 save_trained(self.run_dir / "train", self.ms, self.module, self.cfg)
             atomic_write_json(self.run_dir / "train" / "summary.json", summary)
             update_run(self.run_dir, "train", {
-                "file": "train/summary.json", "model": self.cfg.model, "data": self.cfg.data,
-                **{k: summary[k] for k in ("trainable", "config", "finished", "steps", "wall_time_s", "peak_memory_mb",
-                                           "heldout_lm_loss", "heldout_skip_ratio", "final_capacity")}})
+                "file": "train/summary.json",
+                **{k: summary[k] for k in ("config", "finished", "steps", "wall_time_s", "peak_memory_mb",
+                                           "heldout_lm_loss", "heldout_skip_ratio", "final_capacity")}},
+                parameters=jsonable_config(self.cfg))
         self.accelerator.wait_for_everyone()
         return TrainResult(ms=self.ms, model=self.module, tokenizer=self.tokenizer, summary=summary, log=self.log,
                            run_dir=self.run_dir)

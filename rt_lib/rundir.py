@@ -6,8 +6,11 @@ whose files cannot be read as documented, and, with ``StaleRun``, one whose resu
 made from results since replaced (rt_lib.runs). ``load_runs`` reads every folder under a
 results folder and names the ones it left out.
 
-``setting`` is the one answer to "what configuration did this run's steps run with": the
-first value of a key in the sources listed in ``SETTING_SOURCES``, in that order. It takes a
+``setting`` is the one answer to "what configuration did this run's steps run with": every
+step records its options in run.json ``parameters.<step>`` and training its resolved MindSkip
+config in ``steps.train.config``; ``setting`` returns the first value of a key in those
+sources (``SETTING_SOURCES``, in that order). Older folders are read through ``upgrade``,
+which moves their records to the same places. It takes a
 ``Run`` or a run folder path, so readers of single files (an evaluation loaded back, a sweep
 table over training runs) ask the same question the same way.
 
@@ -23,6 +26,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,16 +49,15 @@ STEP_FILES = {"train": "train/summary.json", "eval": "eval/results.csv", "profil
 OPTIONAL_FILES = ("eval/paired.csv", "eval/skip_stats.csv", "train/log.csv", "profile/profile.json")
 
 # Where ``setting`` looks, in order; the first source holding the key (with a value other than
-# None or "") answers.
+# None or "") answers. Every step records its options in ``parameters.<step>``; folders written
+# before that are read through ``upgrade`` (below), which moves their older records there.
 SETTING_SOURCES = (
-    ("the MindSkip config: run.json `steps.train.config`, else train/summary.json `config`, else "
-     "eval/results.json `provenance.mindskip.config`"),
-    "train/summary.json `train_config` (every training option)",
-    "run.json `parameters` (what the steps were called with)",
-    "each object inside run.json `parameters` (`parameters.train`, `parameters.eval`, ...)",
-    "each run.json `steps.<step>` entry",
-    "eval/results.json `provenance` (read only when run.json records no model or no MindSkip config)",
+    ("the MindSkip config: run.json `steps.train.config` (resolved by training), else "
+     "`parameters.eval.mindskip` (the routers an evaluation-only run scored)"),
+    ("run.json `parameters.<step>`: every option the step ran with; steps in the order "
+     "train, eval, profile, pipeline, then any other"),
 )
+STEP_ORDER = ("train", "eval", "profile", "pipeline")
 MODEL_KEYS = ("model", "model_name", "model_id", "base_model")
 DATA_KEYS = ("dataset", "data", "train_data")
 
@@ -92,38 +95,87 @@ def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def mindskip_config(meta: dict, files: dict) -> dict:
-    """The run's MindSkip config: the first source of ``SETTING_SOURCES`` (``{}`` when none)."""
-    steps = _dict(meta.get("steps"))
-    provenance = _dict(_dict(files.get("eval/results.json")).get("provenance"))
-    for cfg in (_dict(steps.get("train")).get("config"), _dict(files.get("train/summary.json")).get("config"),
-                _dict(provenance.get("mindskip")).get("config")):
-        if isinstance(cfg, dict):
+def mindskip_config(meta: dict, files: dict | None = None) -> dict:
+    """The run's MindSkip config: the first source of ``SETTING_SOURCES`` (``{}`` when none).
+    ``meta``: run.json as ``upgrade`` returns it; ``files`` is not read (older callers pass it)."""
+    for cfg in (_dict(_dict(meta.get("steps")).get("train")).get("config"),
+                _dict(_dict(meta.get("parameters")).get("eval")).get("mindskip")):
+        if isinstance(cfg, dict) and cfg:
             return cfg
     return {}
 
 
-def lookup(meta: dict, files: dict, *keys: str) -> Any:
-    """First value of any of ``keys`` in ``SETTING_SOURCES`` order, given run.json (``meta``)
-    and the files read so far (``{relative path: parsed JSON}``); None when no source has one.
-    Within one source, earlier keys win."""
+def lookup(meta: dict, files: dict | None, *keys: str) -> Any:
+    """First value of any of ``keys`` in ``SETTING_SOURCES`` order, given run.json (``meta``, as
+    ``upgrade`` returns it); None when no source has one. Within one source, earlier keys win.
+    ``files`` is not read (older callers pass it)."""
     params = _dict(meta.get("parameters"))
-    summary = _dict(files.get("train/summary.json"))
-    sources = [mindskip_config(meta, files), summary.get("train_config"), params,
-               *(v for v in params.values() if isinstance(v, dict)),
-               *_dict(meta.get("steps")).values(),
-               _dict(_dict(files.get("eval/results.json")).get("provenance"))]
-    for source in sources:
+    steps = [*(s for s in STEP_ORDER if s in params), *(s for s in params if s not in STEP_ORDER)]
+    for source in (mindskip_config(meta), *(params[s] for s in steps)):
         for key in keys:
             if isinstance(source, dict) and source.get(key) not in (None, ""):
                 return source[key]
     return None
 
 
-def _needs_eval_provenance(meta: dict, files: dict) -> bool:
-    """eval/results.json holds every per-document score (large): it is read only for the model
-    name or router config that an evaluation-only run records nowhere else."""
-    return lookup(meta, files, "model", "model_name", "model_id") is None or not mindskip_config(meta, files)
+# Where older run folders recorded a step's options in ``steps.<step>``; moved on reading.
+LEGACY_STEP_KEYS = {
+    "eval": ("preset", "tasks", "model", "limits", "batch_size", "seed"),
+    "profile": ("preset", "model"),
+}
+
+
+def upgrade(meta: dict, files: dict, read_eval: Callable[[], Any] | None = None) -> dict:
+    """run.json in the current layout (a new dict; the file is not changed).
+
+    Older folders kept options elsewhere: the training options in train/summary.json
+    ``train_config``, the resolved MindSkip config in train/summary.json ``config``, options as
+    top-level ``parameters`` values, an evaluation's options in ``steps.eval`` and
+    eval/results.json ``provenance``, the profile grid in ``steps.profile.settings``. Each moves
+    to where the current layout keeps it, never replacing what the file records there.
+    ``read_eval()`` returns eval/results.json; it is called only for an evaluation that nothing
+    else names the model or routers of (the file holds every per-document score: large)."""
+    meta = json.loads(json.dumps(meta))
+    params = meta.setdefault("parameters", {})
+    if not isinstance(params, dict):
+        raise MalformedRun("run.json: parameters is not an object")
+    for key in [k for k, v in params.items() if not isinstance(v, dict)]:
+        params.setdefault("pipeline", {}).setdefault(key, params.pop(key))
+    steps = meta.setdefault("steps", {})
+    if not isinstance(steps, dict):
+        raise MalformedRun("run.json: steps is not an object")
+    summary = _dict(files.get("train/summary.json"))
+    if summary.get("train_config"):
+        params["train"] = {**_dict(summary["train_config"]), **_dict(params.get("train"))}
+    if isinstance(summary.get("config"), dict):
+        train = steps.setdefault("train", {})
+        if isinstance(train, dict) and not train.get("config"):
+            train["config"] = summary["config"]
+    for step, keys in LEGACY_STEP_KEYS.items():
+        old = _dict(steps.get(step))
+        moved = {k: old[k] for k in keys if old.get(k) not in (None, "")}
+        moved.update(_dict(old.get("settings")))
+        if moved:
+            params[step] = {**moved, **_dict(params.get(step))}
+    if read_eval is not None and (lookup(meta, None, *MODEL_KEYS) is None or not mindskip_config(meta)):
+        prov = _dict(_dict(read_eval()).get("provenance"))
+        found = {"model": prov.get("model"), "model_dtype": prov.get("model_dtype"), "preset": prov.get("preset"),
+                 **_dict(prov.get("parameters")), "mindskip": _dict(prov.get("mindskip")).get("config")}
+        found = {k: v for k, v in found.items() if v not in (None, "", {})}
+        if found:
+            params["eval"] = {**found, **_dict(params.get("eval"))}
+    return meta
+
+
+def _read_lenient(path: Path) -> Run:
+    """A run folder read for its settings only: run.json and train/summary.json, no checks."""
+    meta = _read_json(path / "run.json") if (path / "run.json").is_file() else {}
+    files: dict[str, Any] = {}
+    if (path / "train" / "summary.json").is_file():
+        files["train/summary.json"] = _read_json(path / "train" / "summary.json")
+    results = path / "eval" / "results.json"
+    meta = upgrade(_dict(meta), files, (lambda: _read_json(results)) if results.is_file() else None)
+    return Run(run_id=str(meta.get("run_id") or path.name), path=path, meta=meta, files=files)
 
 
 def setting(run: Run | str | Path, *keys: str, default: Any = None) -> Any:
@@ -133,17 +185,8 @@ def setting(run: Run | str | Path, *keys: str, default: Any = None) -> Any:
     ``run`` is a ``Run`` or a run folder; a folder is read leniently (run.json,
     train/summary.json, eval/results.json when needed; no staleness or column checks).
     """
-    if not isinstance(run, Run):
-        path = Path(run)
-        meta = _read_json(path / "run.json") if (path / "run.json").is_file() else {}
-        files: dict[str, Any] = {}
-        if (path / "train" / "summary.json").is_file():
-            files["train/summary.json"] = _read_json(path / "train" / "summary.json")
-        if (path / "eval" / "results.json").is_file() and _needs_eval_provenance(_dict(meta), files):
-            files["eval/results.json"] = _read_json(path / "eval" / "results.json")
-        found = lookup(_dict(meta), files, *keys)
-    else:
-        found = run.lookup(*keys)
+    run = run if isinstance(run, Run) else _read_lenient(Path(run))
+    found = run.lookup(*keys)
     return default if found is None else found
 
 
@@ -154,17 +197,17 @@ class Run:
 
     run_id: str
     path: Path
-    meta: dict
+    meta: dict  # run.json in the current layout (``upgrade``)
     files: dict[str, Any] = field(default_factory=dict)  # relative path -> DataFrame or dict
 
     @property
     def config(self) -> dict:
         """The MindSkip config (first source of ``SETTING_SOURCES``)."""
-        return mindskip_config(self.meta, self.files)
+        return mindskip_config(self.meta)
 
     def lookup(self, *keys: str) -> Any:
         """First value of ``keys`` in ``SETTING_SOURCES`` order; None when none has one."""
-        return lookup(self.meta, self.files, *keys)
+        return lookup(self.meta, None, *keys)
 
     @property
     def model(self) -> str:
@@ -291,11 +334,15 @@ def read_run(path: str | Path) -> Run:
         else:
             run.files[rel] = _read_table(path / rel, rel)
     results_json = path / "eval" / "results.json"
-    if results_json.is_file() and _needs_eval_provenance(run.meta, run.files):
+
+    def read_eval() -> dict:
         obj = _read_json(results_json)
         if not isinstance(obj, dict):
             raise MalformedRun("eval/results.json: not a JSON object")
         run.files["eval/results.json"] = obj
+        return obj
+
+    run.meta = upgrade(meta, run.files, read_eval if results_json.is_file() else None)
     return run
 
 

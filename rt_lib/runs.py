@@ -1,15 +1,16 @@
 """Run folders, the provenance sidecar (run.json) and atomic file writes.
 
 Every step of the kit writes into one run folder ``results/runs/<run-id>/`` (layout in
-docs/results_format.md). ``run.json`` records what produced the files: parameters, package
-versions, git revision, device. Files are written atomically (temporary file in the same
+docs/results_format.md). ``run.json`` records what produced the files: each step's options
+(``parameters.<step>``), what each step did (``steps.<step>``), package versions, git revision,
+device. Files are written atomically (temporary file in the same
 folder, then ``os.replace``) so an interrupted run never leaves a half-written CSV/JSON
 that a later table or figure would silently read.
 
-    run_dir = new_run(preset="cpu", parameters={"seed": 0})
+    run_dir = new_run(preset="cpu")
     ...
     write_csv(run_dir / "eval" / "results.csv", rows)
-    update_run(run_dir, "eval", {"tasks": ["piqa"], "wall_time_s": 12.3})
+    update_run(run_dir, "eval", {"wall_time_s": 12.3}, parameters={"preset": "quick", "tasks": ["piqa"]})
 
 Reruns (``STEPS``, ``start_step``, ``finish_step``, ``step_state``): the pipeline starts each step
 with ``start_step``, which refuses to replace the results of a completed step unless
@@ -302,8 +303,12 @@ def new_run(
     return run_dir
 
 
-def update_run(run_dir: str | os.PathLike, step: str, info: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``info`` into ``steps.<step>`` of run.json (shallow merge) and return the record."""
+def update_run(run_dir: str | os.PathLike, step: str, info: Mapping[str, Any],
+               parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Merge ``info`` (what the step did: status, files, result summaries) into ``steps.<step>``
+    of run.json (shallow merge) and, when given, record ``parameters`` (every option the step ran
+    with) as ``parameters.<step>``, the one place readers look for a step's configuration
+    (``rt_lib.rundir.setting``). Returns the record."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_FILE
     if not path.exists():
@@ -314,6 +319,8 @@ def update_run(run_dir: str | os.PathLike, step: str, info: Mapping[str, Any]) -
         entry = steps.setdefault(step, {})
         entry.update(json.loads(json.dumps(dict(info), default=to_jsonable)))
         entry["updated"] = _now()
+        if parameters is not None:
+            record.setdefault("parameters", {})[step] = json.loads(json.dumps(dict(parameters), default=to_jsonable))
         atomic_write_json(path, record)
     return record
 

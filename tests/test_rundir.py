@@ -15,18 +15,19 @@ def _write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj), encoding="utf-8")
 
 
-def _run_with_every_source(folder: Path) -> None:
-    """A run folder where ``granularity`` has a different value in each source of SETTING_SOURCES."""
+def _old_layout_run(folder: Path) -> None:
+    """A run folder as older kit versions wrote it: ``granularity`` in every place they kept it."""
     _write(folder / "run.json", {
         "run_id": folder.name,
         "parameters": {"granularity": "parameters", "train": {"granularity": "parameters.train"}},
-        "steps": {"train": {"config": {"granularity": "steps.train.config"}},
-                  "eval": {"granularity": "steps.eval"}},
+        "steps": {"train": {}, "eval": {"preset": "quick", "model": "org/Other", "granularity": "steps.eval"},
+                  "profile": {"preset": "quick", "settings": {"granularity": "steps.profile.settings"}}},
     })
     _write(folder / "train" / "summary.json", {"config": {"granularity": "summary.config"},
-                                               "train_config": {"granularity": "summary.train_config"}})
-    _write(folder / "eval" / "results.json", {"provenance": {"granularity": "provenance",
-                                                             "mindskip": {"config": {"granularity": "provenance.config"}}}})
+                                               "train_config": {"granularity": "summary.train_config",
+                                                                "lr": 0.001}})
+    _write(folder / "eval" / "results.json", {"provenance": {"model": "org/Some-1B",
+                                                             "mindskip": {"config": {"granularity": "provenance"}}}})
 
 
 def _drop(folder: Path, file: str, *keys: str) -> None:
@@ -39,43 +40,74 @@ def _drop(folder: Path, file: str, *keys: str) -> None:
     path.write_text(json.dumps(obj))
 
 
-def test_setting_follows_the_documented_order_of_sources(tmp_path):
+def test_setting_reads_the_mindskip_config_then_each_steps_parameters_in_order(tmp_path):
     run = tmp_path / "run"
-    _run_with_every_source(run)
+    _write(run / "run.json", {
+        "parameters": {"pipeline": {"granularity": "parameters.pipeline", "x": 1},
+                       "profile": {"granularity": "parameters.profile"},
+                       "eval": {"granularity": "parameters.eval", "mindskip": {"granularity": "eval.mindskip"}},
+                       "train": {"granularity": "parameters.train"}},
+        "steps": {"train": {"config": {"granularity": "steps.train.config"}}},
+    })
     order = [
-        ("steps.train.config", ("run.json", "steps", "train", "config")),
-        ("summary.config", ("train/summary.json", "config")),
-        ("provenance.config", ("eval/results.json", "provenance", "mindskip")),  # no model recorded: read
-        ("summary.train_config", ("train/summary.json", "train_config")),
-        ("parameters", ("run.json", "parameters", "granularity")),
-        ("parameters.train", ("run.json", "parameters", "train")),
-        ("steps.eval", ("run.json", "steps", "eval")),
-        ("provenance", ("eval/results.json", "provenance", "granularity")),
+        ("steps.train.config", ("steps", "train", "config")),
+        ("eval.mindskip", ("parameters", "eval", "mindskip")),
+        ("parameters.train", ("parameters", "train")),  # train before eval though written later
+        ("parameters.eval", ("parameters", "eval")),
+        ("parameters.profile", ("parameters", "profile")),
+        ("parameters.pipeline", ("parameters", "pipeline", "granularity")),
     ]
-    for expected, (file, *keys) in order:
+    for expected, keys in order:
         assert rundir.setting(run, "granularity") == expected
-        _drop(run, file, *keys)
+        _drop(run, "run.json", *keys)
     assert rundir.setting(run, "granularity") is None
     assert rundir.setting(run, "granularity", default="attn") == "attn"
-    assert len(rundir.SETTING_SOURCES) == 6
+    assert rundir.setting(run, "x") == 1
+    assert len(rundir.SETTING_SOURCES) == 2
 
 
-def test_eval_provenance_is_read_only_when_run_json_lacks_the_model_or_config(tmp_path):
+def test_upgrade_moves_older_records_to_the_current_places_without_overriding(tmp_path):
     run = tmp_path / "run"
-    _run_with_every_source(run)
-    _write(run / "run.json", {"parameters": {"model": "org/Some-1B"},
-                              "steps": {"train": {"config": {"threshold": 0.5}}}})
-    assert rundir.setting(run, "granularity") == "summary.train_config"
+    _old_layout_run(run)
+    meta = json.loads((run / "run.json").read_text())
+    files = {"train/summary.json": json.loads((run / "train" / "summary.json").read_text())}
+    new = rundir.upgrade(meta, files, lambda: json.loads((run / "eval" / "results.json").read_text()))
+    assert new["steps"]["train"]["config"] == {"granularity": "summary.config"}
+    assert new["parameters"]["train"] == {"granularity": "parameters.train", "lr": 0.001}  # recorded wins
+    assert new["parameters"]["pipeline"] == {"granularity": "parameters"}  # old top-level option
+    assert new["parameters"]["eval"] == {"preset": "quick", "model": "org/Other"}  # provenance not read
+    assert new["parameters"]["profile"] == {"preset": "quick", "granularity": "steps.profile.settings"}
+    assert meta["parameters"] == {"granularity": "parameters", "train": {"granularity": "parameters.train"}}
+    assert rundir.setting(run, "granularity") == "summary.config"
+    assert rundir.setting(run, "lr") == 0.001
+
+
+def test_eval_provenance_is_read_only_when_nothing_else_names_the_model_or_routers(tmp_path):
+    run = tmp_path / "run"
+    _old_layout_run(run)
+    calls = []
+
+    def read_eval():
+        calls.append(1)
+        return json.loads((run / "eval" / "results.json").read_text())
+
+    meta = {"steps": {"eval": {"preset": "quick"}}, "parameters": {"train": {"model": "org/Some-1B"}}}
+    assert rundir.upgrade(meta, {"train/summary.json": {"config": {"threshold": 0.5}}}, read_eval)
+    assert calls == []  # model and config recorded
+    new = rundir.upgrade({"steps": {"eval": {"preset": "quick"}}}, {}, read_eval)  # an evaluation-only run
+    assert calls == [1]
+    assert new["parameters"]["eval"] == {"preset": "quick", "model": "org/Some-1B",
+                                         "mindskip": {"granularity": "provenance"}}
+    _write(run / "run.json", {"steps": {"eval": {"preset": "quick"}}})
+    _drop(run, "train/summary.json", "config")
     _drop(run, "train/summary.json", "train_config")
-    assert rundir.setting(run, "granularity") is None  # provenance not consulted: model and config recorded
-    _write(run / "run.json", {"steps": {"train": {"config": {"threshold": 0.5}}}})  # no model
-    assert rundir.setting(run, "model") is None
     assert rundir.setting(run, "granularity") == "provenance"
+    assert rundir.setting(run, *rundir.MODEL_KEYS) == "org/Some-1B"
 
 
 def test_earlier_keys_win_within_one_source_and_empty_values_are_skipped(tmp_path):
     run = tmp_path / "run"
-    _write(run / "run.json", {"parameters": {"model_id": "b", "model": "", "train": {"model": "c"}}})
+    _write(run / "run.json", {"parameters": {"train": {"model_id": "b", "model": ""}, "eval": {"model": "c"}}})
     assert rundir.setting(run, "model", "model_id") == "b"  # "" counts as missing
     assert rundir.setting(run, "model_id", "model") == "b"
 
@@ -92,7 +124,7 @@ def test_run_properties_come_from_setting():
     run = rundir.read_run(RUNS / "fixture-lora")
     assert run.model == rundir.model_name(rundir.setting(run, *rundir.MODEL_KEYS))
     assert run.trainable == "lora"
-    assert run.config == rundir.mindskip_config(run.meta, run.files)
+    assert run.config == rundir.mindskip_config(run.meta) == run.meta["steps"]["train"]["config"]
 
 
 def test_runs_dir_accepts_a_results_folder_or_the_runs_folder():
