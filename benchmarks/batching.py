@@ -192,10 +192,10 @@ def generation(ms, ids, mask, pad, args):
 
 # ---------------------------------------------------------------------------- output
 def figure(rows, title):
-    from rt_lib.plots import METHOD_STYLE, _figure, _percent_axis, style
+    from rt_lib.plots import METHOD_STYLE, new_figure, percent_axis, style
 
     with style():
-        fig, axes = _figure(1, 2, size=(10.0, 3.8))
+        fig, axes = new_figure(1, 2, size=(10.0, 3.8))
         ax, ax2 = axes[0]
         sizes = sorted({r["batch_size"] for r in rows})
         ax.axhline(1.0, color=METHOD_STYLE["dense"]["color"], linestyle=":", linewidth=1, label="dense")
@@ -220,7 +220,7 @@ def figure(rows, title):
                 ylim=(-0.02, 1.02))
         ax2.set_xticks(sizes, [str(s) for s in sizes])
         ax2.minorticks_off()
-        _percent_axis(ax2.yaxis)
+        percent_axis(ax2.yaxis)
         ax2.legend()
         fig.suptitle(title)
     return fig

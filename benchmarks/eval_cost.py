@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from rt_lib.evaluation import DEFAULT_SEEDS, MindSkipLM, check_request, load_task, task_manager  # noqa: E402
-from rt_lib.evaluation import _sampled  # noqa: E402  (the documents a sampled preset scores)
+from rt_lib.evaluation import harness_samples  # noqa: E402
 
 
 class CountingLM(MindSkipLM):
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     for task in names:
         _, obj = load_task(tm, p, task)
         lim = a.limit if a.limit is not None else p.limits.get(task)
-        samples = _sampled(p, obj, lim)
+        samples = harness_samples(p, obj, lim)
         lm.inputs, lm.n_requests = [], 0
         res = simple_evaluate(model=lm, tasks=[obj], num_fewshot=p.shots[task], limit=lim, samples=samples,
                               batch_size=a.batch_size, task_manager=tm, bootstrap_iters=0, **DEFAULT_SEEDS)

@@ -205,7 +205,7 @@ def evaluate(
     for task in names:
         harness_name, obj = load_task(job.tm, p, task)
         task_info[task] = _task_info(p, task, harness_name, obj, limits[task])
-        samples = _sampled(p, obj, limits[task])
+        samples = harness_samples(p, obj, limits[task])
         task_info[task]["sample"] = None if samples is None else {
             "n": sum(len(v) for v in samples.values()), "seed": p.sample_seed,
             "of": sum(len(t.eval_docs) for t in leaf_tasks(obj))}
@@ -307,7 +307,7 @@ def _task_info(p: TaskPreset, task: str, harness_name: str, obj, limit) -> dict:
     }
 
 
-def _sampled(p: TaskPreset, task_obj, limit) -> dict[str, list[int]] | None:
+def harness_samples(p: TaskPreset, task_obj, limit) -> dict[str, list[int]] | None:
     """The harness's ``samples`` argument for a preset that scores a seeded sample (None: the
     first ``limit`` documents, or all). An explicit limit wins over the preset's sample."""
     if p.sample is None or limit is not None:

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rt_lib.measures import MACRO
-from rt_lib.plots import METHOD_STYLE, OKABE_ITO, _figure, _percent_axis, _styled
+from rt_lib.plots import METHOD_STYLE, OKABE_ITO, _styled, new_figure, percent_axis
 
 PUBLISHED = dict(marker="o", markerfacecolor="none", linestyle=":", alpha=0.8)
 GRANULARITY_STYLE = {"attn": OKABE_ITO["blue"], "mlp": OKABE_ITO["green"], "block": OKABE_ITO["purple"]}
@@ -35,7 +35,7 @@ def _errorbars(ax, d: pd.DataFrame, x: str, y: str, lo: str, hi: str, scale: flo
 def plot_evidence_fig2(measures: pd.DataFrame, published: pd.DataFrame | None = None,
                        title: str = "") -> Figure:
     """Macro accuracy change vs dense (points) against the paper's skip ratio, with intervals."""
-    fig, axes = _figure(1, 1, size=(6.4, 4.4))
+    fig, axes = new_figure(1, 1, size=(6.4, 4.4))
     ax = axes[0, 0]
     ax.axhline(0.0, color=METHOD_STYLE["dense"]["color"], linewidth=1, label="dense")
     m = measures[measures.task == MACRO]
@@ -54,7 +54,7 @@ def plot_evidence_fig2(measures: pd.DataFrame, published: pd.DataFrame | None = 
             p = published[published.method == method].sort_values("skip_ratio")
             ax.plot(p.skip_ratio, p.performance - base, color=METHOD_STYLE[key]["color"], **PUBLISHED,
                     label=f"{METHOD_STYLE[key]['label']} (published, paper Fig. 2)")
-    _percent_axis(ax.xaxis)
+    percent_axis(ax.xaxis)
     ax.set(xlabel="skip ratio (skipped attention sublayers / all layers)",
            ylabel="accuracy change vs dense (points, macro)", title=title)
     ax.legend(loc="lower left", fontsize=7)
@@ -67,7 +67,7 @@ def plot_task_panels(measures: pd.DataFrame, title: str = "") -> Figure:
     tasks = [t for t in dict.fromkeys(measures.task) if not str(t).startswith("macro")]
     ncols = 4
     nrows = int(np.ceil(len(tasks) / ncols)) or 1
-    fig, axes = _figure(nrows, ncols, size=(3.2 * ncols, 2.8 * nrows), sharex=True)
+    fig, axes = new_figure(nrows, ncols, size=(3.2 * ncols, 2.8 * nrows), sharex=True)
     for i, task in enumerate(tasks):
         ax = axes[i // ncols, i % ncols]
         d = measures[measures.task == task]
@@ -81,7 +81,7 @@ def plot_task_panels(measures: pd.DataFrame, title: str = "") -> Figure:
         chance = "" if r.above_chance else ", dense not above majority"
         ax.set_title(f"{task} (n={int(r.n)}; dense {100 * r.dense_value:.1f}, majority "
                      f"{100 * r.majority_rate:.1f}{chance})", fontsize=7)
-        _percent_axis(ax.xaxis)
+        percent_axis(ax.xaxis)
     for j in range(len(tasks), nrows * ncols):
         axes[j // ncols, j % ncols].set_visible(False)
     axes[0, 0].legend(fontsize=6, loc="lower left")
@@ -95,7 +95,7 @@ def plot_task_panels(measures: pd.DataFrame, title: str = "") -> Figure:
 @_styled
 def plot_heldout(heldout: pd.DataFrame, title: str = "") -> Figure:
     """Held-out loss change vs dense against skip ratio, by granularity and routing level."""
-    fig, axes = _figure(1, 1, size=(6.4, 4.4))
+    fig, axes = new_figure(1, 1, size=(6.4, 4.4))
     ax = axes[0, 0]
     d = heldout[heldout.variant != "dense"].copy()
     for (method, gran, level), g in d.groupby([d.method, d.granularity.fillna("attn"), d.route_level.fillna("-")],
@@ -107,7 +107,7 @@ def plot_heldout(heldout: pd.DataFrame, title: str = "") -> Figure:
             label = f"MindSkip {gran}/{level}"
         _errorbars(ax, g, "skip_ratio", "loss_diff", "ci_low", "ci_high", 1.0, style, label, line=False)
     ax.axhline(0.0, color="0.3", linewidth=0.8)
-    _percent_axis(ax.xaxis)
+    percent_axis(ax.xaxis)
     ax.set(xlabel="skip ratio (skipped sublayers / all layers)", ylabel="held-out loss change vs dense (nats/token)",
            title=title)
     ax.legend(fontsize=7)

@@ -118,8 +118,8 @@ def count_eval_tokens(meta, tokenizer, preset_name: str, tasks: list[str] | None
     from rt_lib.evaluation import (
         DEFAULT_SEEDS,
         MindSkipLM,
-        _sampled,
         check_request,
+        harness_samples,
         load_task,
         task_manager,
     )
@@ -142,7 +142,7 @@ def count_eval_tokens(meta, tokenizer, preset_name: str, tasks: list[str] | None
             lim = limit if limit is not None else p.limits.get(task)
             lm.inputs, lm.n_requests = set(), 0
             res = simple_evaluate(model=lm, tasks=[obj], num_fewshot=p.shots[task], limit=lim,
-                                  samples=_sampled(p, obj, lim), batch_size=batch_size, task_manager=tm,
+                                  samples=harness_samples(p, obj, lim), batch_size=batch_size, task_manager=tm,
                                   bootstrap_iters=0, **DEFAULT_SEEDS)
             lengths = sorted((len(x) for x in lm.inputs), reverse=True)
             padded = sum(lengths[i] * len(lengths[i:i + batch_size]) for i in range(0, len(lengths), batch_size))

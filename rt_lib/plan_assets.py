@@ -130,76 +130,93 @@ def resolve_model(name: str) -> tuple[dict, Any, Any, list[dict]]:
     the local package or file on first use); a folder is read as it is; any other name is a
     Hugging Face id, read from the Hugging Face cache, else from the hub when it answers
     (``config.json`` and the tokenizer files only)."""
-    from transformers import AutoConfig, AutoTokenizer
-
     from rt_lib.assets import EMBEDDED_MODELS
 
     rec: dict[str, Any] = {"name": name, "kind": None, "source": None, "config": "missing", "tokenizer": "missing",
                            "weights": {"status": "unknown"}, "notes": []}
     missing: list[dict] = []
     path = Path(name).expanduser()
-    folder = None
     if name in EMBEDDED_MODELS or path.is_file() or name.lower().endswith(".gguf"):
-        from rt_lib.assets import embedded_model_dir, gguf_model_dir
-        from rt_lib.cache import AssetError
-
         rec["kind"] = "embedded" if name in EMBEDDED_MODELS else "gguf"
-        try:
-            with _quiet():
-                folder = embedded_model_dir(name) if name in EMBEDDED_MODELS else gguf_model_dir(path)
-        except (AssetError, OSError, ValueError) as e:
-            pip = re.search(r"pip install [^;)`]+", str(e))
-            fix = pip.group(0).strip() if pip else "make test   # sets up .venv with the asset packages"
-            missing.append(_missing(f"model {name}", "plan", str(e).splitlines()[0], fix))
+        folder = _kit_model_folder(name, path, missing)
+        if folder is None:
             return rec, None, None, missing
-    elif path.is_dir():
+        return (rec, *_from_folder(name, folder, rec, missing), missing)
+    if path.is_dir():
         rec["kind"] = "local folder"
-        folder = path
-    elif name.startswith((".", "/", "~")):
+        return (rec, *_from_folder(name, path, rec, missing), missing)
+    if name.startswith((".", "/", "~")):
         raise PlanInputError(f"model folder {name!r} does not exist")
-    elif "/" not in name:
+    if "/" not in name:
         import difflib
 
         close = difflib.get_close_matches(name, EMBEDDED_MODELS, n=1)
         raise PlanInputError(f"unknown model {name!r}: not an embedded kit model "
                              f"({', '.join(sorted(EMBEDDED_MODELS))}), a folder or a file; "
                              "a Hugging Face id is 'org/name'" + (f". Did you mean {close[0]!r}?" if close else ""))
+    rec["kind"] = "Hugging Face id"
+    return (rec, *_from_hub(name, rec, missing), missing)
+
+
+def _kit_model_folder(name: str, path: Path, missing: list[dict]) -> Path | None:
+    """The converted cache folder of an embedded kit model or a GGUF file (None, with the fix
+    appended to ``missing``, when its package or file cannot be read)."""
+    from rt_lib.assets import EMBEDDED_MODELS, embedded_model_dir, gguf_model_dir
+    from rt_lib.cache import AssetError
+
+    try:
+        with _quiet():
+            return Path(embedded_model_dir(name) if name in EMBEDDED_MODELS else gguf_model_dir(path))
+    except (AssetError, OSError, ValueError) as e:
+        pip = re.search(r"pip install [^;)`]+", str(e))
+        fix = pip.group(0).strip() if pip else "make test   # sets up .venv with the asset packages"
+        missing.append(_missing(f"model {name}", "plan", str(e).splitlines()[0], fix))
+        return None
+
+
+def _from_folder(name: str, folder: Path, rec: dict, missing: list[dict]) -> tuple[Any, Any]:
+    """Config and tokenizer read from a model folder; what the folder lacks goes to ``missing``
+    with the command that fetches it (from the hub id its config names, when it names one)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     cfg = tok = None
-    if folder is not None:
-        rec["source"] = str(Path(folder).resolve())
-        try:
-            with _quiet():
-                cfg = AutoConfig.from_pretrained(str(folder))
-            rec["config"] = "ok"
-        except Exception as e:
-            rec["notes"].append(f"config: {_first_line(e)}")
-            missing.append(_missing(f"config.json of {name}", "plan", f"{folder} has no readable config.json",
-                                    f"cp <config.json of the model> {shlex.quote(str(folder))}/"))
-        try:
-            with _quiet():
-                tok = AutoTokenizer.from_pretrained(str(folder))
-            rec["tokenizer"] = "ok"
-        except Exception as e:
-            rec["notes"].append(f"tokenizer: {_first_line(e)}")
-        rec["weights"] = _weights_in_folder(Path(folder))
-        hub_id = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
-        hub_id = hub_id if re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id or "") and not Path(hub_id).exists() else None
-        if rec["tokenizer"] != "ok":
-            local = f" --local-dir {shlex.quote(str(folder))}"
-            cmd = (hub_download_command(hub_id, ["tokenizer*", "special_tokens_map.json"]) + local if hub_id
-                   else f"copy the tokenizer files (tokenizer.json, tokenizer_config.json) of the model into {folder}")
-            missing.append(_missing(f"tokenizer of {name}", "plan", f"{folder} has no loadable tokenizer", cmd))
-        if rec["weights"]["status"] != "present" and rec["kind"] == "local folder":
-            local = f" --local-dir {shlex.quote(str(folder))}"
-            cmd = (hub_download_command(hub_id, exclude=["original/*"]) + local if hub_id
-                   else f"put the model's *.safetensors files (and model.safetensors.index.json) into {folder}")
-            missing.append(_missing(f"weights of {name}", "run",
-                                    f"{folder} holds no weight files (the plan needs none)", cmd))
-        return rec, cfg, tok, missing
+    rec["source"] = str(folder.resolve())
+    try:
+        with _quiet():
+            cfg = AutoConfig.from_pretrained(str(folder))
+        rec["config"] = "ok"
+    except Exception as e:
+        rec["notes"].append(f"config: {_first_line(e)}")
+        missing.append(_missing(f"config.json of {name}", "plan", f"{folder} has no readable config.json",
+                                f"cp <config.json of the model> {shlex.quote(str(folder))}/"))
+    try:
+        with _quiet():
+            tok = AutoTokenizer.from_pretrained(str(folder))
+        rec["tokenizer"] = "ok"
+    except Exception as e:
+        rec["notes"].append(f"tokenizer: {_first_line(e)}")
+    rec["weights"] = _weights_in_folder(folder)
+    hub_id = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
+    hub_id = hub_id if re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id or "") and not Path(hub_id).exists() else None
+    local = f" --local-dir {shlex.quote(str(folder))}"
+    if rec["tokenizer"] != "ok":
+        cmd = (hub_download_command(hub_id, ["tokenizer*", "special_tokens_map.json"]) + local if hub_id
+               else f"copy the tokenizer files (tokenizer.json, tokenizer_config.json) of the model into {folder}")
+        missing.append(_missing(f"tokenizer of {name}", "plan", f"{folder} has no loadable tokenizer", cmd))
+    if rec["weights"]["status"] != "present" and rec["kind"] == "local folder":
+        cmd = (hub_download_command(hub_id, exclude=["original/*"]) + local if hub_id
+               else f"put the model's *.safetensors files (and model.safetensors.index.json) into {folder}")
+        missing.append(_missing(f"weights of {name}", "run",
+                                f"{folder} holds no weight files (the plan needs none)", cmd))
+    return cfg, tok
 
-    # a Hugging Face id: the cache first, then the hub if it answers
-    rec["kind"] = "Hugging Face id"
+
+def _from_hub(name: str, rec: dict, missing: list[dict]) -> tuple[Any, Any]:
+    """Config and tokenizer of a Hugging Face id: the cache first, then the hub if it answers;
+    what neither has goes to ``missing`` with the commands that fetch it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = tok = None
     try:
         with _quiet():
             cfg = AutoConfig.from_pretrained(name, local_files_only=True)
@@ -240,7 +257,7 @@ def resolve_model(name: str) -> tuple[dict, Any, Any, list[dict]]:
                                 hub_download_command(name, exclude=["original/*"]),
                                 _py(f"from huggingface_hub import snapshot_download; snapshot_download({name!r}, "
                                     "ignore_patterns=['original/*'])")))
-    return rec, cfg, tok, missing
+    return cfg, tok
 
 
 def _hub_dataset_cached(path: str, name: str | None) -> bool:

@@ -18,17 +18,19 @@ def _gib(n: float | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f}"
 
 
-
 def format_plan(plan: dict) -> str:
-    from rt_lib.plan import HEADROOM, dtype_bytes
-
-    out: list[str] = []
-    w = out.append
+    """The plan as text: header, model, one block per step, missing assets."""
     gpu = plan["gpu_memory"]
-    w(f"Plan for preset {plan['preset']!r} on {plan['device']} (no weights loaded)")
-    w(f"GPU memory: {fmt_bytes(gpu['bytes']) if gpu['bytes'] else 'unknown'}  [{gpu['source']}]")
+    out = [f"Plan for preset {plan['preset']!r} on {plan['device']} (no weights loaded)",
+           f"GPU memory: {fmt_bytes(gpu['bytes']) if gpu['bytes'] else 'unknown'}  [{gpu['source']}]"]
+    for block in (_model_block, _train_block, _eval_block, _profile_block, _missing_block):
+        out.append("")
+        block(plan, out.append)
+    return "\n".join(out)
+
+
+def _model_block(plan: dict, w) -> None:
     m = plan["model"]
-    w("")
     w(f"Model {m['name']}  [{m['kind']}; {m['source'] or 'not found'}]")
     sh = m.get("shape")
     if sh:
@@ -50,8 +52,9 @@ def format_plan(plan: dict) -> str:
     for note in m["notes"]:
         w(f"  note         {note}")
 
-    t = plan["train"]
-    w("")
+
+def _train_block(plan: dict, w) -> None:
+    t, sh, gpu = plan["train"], plan["model"].get("shape"), plan["gpu_memory"]
     w(f"Step train  [{t['preset_file']}; trainable={t['trainable']}, backbone {t['model_dtype']}, "
       f"precision {t['precision']}]")
     for key, label in (("data", "data"), ("heldout_data", "held-out")):
@@ -86,8 +89,9 @@ def format_plan(plan: dict) -> str:
     else:
         w(f"  memory       {t.get('status', 'unknown')}")
 
+
+def _eval_block(plan: dict, w) -> None:
     e = plan["eval"]
-    w("")
     w(f"Step eval  [task preset {e['task_preset']}, batch {e['batch_size']}, {e['dtype']}, "
       f"thresholds {e['thresholds']}]")
     w("  tasks        " + ", ".join(f"{k} {v['shots']}-shot" + (f" (first {v['limit']})" if v.get("limit") else "")
@@ -116,8 +120,11 @@ def format_plan(plan: dict) -> str:
         if tk.get("then"):
             w(f"               then count them: {tk['then']}")
 
-    p = plan["profile"]
-    w("")
+
+def _profile_block(plan: dict, w) -> None:
+    from rt_lib.plan import HEADROOM, dtype_bytes
+
+    p, sh, gpu = plan["profile"], plan["model"].get("shape"), plan["gpu_memory"]
     w(f"Step profile  [profile preset {p['profile_preset']}, {p['dtype']}, skip_k {p['skip_k']}, "
       f"{p['new_tokens']} new tokens per decode point]")
     if "status" in p:
@@ -144,7 +151,8 @@ def format_plan(plan: dict) -> str:
               f"{_gib(gpu['bytes'])} GiB next to {fmt_bytes(p['weights_bytes'])} of weights"
               + (" (the profiler reports them as skipped)" if p["not_fitting"] else ""))
 
-    w("")
+
+def _missing_block(plan: dict, w) -> None:
     if plan["missing"]:
         w(f"Missing assets ({len(plan['missing'])}): the plan went on without them")
         for x in plan["missing"]:
@@ -154,4 +162,3 @@ def format_plan(plan: dict) -> str:
                 w(f"      or: {x['alternative']}")
     else:
         w("Missing assets: none")
-    return "\n".join(out)

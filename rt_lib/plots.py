@@ -116,7 +116,7 @@ class _KitFigure(Figure):
             return super().draw(renderer)
 
 
-def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0), **kw):
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0), **kw):
     fig = _KitFigure(figsize=size, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes
@@ -152,7 +152,7 @@ def _no_data(ax, text: str) -> None:
     ax.grid(False)
 
 
-def _percent_axis(axis) -> None:
+def percent_axis(axis) -> None:
     axis.set_major_formatter(matplotlib.ticker.PercentFormatter(xmax=1.0, decimals=1))
 
 
@@ -168,7 +168,7 @@ def plot_training_curves(log_csv_or_df, capacity_target: float | None = 0.5, tit
     and each routed layer's capacity (thin, coloured by depth) with the target ``s`` dashed.
     """
     df = _read(log_csv_or_df).sort_values("step")
-    fig, axes = _figure(1, 3, size=(13.0, 3.8))
+    fig, axes = new_figure(1, 3, size=(13.0, 3.8))
     ax_loss, ax_reg, ax_cap = axes[0]
     step = df["step"]
     for col, style in (("loss", "-"), ("lm_loss", "--")):
@@ -212,7 +212,7 @@ def plot_capacity_heatmap(df: pd.DataFrame, title: str | None = None, annotate: 
     table = df.pivot_table(index="layer", columns="task", values="executed_fraction", aggfunc="mean").sort_index()
     table["mean"] = table.mean(axis=1)
     n_layers, n_tasks = table.shape
-    fig, axes = _figure(size=(1.4 + 0.95 * n_tasks, 1.3 + 0.32 * n_layers))
+    fig, axes = new_figure(size=(1.4 + 0.95 * n_tasks, 1.3 + 0.32 * n_layers))
     ax = axes[0, 0]
     im = ax.imshow(table.to_numpy(dtype=float), aspect="auto", cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0)
     ax.set_xticks(range(n_tasks), [str(c) for c in table.columns], rotation=30, ha="right")
@@ -255,7 +255,7 @@ def plot_speedup_vs_skip(profile_df, title: str | None = None) -> Figure:
         df = df[df["status"].fillna("ok") == "ok"]
     df = df.dropna(subset=["speedup", "skip_ratio"])
     regimes = [r for r in ("prefill", "decode") if r in set(df["regime"])] or ["prefill"]
-    fig, axes = _figure(1, len(regimes), size=(5.2 * len(regimes), 4.0), sharey=True)
+    fig, axes = new_figure(1, len(regimes), size=(5.2 * len(regimes), 4.0), sharey=True)
     for ax, regime in zip(axes[0], regimes):
         d = d_all = df[df["regime"] == regime].copy()
         if d.empty:
@@ -275,7 +275,7 @@ def plot_speedup_vs_skip(profile_df, title: str | None = None) -> Figure:
             st = METHOD_STYLE.get(variant, dict(color=None, marker="o", label=variant))
             ax.errorbar(agg["x"], agg["y"], yerr=[agg["y"] - agg["lo"], agg["hi"] - agg["y"]], linestyle="-" if len(agg) > 1 else "none",
                         color=st["color"], marker=st["marker"], label=st["label"], capsize=3)
-        _percent_axis(ax.xaxis)
+        percent_axis(ax.xaxis)
         ax.set(xlabel="skip ratio (routed sublayer executions skipped)", title=f"{regime}")
         ax.set_xlim(left=-0.02)
     axes[0, 0].set_ylabel("speedup over dense (×)")
@@ -314,7 +314,7 @@ def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accurac
         if col not in df:
             df[col] = np.nan
     df.loc[df["method"] == "dense", "skip_ratio"] = df.loc[df["method"] == "dense", "skip_ratio"].fillna(0.0)
-    fig, axes = _figure(1, 2, size=(11.0, 4.2), sharey=True)
+    fig, axes = new_figure(1, 2, size=(11.0, 4.2), sharey=True)
     for ax, xcol, xlabel in ((axes[0, 0], "skip_ratio", "realised skip ratio"),
                              (axes[0, 1], "speedup", "measured speedup over dense (×)")):
         d = df.dropna(subset=[xcol, "accuracy"])
@@ -337,7 +337,7 @@ def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accurac
             ax.step(front[xcol], front["accuracy"], where="post", color="0.6", linewidth=4, alpha=0.35,
                     zorder=0, label="Pareto front")
         if xcol == "skip_ratio":
-            _percent_axis(ax.xaxis)
+            percent_axis(ax.xaxis)
         ax.set_xlabel(xlabel)
     axes[0, 0].set_ylabel(accuracy_label)
     handles, labels = [], []
@@ -385,7 +385,7 @@ def _drop_panel(ax, df: pd.DataFrame, title: str) -> None:
         for _, r in base.iterrows():
             ax.annotate(f"{r['performance']:.1f}", (r["skip_ratio"], r["performance"]), textcoords="offset points",
                         xytext=(0, 7), ha="center", fontsize=8, color=st["color"])
-    _percent_axis(ax.xaxis)
+    percent_axis(ax.xaxis)
     ax.set(xlabel="skip ratio (routed sublayers)", title=title)
     ax.margins(x=0.08, y=0.15)
     ax.legend(loc="lower left")
@@ -402,7 +402,7 @@ def plot_drop_vs_mindskip(ref_df: pd.DataFrame, kit_df: pd.DataFrame | None = No
     ``kit_title``.
     """
     n = 1 if kit_df is None else 2
-    fig, axes = _figure(1, n, size=(5.4 * n, 4.0))
+    fig, axes = new_figure(1, n, size=(5.4 * n, 4.0))
     _drop_panel(axes[0, 0], ref_df, "paper, Figure 2 (read off the chart, ±0.3)")
     axes[0, 0].set_ylabel("average performance (%)")
     if kit_df is not None:
