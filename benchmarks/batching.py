@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     import transformers
 
     from rt_lib.data import pad_token_id
-    from rt_lib.profiling import text_tokens
+    from rt_lib.profile_step import text_tokens
 
     a = parse(argv)
     if a.threads:

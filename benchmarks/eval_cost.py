@@ -27,8 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib.evaluation import DEFAULT_SEEDS, MindSkipLM, check_request, load_task, task_manager  # noqa: E402
-from rt_lib.evaluation import harness_samples  # noqa: E402
+from rt_lib.evaluation import (  # noqa: E402
+    DEFAULT_SEEDS,
+    MindSkipLM,
+    check_request,
+    harness_samples,
+    load_task,
+    task_manager,
+)
 
 
 class CountingLM(MindSkipLM):

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     base, tok = load_model(a.model, dtype=a.dtype)
-    from rt_lib.profiling import text_tokens
+    from rt_lib.profile_step import text_tokens
 
     tokens = text_tokens(tok, "wikipedia-en")
     ms = attach_routers(base, a.routers)

@@ -258,6 +258,7 @@ class GpuCheck:
         peaks fixed once for the whole grid, then profile/ as the profiler writes it."""
         import torch
 
+        from rt_lib import profile_step
         from rt_lib import profiling as P
         from rt_lib import runs
         from rt_lib.roofline import Shape, measure_peaks
@@ -267,11 +268,11 @@ class GpuCheck:
         start = time.perf_counter()
         ms = P.prepare_models(base, str(self.routers))
         try:
-            tokens = P.text_tokens(tok, "wikipedia-en")
+            tokens = profile_step.text_tokens(tok, "wikipedia-en")
 
             def fixed_sets():
                 device = next(base.parameters()).device
-                skip, static = P._layer_sets(ms, settings, Shape.from_config(base.config), device, tokens)
+                skip, static = P.layer_sets(ms, settings, Shape.from_config(base.config), device, tokens)
                 flops, bandwidth = measure_peaks(device, next(base.parameters()).dtype)
                 return {"skip_layers": skip, "static_layers": static, "peak_flops": flops, "bandwidth": bandwidth}
 
@@ -303,11 +304,11 @@ class GpuCheck:
                 if key in conditions:
                     conditions[key] = [x for p in parts for x in p["conditions"].get(key, [])]
             conditions.update(settings=asdict(settings), preset=settings_name(self.settings), model=MODEL,
-                              routers=P.router_record(str(self.routers)), text="wikipedia-en",
+                              routers=profile_step.router_record(str(self.routers)), text="wikipedia-en",
                               wall_time_s=round(sum(p["wall_s"] for p in parts), 1),
                               grid_parts="one profile() call per grid point, layer sets and peaks fixed once "
                                          "(gpu_check/profile_fixed.json)")
-            P.write_results(rows, conditions, self.out)
+            profile_step.write_results(rows, conditions, self.out)
             runs.update_run(self.out, "profile", {"preset": settings_name(self.settings), "model": MODEL,
                                                   "routers": conditions["routers"], "skip_layers": fixed["skip_layers"],
                                                   "settings": asdict(settings),

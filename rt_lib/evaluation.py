@@ -204,13 +204,7 @@ def evaluate(
     per_doc, wall, harness_out = defaultdict(dict), defaultdict(dict), defaultdict(dict)
     for task in names:
         harness_name, obj = load_task(job.tm, p, task)
-        task_info[task] = _task_info(p, task, harness_name, obj, limits[task])
-        samples = harness_samples(p, obj, limits[task])
-        task_info[task]["sample"] = None if samples is None else {
-            "n": sum(len(v) for v in samples.values()), "seed": p.sample_seed,
-            "of": sum(len(t.eval_docs) for t in leaf_tasks(obj))}
-        log.info("%s (%s): %d-shot, %s", task, harness_name, p.shots[task],
-                 f"limit {limits[task]}" if samples is None else f"seeded sample of {task_info[task]['sample']['n']}")
+        task_info[task], samples = _task_documents(p, task, harness_name, obj, limits[task])
         metrics = ["acc", "acc_norm"] if PAPER_TASKS[task].metric == "acc_norm" else ["acc"]
         call = (obj, p.shots[task], limits[task], harness_name, metrics, samples)
         runs = {"dense": _run_dense(job, *call)} if run_dense else {}
@@ -240,6 +234,18 @@ def evaluate(
     if out_dir is not None:
         result.save(out_dir)
     return result
+
+
+def _task_documents(p: TaskPreset, task: str, harness_name: str, obj, limit) -> tuple[dict, dict | None]:
+    """A task's settings record (``EvalResults.tasks``) and the harness's ``samples`` argument."""
+    info = _task_info(p, task, harness_name, obj, limit)
+    samples = harness_samples(p, obj, limit)
+    info["sample"] = None if samples is None else {
+        "n": sum(len(v) for v in samples.values()), "seed": p.sample_seed,
+        "of": sum(len(t.eval_docs) for t in leaf_tasks(obj))}
+    log.info("%s (%s): %d-shot, %s", task, harness_name, p.shots[task],
+             f"limit {limit}" if samples is None else f"seeded sample of {info['sample']['n']}")
+    return info, samples
 
 
 def _check_options(model_or_ms, tokenizer, confidence: float, interval: str) -> None:

@@ -382,7 +382,7 @@ class Evidence:
         """Dense and MindSkip timed at the largest target's threshold on the ``quick`` profile
         grid (``<out>/profile/``), so that the speedup of claim C6 is measured at an operating
         point whose accuracy this run scores."""
-        from rt_lib import profiling
+        from rt_lib import profile_step, profiling
 
         if self.profile_preset is None or (self.out / "profile" / "profile.json").exists():
             return
@@ -390,13 +390,13 @@ class Evidence:
         settings = profiling.preset(self.profile_preset, variants=["dense", "mindskip"], threshold=threshold)
         ms = profiling.prepare_models(self.base, str(self.routers))
         try:
-            tokens = profiling.text_tokens(self.tok, "wikipedia-en")
+            tokens = profile_step.text_tokens(self.tok, "wikipedia-en")
             start = time.perf_counter()
             rows, conditions = profiling.profile(ms, settings, tokens, progress=True)
             conditions.update(wall_time_s=round(time.perf_counter() - start, 1), preset=self.profile_preset,
-                              model=self.model_name, routers=profiling.router_record(str(self.routers)),
+                              model=self.model_name, routers=profile_step.router_record(str(self.routers)),
                               text="wikipedia-en")
-            profiling.record_step(self.out, rows, conditions)
+            profile_step.record_step(self.out, rows, conditions)
         finally:
             ms.unload()
 

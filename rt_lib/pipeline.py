@@ -130,7 +130,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
             value = raw
         if "." in key:
             nb, name = key.split(".", 1)
-            nb = _match_notebook(nb)
+            nb = match_notebook(nb)
             out.setdefault(nb, {})[name] = value
         else:
             targets = [nb for nb in NOTEBOOKS if key in declared_parameters(nb)]
@@ -141,7 +141,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
     return out
 
 
-def _match_notebook(prefix: str) -> str:
+def match_notebook(prefix: str) -> str:
     hits = [nb for nb in NOTEBOOKS if nb == prefix or nb.startswith(prefix)]
     if len(hits) != 1:
         raise ParameterError(f"{prefix!r} does not name one notebook of {list(NOTEBOOKS)}")

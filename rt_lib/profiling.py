@@ -69,9 +69,7 @@ import logging
 import os
 import platform
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -201,7 +199,7 @@ def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, p
     threads, load_before = _set_threads(device, settings)
     ms.eval()
 
-    skip_layers, static_layers = _layer_sets(ms, settings, shape, device, tokens)
+    skip_layers, static_layers = layer_sets(ms, settings, shape, device, tokens)
     variants = build_variants(ms, settings.variants, skip_layers, static_layers, settings.threshold)
     peak_flops, bandwidth = settings.peak_flops, settings.bandwidth
     if peak_flops is None or bandwidth is None:
@@ -266,7 +264,7 @@ def _set_threads(device, settings) -> tuple[int, list[float]]:
     return threads, load_before
 
 
-def _layer_sets(ms, settings, shape, device, tokens) -> tuple[list[int], list[int] | None]:
+def layer_sets(ms, settings, shape, device, tokens) -> tuple[list[int], list[int] | None]:
     """The settings' skip and static-drop layer lists, or the ones the routers (on a calibration
     batch: the largest prefill point) and rt_lib.baselines choose."""
     skip_layers = settings.skip_layers
@@ -397,26 +395,6 @@ def summarize(rows) -> pd.DataFrame:  # noqa: F821
     return pd.DataFrame(out)
 
 
-def write_results(rows, conditions, out_dir):
-    """<out_dir>/profile/{profile.csv, profile.json, speedup_vs_skip.png/.pdf}; returns the folder."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from rt_lib.plots import plot_speedup_vs_skip, save_figure
-    from rt_lib.runs import atomic_write_json, write_csv
-
-    prof = Path(out_dir) / "profile"
-    prof.mkdir(parents=True, exist_ok=True)
-    write_csv(prof / "profile.csv", rows, COLUMNS)
-    atomic_write_json(prof / "profile.json", conditions)
-    fig = plot_speedup_vs_skip(pd.DataFrame(rows, columns=COLUMNS),
-                               title=f"{conditions.get('device')} {conditions.get('dtype')} "
-                                     f"threads={conditions.get('threads')}")
-    save_figure(fig, prof / "speedup_vs_skip")
-    plt.close(fig)
-    return prof
-
-
 # --------------------------------------------------------------------------- CLI
 
 def _ints(text):
@@ -467,6 +445,8 @@ def main(argv=None):
 
     model, tokenizer = load_model(a.model, dtype=dtype, device=device, attn_implementation="sdpa")
     fresh = MindSkipConfig(**({"num_routed_layers": a.num_routed_layers} if a.num_routed_layers else {}))
+    from rt_lib.profile_step import run_step
+
     rows, _, prof = run_step(model, tokenizer, a.out, settings, routers=a.routers, config=fresh,
                              text=None if a.text.lower() == "none" else a.text, preset_name=a.preset,
                              model_name=a.model, progress=not a.no_progress)
@@ -477,66 +457,6 @@ def main(argv=None):
         print(summarize(rows).to_string(index=False))
     print(f"\nwrote {prof}")
     return 0
-
-
-def run_step(model, tokenizer, out, settings: ProfileSettings, routers: str | None = None, config=None,
-             text: str | None = "wikipedia-en", preset_name: str | None = None, model_name: str | None = None,
-             progress: bool = True):
-    """The whole profiling step of a run (CLI and notebook): wrap `model` with the routers (a
-    checkpoint folder) or fresh ones (`config`), cut prompts from `text` (None: random ids),
-    profile, write `<out>/profile/` and record the step in `<out>/run.json` (created if
-    missing). Returns (rows, conditions, profile folder)."""
-    from rt_lib.runs import new_run
-
-    out = Path(out).resolve()
-    if not (out / "run.json").exists():
-        new_run(root=out.parent, run_id=out.name, preset=preset_name)
-    tokens = text_tokens(tokenizer, text) if text else None
-    ms = prepare_models(model, routers, config)
-    t0 = time.perf_counter()
-    rows, conditions = profile(ms, settings, tokens, progress=progress)
-    conditions["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    model_name = model_name or getattr(model.config, "rt_kit_name", None) or model.config.name_or_path
-    conditions.update(preset=preset_name, model=model_name, routers=router_record(routers), text=text)
-    return rows, conditions, record_step(out, rows, conditions)
-
-
-def record_step(out, rows: list[dict], conditions: dict) -> Path:
-    """Write ``<out>/profile/`` and record the step in ``<out>/run.json``: its options (preset,
-    model, dtype, threads, prompt text, the grid settings) as ``parameters.profile``, what it
-    measured with (routers, skipped layers) and its files in ``steps.profile``."""
-    from rt_lib.runs import update_run
-
-    prof = write_results(rows, conditions, out)
-    options = {"preset": conditions.get("preset"), "model": conditions.get("model"), "dtype": conditions["dtype"],
-               "threads": conditions["threads"], "text": conditions.get("text"), **conditions["settings"]}
-    update_run(out, "profile", {"routers": conditions["routers"], "skip_layers": conditions["skip_layers"],
-                                "files": ["profile/profile.csv", "profile/profile.json"]}, parameters=options)
-    return prof
-
-
-def text_tokens(tokenizer, name: str, split: str = "validation", max_chars: int = 400_000) -> torch.Tensor:
-    """Token ids of the start of a text data set, as one 1-D tensor (prompts are cut from it)."""
-    from rt_lib.assets import load_dataset
-
-    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    ids, n = [], 0
-    for t in load_dataset(name, split=split)["text"]:
-        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
-        n += len(t)
-        if n >= max_chars:
-            break
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def router_record(path):
-    """Path, weights sha256 and config of a router checkpoint, for profile.json (None: fresh)."""
-    if not path:
-        return None
-    from rt_lib.mindskip import read_checkpoint_metadata
-
-    meta = read_checkpoint_metadata(path)
-    return {"path": str(path), "weights_sha256": meta.get("weights_sha256"), "config": meta.get("config")}
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def list_parameters() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rt_lib.reproduce", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
@@ -94,6 +94,25 @@ def main(argv: list[str] | None = None) -> int:
     from rt_lib.plan import add_plan_arguments
 
     add_plan_arguments(parser, json_flag="--plan-json")
+    return parser
+
+
+def _jobs(args, overrides: dict, combos: list[dict], sweep_overrides: list[dict], selected: list[str] | None) -> list:
+    """(run id, overrides, notebooks, sweep combination) per pipeline run: a sweep runs 01-03 per
+    combination in its own folder, then the paper notebook once (it reads every run folder)."""
+    if not args.sweep:
+        return [(args.run_id, overrides, selected, None)]
+    base_id = args.run_id or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}"
+    per_run = [nb for nb in (selected or pipeline.NOTEBOOKS) if nb != pipeline.NOTEBOOKS[-1]]
+    jobs = [(f"{base_id}-{_label(c)}", {nb: {**overrides.get(nb, {}), **so.get(nb, {})} for nb in pipeline.NOTEBOOKS},
+             per_run, c) for c, so in zip(combos, sweep_overrides)]
+    if selected is None or pipeline.NOTEBOOKS[-1] in selected:
+        jobs.append((jobs[-1][0], overrides, [pipeline.NOTEBOOKS[-1]], None))
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.list_parameters:
@@ -110,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         for so in sweep_overrides:  # validate every combination before anything executes
             merged = {nb: {**preset.get(nb, {}), **overrides.get(nb, {}), **so.get(nb, {})} for nb in pipeline.NOTEBOOKS}
             pipeline.validate(merged)
-        selected = [pipeline._match_notebook(n) for n in args.notebooks.split(",")] if args.notebooks else None
+        selected = [pipeline.match_notebook(n) for n in args.notebooks.split(",")] if args.notebooks else None
     except pipeline.ParameterError as e:
         parser.exit(2, f"error: {e}\n")
     if args.plan:
@@ -119,17 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return plan.run(args.preset, json_path=args.plan_json, gpu_memory=args.gpu_memory,
                         eval_tokens=args.eval_tokens, notebook_overrides=overrides)
 
-    # jobs: (run id, overrides, notebooks, sweep combination); a sweep runs 01-03 per combination
-    # in its own folder, then the paper notebook once (it reads every run folder)
-    if args.sweep:
-        base_id = args.run_id or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{args.preset}"
-        per_run = [nb for nb in (selected or pipeline.NOTEBOOKS) if nb != pipeline.NOTEBOOKS[-1]]
-        jobs = [(f"{base_id}-{_label(c)}", {nb: {**overrides.get(nb, {}), **so.get(nb, {})} for nb in pipeline.NOTEBOOKS},
-                 per_run, c) for c, so in zip(combos, sweep_overrides)]
-        if selected is None or pipeline.NOTEBOOKS[-1] in selected:
-            jobs.append((jobs[-1][0], overrides, [pipeline.NOTEBOOKS[-1]], None))
-    else:
-        jobs = [(args.run_id, overrides, selected, None)]
+    jobs = _jobs(args, overrides, combos, sweep_overrides, selected)
     try:  # refuse before anything runs (or run.json is touched) if a run folder holds completed results
         for run_id, _, notebooks, _ in jobs:
             if run_id is not None:

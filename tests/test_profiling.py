@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from rt_lib import profile_step
 from rt_lib import profiling as P
 from rt_lib import roofline as R
 from rt_lib.config import MindSkipConfig
@@ -409,7 +410,7 @@ def test_results_files_follow_the_format(ms, tmp_path):
     rows, cond = P.profile(ms, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]),
                            progress=False)
     run = new_run(root=tmp_path, run_id="r1", preset="smoke")
-    prof = P.write_results(rows, cond, run)
+    prof = profile_step.write_results(rows, cond, run)
     df = pd.read_csv(f"{prof}/profile.csv")
     assert list(df.columns) == P.COLUMNS
     assert set(df.regime) == {"prefill", "decode"}
