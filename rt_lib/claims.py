@@ -62,7 +62,9 @@ def at_least(ci_low: float, ci_high: float, margin: float) -> str:
 
 # ------------------------------------------------------------------------- helpers
 def _reference(ref_dir: Path, name: str) -> pd.DataFrame:
-    return pd.read_csv(ref_dir / f"{name}.csv", comment="#")
+    from rt_lib.paper_tables import load_reference
+
+    return load_reference(name, ref_dir)
 
 
 def _paper_values(ref_dir: Path) -> dict:
@@ -80,12 +82,12 @@ def _paper_values(ref_dir: Path) -> dict:
     def fig(method, skip):
         return float(fig2[(fig2.method == method) & np.isclose(fig2.skip_ratio, skip)].performance.iloc[0])
 
-    base = fig("baseline", 0.0)
+    base = fig("dense", 0.0)
     return {
         "c1": {k: fig("mindskip", s) - base for k, s in ((4, 0.125), (8, 0.25))},
-        "c2": {k: fig("mindskip", s) - fig("attention-drop", s) for k, s in ((4, 0.125), (8, 0.25))},
-        "attn_seq": avg("router-tuning", "attn", "seq"), "dense": avg("baseline"),
-        "avg": {(g, lv): avg("router-tuning", g, lv) for g in ("attn", "mlp", "block") for lv in ("seq", "token")},
+        "c2": {k: fig("mindskip", s) - fig("static_drop", s) for k, s in ((4, 0.125), (8, 0.25))},
+        "attn_seq": avg("mindskip", "attn", "seq"), "dense": avg("dense"),
+        "avg": {(g, lv): avg("mindskip", g, lv) for g in ("attn", "mlp", "block") for lv in ("seq", "token")},
         "speedup": float(llama[(llama.granularity == "attn") & (llama.route_level == "seq")].speedup.iloc[0]),
     }
 

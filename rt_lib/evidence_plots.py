@@ -49,11 +49,11 @@ def plot_evidence_fig2(measures: pd.DataFrame, published: pd.DataFrame | None = 
         _errorbars(ax, own, "skip_ratio", "acc_diff", "acc_ci_low", "acc_ci_high", 100,
                    dict(color=OKABE_ITO["sky_blue"], marker="D"), "MindSkip at its own threshold (kit)", line=False)
     if published is not None and len(published):
-        base = float(published[published.method == "baseline"].performance.iloc[0])
-        for method, key in (("mindskip", "mindskip"), ("attention-drop", "static_drop")):
+        base = float(published[published.method == "dense"].performance.iloc[0])
+        for method in ("mindskip", "static_drop"):
             p = published[published.method == method].sort_values("skip_ratio")
-            ax.plot(p.skip_ratio, p.performance - base, color=METHOD_STYLE[key]["color"], **PUBLISHED,
-                    label=f"{METHOD_STYLE[key]['label']} (published, paper Fig. 2)")
+            ax.plot(p.skip_ratio, p.performance - base, color=METHOD_STYLE[method]["color"], **PUBLISHED,
+                    label=f"{METHOD_STYLE[method]['label']} (published, paper Fig. 2)")
     percent_axis(ax.xaxis)
     ax.set(xlabel="skip ratio (skipped attention sublayers / all layers)",
            ylabel="accuracy change vs dense (points, macro)", title=title)

@@ -49,17 +49,17 @@ def operating_points(tidy: pd.DataFrame, run_id: str) -> tuple[pd.DataFrame, lis
     """One row per operating point of a run (dense, each mindskip threshold, each static-drop
     skip ratio): ``method``, ``variant``, ``threshold``, ``skip_ratio``, ``speedup``,
     ``accuracy`` (percent, averaged over the tasks every point has; returned second)."""
-    sub = tidy[(tidy["run_id"] == run_id) & tidy["method"].isin(["baseline", "router-tuning", "attention-drop"])]
+    sub = tidy[(tidy["run_id"] == run_id) & tidy["method"].isin(["dense", "mindskip", "static_drop"])]
     keys, points = [], []
     for (variant, thr, skip), g in sub.groupby(
             [sub["variant"], sub["threshold"].fillna(-1.0),
-             np.where(sub["method"] == "attention-drop", sub["skip_ratio"].round(3), -1.0)], sort=True):
+             np.where(sub["method"] == "static_drop", sub["skip_ratio"].round(3), -1.0)], sort=True):
         keys.append((variant, g))
         points.append(g)
     acc, common = _mean_over_common(points)
     rows = []
     for (variant, g), a in zip(keys, acc):
-        method = {"baseline": "dense", "router-tuning": "mindskip", "attention-drop": "static_drop"}[g["method"].iloc[0]]
+        method = g["method"].iloc[0]
         half = float("nan") if method == "dense" else _paired_half_width(g, common)
         rows.append({"method": method, "variant": variant,
                      "threshold": g["threshold"].iloc[0], "skip_ratio": 0.0 if method == "dense" else g["skip_ratio"].mean(),

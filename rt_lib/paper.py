@@ -67,13 +67,13 @@ from rt_lib.tidy import (  # noqa: F401
     PAPER_METRIC,
     TASK_ALIASES,
     TIDY_COLUMNS,
-    VARIANT_METHODS,
+    PAPER_METHODS,
     collect_runs,
     paper_task,
     pick_metric,
     profile_speedup,
+    kit_method,
     tidy_runs,
-    variant_method,
 )
 
 log = logging.getLogger(__name__)

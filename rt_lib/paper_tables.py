@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from rt_lib.rundir import Run
-from rt_lib.tidy import NOT_TASKS, VARIANT_METHODS, pick_metric
+from rt_lib.tidy import METHOD_NOTE, NOT_TASKS, PAPER_METHODS, kit_method, pick_metric
 
 NOT_RUN = "not run"
 REFERENCE_NAMES = ("main_table", "lora_table", "data_ablation", "drop_vs_mindskip")
@@ -34,7 +34,11 @@ def load_reference(name: str, reference_dir: str | Path | None = None) -> pd.Dat
     if name not in REFERENCE_NAMES:
         raise ValueError(f"unknown reference table {name!r}; known: {', '.join(REFERENCE_NAMES)}")
     path = Path(reference_dir or DEFAULT_REFERENCE_DIR) / f"{name}.csv"
-    return pd.read_csv(path, comment="#")
+    ref = pd.read_csv(path, comment="#")
+    for col in ("method", "data"):  # the paper's method names -> the kit's (``baseline`` -> ``dense``, ...)
+        if col in ref:
+            ref[col] = ref[col].map(lambda v: kit_method(v) if isinstance(v, str) and v in PAPER_METHODS else v)
+    return ref
 
 
 def reference_source(name: str, reference_dir: str | Path | None = None) -> list[str]:
@@ -54,7 +58,7 @@ def _point(tidy: pd.DataFrame, run_id: str, method: str, threshold: float | None
     sub = tidy[(tidy["run_id"] == run_id) & (tidy["method"] == method)]
     labels = list(dict.fromkeys(sub["variant"]))
     if len(labels) > 1:
-        plain = [v for v in labels if v in VARIANT_METHODS]
+        plain = [v for v in labels if v in PAPER_METHODS.values()]
         sub = sub[sub["variant"] == (plain or labels)[0]]
     if threshold is not None and sub["threshold"].notna().any():
         at = sub[(sub["threshold"] - threshold).abs() <= 1e-6]
@@ -70,7 +74,7 @@ def _thresholds_of(sub: pd.DataFrame) -> Any:
     return round(float(thr[0]), 6) if len(thr) == 1 else ""
 
 
-def _tuned_points(tidy: pd.DataFrame, run_id: str, method: str = "router-tuning") -> list[pd.DataFrame]:
+def _tuned_points(tidy: pd.DataFrame, run_id: str, method: str = "mindskip") -> list[pd.DataFrame]:
     """Every operating point of ``method`` in a run: one per variant label and threshold (a
     threshold sweep writes ``mindskip_t<thr>`` labels or one label with several thresholds),
     ordered by threshold."""
@@ -159,17 +163,17 @@ def _kit_runs(tidy: pd.DataFrame, runs: list[Run], predicate) -> list[Run]:
 
 
 def _dense_scores(tidy: pd.DataFrame, run_id: str, tasks: list[str]) -> dict | None:
-    """The run's dense (baseline) scores, or None when it has no dense evaluation."""
-    sub = _point(tidy, run_id, "baseline")
+    """The run's dense scores, or None when it has no dense evaluation."""
+    sub = _point(tidy, run_id, "dense")
     return _scores(sub, tasks) if len(sub) else None
 
 
 def main_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.DataFrame:
     """Main table: the paper's rows, then per kit run with a mindskip variant its dense row
-    (once when several runs share it), a router-tuning row per evaluated threshold with Δ vs
+    (once when several runs share it), a mindskip row per evaluated threshold with Δ vs
     dense and, for the paper's own models, Δ vs paper."""
     ref = load_reference("main_table", reference_dir)
-    chosen = _kit_runs(tidy, runs, lambda r: _has(tidy, r, "router-tuning"))
+    chosen = _kit_runs(tidy, runs, lambda r: _has(tidy, r, "mindskip"))
     tasks, paper_tasks = _table_tasks(ref, tidy, [r.run_id for r in chosen])
     rows = _paper_rows(ref, tasks)
     shown_dense = set()  # runs of a sweep share one dense evaluation (dense_from): its row is shown once
@@ -179,14 +183,14 @@ def main_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.Da
         key = (run.model, tuple(sorted((t, round(v, 6)) for t, v in dense["score"].items()))) if dense else None
         if key is None or key not in shown_dense:
             shown_dense.add(key)
-            rows.append(_row({**base, "method": "baseline", "granularity": "", "route_level": "", "threshold": ""},
+            rows.append(_row({**base, "method": "dense", "granularity": "", "route_level": "", "threshold": ""},
                              "score", tasks, dense["score"] if dense else {},
                              dense["speedup"] if dense else float("nan"), paper_tasks))
-        paper = _paper_match(ref, run.model, method="router-tuning", granularity=run.granularity,
+        paper = _paper_match(ref, run.model, method="mindskip", granularity=run.granularity,
                              route_level=run.route_level)
         for point in _tuned_points(tidy, run.run_id):  # each evaluated threshold, labelled with its own value
             sc = _scores(point, tasks)
-            rb = {**base, "method": "router-tuning", "granularity": run.granularity or "",
+            rb = {**base, "method": "mindskip", "granularity": run.granularity or "",
                   "route_level": run.route_level or "", "threshold": _thresholds_of(point)}
             rows.append(_row(rb, "score", tasks, sc["score"], sc["speedup"], paper_tasks))
             rows.extend(_diff_rows(rb, sc, dense, paper, tasks, paper_tasks))
@@ -196,7 +200,7 @@ def main_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.Da
 
 def lora_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.DataFrame:
     """LoRA table: the paper's rows, then per kit run with a LoRA operating point its
-    baseline, router-tuning, lora and lora+router-tuning rows ("not run" where the run has
+    dense, mindskip, lora and lora+mindskip rows ("not run" where the run has
     none), each evaluated one with Δ vs dense."""
     ref = load_reference("lora_table", reference_dir)
     chosen = _kit_runs(tidy, runs, lambda r: tidy.loc[tidy["run_id"] == r.run_id, "method"].str.startswith("lora").any())
@@ -204,14 +208,14 @@ def lora_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None) -> pd.Da
     rows = _paper_rows(ref, tasks)
     for run in chosen:
         dense = _dense_scores(tidy, run.run_id, tasks)
-        for method in ("baseline", "router-tuning", "lora", "lora+router-tuning"):
-            thr = run.threshold if method.endswith("router-tuning") else None
+        for method in ("dense", "mindskip", "lora", "lora+mindskip"):
+            thr = run.threshold if method.endswith("mindskip") else None
             point = _point(tidy, run.run_id, method, thr)
             sc = _scores(point, tasks)  # an operating point the run lacks stays in the table as "not run"
             rb = {"source": "kit", "run_id": run.run_id, "model": run.model, "method": method,
                   "threshold": _thresholds_of(point) if thr is not None else ""}  # the evaluated value
             rows.append(_row(rb, "score", tasks, sc["score"], sc["speedup"], paper_tasks))
-            if method != "baseline" and len(point):
+            if method != "dense" and len(point):
                 rows.extend(_diff_rows(rb, sc, dense, _paper_match(ref, run.model, method=method), tasks, paper_tasks))
     return _finish(rows, ["source", "run_id", "model", "method", "threshold", "row", "speedup", *tasks, "avg",
                           "avg_tasks"])
@@ -223,13 +227,13 @@ def data_ablation_table(runs: list[Run], tidy: pd.DataFrame, reference_dir=None)
     run's tuning data, with Δ vs dense (and Δ vs paper for Llama-3-8B on the same data)."""
     ref = load_reference("data_ablation", reference_dir).copy()
     ref.insert(0, "model", "Llama-3-8B")  # stated in the table's source line
-    chosen = _kit_runs(tidy, runs, lambda r: r.granularity == "attn" and _has(tidy, r, "router-tuning"))
+    chosen = _kit_runs(tidy, runs, lambda r: r.granularity == "attn" and _has(tidy, r, "mindskip"))
     tasks, paper_tasks = _table_tasks(ref, tidy, [r.run_id for r in chosen])
     rows = _paper_rows(ref, tasks)
     for run in chosen:
         base = {"source": "kit", "run_id": run.run_id, "model": run.model}
         dense = _dense_scores(tidy, run.run_id, tasks)
-        rows.append(_row({**base, "data": "baseline"}, "score", tasks, dense["score"] if dense else {}, "",
+        rows.append(_row({**base, "data": "dense"}, "score", tasks, dense["score"] if dense else {}, "",
                          paper_tasks))
         data = (run.dataset or "not recorded").lower()
         points = _tuned_points(tidy, run.run_id)
@@ -346,6 +350,7 @@ def to_latex(display: pd.DataFrame, caption: str, label: str) -> str:
 def _notes(name: str, ref_dir, n_avg: int, regime: str, problems: list[str]) -> list[str]:
     notes = [f"Paper rows: results/reference/{name}.csv ({reference_source(name, ref_dir)[0]} Sources: "
              "results/reference/README.md.)",
+             METHOD_NOTE,
              "Kit rows: results/runs/<run>/eval/results.csv, value x 100 (accuracy in percent, the paper's metric per "
              "task where the run has it); the run id is in the source column.",
              "Δ vs dense: kit variant minus the same run's dense model, in points (paired on identical documents "
@@ -355,7 +360,7 @@ def _notes(name: str, ref_dir, n_avg: int, regime: str, problems: list[str]) -> 
              "Tasks the paper did not report are appended as extra columns and left out of avg.",
              "not run: no result exists for that cell; nothing is filled in from elsewhere."]
     if name == "main_table":
-        notes.append("A baseline row shared by several kit runs (the same dense scores, e.g. a sweep reusing one "
+        notes.append("A dense row shared by several kit runs (the same dense scores, e.g. a sweep reusing one "
                      "dense evaluation) is shown once, above the first of them.")
     if name != "data_ablation":
         notes.append(f"Kit speedup: median over the {regime} grid points of profile/profile.csv of dense latency / "
@@ -386,7 +391,7 @@ def _eval_settings(tidy: pd.DataFrame, run_ids: list[str]) -> list[str]:
     rows scored on different documents or shots are not read as comparable."""
     groups: dict[str, list[str]] = {}  # settings -> runs scored that way
     for rid in run_ids:
-        sub = tidy[(tidy["run_id"] == rid) & (tidy["method"] == "baseline") & ~tidy["task"].isin(NOT_TASKS)]
+        sub = tidy[(tidy["run_id"] == rid) & (tidy["method"] == "dense") & ~tidy["task"].isin(NOT_TASKS)]
         sub = sub if len(sub) else tidy[(tidy["run_id"] == rid) & ~tidy["task"].isin(NOT_TASKS)]
         if not len(sub):
             continue

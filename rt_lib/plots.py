@@ -49,10 +49,8 @@ PALETTE = [OKABE_ITO[k] for k in ("blue", "vermillion", "green", "orange", "purp
 # One colour and marker per method, the same in every figure.
 METHOD_STYLE = {
     "dense": dict(color=OKABE_ITO["black"], marker="s", label="dense"),
-    "baseline": dict(color=OKABE_ITO["black"], marker="s", label="dense"),
     "mindskip": dict(color=OKABE_ITO["blue"], marker="o", label="MindSkip"),
     "static_drop": dict(color=OKABE_ITO["vermillion"], marker="v", label="static attention drop"),
-    "attention-drop": dict(color=OKABE_ITO["vermillion"], marker="v", label="static attention drop"),
     "mindskip_forced": dict(color=OKABE_ITO["sky_blue"], marker="P", label="MindSkip, forced decisions"),
     "oracle": dict(color=OKABE_ITO["green"], marker="D", label="oracle (layers removed)"),
     "mask": dict(color=OKABE_ITO["purple"], marker="x", label="mask only (computes all)"),
@@ -366,20 +364,19 @@ def _paired_bars(ax, d: pd.DataFrame, x: str, y: str, color) -> None:
 
 # ---------------------------------------------------------------------------- Figure 2
 def _drop_panel(ax, df: pd.DataFrame, title: str) -> None:
-    base = df[df["method"].isin(["baseline", "dense"])]
-    for method in ("attention-drop", "mindskip"):
-        aliases = {"attention-drop": ("attention-drop", "static_drop"), "mindskip": ("mindskip",)}[method]
-        d = pd.concat([base, df[df["method"].isin(aliases)]]).sort_values("skip_ratio")
+    base = df[df["method"] == "dense"]
+    for method in ("static_drop", "mindskip"):
+        d = pd.concat([base, df[df["method"] == method]]).sort_values("skip_ratio")
         if len(d) == len(base):
             continue
         st = METHOD_STYLE[method]
         ax.plot(d["skip_ratio"], d["performance"], color=st["color"], marker=st["marker"], label=st["label"])
         _paired_bars(ax, d, "skip_ratio", "performance", st["color"])
-        for _, r in d[d["method"].isin(aliases)].iterrows():
+        for _, r in d[d["method"] == method].iterrows():
             ax.annotate(f"{r['performance']:.1f}", (r["skip_ratio"], r["performance"]), textcoords="offset points",
                         xytext=(0, 7), ha="center", fontsize=8, color=st["color"])
     if not base.empty:
-        st = METHOD_STYLE["baseline"]
+        st = METHOD_STYLE["dense"]
         ax.plot(base["skip_ratio"], base["performance"], linestyle="none", color=st["color"], marker=st["marker"],
                 markersize=8, label="dense (no skipping)", zorder=3)
         for _, r in base.iterrows():
@@ -396,8 +393,9 @@ def plot_drop_vs_mindskip(ref_df: pd.DataFrame, kit_df: pd.DataFrame | None = No
                           kit_title: str = "rt-kit (measured)") -> Figure:
     """The paper's Figure 2 (static attention drop vs MindSkip) with the kit's curve beside it.
 
-    Both frames have ``skip_ratio`` (fraction), ``method`` (``baseline``/``dense``,
-    ``attention-drop``/``static_drop``, ``mindskip``) and ``performance`` (percent). The panels
+    Both frames have ``skip_ratio`` (fraction), ``method`` (``dense``, ``static_drop``,
+    ``mindskip``; the published frame as ``rt_lib.paper_tables.load_reference`` translates it)
+    and ``performance`` (percent). The panels
     have separate y axes: the paper's model and task set are not stated, the kit's are in
     ``kit_title``.
     """

@@ -142,7 +142,8 @@ TIDY_RUNS = FileKind("tables/runs.csv", "rt_lib.paper", (
     _c("model", "printed model name"),
     _c("dataset", "tuning data of the run"),
     _c("variant", "eval/results.csv variant"),
-    _c("method", "the paper's method name (`baseline`, `router-tuning`, `attention-drop`, `lora`, ...)"),
+    _c("method", "`dense`, `mindskip`, `static_drop`, `lora`, `lora+mindskip` (published rows: the paper's "
+       "baseline, Router-Tuning and attention drop under these names)"),
     _c("granularity", "routed sublayer (`attn`, `mlp`, `block`); routed and static-drop rows only"),
     _c("route_level", "`seq` or `token`; routed rows only"),
     _c("threshold", "eval/results.csv threshold"),

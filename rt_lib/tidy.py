@@ -2,7 +2,7 @@
 
 ``collect_runs`` turns every readable run folder (rt_lib.rundir) into rows of
 ``results/tables/runs.csv`` (columns: rt_lib.schema ``TIDY_RUNS``): the run's eval/results.csv
-rows with the paper's method and task names, the run's MindSkip config, the measured speedup
+rows with the paper's task names, the run's MindSkip config, the measured speedup
 from the same run's profile and the paired difference to dense. The paper's tables and
 figures (rt_lib.paper_tables, rt_lib.figures) are built from this table.
 """
@@ -32,14 +32,17 @@ PAPER_METRIC = {
 # Rows of eval/results.csv that are summaries, not tasks (rt_lib.evaluation's macro average):
 # tables and figures average the tasks themselves.
 NOT_TASKS = {"macro_avg"}
-# eval/results.csv variant -> the paper's method name.
-VARIANT_METHODS = {
-    "dense": "baseline",
-    "mindskip": "router-tuning",
-    "static_drop": "attention-drop",
+# The paper's method names -> the kit's (one word per idea everywhere in the kit; the published
+# tables are translated on reading, rt_lib.paper_tables.load_reference).
+PAPER_METHODS = {
+    "baseline": "dense",
+    "router-tuning": "mindskip",
+    "attention-drop": "static_drop",
     "lora": "lora",
-    "lora+mindskip": "lora+router-tuning",
+    "lora+router-tuning": "lora+mindskip",
 }
+METHOD_NOTE = ("Method names: `dense` is the paper's baseline, `mindskip` its Router-Tuning (routers tuned, "
+               "the rest frozen), `static_drop` its attention drop; `lora+mindskip` is LoRA + Router-Tuning.")
 
 
 # ---------------------------------------------------------------------------- names
@@ -50,15 +53,18 @@ def paper_task(name: str) -> str:
     return TASK_ALIASES.get(key, str(name))
 
 
-def variant_method(method: str) -> str:
-    """The paper's method name for the kit's ``method`` column (``dense``, ``mindskip``,
-    ``static_drop``, ``lora``, ``lora+mindskip``); a results.csv written before that column
-    existed gets it from its variant labels (``eval_results.with_variant_columns``)."""
+def kit_method(method: str) -> str:
+    """The kit's method name (``dense``, ``mindskip``, ``static_drop``, ``lora``,
+    ``lora+mindskip``) for a results.csv ``method`` value or a paper's method name
+    (``baseline`` -> ``dense``, ...); others unchanged. A results.csv written before the
+    ``method`` column existed gets it from its variant labels (``eval_results.with_variant_columns``)."""
     v = str(method).strip().lower()
-    if v in VARIANT_METHODS:
-        return VARIANT_METHODS[v]
-    if v.startswith("lora") and "mindskip" in v:
-        return "lora+router-tuning"
+    if v in PAPER_METHODS:
+        return PAPER_METHODS[v]
+    if v.startswith("lora") and ("mindskip" in v or "router-tuning" in v):
+        return "lora+mindskip"
+    if v.startswith("static_drop"):
+        return "static_drop"
     return str(method)
 
 
@@ -82,10 +88,10 @@ def profile_speedup(run: Run, variant: str, threshold: float | None = None, skip
     if prof is None:
         return float("nan")
     ok = prof[(prof["regime"] == regime) & (prof["status"].fillna("ok") == "ok")].dropna(subset=["speedup"])
-    method = variant_method(method or variant)
-    if method == "baseline":
+    method = kit_method(method or variant)
+    if method == "dense":
         return 1.0 if (ok["variant"] == "dense").any() else float("nan")
-    if method == "attention-drop":
+    if method == "static_drop":
         rows = ok[ok["variant"] == "static_drop"]
         if skip_ratio is not None and not pd.isna(skip_ratio):
             rows = rows[(rows["skip_ratio"] - float(skip_ratio)).abs() <= 0.01]
@@ -127,10 +133,10 @@ def _run_rows(run: Run, regime: str) -> list[dict]:
     n_thresholds = res.groupby("variant")["threshold"].nunique()
     rows = []
     for r in res.itertuples(index=False):
-        method = variant_method(r.method)
-        if method == "router-tuning" and run.trainable != "routers":
-            method = f"{run.trainable}+router-tuning"  # routers tuned together with LoRA / the backbone
-        routed = method.endswith("router-tuning")
+        method = kit_method(r.method)
+        if method == "mindskip" and run.trainable != "routers":
+            method = f"{run.trainable}+mindskip"  # routers tuned together with LoRA / the backbone
+        routed = method.endswith("mindskip")
         thr = None if pd.isna(r.threshold) else round(float(r.threshold), 6)
         diff = paired.get((r.variant, r.task, r.metric, thr))
         if diff is None and n_thresholds.get(r.variant, 0) <= 1:
@@ -138,7 +144,7 @@ def _run_rows(run: Run, regime: str) -> list[dict]:
         rows.append({
             "run_id": run.run_id, "model": run.model, "dataset": run.dataset, "variant": r.variant,
             "method": method,
-            "granularity": run.granularity if routed or method == "attention-drop" else None,
+            "granularity": run.granularity if routed or method == "static_drop" else None,
             "route_level": run.route_level if routed else None,
             "threshold": r.threshold, "task": paper_task(r.task), "task_name": r.task, "metric": r.metric,
             "value": r.value, "stderr": r.stderr, "n": r.n, "num_fewshot": r.num_fewshot,
@@ -160,17 +166,12 @@ def collect_runs(root: str | Path = "results", regime: str = "prefill") -> pd.Da
     """All evaluated operating points under ``root`` as one tidy DataFrame.
 
     One row per eval/results.csv row (run, variant, threshold, task, metric), with:
-    - ``model``: run.json ``parameters.model`` (or ``model_name``/``model_id``, or the
-      ``model`` of a step entry or eval/results.json ``provenance.model``), printed as in
-      ``MODEL_NAMES``;
-    - ``dataset``: ``parameters.dataset`` (or ``data``, or ``steps.train.dataset``);
-    - ``granularity``, ``route_level``: the run's MindSkip config (run.json
-      ``steps.train.config``, else train/summary.json ``config``, else eval/results.json
-      ``provenance.mindskip.config``, else ``parameters``), set only for routed variants
-      (granularity also for static drop);
-    - ``method``: the paper's name for the variant: ``dense`` -> baseline, ``mindskip`` ->
-      router-tuning, ``static_drop*`` -> attention-drop, ``lora``, ``lora+mindskip`` ->
-      lora+router-tuning;
+    - ``model``, ``dataset`` and the run's ``granularity``, ``route_level``: looked up by
+      ``rt_lib.rundir.setting`` (the MindSkip config, then each step's ``parameters``); the
+      model printed as in ``MODEL_NAMES``; granularity and route level set only for routed
+      variants (granularity also for static drop);
+    - ``method``: the kit's method (``dense``, ``mindskip``, ``static_drop``, ``lora``,
+      ``lora+mindskip``; ``full+mindskip`` for routers tuned with the whole model);
     - ``task``: the paper's column name (``arc_challenge`` -> ``arc_c``, ``openbookqa`` ->
       ``obqa``), ``task_name`` as written by the harness; ``macro_avg`` rows are kept here
       but tables and figures average the tasks themselves;

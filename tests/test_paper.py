@@ -54,7 +54,7 @@ def test_reference_values_spot_check():
     row = main[(main["model"] == "Llama-3-8B") & (main["granularity"] == "attn") & (main["route_level"] == "seq")]
     assert row[["speedup", "arc_c", "avg"]].iloc[0].tolist() == [1.21, 56.6, 69.4]
     fig2 = paper.load_reference("drop_vs_mindskip")
-    assert set(fig2["method"]) == {"baseline", "attention-drop", "mindskip"}
+    assert set(fig2["method"]) == {"dense", "static_drop", "mindskip"}  # translated on reading
 
 
 def test_unknown_reference_name_is_an_error():
@@ -71,14 +71,16 @@ def test_name_mappings():
     assert paper.model_name("meta-llama/Meta-Llama-3-8B") == "Llama-3-8B"
     assert paper.model_name("mistralai/Mistral-7B-v0.3") == "Mistral-7B"
     assert paper.model_name("org/SomeModel-1B") == "SomeModel-1B"
-    assert paper.variant_method("dense") == "baseline"
-    assert paper.variant_method("static_drop") == "attention-drop"
+    assert paper.kit_method("baseline") == "dense"  # the paper's names, read from results/reference
+    assert paper.kit_method("attention-drop") == "static_drop"
+    assert paper.kit_method("router-tuning") == "mindskip"
+    assert paper.kit_method("static_drop") == "static_drop"
     from rt_lib.eval_results import legacy_variant_columns
 
     # files written before results.csv had method/k: the labels give them, once, on reading
     assert legacy_variant_columns("static_drop_k4") == ("static_drop", 4)
     assert legacy_variant_columns("mindskip_t0.5") == ("mindskip", None)
-    assert paper.variant_method("lora+mindskip") == "lora+router-tuning"
+    assert paper.kit_method("lora+router-tuning") == paper.kit_method("lora+mindskip") == "lora+mindskip"
 
 
 # ---------------------------------------------------------------------------- run -> rows
@@ -91,7 +93,7 @@ def test_collect_runs_maps_fixture_runs():
     a = df[df["run_id"] == "fixture-attn-seq"]
     ms = a[(a["variant"] == "mindskip") & (a["threshold"] == 0.5) & (a["task"] == "arc_c") & (a["metric"] == "acc_norm")]
     r = ms.iloc[0]
-    assert (r["granularity"], r["route_level"], r["method"], r["dataset"]) == ("attn", "seq", "router-tuning", "alpaca")
+    assert (r["granularity"], r["route_level"], r["method"], r["dataset"]) == ("attn", "seq", "mindskip", "alpaca")
     assert r["value"] == pytest.approx(0.36) and r["skip_ratio"] == pytest.approx(0.271)
     assert r["speedup"] == pytest.approx(np.median([1.05, 1.06]))  # prefill grid points at tau = 0.5
     assert r["diff"] == pytest.approx(-0.01)  # from eval/paired.csv
@@ -106,7 +108,7 @@ def test_collect_runs_maps_fixture_runs():
     assert b["speedup"].isna().all()  # no profile
     assert set(b.loc[b["variant"] == "mindskip", "granularity"]) == {"block"}
     c = df[df["run_id"] == "fixture-lora"]
-    assert set(c.loc[c["variant"] == "mindskip", "method"]) == {"lora+router-tuning"}  # trainable: lora
+    assert set(c.loc[c["variant"] == "mindskip", "method"]) == {"lora+mindskip"}  # trainable: lora
     assert c.loc[c["variant"] == "mindskip", "speedup"].iloc[0] == pytest.approx(1.048)  # tau from profile.json
 
 
@@ -162,7 +164,7 @@ def test_kit_rows_are_the_runs_values_in_percent(built):
     out, _ = built
     t = read_table(out, "main_table")
     kit = t[(t["run_id"] == "fixture-attn-seq")]
-    tuned = kit[(kit["method"] == "router-tuning") & (kit["row"] == "score")]
+    tuned = kit[(kit["method"] == "mindskip") & (kit["row"] == "score")]
     # one row per evaluated threshold, each labelled with its own value
     assert tuned["threshold"].tolist() == [0.45, 0.5, 0.55]
     assert tuned["arc_c"].tolist() == [36.5, 36.0, 33.5]
@@ -180,7 +182,7 @@ def test_kit_rows_are_the_runs_values_in_percent(built):
 def test_cells_never_run_say_not_run(built):
     out, _ = built
     md = (out / "tables" / "main_table.md").read_text()
-    line = next(ln for ln in md.splitlines() if "fixture-block-token" in ln and "| router-tuning |" in ln)
+    line = next(ln for ln in md.splitlines() if "fixture-block-token" in ln and "| mindskip |" in ln)
     cells = [c.strip() for c in line.strip("|").split("|")]
     header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
     row = dict(zip(header, cells))
@@ -191,9 +193,9 @@ def test_cells_never_run_say_not_run(built):
     tex = (out / "tables" / "main_table.tex").read_text()
     assert paper.NOT_RUN in tex and r"\toprule" in tex and r"$\Delta$ vs dense" in tex
     lora = read_table(out, "lora_table")
-    rt = lora[(lora["source"] == "kit") & (lora["method"] == "router-tuning") & (lora["row"] == "score")].iloc[0]
+    rt = lora[(lora["source"] == "kit") & (lora["method"] == "mindskip") & (lora["row"] == "score")].iloc[0]
     assert rt[["obqa", "piqa", "boolq", "avg"]].isna().all()  # routers-only point not evaluated in the LoRA run
-    lrt = lora[(lora["source"] == "kit") & (lora["method"] == "lora+router-tuning") & (lora["row"] == "score")].iloc[0]
+    lrt = lora[(lora["source"] == "kit") & (lora["method"] == "lora+mindskip") & (lora["row"] == "score")].iloc[0]
     assert lrt["boolq"] == pytest.approx(63.5)
 
 
@@ -239,9 +241,9 @@ def test_sweep_runs_sharing_one_dense_evaluation_show_one_baseline_row(tmp_path)
     paper.build_all(tmp_path, tmp_path / "tables", tmp_path / "figures", figures=False)
     t = read_table(tmp_path, "main_table")
     kit = t[t["source"] != "paper"]
-    assert (kit["method"] == "baseline").sum() == 1
-    assert kit[kit["method"] == "baseline"]["run_id"].tolist() == ["sweep-attn"]
-    tuned = kit[(kit["method"] == "router-tuning") & (kit["row"] == "score")]
+    assert (kit["method"] == "dense").sum() == 1
+    assert kit[kit["method"] == "dense"]["run_id"].tolist() == ["sweep-attn"]
+    tuned = kit[(kit["method"] == "mindskip") & (kit["row"] == "score")]
     assert sorted(zip(tuned["granularity"], tuned["piqa"])) == [("attn", pytest.approx(64.0)), ("mlp", pytest.approx(55.0))]
     d = kit[kit["row"] == "diff_dense"].set_index("granularity")["piqa"]
     assert d["mlp"] == pytest.approx(-11.0) and d["attn"] == pytest.approx(-2.0)
@@ -260,7 +262,7 @@ def test_threshold_sweep_labels_each_row_with_its_own_threshold(tmp_path):
         "mindskip_t0.494,piqa,acc_norm,0.62,0.03,200,0,0.494,0.27"]) + "\n")
     paper.build_all(tmp_path, tmp_path / "tables", tmp_path / "figures", figures=False)
     t = read_table(tmp_path, "main_table")
-    tuned = t[(t["method"] == "router-tuning") & (t["row"] == "score") & (t["source"] != "paper")]
+    tuned = t[(t["method"] == "mindskip") & (t["row"] == "score") & (t["source"] != "paper")]
     # the configured 0.5 was not evaluated: no row claims it
     assert sorted(zip(tuned["threshold"], tuned["piqa"])) == [(0.49, pytest.approx(70.0)), (0.494, pytest.approx(62.0))]
 

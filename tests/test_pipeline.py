@@ -126,7 +126,7 @@ def test_smoke_pipeline_runs_all_four_notebooks(tmp_path):
     # the run's own rows (source "kit <run id>") beside the paper's: dense and the tuned routers at
     # the preset's threshold
     assert "| kit s | tiny-random-llama | baseline |" in main
-    assert "| kit s | tiny-random-llama | router-tuning | attn | seq | 0.5 |" in main
+    assert "| kit s | tiny-random-llama | mindskip | attn | seq | 0.5 |" in main
     record = runs.load_run(run)
     assert set(record["steps"]["pipeline"]["notebooks"]) == set(pipeline.NOTEBOOKS)
     assert {"train", "eval", "profile"} <= set(record["steps"])
