@@ -227,7 +227,7 @@ def test_comparison_with_the_paper_for_the_papers_own_model(tmp_path):
     assert vs["hellaswag"] == pytest.approx(80.1 - 79.8)  # the paper's alpaca row
 
 
-def test_sweep_runs_sharing_one_dense_evaluation_show_one_baseline_row(tmp_path):
+def test_sweep_runs_sharing_one_dense_evaluation_show_one_dense_row(tmp_path):
     header = "variant,task,metric,value,stderr,n,num_fewshot,threshold,skip_ratio"
     for i, (gran, acc) in enumerate([("attn", 0.64), ("mlp", 0.55)]):
         run = tmp_path / "runs" / f"sweep-{gran}"

@@ -122,10 +122,10 @@ def test_smoke_pipeline_runs_all_four_notebooks(tmp_path):
             assert (run / "paper" / "tables" / f"{name}.{ext}").exists()
     assert (run / "paper" / "figures" / "fig2_drop_vs_mindskip.png").exists()
     main = (run / "paper" / "tables" / "main_table.md").read_text()
-    assert "| paper | Llama-3-8B | baseline" in main
+    assert "| paper | Llama-3-8B | dense" in main
     # the run's own rows (source "kit <run id>") beside the paper's: dense and the tuned routers at
     # the preset's threshold
-    assert "| kit s | tiny-random-llama | baseline |" in main
+    assert "| kit s | tiny-random-llama | dense |" in main
     assert "| kit s | tiny-random-llama | mindskip | attn | seq | 0.5 |" in main
     record = runs.load_run(run)
     assert set(record["steps"]["pipeline"]["notebooks"]) == set(pipeline.NOTEBOOKS)
