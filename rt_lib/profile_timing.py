@@ -8,7 +8,9 @@ events after a synchronize; on CPU it is wall-clock `perf_counter`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -94,6 +96,30 @@ def grid_tokens(batch: int, length: int, vocab: int, seed: int = 0, tokens: torc
     return tokens.reshape(-1)[idx]
 
 
+@contextlib.contextmanager
+def untimed_threads(device: torch.device):
+    """Every usable core for an untimed CPU call (a decode context's prefill), then back to the
+    timing's thread count: long contexts prefill in a fraction of the time, and no timed call
+    runs with a different count."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def prefill(model, prompt: torch.Tensor, device: torch.device):
+    """A new cache holding `prompt` (untimed, on every usable CPU core)."""
+    cache = new_cache(model)
+    with untimed_threads(device):
+        forward_step(model, prompt, cache, 0)
+    return cache
+
+
 def rewind(cache, length: int) -> None:
     """Cut every filled layer of `cache` back to its first `length` positions (undo decode steps)."""
     for layer in getattr(cache, "layers", []):
@@ -123,8 +149,7 @@ def measure_point(variants: list[Variant], regime: str, batch: int, seq_len: int
             rewind(cache, seq_len)
             v.restore_state(state)
             return cache, kv
-        cache = new_cache(v.model)
-        forward_step(v.model, prompt, cache, 0)
+        cache = prefill(v.model, prompt, device)
         kv = kv_cache_bytes(cache)
         if v.rewindable:
             prefilled[v.name] = (cache, v.save_state(), kv)
@@ -163,7 +188,7 @@ def sublayer_ms(dense: Variant, regime: str, batch: int, seq_len: int, settings:
     """The dense model's time at one grid point, in total and per sublayer: ``(total_ms,
     {(layer, kind): ms})`` with kind ``attn``, ``mlp`` and ``block`` (the whole layer), per
     forward (prefill) or per generated token (decode), averaged over `rounds` calls timed with
-    forward hooks (the decode prefill is not recorded). What removing a set of sublayers can
+    forward hooks (the decode context is prefilled once, not recorded, and rewound per round). What removing a set of sublayers can
     at most save is the sum of their times; `measured_bound` turns that into a speedup bound."""
     from .architecture import find_decoder, get_slot
 
@@ -203,13 +228,15 @@ def sublayer_ms(dense: Variant, regime: str, batch: int, seq_len: int, settings:
         handles = [h for i in range(len(layers)) for kind in ("attn", "mlp", "block")
                    for h in hooks_for(get_slot(layers, i, kind), (i, kind))]
         try:
+            context = prefill(dense.model, prompt, device) if regime == "decode" else None
             for _ in range(rounds):
-                cache = new_cache(dense.model)
                 if regime == "prefill":
+                    cache = new_cache(dense.model)
                     total += timed(lambda: forward_step(dense.model, prompt, cache, 0))
                     units += 1
                     continue
-                forward_step(dense.model, prompt, cache, 0)
+                cache = context
+                rewind(cache, seq_len)
                 total += timed(lambda: [forward_step(dense.model, steps[:, i:i + 1], cache, seq_len + i)
                                         for i in range(settings.new_tokens)])
                 units += settings.new_tokens
