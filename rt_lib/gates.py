@@ -83,6 +83,7 @@ class _TokenHistory:
     cache: weakref.ref
     time: torch.Tensor
     valid: torch.Tensor
+    all_valid: bool = True  # every slot holds a key (known on the host: no sync to ask)
 
 
 class MindSkipGate(nn.Module):
@@ -343,45 +344,71 @@ class TokenGate(MindSkipGate):
         time_now = ctx.past_len + torch.arange(q_len, device=x.device).expand(bsz, q_len)
         if not compute_all and not sel.any():
             return self._wrap(self._skipped_output(x), self.granularity == "attn")
-        n_sel = sel.sum(1)
-        t_k = int(n_sel.max())
-        # per row: filler slots (marked invalid) first, then the selected tokens in time order, so
-        # the valid keys of a row always occupy its newest cache slots; a sliding-window cache,
-        # which keeps only the newest slots, then never drops a valid key still inside the window
-        order = torch.argsort(sel.to(torch.int8), dim=1, stable=True)[:, q_len - t_k:]  # (B, Tk)
-        q_valid = torch.gather(sel, 1, order)
-        q_time = torch.gather(time_now, 1, order)
-        k_valid_new = torch.gather(hard, 1, order) & q_valid  # skipped tokens are not keys
-        sub_x = _gather_tokens(x, order)
+        t_min, t_k = sel.sum(1).aminmax()
+        t_k, t_min = int(t_k), int(t_min)  # one host sync
+        if t_k == t_min == q_len:  # every token of every row goes through: nothing to gather
+            order, sub_x, kw = None, x, dict(kwargs)
+            q_time, k_valid_new = time_now, (hard if compute_all else sel)
+        else:
+            # per row: filler slots (marked invalid) first, then the selected tokens in time order,
+            # so the valid keys of a row always occupy its newest cache slots; a sliding-window
+            # cache, which keeps only the newest slots, then never drops a valid key in the window
+            order = torch.argsort(sel.to(torch.int8), dim=1, stable=True)[:, q_len - t_k:]  # (B, Tk)
+            q_time = torch.gather(time_now, 1, order)
+            k_valid_new = torch.gather(hard, 1, order) & torch.gather(sel, 1, order)  # skipped: no key
+            sub_x, kw = self._gather_call_inputs(x, kwargs, order)
+        new_all_valid = not compute_all and t_min == t_k  # no filler slot, no skipped token stored
+        kw["attention_mask"] = self._key_mask(hist, q_time, k_valid_new, new_all_valid, t_k, x)
+        sub, tup = self._call(sub_x, args, kw)
+        self._extend_history(cache, hist, q_time, k_valid_new, new_all_valid)
+        if order is None:
+            out = sub
+        elif t_min == t_k:  # no filler slot: every computed token goes back to its place
+            out = x.clone() if self.granularity == "block" else torch.zeros_like(x)
+            out.scatter_(1, order.unsqueeze(-1).expand_as(sub), sub)
+        else:
+            out = x.clone() if self.granularity == "block" else torch.zeros_like(x)
+            q_valid = torch.gather(sel, 1, order)
+            b_idx, j_idx = q_valid.nonzero(as_tuple=True)
+            out[b_idx, order[b_idx, j_idx]] = sub[b_idx, j_idx]
+        if compute_all:  # every real token was computed: apply the (straight-through) decision
+            out = self._apply_gate(x, out, gate)
+        return self._wrap(out, tup)
+
+    @staticmethod
+    def _gather_call_inputs(x, kwargs, order):
+        """The sublayer's input and keyword arguments at the selected tokens ``order`` (B, Tk)."""
         kw = dict(kwargs)
         pe = kw.get("position_embeddings")
         if pe is not None:
             kw["position_embeddings"] = tuple(_gather_tokens(p, order) for p in pe)
         if isinstance(kw.get("position_ids"), torch.Tensor):
             kw["position_ids"] = _gather_tokens(kw["position_ids"], order)
+        return _gather_tokens(x, order), kw
+
+    def _key_mask(self, hist, q_time, k_valid_new, new_all_valid: bool, t_k: int, x):
+        """The attention mask of the compacted queries over the layer's keys (cached + new).
+
+        None (the attention's own causal path, and its fastest kernel) where that is the same
+        mask: SDPA, every key slot valid, no sliding window cutting in, and either no cached
+        keys (causal over the kept tokens in time order) or one query per row (sees every key)."""
+        past = 0 if hist is None else hist.time.shape[1]
+        span = int(self._ctx.past_len) + int(x.shape[1])  # newest time index + 1
+        if (self.attn_impl == "sdpa" and new_all_valid and (hist is None or hist.all_valid)
+                and (not self.sliding_window or span <= self.sliding_window) and (past == 0 or t_k == 1)):
+            return None
         k_time = torch.cat([hist.time, q_time], 1) if hist is not None else q_time
         k_valid = torch.cat([hist.valid, k_valid_new], 1) if hist is not None else k_valid_new
         allowed = k_valid[:, None, :] & (k_time[:, None, :] <= q_time[:, :, None])  # (B, Tk, S+Tk)
         if self.sliding_window:
             allowed &= k_time[:, None, :] > q_time[:, :, None] - self.sliding_window
-        n_past = k_time.shape[1] - t_k
         eye = torch.zeros_like(allowed)
-        eye[:, :, n_past:] = torch.eye(t_k, dtype=torch.bool, device=x.device)
+        eye[:, :, past:] = torch.eye(t_k, dtype=torch.bool, device=x.device)
         allowed = (allowed | eye).unsqueeze(1)  # every query sees at least itself: no empty softmax rows
-        if self.attn_impl == "eager":
-            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-            mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
-        else:
-            mask = allowed
-        kw["attention_mask"] = mask
-        sub, tup = self._call(sub_x, args, kw)
-        self._extend_history(cache, hist, q_time, k_valid_new)
-        out = self._skipped_output(x).clone()
-        b_idx, j_idx = q_valid.nonzero(as_tuple=True)
-        out[b_idx, order[b_idx, j_idx]] = sub[b_idx, j_idx]
-        if compute_all:  # every real token was computed: apply the (straight-through) decision
-            out = self._apply_gate(x, out, gate)
-        return self._wrap(out, tup)
+        if self.attn_impl != "eager":
+            return allowed
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        return mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
 
     def _history(self, cache, bsz, device) -> _TokenHistory | None:
         ctx = self._ctx
@@ -398,11 +425,12 @@ class TokenGate(MindSkipGate):
             )
         return st
 
-    def _extend_history(self, cache, hist, q_time, k_valid_new):
+    def _extend_history(self, cache, hist, q_time, k_valid_new, new_all_valid: bool):
         if hist is None:
             return
         hist.time = torch.cat([hist.time, q_time], 1)
         hist.valid = torch.cat([hist.valid, k_valid_new], 1)
+        hist.all_valid = hist.all_valid and new_all_valid
         stored = _stored_len(cache, self.layer_idx)
         if stored is not None and stored < hist.time.shape[1]:  # sliding-window caches drop old slots
             hist.time = hist.time[:, -stored:]

@@ -16,6 +16,7 @@ from rt_lib.mindskip import (
     drop_sublayers,
     get_mindskip_model,
 )
+from rt_lib.profile_timing import forward_step
 from tiny_models import ARCHS, padded_batch, random_routers, tiny_model
 
 GRANS = ("attn", "mlp", "block")
@@ -159,6 +160,63 @@ def test_token_routing_attention_equals_a_loop_over_kept_prefixes():
             ref, _ = gate.base_layer(seen["x"][:, prefix], position_embeddings=(cos[:, prefix], sin[:, prefix]),
                                      attention_mask=None)
         torch.testing.assert_close(seen["out"][0, t], ref[0, -1], atol=1e-5, rtol=0)
+
+
+def test_token_routing_without_a_mask_where_causal_is_the_same_equals_the_masked_path():
+    """Batch 1 under SDPA: every stored key is valid, so the gate hands the attention no mask
+    (its own causal path) at prefill and at each decode step; the result equals the same
+    routing with an explicit key mask (eager attention builds one at every call)."""
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    outs, masks = {}, {}
+    for impl in ("sdpa", "eager"):
+        model = tiny_model("llama", attn_implementation=impl)
+        ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3], route_level="token"))
+        ms.eval()
+        random_routers(ms, seed=4)
+        seen = masks.setdefault(impl, [])
+        hook = ms.gates[3].base_layer.register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = [forward_step(model, ids[:, :8], cache, 0, logits_to_keep=0).logits]
+            out += [forward_step(model, ids[:, t:t + 1], cache, t, logits_to_keep=0).logits for t in range(8, 12)]
+        hook.remove()
+        outs[impl] = torch.cat(out, 1)
+        assert 0 < ms.skip_ratio() < 1  # some tokens skipped the routed attention, some ran it
+    assert masks["sdpa"] and all(m is None for m in masks["sdpa"])
+    assert masks["eager"] and all(m is not None for m in masks["eager"])
+    torch.testing.assert_close(outs["sdpa"], outs["eager"], atol=1e-5, rtol=0)
+
+
+def test_last_position_logits_never_copy_the_frozen_output_projection():
+    """``logits_to_keep=1`` hands the output projection a (B, 1, d) slice; with the frozen
+    weights MindSkip sets, plain matmul would copy the whole weight into a batched product at
+    every prefill. The MindSkip model keeps it a single matrix product, with the same logits,
+    and unload() takes the hook away."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[:, -1:]
+
+    def bmm_calls():
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = model(input_ids=ids, logits_to_keep=1).logits
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::bmm"), out
+
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3]))
+    ms.eval()
+    ms.force(True)
+    calls, out = bmm_calls()
+    assert calls == 0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    ms.unload()
+    for p in model.parameters():
+        p.requires_grad_(False)  # frozen, without MindSkip: the copying path the hook avoids
+    calls, out = bmm_calls()
+    assert calls > 0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------- batch invariance
