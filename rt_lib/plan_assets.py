@@ -179,22 +179,11 @@ def _from_folder(name: str, folder: Path, rec: dict, missing: list[dict]) -> tup
     with the command that fetches it (from the hub id its config names, when it names one)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    cfg = tok = None
     rec["source"] = str(folder.resolve())
-    try:
-        with _quiet():
-            cfg = AutoConfig.from_pretrained(str(folder))
-        rec["config"] = "ok"
-    except Exception as e:
-        rec["notes"].append(f"config: {_first_line(e)}")
+    cfg, tok = (_load_noting(auto, folder, key, rec) for auto, key in ((AutoConfig, "config"), (AutoTokenizer, "tokenizer")))
+    if cfg is None:
         missing.append(_missing(f"config.json of {name}", "plan", f"{folder} has no readable config.json",
                                 f"cp <config.json of the model> {shlex.quote(str(folder))}/"))
-    try:
-        with _quiet():
-            tok = AutoTokenizer.from_pretrained(str(folder))
-        rec["tokenizer"] = "ok"
-    except Exception as e:
-        rec["notes"].append(f"tokenizer: {_first_line(e)}")
     rec["weights"] = _weights_in_folder(folder)
     hub_id = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
     hub_id = hub_id if re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id or "") and not Path(hub_id).exists() else None
@@ -209,6 +198,19 @@ def _from_folder(name: str, folder: Path, rec: dict, missing: list[dict]) -> tup
         missing.append(_missing(f"weights of {name}", "run",
                                 f"{folder} holds no weight files (the plan needs none)", cmd))
     return cfg, tok
+
+
+def _load_noting(auto, folder: Path, key: str, rec: dict):
+    """``auto.from_pretrained(folder)`` (a config or tokenizer class); ``rec[key]`` says whether it
+    loaded, and why not goes to ``rec["notes"]`` (None then)."""
+    try:
+        with _quiet():
+            obj = auto.from_pretrained(str(folder))
+    except Exception as e:
+        rec["notes"].append(f"{key}: {_first_line(e)}")
+        return None
+    rec[key] = "ok"
+    return obj
 
 
 def _from_hub(name: str, rec: dict, missing: list[dict]) -> tuple[Any, Any]:
