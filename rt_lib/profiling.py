@@ -145,9 +145,8 @@ PROFILE_PRESETS = {
     # beside long-context batched decode (8 x 1024), where skipping attention saves the most:
     # per step, attention reads the whole KV cache. One thread: speedups are ratios and barely
     # depend on it, while two threads on a 2-core machine shared with other jobs spin against
-    # them (a 1x128 forward measured 20x slower than with one thread). Four timed decode steps
-    # per round keep the step within the main job's budget (8 x 1024 decodes at ~0.4 s a step)
-    "quick": ProfileSettings(decode_batch_sizes=[1, 8], decode_context_lens=[128, 1024], new_tokens=4,
+    # them (a 1x128 forward measured 20x slower than with one thread)
+    "quick": ProfileSettings(decode_batch_sizes=[1, 8], decode_context_lens=[128, 1024], new_tokens=8,
                              threads=1),
     # the whole grid, meant for a GPU; points that do not fit are reported as skipped
     "full": ProfileSettings(prefill_batch_sizes=[1, 4, 16, 64], prefill_seq_lens=[128, 512, 2048, 8192],
