@@ -363,14 +363,13 @@ class TokenGate(MindSkipGate):
         self._extend_history(cache, hist, q_time, k_valid_new, new_all_valid)
         if order is None:
             out = sub
-        elif t_min == t_k:  # no filler slot: every computed token goes back to its place
-            out = x.clone() if self.granularity == "block" else torch.zeros_like(x)
-            out.scatter_(1, order.unsqueeze(-1).expand_as(sub), sub)
         else:
             out = x.clone() if self.granularity == "block" else torch.zeros_like(x)
-            q_valid = torch.gather(sel, 1, order)
-            b_idx, j_idx = q_valid.nonzero(as_tuple=True)
-            out[b_idx, order[b_idx, j_idx]] = sub[b_idx, j_idx]
+            if t_min == t_k:  # no filler slot: every computed token goes back to its place
+                out.scatter_(1, order.unsqueeze(-1).expand_as(sub), sub)
+            else:
+                b_idx, j_idx = torch.gather(sel, 1, order).nonzero(as_tuple=True)
+                out[b_idx, order[b_idx, j_idx]] = sub[b_idx, j_idx]
         if compute_all:  # every real token was computed: apply the (straight-through) decision
             out = self._apply_gate(x, out, gate)
         return self._wrap(out, tup)

@@ -188,8 +188,9 @@ def sublayer_ms(dense: Variant, regime: str, batch: int, seq_len: int, settings:
     """The dense model's time at one grid point, in total and per sublayer: ``(total_ms,
     {(layer, kind): ms})`` with kind ``attn``, ``mlp`` and ``block`` (the whole layer), per
     forward (prefill) or per generated token (decode), averaged over `rounds` calls timed with
-    forward hooks (the decode context is prefilled once, not recorded, and rewound per round). What removing a set of sublayers can
-    at most save is the sum of their times; `measured_bound` turns that into a speedup bound."""
+    forward hooks (the decode context is prefilled once, not recorded, and rewound per round).
+    What removing a set of sublayers can at most save is the sum of their times;
+    `measured_bound` turns that into a speedup bound."""
     from .architecture import find_decoder, get_slot
 
     ids = grid_tokens(batch, seq_len + settings.new_tokens, vocab, settings.seed, tokens).to(device)

@@ -95,9 +95,9 @@ def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def mindskip_config(meta: dict, files: dict | None = None) -> dict:
+def mindskip_config(meta: dict) -> dict:
     """The run's MindSkip config: the first source of ``SETTING_SOURCES`` (``{}`` when none).
-    ``meta``: run.json as ``upgrade`` returns it; ``files`` is not read (older callers pass it)."""
+    ``meta``: run.json as ``upgrade`` returns it."""
     for cfg in (_dict(_dict(meta.get("steps")).get("train")).get("config"),
                 _dict(_dict(meta.get("parameters")).get("eval")).get("mindskip")):
         if isinstance(cfg, dict) and cfg:
@@ -105,10 +105,9 @@ def mindskip_config(meta: dict, files: dict | None = None) -> dict:
     return {}
 
 
-def lookup(meta: dict, files: dict | None, *keys: str) -> Any:
+def lookup(meta: dict, *keys: str) -> Any:
     """First value of any of ``keys`` in ``SETTING_SOURCES`` order, given run.json (``meta``, as
-    ``upgrade`` returns it); None when no source has one. Within one source, earlier keys win.
-    ``files`` is not read (older callers pass it)."""
+    ``upgrade`` returns it); None when no source has one. Within one source, earlier keys win."""
     params = _dict(meta.get("parameters"))
     steps = [*(s for s in STEP_ORDER if s in params), *(s for s in params if s not in STEP_ORDER)]
     for source in (mindskip_config(meta), *(params[s] for s in steps)):
@@ -157,7 +156,7 @@ def upgrade(meta: dict, files: dict, read_eval: Callable[[], Any] | None = None)
         moved.update(_dict(old.get("settings")))
         if moved:
             params[step] = {**moved, **_dict(params.get(step))}
-    if read_eval is not None and (lookup(meta, None, *MODEL_KEYS) is None or not mindskip_config(meta)):
+    if read_eval is not None and (lookup(meta, *MODEL_KEYS) is None or not mindskip_config(meta)):
         prov = _dict(_dict(read_eval()).get("provenance"))
         found = {"model": prov.get("model"), "model_dtype": prov.get("model_dtype"), "preset": prov.get("preset"),
                  **_dict(prov.get("parameters")), "mindskip": _dict(prov.get("mindskip")).get("config")}
@@ -207,7 +206,7 @@ class Run:
 
     def lookup(self, *keys: str) -> Any:
         """First value of ``keys`` in ``SETTING_SOURCES`` order; None when none has one."""
-        return lookup(self.meta, None, *keys)
+        return lookup(self.meta, *keys)
 
     @property
     def model(self) -> str:
