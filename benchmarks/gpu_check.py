@@ -303,16 +303,13 @@ class GpuCheck:
             for key in ("measurements", "sublayer_times", "bound_curves"):
                 if key in conditions:
                     conditions[key] = [x for p in parts for x in p["conditions"].get(key, [])]
-            conditions.update(settings=asdict(settings), preset=settings_name(self.settings), model=MODEL,
-                              routers=profile_step.router_record(str(self.routers)), text="wikipedia-en",
-                              wall_time_s=round(sum(p["wall_s"] for p in parts), 1),
+            conditions.update(settings=asdict(settings), skip_layers=fixed["skip_layers"],
                               grid_parts="one profile() call per grid point, layer sets and peaks fixed once "
                                          "(gpu_check/profile_fixed.json)")
-            profile_step.write_results(rows, conditions, self.out)
-            runs.update_run(self.out, "profile", {"preset": settings_name(self.settings), "model": MODEL,
-                                                  "routers": conditions["routers"], "skip_layers": fixed["skip_layers"],
-                                                  "settings": asdict(settings),
-                                                  "files": ["profile/profile.csv", "profile/profile.json"]})
+            profile_step.describe(conditions, wall_time_s=sum(p["wall_s"] for p in parts),
+                                  preset=settings_name(self.settings), model=MODEL, routers=self.routers,
+                                  text="wikipedia-en")
+            profile_step.record_step(self.out, rows, conditions)
         finally:
             ms.unload()
         self.times["profile_s"] = round(time.perf_counter() - start, 1)

@@ -388,17 +388,8 @@ class Evidence:
             return
         threshold = self.calibration()["main"][str(max(self.targets))]["threshold"]
         settings = profiling.preset(self.profile_preset, variants=["dense", "mindskip"], threshold=threshold)
-        ms = profiling.prepare_models(self.base, str(self.routers))
-        try:
-            tokens = profile_step.text_tokens(self.tok, "wikipedia-en")
-            start = time.perf_counter()
-            rows, conditions = profiling.profile(ms, settings, tokens, progress=True)
-            conditions.update(wall_time_s=round(time.perf_counter() - start, 1), preset=self.profile_preset,
-                              model=self.model_name, routers=profile_step.router_record(str(self.routers)),
-                              text="wikipedia-en")
-            profile_step.record_step(self.out, rows, conditions)
-        finally:
-            ms.unload()
+        profile_step.run_step(self.base, self.tok, self.out, settings, routers=str(self.routers),
+                              preset_name=self.profile_preset, model_name=self.model_name)
 
     def combine(self):
         """``<out>/eval/`` from every part, and the measures table."""

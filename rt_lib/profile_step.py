@@ -30,13 +30,26 @@ def run_step(model, tokenizer, out, settings: ProfileSettings, routers: str | No
     if not (out / "run.json").exists():
         new_run(root=out.parent, run_id=out.name, preset=preset_name)
     tokens = text_tokens(tokenizer, text) if text else None
-    ms = prepare_models(model, routers, config)
-    t0 = time.perf_counter()
-    rows, conditions = profile(ms, settings, tokens, progress=progress)
-    conditions["wall_time_s"] = round(time.perf_counter() - t0, 1)
     model_name = model_name or getattr(model.config, "rt_kit_name", None) or model.config.name_or_path
-    conditions.update(preset=preset_name, model=model_name, routers=router_record(routers), text=text)
+    ms = prepare_models(model, routers, config)
+    try:
+        t0 = time.perf_counter()
+        rows, conditions = profile(ms, settings, tokens, progress=progress)
+        describe(conditions, wall_time_s=time.perf_counter() - t0, preset=preset_name, model=model_name,
+                 routers=routers, text=text)
+    finally:
+        ms.unload()  # `model` leaves as it came
     return rows, conditions, record_step(out, rows, conditions)
+
+
+def describe(conditions: dict, *, wall_time_s: float, preset: str | None, model: str, routers, text: str | None) -> dict:
+    """Add what ``profile()`` cannot know to its conditions, in place: the step's wall time,
+    preset, model name, routers (``router_record`` of the checkpoint folder; None: fresh) and
+    the text the prompts were cut from (None: random ids). Every profiling step (run_step,
+    the evidence run, the GPU check) records these the same way."""
+    conditions.update(wall_time_s=round(wall_time_s, 1), preset=preset, model=model,
+                      routers=router_record(str(routers) if routers else None), text=text)
+    return conditions
 
 
 def record_step(out, rows: list[dict], conditions: dict) -> Path:

@@ -319,6 +319,10 @@ def test_gpu_check_smoke_run_folder_summary_and_resume(tmp_path):
     profile = pd.read_csv(out / "profile" / "profile.csv")
     assert len(profile.drop_duplicates(["regime", "batch_size", "seq_len"])) == 4 == summary["profile"]["points"]
     assert set(profile.status) == {"ok"} and {"dense", "mindskip", "oracle"} <= set(profile.variant)
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["parameters"]["profile"]["preset"] == "smoke" and meta["parameters"]["profile"]["text"] == "wikipedia-en"
+    assert meta["steps"]["profile"]["routers"]["path"] == json.loads((out / "profile" / "profile.json").read_text())[
+        "routers"]["path"]
     text = (out / "gpu_check" / "summary.txt").read_text().strip()
     assert text in proc.stdout
     assert "accuracy (offline, macro over tasks, n=8): dense" in text and "tokens/s" in text

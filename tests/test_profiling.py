@@ -428,6 +428,34 @@ def test_results_files_follow_the_format(ms, tmp_path):
     assert (s["skip_ratio_forced"] == 0.5).all()
 
 
+def test_run_step_records_the_step_and_returns_the_model_as_it_came(tmp_path):
+    """The profiling step of a run: profile/ written, its options in parameters.profile, what it
+    measured with in steps.profile, and the model unwrapped again (same modules, same logits)."""
+    model = tiny_llama()
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    kinds = [type(m).__name__ for m in model.modules()]
+    routers = tmp_path / "routers"
+    P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4)).save_pretrained(routers)
+
+    rows, cond, prof = profile_step.run_step(model, None, tmp_path / "run", settings(variants=["dense", "mindskip"]),
+                                             routers=str(routers), text=None, preset_name="smoke",
+                                             model_name="tiny", progress=False)
+    assert prof == tmp_path / "run" / "profile" and (prof / "profile.csv").is_file()
+    assert {r["variant"] for r in rows} == {"dense", "mindskip"}
+    assert cond["preset"] == "smoke" and cond["model"] == "tiny" and cond["text"] is None
+    assert cond["routers"]["path"] == str(routers) and len(cond["routers"]["weights_sha256"]) == 64
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    params = meta["parameters"]["profile"]
+    assert (params["preset"], params["model"], params["threads"], params["skip_layers"]) == ("smoke", "tiny", 1, SKIP)
+    assert meta["steps"]["profile"]["routers"] == cond["routers"]
+    assert meta["steps"]["profile"]["skip_layers"] == SKIP
+    assert [type(m).__name__ for m in model.modules()] == kinds
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
 def test_prompts_are_windows_of_the_given_text():
     text = torch.arange(100, 130)
     ids = P.grid_tokens(2, 10, vocab=96, tokens=text)
