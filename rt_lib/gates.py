@@ -260,7 +260,7 @@ class SeqGate(MindSkipGate):
             return self._wrap(self._skipped_output(x), self.granularity == "attn")
         sub, tup = self._call(x[rows], _take_rows(args, rows, bsz), _take_rows(kwargs, rows, bsz))
         out = self._skipped_output(x).clone()
-        out[rows] = sub
+        out[rows] = sub.to(out.dtype)  # autocast: the sublayer may return a lower precision
         return self._wrap(out, tup)
 
     def reorder_cache(self, cache, beam_idx: torch.Tensor) -> bool:
@@ -328,7 +328,7 @@ class TokenGate(MindSkipGate):
                 return self._wrap(self._apply_gate(x, out, gate), tup)
             out = torch.zeros_like(x)
             if hard.any():
-                out[hard] = self.base_layer(x[hard].unsqueeze(0)).squeeze(0)
+                out[hard] = self.base_layer(x[hard].unsqueeze(0)).squeeze(0).to(out.dtype)
             return out
 
         cache = ctx.cache
@@ -366,10 +366,10 @@ class TokenGate(MindSkipGate):
         else:
             out = x.clone() if self.granularity == "block" else torch.zeros_like(x)
             if t_min == t_k:  # no filler slot: every computed token goes back to its place
-                out.scatter_(1, order.unsqueeze(-1).expand_as(sub), sub)
+                out.scatter_(1, order.unsqueeze(-1).expand_as(sub), sub.to(out.dtype))
             else:
                 b_idx, j_idx = torch.gather(sel, 1, order).nonzero(as_tuple=True)
-                out[b_idx, order[b_idx, j_idx]] = sub[b_idx, j_idx]
+                out[b_idx, order[b_idx, j_idx]] = sub[b_idx, j_idx].to(out.dtype)
         if compute_all:  # every real token was computed: apply the (straight-through) decision
             out = self._apply_gate(x, out, gate)
         return self._wrap(out, tup)
