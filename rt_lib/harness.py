@@ -167,7 +167,8 @@ class MindSkipLM(HFLM):
             key = tuple((ctx + cont)[-(self.max_length + 1):][:-1])
             self._cont_lens[key] = max(self._cont_lens.get(key, 0), len(cont))
         try:
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            with float32_logits(self.model):  # one float32 copy of the projection per pass
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
             self._cont_lens = {}
 
@@ -227,7 +228,6 @@ class MindSkipLM(HFLM):
             torch.no_grad(),
             torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                            enabled=self.mixed_precision_dtype is not None),
-            float32_logits(self.model),
         ):
             return self.model(input_ids=inps, attention_mask=mask,
                               logits_to_keep=self._logits_to_keep(inps, lengths)).logits
@@ -378,22 +378,34 @@ def float32_logits(model):
     " yes"/" no" are one token each). The hidden state stays as the model computed it; only
     the projection (``get_output_embeddings``) and what follows it (log-softmax, sums) run in
     float32, which costs little because only the positions the harness reads are projected.
+    The float32 copy of the projection weight is made once on entry (the wrapper enters once
+    per loglikelihood pass, not per batch) and the half-precision product is not computed. A
+    head with a forward of its own (an accelerate device or offload hook) or a weight not
+    materialised (``meta``) keeps its forward, and a hook recomputes its output in float32.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if weight is None or weight.dtype == torch.float32 or not weight.is_floating_point():
         yield
         return
+    if weight.is_meta or "forward" in head.__dict__:
+        def recompute(module, args, output):
+            bias = module.bias.float() if getattr(module, "bias", None) is not None else None
+            return torch.nn.functional.linear(args[0].float(), module.weight.float(), bias)
 
-    def hook(module, args, output):
-        bias = module.bias.float() if getattr(module, "bias", None) is not None else None
-        return torch.nn.functional.linear(args[0].float(), module.weight.float(), bias)
-
-    handle = head.register_forward_hook(hook)
+        handle = head.register_forward_hook(recompute)
+        try:
+            yield
+        finally:
+            handle.remove()
+        return
+    w32 = weight.detach().float()
+    b32 = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
+    head.forward = lambda x: torch.nn.functional.linear(x.float(), w32, b32)
     try:
         yield
     finally:
-        handle.remove()
+        del head.forward
 
 
 def leaf_tasks(obj) -> list:

@@ -80,6 +80,29 @@ def test_float32_logits_projects_a_bfloat16_model_in_float32(tok):
     assert (out.logits - plain.float()).abs().max() > 0  # bfloat16 rounding is what it removes
 
 
+def test_float32_logits_skips_the_half_precision_product_and_respects_a_hooked_head(tok, monkeypatch):
+    """The fast path never runs the head's own bfloat16 product; a head whose forward was
+    replaced (as accelerate's device hooks do) keeps it, and its output is still float32."""
+    model = tiny_llama(tok).to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    calls = []
+    original = type(head).forward
+    monkeypatch.setattr(type(head), "forward", lambda self, x: (self is head and calls.append(1)) or original(self, x))
+    with torch.no_grad():
+        with float32_logits(model):
+            fast = model(input_ids=ids).logits
+        assert calls == [] and "forward" not in head.__dict__
+        own = []
+        head.forward = lambda x: own.append(1) or original(head, x)  # an instance forward, e.g. a device hook
+        wrapped = head.forward
+        with float32_logits(model):
+            hooked = model(input_ids=ids).logits
+        assert own == [1] and head.forward is wrapped
+    assert fast.dtype == hooked.dtype == torch.float32
+    torch.testing.assert_close(fast, hooked)
+
+
 # ------------------------------------------------------------------------- combined parts
 @pytest.fixture(scope="module")
 def parts_and_whole(tok, tmp_path_factory):
