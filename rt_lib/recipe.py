@@ -372,6 +372,7 @@ class RouterTuningRecipe:
             "trainable": cfg.trainable,
             "trainable_parameters": sum(p.numel() for p in self.params),
             "precision": self.precision,
+            "backbone_dtype": str(ms.model.get_input_embeddings().weight.dtype).removeprefix("torch."),
             "processes": self.world,
             "gradient_accumulation": self.accum,
             "warmup_steps": self.warmup,

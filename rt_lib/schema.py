@@ -240,6 +240,7 @@ JSON_FIELDS: dict[str, tuple[Field, ...]] = {
         Field("trainable", "`routers`, `lora` or `full`"),
         Field("trainable_parameters", "number of tuned parameters"),
         Field("precision", "`fp32` or `bf16`"),
+        Field("backbone_dtype", "dtype the frozen backbone ran in (`float32`, `bfloat16`: `model_dtype` resolved; runs before this field: float32 unless `train_config.model_dtype` says otherwise)", always=False),
         Field("processes", "data-parallel processes"),
         Field("gradient_accumulation", "micro-batches per optimiser step"),
         Field("warmup_steps", "linear warm-up steps"),

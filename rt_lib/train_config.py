@@ -30,7 +30,7 @@ class TrainConfig:
     model: str = field(default="smollm2-135m-instruct",
                        metadata={"help": "Embedded kit model, local folder or Hugging Face id (rt_lib.assets.load_model)."})
     model_dtype: str = field(default="float32",
-                             metadata={"help": "dtype the backbone is loaded in (float32, bfloat16); routers stay float32."})
+                             metadata={"help": "dtype the backbone is loaded in: float32, bfloat16, or auto (bfloat16 on CUDA and on CPUs with native bf16 matrix products, else float32); routers stay float32."})
     data: str = field(default="wikipedia-en",
                       metadata={"help": "Tuning data: embedded name, .json/.jsonl file or Hugging Face dataset name."})
     data_split: str | None = field(default="train", metadata={"help": "Split of the tuning data."})
