@@ -107,41 +107,15 @@ def test_forced_skip_equals_removed_sublayer(arch, gran):
     assert not torch.allclose(ref, logits(model, ids, mask), atol=1e-3)  # the removal mattered
 
 
-@pytest.mark.parametrize("level", ["seq", "token"])
-@pytest.mark.parametrize("gran", GRANS)
-def test_bf16_autocast_on_a_float32_model_with_mixed_decisions(level, gran):
-    """Under bf16 autocast (``precision="bf16"`` on a float32 backbone) the kept rows/tokens
-    come back from the sublayer in bf16 into a float32 residual stream: skip mode must accept
-    them and agree with compute-then-mask under the same autocast."""
-    model = tiny_model("llama")
-    ids, mask = padded_batch([8, 5, 7])
-    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], granularity=gran, route_level=level))
-    ms.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        for seed in range(10):
-            random_routers(ms, seed=seed)
-            out_skip = logits(model, ids, mask)
-            keep = {i: d.clone() for i, d in ms.decisions().items()}
-            if any(0 < int(d.sum()) < d.numel() for d in keep.values()):
-                break
-        assert any(0 < int(d.sum()) < d.numel() for d in keep.values()), "want mixed decisions"
-        ms.set_execution("mask")
-        out_mask = logits(model, ids, mask)
-    assert all(torch.equal(keep[i], d) for i, d in ms.decisions().items())
-    real = mask.bool()
-    torch.testing.assert_close(out_skip[real].float(), out_mask[real].float(), atol=2e-2, rtol=0)
-
-
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
-@pytest.mark.parametrize("level", ["seq", "token"])
-@pytest.mark.parametrize("gran", GRANS)
-def test_mask_mode_equals_skip_mode_with_mixed_decisions(arch, level, gran):
-    """Computing only the kept rows/tokens gives what compute-everything-then-mask gives."""
+def skip_and_mask_outputs(arch, level, gran):
+    """Logits of one padded batch in skip mode and in mask mode (compute everything, then
+    mask), under the first router seed that mixes decisions inside the batch; the decisions
+    of both passes are checked equal. Returns (skip logits, mask logits) at real positions."""
     model = tiny_model(arch)
     ids, mask = padded_batch([8, 5, 7])
     ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], granularity=gran, route_level=level))
     ms.eval()
-    for seed in range(10):  # the first router seed that mixes decisions inside the batch
+    for seed in range(10):
         random_routers(ms, seed=seed)
         out_skip = logits(model, ids, mask)
         keep = {i: d.clone() for i, d in ms.decisions().items()}
@@ -152,7 +126,27 @@ def test_mask_mode_equals_skip_mode_with_mixed_decisions(arch, level, gran):
     out_mask = logits(model, ids, mask)
     assert all(torch.equal(keep[i], d) for i, d in ms.decisions().items())
     real = mask.bool()
-    torch.testing.assert_close(out_skip[real], out_mask[real], atol=1e-5, rtol=0)
+    return out_skip[real], out_mask[real]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
+@pytest.mark.parametrize("level", ["seq", "token"])
+@pytest.mark.parametrize("gran", GRANS)
+def test_mask_mode_equals_skip_mode_with_mixed_decisions(arch, level, gran):
+    """Computing only the kept rows/tokens gives what compute-everything-then-mask gives."""
+    out_skip, out_mask = skip_and_mask_outputs(arch, level, gran)
+    torch.testing.assert_close(out_skip, out_mask, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("level", ["seq", "token"])
+@pytest.mark.parametrize("gran", GRANS)
+def test_bf16_autocast_on_a_float32_model_with_mixed_decisions(level, gran):
+    """Under bf16 autocast (``precision="bf16"`` on a float32 backbone) the kept rows/tokens
+    come back from the sublayer in bf16 into a float32 residual stream: skip mode must accept
+    them and agree with compute-then-mask under the same autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_skip, out_mask = skip_and_mask_outputs("llama", level, gran)
+    torch.testing.assert_close(out_skip.float(), out_mask.float(), atol=2e-2, rtol=0)
 
 
 def test_token_routing_attention_equals_a_loop_over_kept_prefixes():
