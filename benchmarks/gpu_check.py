@@ -303,7 +303,7 @@ class GpuCheck:
             for key in ("measurements", "sublayer_times", "bound_curves"):
                 if key in conditions:
                     conditions[key] = [x for p in parts for x in p["conditions"].get(key, [])]
-            conditions.update(settings=asdict(settings), skip_layers=fixed["skip_layers"],
+            conditions.update(settings=asdict(settings),
                               grid_parts="one profile() call per grid point, layer sets and peaks fixed once "
                                          "(gpu_check/profile_fixed.json)")
             profile_step.describe(conditions, wall_time_s=sum(p["wall_s"] for p in parts),
