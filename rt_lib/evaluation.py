@@ -53,6 +53,7 @@ from rt_lib.eval_tables import (  # noqa: F401 - the tables of an evaluation, im
 from rt_lib.harness import (
     ALL_TASKS,
     MindSkipLM,
+    env_info_once,
     leaf_tasks,
     load_routers,
     load_task,
@@ -330,10 +331,12 @@ def _run_harness(job: _Job, task_obj, shots: int, limit, harness_name: str, metr
 
     start = time.perf_counter()
     job.lm.reset_skip_counts()
-    res = simple_evaluate(
-        model=job.lm, tasks=[task_obj], num_fewshot=shots, limit=limit, samples=samples, batch_size=job.batch_size,
-        log_samples=True, task_manager=job.tm, bootstrap_iters=1000, **_seeds(job.seed),
-    )
+    with env_info_once():
+        res = simple_evaluate(
+            model=job.lm, tasks=[task_obj], num_fewshot=shots, limit=limit, samples=samples,
+            batch_size=job.batch_size, log_samples=True, task_manager=job.tm, bootstrap_iters=1000,
+            **_seeds(job.seed),
+        )
     wall_s = time.perf_counter() - start
     values, docs, n = _collect(res, harness_name, metrics, {t.task_name: t for t in leaf_tasks(task_obj)})
     return _HarnessRun(values, n, docs, wall_s, {k: v for k, v in res.items() if k not in ("samples", "config")})

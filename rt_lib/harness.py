@@ -408,6 +408,33 @@ def float32_logits(model):
         del head.forward
 
 
+_ENV_INFO: dict = {}
+
+
+@contextmanager
+def env_info_once():
+    """Within the block, the harness's environment record (``pretty_env_info``: torch's
+    ``collect_env``, about a dozen subprocesses, 0.6 s) is collected once per process and
+    copied into every later result: it cannot change within a process, and an evaluation makes
+    one harness call per task and variant (24 in the main job)."""
+    import copy
+
+    import lm_eval.evaluator as harness_evaluator
+
+    collect = harness_evaluator.add_env_info
+
+    def once(storage: dict) -> None:
+        if not _ENV_INFO:
+            collect(_ENV_INFO)
+        storage.update(copy.deepcopy(_ENV_INFO))
+
+    harness_evaluator.add_env_info = once
+    try:
+        yield
+    finally:
+        harness_evaluator.add_env_info = collect
+
+
 def leaf_tasks(obj) -> list:
     """The tasks of a harness group (e.g. the 57 MMLU subjects), or ``[obj]`` for a task."""
     from lm_eval.api.group import Group
@@ -419,7 +446,16 @@ def load_task(tm, p: TaskPreset, task: str) -> tuple[str, Any]:
     """The harness task (or group) of a preset's standard task name, ready to evaluate: the
     standard tasks get the per-document few-shot sampler (the offline ones have it built in)."""
     harness_name = p.harness_task(task)
-    loaded = tm.load([harness_name])
+    if p.offline:  # local files: no download-count request to the hub per data set (one per MMLU subject)
+        import datasets.config
+
+        counting, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, False
+        try:
+            loaded = tm.load([harness_name])
+        finally:
+            datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
+    else:
+        loaded = tm.load([harness_name])
     obj = loaded["groups"].get(harness_name) or loaded["tasks"][harness_name]
     if not p.offline:
         for leaf in leaf_tasks(obj):

@@ -495,3 +495,44 @@ def test_names_that_moved_still_import_from_rt_lib_evaluation():
         assert getattr(ev, name) is getattr(harness, name), name
     for name in ("EvalResults", "RESULT_COLUMNS", "PAIRED_COLUMNS", "SKIP_COLUMNS", "MACRO"):
         assert getattr(ev, name) is getattr(eval_results, name), name
+
+
+def test_harness_environment_record_is_collected_once_per_process(monkeypatch):
+    """Every harness call stores the same environment record; it is collected once (torch's
+    collect_env runs a dozen subprocesses) and the harness's own function is back afterwards."""
+    import lm_eval.evaluator as harness_evaluator
+
+    from rt_lib import harness
+
+    calls = []
+
+    def collect(storage):
+        calls.append(1)
+        storage.update(pretty_env_info=f"env {len(calls)}", lm_eval_version="x")
+
+    monkeypatch.setattr(harness_evaluator, "add_env_info", collect)
+    monkeypatch.setattr(harness, "_ENV_INFO", {})
+    first, second = {}, {}
+    with harness.env_info_once():
+        harness_evaluator.add_env_info(first)
+        harness_evaluator.add_env_info(second)
+    assert calls == [1] and first == second == {"pretty_env_info": "env 1", "lm_eval_version": "x"}
+    assert first is not second
+    assert harness_evaluator.add_env_info is collect
+
+
+def test_offline_tasks_load_without_download_counts_and_leave_the_setting_as_it_was(monkeypatch):
+    import datasets.config
+
+    from rt_lib.harness import load_task, task_manager
+    from rt_lib.tasks import TASK_PRESETS
+
+    seen = []
+    tm = task_manager(offline=True)
+    real_load = tm.load
+    monkeypatch.setattr(tm, "load", lambda names: seen.append(datasets.config.HF_UPDATE_DOWNLOAD_COUNTS)
+                        or real_load(names))
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    name, task = load_task(tm, TASK_PRESETS["quick"], "rte")
+    assert name == "rte_offline" and len(task.eval_docs) > 0
+    assert seen == [False] and datasets.config.HF_UPDATE_DOWNLOAD_COUNTS is True
