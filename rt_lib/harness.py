@@ -418,6 +418,7 @@ def env_info_once():
     copied into every later result: it cannot change within a process, and an evaluation makes
     one harness call per task and variant (24 in the main job)."""
     import copy
+    from unittest import mock
 
     import lm_eval.evaluator as harness_evaluator
 
@@ -428,11 +429,8 @@ def env_info_once():
             collect(_ENV_INFO)
         storage.update(copy.deepcopy(_ENV_INFO))
 
-    harness_evaluator.add_env_info = once
-    try:
+    with mock.patch.object(harness_evaluator, "add_env_info", once):
         yield
-    finally:
-        harness_evaluator.add_env_info = collect
 
 
 def leaf_tasks(obj) -> list:
@@ -446,15 +444,14 @@ def load_task(tm, p: TaskPreset, task: str) -> tuple[str, Any]:
     """The harness task (or group) of a preset's standard task name, ready to evaluate: the
     standard tasks get the per-document few-shot sampler (the offline ones have it built in)."""
     harness_name = p.harness_task(task)
-    if p.offline:  # local files: no download-count request to the hub per data set (one per MMLU subject)
-        import datasets.config
+    import contextlib
+    from unittest import mock
 
-        counting, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, False
-        try:
-            loaded = tm.load([harness_name])
-        finally:
-            datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
-    else:
+    import datasets.config
+
+    # local files: no download-count request to the hub per data set (one per MMLU subject)
+    with (mock.patch.object(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False) if p.offline
+          else contextlib.nullcontext()):
         loaded = tm.load([harness_name])
     obj = loaded["groups"].get(harness_name) or loaded["tasks"][harness_name]
     if not p.offline:
