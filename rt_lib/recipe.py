@@ -33,10 +33,11 @@ from rt_lib.data import IGNORE_INDEX, build_dataset, collate, pad_token_id
 from rt_lib.heldout import evaluate_heldout, lm_loss_sum
 from rt_lib.runs import atomic_dir
 from rt_lib.train_config import RESUME_FREE, TrainConfig, check_config, jsonable_config
+from rt_lib.trainer_state import TENSORS_NAME, read_state, write_state
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "trainer_state.pt"
+STATE_NAME = TENSORS_NAME  # with trainer_state.json beside it (rt_lib.trainer_state)
 
 
 @dataclass
@@ -194,11 +195,16 @@ class RouterTuningRecipe:
         resume = _latest_checkpoint(cfg.out) if cfg.resume_from == "latest" else cfg.resume_from
         if not resume:
             return None
-        state = torch.load(Path(resume) / STATE_NAME, map_location="cpu", weights_only=False)
+        state = read_state(resume)  # safetensors + JSON, layout checked; never unpickled
         changed = {k: (state["config"].get(k), v) for k, v in cfg.to_dict().items()
                    if k not in RESUME_FREE and state["config"].get(k) != v}
         if changed:
             raise ValueError(f"cannot resume from {resume}: options differ from the checkpoint's {changed}")
+        names = {n: tuple(p.shape) for n, p in self.named}
+        saved = {n: tuple(t.shape) for n, t in state["trainable"].items()}
+        if saved != names:
+            raise ValueError(f"cannot resume from {resume}: its trainable weights {sorted(saved)} do not match "
+                             f"this run's {sorted(names)} (names and shapes)")
         with torch.no_grad():
             for n, p in self.named:
                 p.copy_(state["trainable"][n].to(p.device, p.dtype))
@@ -300,20 +306,20 @@ class RouterTuningRecipe:
 
     def _save_checkpoint(self, step: int) -> None:
         """``train/checkpoints/step-<N>/``: the loadable result (routers/, lora/ or backbone) and
-        ``trainer_state.pt`` (trainable weights, optimiser, scheduler, RNG, log, data position)."""
+        the trainer state (trainable weights, optimiser, scheduler, RNG, log, data position) as
+        ``trainer_state.safetensors`` + ``trainer_state.json`` (``rt_lib.trainer_state``)."""
         cfg, ms = self.cfg, self.ms
         module = self.accelerator.unwrap_model(self.module)
         with atomic_dir(self.run_dir / "train" / "checkpoints" / f"step-{step:06d}") as tmp:
-            if cfg.trainable != "full":  # full-parameter weights are in trainer_state.pt already
+            if cfg.trainable != "full":  # full-parameter weights are in the trainer state already
                 save_trained(tmp, ms, module, cfg)
             else:
                 ms.save_pretrained(tmp / "routers")
-            torch.save({"step": step, "config": jsonable_config(cfg),
-                        "trainable": {n: p.detach().cpu().clone() for n, p in self.named},
-                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": _rng_state(), "log": self.log, "elapsed_s": time.perf_counter() - self.t0,
-                        "dense": self.dense_loss},
-                       tmp / STATE_NAME)
+            write_state(tmp, {"step": step, "config": jsonable_config(cfg),
+                              "trainable": {n: p.detach().cpu().clone() for n, p in self.named},
+                              "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                              "rng": _rng_state(), "log": self.log, "elapsed_s": time.perf_counter() - self.t0,
+                              "dense": self.dense_loss})
 
     # ------------------------------------------------------------------------- finish
     def finish(self) -> TrainResult:
@@ -460,7 +466,7 @@ def _env_without(name: str):
 
 
 # Hand-written: accelerate saves RNG states only inside Accelerator.save_state's folder layout,
-# and a checkpoint here keeps them in trainer_state.pt next to the optimiser and the log.
+# and a checkpoint here keeps them in its trainer state next to the optimiser and the log.
 def _rng_state() -> dict:
     import numpy as np
 

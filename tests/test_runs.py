@@ -213,7 +213,7 @@ def test_replace_moves_old_results_aside_and_marks_later_steps_stale(tmp_path):
 def test_interrupted_step_resumes_without_replace(tmp_path):
     run = runs.new_run(tmp_path, run_id="r", preset="smoke")
     runs.start_step(run, "train")
-    ckpt = _write(run / "train" / "checkpoints" / "step-000002" / "trainer_state.pt", "state")
+    ckpt = _write(run / "train" / "checkpoints" / "step-000002" / "trainer_state.json", "state")
     # ... killed here: no finish_step. The rerun resumes, keeping the checkpoint.
     assert runs.step_state(run, runs.load_run(run), "train")[0] == "interrupted"
     assert runs.replace_plan(run, "train") == []

@@ -149,7 +149,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     full = run_small(tmp_path, "full", save_every=2)
     part = run_small(tmp_path, "part", stop_after=3)
     assert not part.summary["finished"] and part.summary["steps"] == 3
-    assert (tmp_path / "part/train/checkpoints/step-000003/trainer_state.pt").is_file()
+    assert (tmp_path / "part/train/checkpoints/step-000003/trainer_state.safetensors").is_file()
+    assert (tmp_path / "part/train/checkpoints/step-000003/trainer_state.json").is_file()
     assert not (tmp_path / "part/train/routers").exists()  # the end is not reached yet
     resumed = run_small(tmp_path, "part", resume_from="latest")
     a, b = router_weights(full.ms), router_weights(resumed.ms)
