@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 GRANULARITIES = ("attn", "mlp", "block")
 ROUTE_LEVELS = ("seq", "token")
 ROUTER_DTYPES = ("float32", "bfloat16", "float16")
+REG_FORMS = ("layer", "global")
 
 
 @dataclass
@@ -45,6 +47,17 @@ class MindSkipConfig:
         default=0.01,
         metadata={"help": "Weight lambda of the capacity regulariser; 0 disables it."},
     )
+    reg_form: str = field(
+        default="layer",
+        metadata={"help": "layer: lambda * sum_l ReLU(capacity_l - s), every routed layer held to s; global: "
+                          "lambda * n * ReLU(mean_l capacity_l - s), one budget the routers share out."},
+    )
+    router_init: float = field(
+        default=0.5,
+        metadata={"help": "Router score before tuning, sigmoid(b): 0.5 = zero-initialised routers without a bias "
+                          "(every score at the default threshold); another value gives each router a bias b so "
+                          "tuning starts away from the threshold."},
+    )
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -61,8 +74,17 @@ class MindSkipConfig:
             raise ValueError(f"num_routed_layers must be >= 1, got {self.num_routed_layers}")
         if not 0.0 <= self.capacity_target <= 1.0:
             raise ValueError(f"capacity_target must be in [0, 1], got {self.capacity_target}")
-        if self.reg_lambda < 0:
-            raise ValueError(f"reg_lambda must be >= 0, got {self.reg_lambda}")
+        if not (isinstance(self.reg_lambda, (int, float)) and math.isfinite(self.reg_lambda) and self.reg_lambda >= 0):
+            raise ValueError(f"reg_lambda must be a finite number >= 0, got {self.reg_lambda!r}")
+        if self.reg_form not in REG_FORMS:
+            raise ValueError(f"reg_form must be one of {REG_FORMS}, got {self.reg_form!r}")
+        if not (isinstance(self.router_init, (int, float)) and 0.0 < self.router_init < 1.0):
+            raise ValueError(f"router_init must be a score strictly between 0 and 1, got {self.router_init!r}")
+
+    @property
+    def router_bias(self) -> bool:
+        """Routers carry a bias (initialised to logit(router_init)) unless router_init is 0.5."""
+        return self.router_init != 0.5
 
     def resolve_layers(self, num_layers: int, exclude=()) -> list[int]:
         """Layer indices to route for a model with `num_layers` decoder layers.

@@ -9,6 +9,7 @@ pre-hook on the decoder (padding mask, cache, tokens already cached) and read by
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -99,8 +100,11 @@ class MindSkipGate(nn.Module):
         self.base_layer = base_layer
         dtype = getattr(torch, cfg.router_dtype)
         ref_param = next(base_layer.parameters())
-        router = nn.Linear(model_config.hidden_size, 1, bias=False, device=ref_param.device, dtype=dtype)
+        router = nn.Linear(model_config.hidden_size, 1, bias=cfg.router_bias, device=ref_param.device, dtype=dtype)
         nn.init.zeros_(router.weight)
+        if router.bias is not None:  # start at score router_init, away from the threshold
+            p0 = cfg.router_init
+            nn.init.constant_(router.bias, math.log(p0 / (1.0 - p0)))
         setattr(self, ROUTER_PREFIX, router)
         self.layer_idx = layer_idx
         self.granularity = cfg.granularity

@@ -150,7 +150,7 @@ class MindSkipModel(nn.Module):
         return {i: g.router for i, g in self._gates.items()}
 
     def router_parameters(self) -> list[nn.Parameter]:
-        return [g.router.weight for g in self._gates.values()]
+        return [p for g in self._gates.values() for p in g.router.parameters()]
 
     def set_threshold(self, threshold: float) -> None:
         self.config.threshold = float(threshold)
@@ -195,8 +195,10 @@ class MindSkipModel(nn.Module):
         caps = list(self.batch_capacities().values())
         if not caps:
             return torch.zeros((), device=self.device)
-        s = self.config.capacity_target
-        return self.config.reg_lambda * sum(torch.relu(c - s) for c in caps)
+        s, lam = self.config.capacity_target, self.config.reg_lambda
+        if self.config.reg_form == "global":  # one budget over all routed layers
+            return lam * len(caps) * torch.relu(torch.stack(caps).mean() - s)
+        return lam * sum(torch.relu(c - s) for c in caps)
 
     def reset_stats(self) -> None:
         for g in self._gates.values():
@@ -269,7 +271,8 @@ class MindSkipModel(nn.Module):
 
     # -- save / load ---------------------------------------------------------------------------
     def router_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"layers.{i}.router.weight": g.router.weight.detach().cpu().contiguous() for i, g in self._gates.items()}
+        return {f"layers.{i}.router.{name}": p.detach().cpu().contiguous()
+                for i, g in self._gates.items() for name, p in g.router.named_parameters()}
 
     def checkpoint_metadata(self) -> dict:
         import transformers
@@ -339,7 +342,8 @@ class MindSkipModel(nn.Module):
                 raise ValueError(f"router checkpoint {path}: {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
         with torch.no_grad():
             for i, g in ms._gates.items():
-                g.router.weight.copy_(weights[f"layers.{i}.router.weight"].to(g.router.weight.dtype))
+                for name, p in g.router.named_parameters():
+                    p.copy_(weights[f"layers.{i}.router.{name}"].to(p.dtype))
         return ms
 
 

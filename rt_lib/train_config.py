@@ -54,6 +54,10 @@ class TrainConfig:
     threshold: float = field(default=0.5, metadata={"help": "Keep a sublayer when sigmoid(w.x) >= threshold."})
     capacity_target: float = field(default=0.5, metadata={"help": "Target capacity s of ReLU(capacity_l - s)."})
     reg_lambda: float = field(default=0.01, metadata={"help": "Weight lambda of the capacity regulariser."})
+    reg_form: str = field(default="layer", metadata={
+        "help": "layer: lambda * sum_l ReLU(capacity_l - s); global: lambda * n * ReLU(mean_l capacity_l - s) (one budget)."})
+    router_init: float = field(default=0.5, metadata={
+        "help": "Router score before tuning: 0.5 = zero-initialised, no bias; e.g. 0.9 starts every router above the threshold (routers get a bias)."})
     # -- what is trained
     trainable: str = field(default="routers",
                            metadata={"help": "routers (Router-Tuning), full (routers + backbone) or lora (routers + LoRA)."})
@@ -92,7 +96,7 @@ class TrainConfig:
         return MindSkipConfig(num_routed_layers=self.num_routed_layers, routed_layers=self.routed_layers,
                               granularity=self.granularity, route_level=self.route_level,
                               threshold=self.threshold, capacity_target=self.capacity_target,
-                              reg_lambda=self.reg_lambda)
+                              reg_lambda=self.reg_lambda, reg_form=self.reg_form, router_init=self.router_init)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,9 +105,6 @@ class TrainConfig:
     def help(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
-
-# Options that may differ between a run and its resumption (they do not change the numbers).
-_RESUME_FREE = {"out", "save_every", "resume_from", "stop_after", "progress", "threads", "eval_batch_size"}
 
 def load_preset(name: str) -> dict:
     """The ``train`` section of ``rt_lib/presets/<name>.json``."""
