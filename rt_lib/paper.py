@@ -98,9 +98,15 @@ def build_all(results_root: str | Path = "results", out_tables: str | Path = "re
     claims_files = write_claims(results_root, out_tables, reference_dir)
     if claims_files:
         tables["claims"] = claims_files
+    from rt_lib.frontier import write_frontier
+
+    frontier = write_frontier(results_root, out_tables, out_figures if figures else None)
+    frontier_figure = {"router_frontier": frontier.pop("router_frontier_figure")} if "router_frontier_figure" in frontier else {}
+    tables.update(frontier)
     figs = build_figures(runs, tidy, out_figures, reference_dir, problems) if figures else {}
     if figures:
         figs.update(build_evidence_figures(results_root, out_figures, reference_dir))
+        figs.update(frontier_figure)
     log.info("built %d tables and %d figures from %d runs", len(tables), len(figs), len(runs))
     return {"tables": tables, "figures": figs, "problems": problems}
 

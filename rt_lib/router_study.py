@@ -73,6 +73,43 @@ def tune(name: str, out: str | Path, **extra):
     return train_routers("cpu", out=str(folder), resume_from=resume, **{**overrides, **extra})
 
 
+COLLAPSE = 0.1  # a training log "collapses" when its mean capacity falls this far below where it ends
+
+
+def recipe_table(runs_root: str | Path) -> list[dict]:
+    """One row per tuned recipe folder ``<runs_root>/recipe-<name>``: its options, budget, wall
+    time, held-out result and whether its training collapsed (the lowest mean capacity of the
+    log more than ``COLLAPSE`` below the final one: routers switched off, then recovered)."""
+    import csv
+
+    rows = []
+    for folder in sorted(Path(runs_root).glob("recipe-*")):
+        name = folder.name[len("recipe-"):]
+        summary_path, log_path = folder / "train" / "summary.json", folder / "train" / "log.csv"
+        if not (summary_path.is_file() and log_path.is_file()):
+            continue
+        s = json.loads(summary_path.read_text())
+        with open(log_path, newline="") as f:
+            log_rows = list(csv.DictReader(f))
+        caps = [float(r["mean_capacity"]) for r in log_rows]
+        c = s.get("config", {})
+        held = s.get("heldout_lm_loss") or {}
+        first_low = next((int(r["step"]) for r in log_rows if float(r["mean_capacity"]) < caps[-1] - COLLAPSE), None)
+        rows.append({
+            "recipe": name, "finished": s.get("finished"), "what": RECIPES.get(name, ({}, ""))[1],
+            "steps": s.get("steps"), "batch_size": c.get("batch_size"), "max_length": c.get("max_length"),
+            "tokens": int(log_rows[-1]["tokens"]) if log_rows else None, "lr": c.get("lr"),
+            "warmup_ratio": c.get("warmup_ratio"), "reg_form": c.get("reg_form", "layer"),
+            "reg_lambda": c.get("reg_lambda"), "capacity_target": c.get("capacity_target"),
+            "router_init": c.get("router_init", 0.5), "wall_time_s": s.get("wall_time_s"),
+            "final_mean_capacity": caps[-1] if caps else None, "min_mean_capacity": min(caps) if caps else None,
+            "collapsed": bool(caps) and min(caps) < caps[-1] - COLLAPSE, "collapse_step": first_low,
+            "heldout_dense_loss": held.get("dense"), "heldout_tuned_loss": held.get("tuned"),
+            "heldout_skip_ratio": s.get("heldout_skip_ratio"),
+        })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rt_lib.router_study", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)

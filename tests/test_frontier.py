@@ -1,0 +1,138 @@
+"""The router recipe study: frontier points, equal-skip comparisons, the winner rule, the recipe
+table, and the claims' rules for above-chance tasks and unequal realised skip."""
+
+import csv
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rt_lib import claims
+from rt_lib.frontier import Frontier, frontier_table, input_dependence, static_at, winning_recipe
+from rt_lib.router_study import RECIPES, recipe_table
+from rt_lib.train_config import make_config
+
+
+def _part(folder, name, **d):
+    (folder / "parts").mkdir(parents=True, exist_ok=True)
+    (folder / "parts" / f"{name}.json").write_text(json.dumps({"part": name, **d}))
+
+
+def test_static_at_interpolates_per_block_between_whole_layer_counts():
+    parts = {0: np.array([1.0, 2.0]), 2: np.array([3.0, 2.0]), 4: np.array([5.0, 6.0])}
+    assert np.allclose(static_at(parts, 3.0), [4.0, 4.0])
+    assert np.allclose(static_at(parts, 2.0), [3.0, 2.0])
+    assert static_at(parts, 4.5) is None
+
+
+def test_input_dependence_counts_static_layers_and_patterns():
+    keep = [[True, False, True]] * 19 + [[True, True, False]]
+    dep = input_dependence(keep, [13, 14, 15])
+    assert dep["static_layers"] == [13, 14, 15] and dep["patterns"] == 2
+    dep = input_dependence([[True, False]] * 10 + [[False, True]] * 10, [5, 6])
+    assert dep["static_layers_n"] == 0 and dep["patterns"] == 2
+
+
+def test_frontier_table_pairs_every_point_with_dense_and_with_static_at_equal_skip(tmp_path):
+    dense = [3.0, 3.2, 3.4, 3.1]
+    _part(tmp_path, "dense", family="dense", k=0, losses=dense)
+    for fam in ("static_greedy", "static_importance"):
+        step = 0.1 if fam == "static_greedy" else 0.2
+        for k in (2, 4):
+            _part(tmp_path, f"{fam}__k{k}", family=fam, k=k, layers=list(range(k)),
+                  losses=[x + step * k for x in dense])
+    # routers skipping 3 of 4 routed layers on two blocks, 2 on the others: 2.5 on average
+    keep = [[False, False, False, True], [False, False, False, True], [False, False, True, True],
+            [False, False, True, True]]
+    _part(tmp_path, "mindskip-a__k2", family="mindskip:a", k=2, threshold=0.49, routed_layers=[1, 2, 3, 4],
+          keep=keep, losses=[x + 0.2 for x in dense])
+    _part(tmp_path, "mindskip-b__k2", family="mindskip:b", k=2, threshold=0.49, routed_layers=[1, 2, 3, 4],
+          keep=keep, losses=[x + 0.4 for x in dense])
+    rows = {r["point"]: r for r in frontier_table(tmp_path, num_layers=10)}
+    a = rows["mindskip-a__k2"]
+    assert a["skipped"] == 2.5 and a["skipped_share"] == 0.25 and a["loss_increase"] == pytest.approx(0.2)
+    # greedy at 2.5 layers: +0.25 per block; importance: +0.5
+    assert a["vs_greedy_equal_skip"] == pytest.approx(-0.05) and a["vs_importance_equal_skip"] == pytest.approx(-0.3)
+    assert a["static_layers"] == 3 and a["patterns"] == 2
+    assert rows["static_greedy__k4"]["loss_increase"] == pytest.approx(0.4)
+    assert winning_recipe(list(rows.values())) == "a"
+
+
+def test_winner_must_cover_every_level():
+    rows = [{"family": "mindskip:a", "target_skipped": 2, "loss_increase": 0.1},
+            {"family": "mindskip:a", "target_skipped": 4, "loss_increase": 0.3},
+            {"family": "mindskip:b", "target_skipped": 2, "loss_increase": 0.05},  # one level only
+            {"family": "static_greedy", "target_skipped": 2, "loss_increase": 0.0}]
+    assert winning_recipe(rows) == "a"
+
+
+@pytest.mark.parametrize("verdict, fav, other, want", [
+    (claims.HOLDS, 4.4, 4.0, claims.HOLDS),     # wins while skipping more: stands
+    (claims.HOLDS, 3.6, 4.0, claims.OPEN),      # wins while skipping less: not at equal skip
+    (claims.FAILS, 4.4, 4.0, claims.OPEN),      # loses while skipping more: not at equal skip
+    (claims.FAILS, 3.6, 4.0, claims.FAILS),     # loses while skipping less: stands
+    (claims.FAILS, 4.05, 4.0, claims.FAILS),    # within the tolerance: equal skip
+    (claims.HOLDS, float("nan"), 4.0, claims.OPEN)])
+def test_equal_skip_rule(verdict, fav, other, want):
+    assert claims.equal_skip(verdict, fav, other) == want
+
+
+def test_above_chance_tasks_come_from_dense_flags_only():
+    m = pd.DataFrame({"task": ["a", "b", "c", "macro_avg"], "above_chance": [True, False, True, None]})
+    assert claims.above_chance_tasks(m) == ["a", "c"]
+
+
+def test_recipe_table_flags_a_collapsed_log(tmp_path):
+    for name, caps in (("cpu", [1.0, 1.0, 0.0, 0.3, 0.45]), ("gradual", [1.0, 0.9, 0.7, 0.55, 0.5])):
+        train = tmp_path / f"recipe-{name}" / "train"
+        train.mkdir(parents=True)
+        (train / "summary.json").write_text(json.dumps({"finished": True, "steps": 5, "config": {"lr": 1e-3},
+                                                        "heldout_lm_loss": {"dense": 3.4, "tuned": 3.9}}))
+        with open(train / "log.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["step", "mean_capacity", "tokens"])
+            w.writeheader()
+            w.writerows({"step": i + 1, "mean_capacity": c, "tokens": 100 * (i + 1)} for i, c in enumerate(caps))
+    rows = {r["recipe"]: r for r in recipe_table(tmp_path)}
+    assert rows["cpu"]["collapsed"] and rows["cpu"]["collapse_step"] == 3
+    assert not rows["gradual"]["collapsed"] and rows["gradual"]["tokens"] == 500
+
+
+def test_every_recipe_is_a_valid_training_configuration():
+    for name, (overrides, what) in RECIPES.items():
+        cfg = make_config("cpu", **{k: v for k, v in overrides.items() if k != "save_every"})
+        assert what and cfg.mindskip_config()
+
+
+def test_frontier_run_on_a_tiny_model(tmp_path):
+    """End to end on a tiny random Llama with the byte tokenizer: every part written, the table
+    has each family, and a second run recomputes nothing."""
+    from rt_lib.config import MindSkipConfig
+    from rt_lib.data import byte_tokenizer
+    from rt_lib.mindskip import get_mindskip_model
+    from tests.test_train import tiny_llama
+    from tests.tiny_models import random_routers
+
+    model, tok = tiny_llama(layers=6)
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=4))
+    random_routers(ms, seed=1, scale=40.0)
+    ms.save_pretrained(tmp_path / "routers")
+    ms.unload()
+
+    def frontier():
+        fr = Frontier(tmp_path / "fr", {"r": tmp_path / "routers"}, levels=[1, 2], heldout_blocks=6,
+                      calibration_blocks=4, greedy_blocks=2, bisection_steps=6, batch_size=3)
+        fr._base, fr._tok = model, byte_tokenizer()
+        return fr
+
+    frontier().run()
+    parts = sorted(p.stem for p in (tmp_path / "fr" / "frontier" / "parts").glob("*.json"))
+    assert parts == ["dense", "greedy", "importance", "mindskip-r__k1", "mindskip-r__k2", "mindskip-r__own",
+                     "static_greedy__k1", "static_greedy__k2", "static_importance__k1", "static_importance__k2"]
+    stamps = {p: (tmp_path / "fr" / "frontier" / "parts" / f"{p}.json").stat().st_mtime_ns for p in parts}
+    table = pd.read_csv(frontier().run())
+    assert {p: (tmp_path / "fr" / "frontier" / "parts" / f"{p}.json").stat().st_mtime_ns for p in parts} == stamps
+    assert set(table.family) == {"mindskip:r", "static_greedy", "static_importance"}
+    greedy = json.loads((tmp_path / "fr" / "frontier" / "parts" / "greedy.json").read_text())
+    assert len(greedy["order"]) == 2 and greedy["order"][:1] == json.loads(
+        (tmp_path / "fr" / "frontier" / "parts" / "static_greedy__k1.json").read_text())["layers"]
