@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The router recipe study end to end, resumable (run it again to continue):
-#   1. tune the quick recipes; 2. place them and the static drops on the frontier;
+#   1. tune the quick recipes; 2. place them, the committed cpu-main routers and the static drops on the frontier;
 #   3. tune the paper-budget recipe (the long one, checkpointed); 4. add it to the frontier.
 # Every finished part is a file; nothing finished is recomputed.
 #   bash benchmarks/recipe_study.sh            # about 2 hours on 2 CPU cores
@@ -17,7 +17,7 @@ routers() {  # --routers NAME=FOLDER for every finished recipe in $1
 }
 $PY -m rt_lib.router_study tune --out "$OUT" --only "$QUICK"
 # shellcheck disable=SC2046
-$PY -m rt_lib.frontier --out "$OUT/router-frontier" $(routers "$QUICK")
+$PY -m rt_lib.frontier --out "$OUT/router-frontier" $(routers "$QUICK") --routers committed="$OUT/cpu-main/train/routers"
 $PY -m rt_lib.router_study tune --out "$OUT" --only paper-budget
 # shellcheck disable=SC2046
-$PY -m rt_lib.frontier --out "$OUT/router-frontier" $(routers "$QUICK,paper-budget")
+$PY -m rt_lib.frontier --out "$OUT/router-frontier" $(routers "$QUICK,paper-budget") --routers committed="$OUT/cpu-main/train/routers"
