@@ -142,7 +142,7 @@ class GpuCheck:
 
     def check_settings(self) -> None:
         """Write gpu_check/settings.json once; refuse to continue a folder made with other settings."""
-        from rt_lib import runs
+        from rt_lib import files, runs
 
         path = self.dir / "settings.json"
         if path.exists():
@@ -153,7 +153,7 @@ class GpuCheck:
                                  f"{[old.get(k) for k in changed]} -> {[self.settings[k] for k in changed]}); "
                                  "continue it with the same options or choose another --out")
         else:
-            runs.atomic_write_json(path, self.settings)
+            files.atomic_write_json(path, self.settings)
         if not (self.out / runs.RUN_FILE).exists():
             runs.new_run(root=self.out.parent, run_id=self.out.name, preset="gpu-check",
                          parameters={"gpu_check": self.settings})
@@ -164,7 +164,7 @@ class GpuCheck:
 
     def _part(self, variant: str, task: str, model, score) -> None:
         """Score one (variant, task) into its part folder unless it is there already."""
-        from rt_lib import runs
+        from rt_lib import files
 
         final = self.part_dir(variant, task)
         if (final / "eval" / "results.json").exists():
@@ -172,10 +172,10 @@ class GpuCheck:
         counter = TokenCounter(model)
         start = time.perf_counter()
         try:
-            with runs.atomic_dir(final) as tmp:
+            with files.atomic_dir(final) as tmp:
                 score(tmp)
                 wall = time.perf_counter() - start
-                runs.atomic_write_json(tmp / "throughput.json", {
+                files.atomic_write_json(tmp / "throughput.json", {
                     "variant": variant, "task": task, "wall_s": round(wall, 3), "forward_calls": counter.calls,
                     "rows": counter.rows, "tokens": counter.tokens, "tokens_per_s": counter.tokens / max(wall, 1e-9),
                     "batch_size": self.settings["batch_size"], "device": self.device})
@@ -260,7 +260,7 @@ class GpuCheck:
 
         from rt_lib import profile_step
         from rt_lib import profiling as P
-        from rt_lib import runs
+        from rt_lib import files
         from rt_lib.roofline import Shape, measure_peaks
 
         base, tok = self.load()
@@ -278,7 +278,7 @@ class GpuCheck:
 
             path = self.dir / "profile_fixed.json"
             if not path.exists():
-                runs.atomic_write_json(path, fixed_sets())
+                files.atomic_write_json(path, fixed_sets())
             fixed = _read(path)
             point_settings = replace(settings, **fixed)
             parts = []
@@ -290,7 +290,7 @@ class GpuCheck:
                     one = replace(point_settings, regimes=[regime], **grid)
                     t0 = time.perf_counter()
                     rows, cond = P.profile(ms, one, tokens, progress=False)
-                    runs.atomic_write_json(part, {"rows": rows, "conditions": cond,
+                    files.atomic_write_json(part, {"rows": rows, "conditions": cond,
                                                   "wall_s": round(time.perf_counter() - t0, 2)})
                     status = rows[0]["status"] if rows else "?"
                     print(f"  {regime:<8} batch {batch:>4} length {length:>5}: {status} "
@@ -368,7 +368,7 @@ class GpuCheck:
         }
 
     def run(self) -> dict:
-        from rt_lib import runs
+        from rt_lib import files
 
         import torch
 
@@ -386,8 +386,8 @@ class GpuCheck:
         self.times["total_s"] = round(time.perf_counter() - t0, 1)
         summary = self.summary()
         text = format_summary(summary)
-        runs.atomic_write_json(self.dir / "summary.json", summary)
-        runs.atomic_write_text(self.dir / "summary.txt", text + "\n")
+        files.atomic_write_json(self.dir / "summary.json", summary)
+        files.atomic_write_text(self.dir / "summary.txt", text + "\n")
         print()
         print(text, flush=True)
         return summary

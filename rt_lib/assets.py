@@ -52,7 +52,7 @@ from rt_lib.gguf_files import (  # noqa: F401
     gguf_model_dir,
     gguf_tokenizer,
 )
-from rt_lib.runs import atomic_write_text, file_sha256
+from rt_lib.files import atomic_write_text, file_sha256
 from rt_lib.wikitext import (  # noqa: F401
     MIN_PARAGRAPH_WORDS,
     NGRAM,

@@ -138,7 +138,7 @@ class StaticDrop:
                 "scores": {str(i): s for i, s in self.scores.items()}, "calibration": self.calibration}
 
     def save(self, path) -> Path:
-        from rt_lib.runs import atomic_write_json
+        from rt_lib.files import atomic_write_json
 
         return atomic_write_json(path, self.to_dict())
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rt_lib.runs import atomic_dir, atomic_write_json, file_lock, file_sha256
+from rt_lib.files import atomic_dir, atomic_write_json, file_lock, file_sha256
 
 log = logging.getLogger("rt_lib.assets")
 

@@ -307,15 +307,15 @@ def find_evidence_runs(results_root: str | Path) -> list[Path]:
 
 def write_claims(results_root: str | Path, out_tables: str | Path, reference_dir=None) -> list[Path]:
     """``claims.csv`` and ``claims.md`` from the newest evidence run (none: nothing written)."""
-    from rt_lib import runs
+    from rt_lib import files
 
     found = find_evidence_runs(results_root)
     if not found:
         return []
     table = build_claims(found[-1], reference_dir)
     out = Path(out_tables)
-    return [runs.write_csv(out / "claims.csv", table, CLAIM_COLUMNS),
-            runs.atomic_write_text(out / "claims.md", to_markdown(table))]
+    return [files.write_csv(out / "claims.csv", table, CLAIM_COLUMNS),
+            files.atomic_write_text(out / "claims.md", to_markdown(table))]
 
 
 __all__ = ["CLAIM_COLUMNS", "HOLDS", "FAILS", "OPEN", "above", "at_least", "build_claims", "find_evidence_runs",

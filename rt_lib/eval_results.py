@@ -85,16 +85,16 @@ class EvalResults:
 
     def save(self, run_dir: str | os.PathLike) -> Path:
         """Write ``<run_dir>/eval/{results,paired,skip_stats}.csv`` and ``results.json``; record in run.json."""
-        from rt_lib import runs
+        from rt_lib import files, runs
 
         run_dir = Path(run_dir)
         if not (run_dir / runs.RUN_FILE).exists():
             runs.new_run(root=run_dir.parent, run_id=run_dir.name, preset=self.preset)
         eval_dir = run_dir / "eval"
-        runs.write_csv(eval_dir / "results.csv", self.table, RESULT_COLUMNS)
-        runs.write_csv(eval_dir / "paired.csv", self.paired, PAIRED_COLUMNS)
-        runs.write_csv(eval_dir / "skip_stats.csv", self.skip_stats, SKIP_COLUMNS)
-        runs.atomic_write_json(eval_dir / "results.json", self.to_json())
+        files.write_csv(eval_dir / "results.csv", self.table, RESULT_COLUMNS)
+        files.write_csv(eval_dir / "paired.csv", self.paired, PAIRED_COLUMNS)
+        files.write_csv(eval_dir / "skip_stats.csv", self.skip_stats, SKIP_COLUMNS)
+        files.atomic_write_json(eval_dir / "results.json", self.to_json())
         runs.update_run(run_dir, "eval", {
             "variants": sorted(set(self.table.variant)) if len(self.table) else [],
             "wall_time_s": {v: round(sum(t.values()), 2) for v, t in self.wall_time_s.items()},

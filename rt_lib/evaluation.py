@@ -62,7 +62,7 @@ from rt_lib.harness import (
     task_manager,
 )
 from rt_lib.mindskip import MindSkipModel
-from rt_lib.runs import file_sha256
+from rt_lib.files import file_sha256
 from rt_lib.tasks import PAPER_TASKS, TASK_PRESETS, TaskPreset
 
 log = logging.getLogger(__name__)

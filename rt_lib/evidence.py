@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rt_lib import runs
+from rt_lib import files, runs
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Evidence:
         if path.exists():
             return _read_json(path)
         value = make()
-        runs.atomic_write_json(path, value)
+        files.atomic_write_json(path, value)
         return value
 
     # -- steps -----------------------------------------------------------------------------
@@ -238,7 +238,7 @@ class Evidence:
         if (final / "eval" / "results.json").exists():
             return
         start = time.perf_counter()
-        with runs.atomic_dir(final) as tmp:
+        with files.atomic_dir(final) as tmp:
             score(tmp)
         log.info("%s on %s: %.0f s", variant, task, time.perf_counter() - start)
 
@@ -343,7 +343,7 @@ class Evidence:
             if not path.exists():
                 start = time.perf_counter()
                 losses, skipped = run()
-                runs.atomic_write_json(path, {**info, "variant": name, "losses": losses, "skipped": skipped,
+                files.atomic_write_json(path, {**info, "variant": name, "losses": losses, "skipped": skipped,
                                               "blocks": len(blocks), "wall_s": time.perf_counter() - start})
                 log.info("held-out loss of %s: %.4f", name, sum(losses) / len(losses))
 
@@ -423,8 +423,8 @@ class Evidence:
         results.save(self.out)
         num_layers = int(_read_json(self.routers / "mindskip_config.json")["num_layers"])
         table = evidence_measures(self.out, num_layers=num_layers)
-        runs.write_csv(self.dir / "measures.csv", table)
-        runs.write_csv(self.dir / "heldout.csv", heldout_table(self.dir, num_layers))
+        files.write_csv(self.dir / "measures.csv", table)
+        files.write_csv(self.dir / "heldout.csv", heldout_table(self.dir, num_layers))
         return table
 
     def run(self):

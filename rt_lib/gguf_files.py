@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from rt_lib.cache import MANIFEST, AssetError, build_cached, cache_dir
-from rt_lib.runs import file_sha256
+from rt_lib.files import file_sha256
 
 log = logging.getLogger("rt_lib.assets")
 

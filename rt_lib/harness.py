@@ -39,7 +39,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from rt_lib.mindskip import MindSkipModel
-from rt_lib.runs import file_sha256
+from rt_lib.files import file_sha256
 from rt_lib.tasks import TaskPreset, write_offline_tasks
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,7 @@ from .architecture import (  # noqa: F401 - part of this module's API
 from .config import MindSkipConfig
 from .gates import ROUTER_PREFIX, MindSkipGate, RoutingContext, SeqGate, TokenGate, make_gate  # noqa: F401
 from .removal import DroppedLayers, drop_sublayers  # noqa: F401 - part of this module's API
-from .runs import file_sha256
+from .files import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ def write_results(rows, conditions, out_dir):
     import pandas as pd
 
     from rt_lib.plots import plot_speedup_vs_skip, save_figure
-    from rt_lib.runs import atomic_write_json, write_csv
+    from rt_lib.files import atomic_write_json, write_csv
 
     prof = Path(out_dir) / "profile"
     prof.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ import torch
 
 from rt_lib.data import IGNORE_INDEX, build_dataset, collate, pad_token_id
 from rt_lib.heldout import evaluate_heldout, lm_loss_sum
-from rt_lib.runs import atomic_dir
+from rt_lib.files import atomic_dir
 from rt_lib.train_config import RESUME_FREE, TrainConfig, check_config, jsonable_config
 from rt_lib.trainer_state import TENSORS_NAME, read_state, write_state
 
@@ -333,7 +333,8 @@ class RouterTuningRecipe:
         tuned = self._evaluate(dense=False) if self.heldout and finished else None
         summary = self._summary(finished, train_time, tuned)
         if self.main and self.run_dir is not None:
-            from rt_lib.runs import atomic_write_json, update_run
+            from rt_lib.files import atomic_write_json
+            from rt_lib.runs import update_run
 
             if finished:
                 save_trained(self.run_dir / "train", self.ms, self.module, self.cfg)
@@ -513,7 +514,7 @@ def _latest_checkpoint(out: str | None) -> Path:
 
 
 def _write_log(run_dir: Path, rows: list[dict]) -> None:
-    from rt_lib.runs import atomic_write_json, write_csv
+    from rt_lib.files import atomic_write_json, write_csv
 
     write_csv(run_dir / "train" / "log.csv", rows)
     atomic_write_json(run_dir / "train" / "log.json", rows)

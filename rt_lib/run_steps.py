@@ -10,15 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from rt_lib.runs import (
-    RUN_FILE,
-    _now,
-    atomic_write_json,
-    file_lock,
-    file_sha256,
-    load_run,
-    update_run,
-)
+from rt_lib.files import atomic_write_json, file_lock, file_sha256, utc_now
+from rt_lib.runs import RUN_FILE, load_run, update_run
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +159,7 @@ def _move_aside(run_dir: Path, step: str, stamp: str, entry: Any, parameters: An
     for o in present:
         (dest / o).parent.mkdir(parents=True, exist_ok=True)
         os.replace(run_dir / o, dest / o)
-    atomic_write_json(dest / "step.json", {"step": step, "moved": _now(), "reason": reason, "files": present,
+    atomic_write_json(dest / "step.json", {"step": step, "moved": utc_now(), "reason": reason, "files": present,
                                            "record": entry, "parameters": parameters})
     return dest.relative_to(run_dir).as_posix()
 
@@ -210,19 +203,19 @@ def start_step(run_dir: str | os.PathLike, step: str, replace: bool = False,
         if state in ("completed", "stale"):
             moved = _move_aside(run_dir, step, stamp, steps.get(step), params.get(step), "rerun with replace")
             if moved:
-                moves.append({"step": step, "moved_to": moved, "reason": "rerun with replace", "at": _now()})
+                moves.append({"step": step, "moved_to": moved, "reason": "rerun with replace", "at": utc_now()})
         for d in _downstream(run_dir, record, step):
             if step_state(run_dir, record, d)[0] in ("absent", "stale") and not _has_outputs(run_dir, d):
                 continue  # never ran, or already stale with its files aside
-            reason = f"{step} was rerun on {_now()}: these results were made with the previous {step} results"
+            reason = f"{step} was rerun on {utc_now()}: these results were made with the previous {step} results"
             moved = _move_aside(run_dir, d, stamp, steps.get(d), params.get(d), reason)
-            steps[d] = {"stale": True, "stale_reason": reason, "moved_to": moved, "updated": _now()}
+            steps[d] = {"stale": True, "stale_reason": reason, "moved_to": moved, "updated": utc_now()}
             if moved:
-                moves.append({"step": d, "moved_to": moved, "reason": reason, "at": _now()})
+                moves.append({"step": d, "moved_to": moved, "reason": reason, "at": utc_now()})
         if moves:
             record["replacements"] = [*record.get("replacements", []), *moves]
             log.warning("run folder %s: moved aside %s", run_dir, ", ".join(m["moved_to"] for m in moves))
-        entry = {"status": "running", "started": _now(),
+        entry = {"status": "running", "started": utc_now(),
                  "inputs": {name: {"path": _relpath(p, run_dir), "sha256": file_sha256(p)}
                             for name, p in wanted.items() if p.is_file()}}
         if state == "interrupted":  # resuming: keep what the interrupted attempt recorded
@@ -234,7 +227,7 @@ def start_step(run_dir: str | os.PathLike, step: str, replace: bool = False,
 
 def finish_step(run_dir: str | os.PathLike, step: str) -> dict[str, Any]:
     """Mark ``steps.<step>`` completed (``status: completed``, ``completed`` time)."""
-    return update_run(run_dir, step, {"status": "completed", "completed": _now()})
+    return update_run(run_dir, step, {"status": "completed", "completed": utc_now()})
 
 
 def stale_steps(run_dir: str | os.PathLike, record: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -160,7 +160,7 @@ def sweep_table(run_dirs, out_csv=None) -> list[dict]:
             "wall_time_s": s["wall_time_s"],
         })
     if out_csv is not None:
-        from rt_lib.runs import write_csv
+        from rt_lib.files import write_csv
 
         write_csv(out_csv, rows)
     return rows

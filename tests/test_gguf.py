@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rt_lib import assets, gguf_files
-from rt_lib.runs import file_sha256
+from rt_lib.files import file_sha256
 from rt_lib.assets import AssetError
 
 TEXT = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."

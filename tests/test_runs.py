@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rt_lib import runs
+from rt_lib import files, runs
 
 REQUIRED = {"run_id", "created", "preset", "parameters", "versions", "git_revision", "device", "threads", "steps"}
 
@@ -86,7 +86,7 @@ def test_concurrent_updates_are_not_lost(tmp_path):
 
 def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "sub" / "a.txt"
-    runs.atomic_write_text(path, "old")
+    files.atomic_write_text(path, "old")
     assert path.read_text() == "old" and oct(path.stat().st_mode & 0o777) == "0o644"
 
     def crash(src, dst):
@@ -94,7 +94,7 @@ def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runs.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        runs.atomic_write_text(path, "new")
+        files.atomic_write_text(path, "new")
     assert path.read_text() == "old" and os.listdir(path.parent) == ["a.txt"]
 
 
@@ -103,7 +103,7 @@ def test_atomic_write_json_handles_common_types(tmp_path):
         "path": Path("/x"), "dtype": torch.float16, "scalar": torch.tensor(1.5), "vector": torch.tensor([1, 2]),
         "set": {"b", "a"}, "nan": float("nan"),
     }
-    runs.atomic_write_json(tmp_path / "a.json", obj)
+    files.atomic_write_json(tmp_path / "a.json", obj)
     back = json.loads((tmp_path / "a.json").read_text())
     assert back["path"] == "/x" and back["dtype"] == "torch.float16" and back["scalar"] == 1.5
     assert back["vector"] == [1, 2] and back["set"] == ["a", "b"] and math.isnan(back["nan"])
@@ -111,12 +111,12 @@ def test_atomic_write_json_handles_common_types(tmp_path):
 
 def test_write_csv_from_rows_and_dataframe(tmp_path):
     rows = [{"task": "piqa", "value": 0.5}, {"task": "rte", "value": 0.25, "stderr": 0.01}]
-    runs.write_csv(tmp_path / "a.csv", rows)
+    files.write_csv(tmp_path / "a.csv", rows)
     assert (tmp_path / "a.csv").read_text() == "task,value,stderr\npiqa,0.5,\nrte,0.25,0.01\n"
     frame = pd.DataFrame(rows)
-    runs.write_csv(tmp_path / "b.csv", frame)
+    files.write_csv(tmp_path / "b.csv", frame)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "b.csv"), frame)
-    runs.write_csv(tmp_path / "c.csv", rows, columns=["value", "task", "stderr"])
+    files.write_csv(tmp_path / "c.csv", rows, columns=["value", "task", "stderr"])
     assert (tmp_path / "c.csv").read_text().splitlines()[0] == "value,task,stderr"
 
 
@@ -151,7 +151,7 @@ def test_completed_steps_are_recorded_with_their_inputs(tmp_path):
     states = {s: runs.step_state(run, runs.load_run(run), s)[0] for s in runs.STEPS}
     assert states == dict.fromkeys(runs.STEPS, "completed")
     assert steps["eval"]["status"] == "completed" and steps["eval"]["files"]
-    sha = runs.file_sha256(run / "train/routers/routers.safetensors")
+    sha = files.file_sha256(run / "train/routers/routers.safetensors")
     assert steps["eval"]["inputs"] == {"routers": {"path": "train/routers/routers.safetensors", "sha256": sha}}
     assert steps["train"]["inputs"] == {}
 
@@ -205,7 +205,7 @@ def test_replace_moves_old_results_aside_and_marks_later_steps_stale(tmp_path):
     runs.finish_step(run, "eval")
     record = runs.load_run(run)
     assert "stale" not in record["steps"]["eval"] and runs.step_state(run, record, "eval")[0] == "completed"
-    new_sha = runs.file_sha256(run / "train/routers/routers.safetensors")
+    new_sha = files.file_sha256(run / "train/routers/routers.safetensors")
     assert record["steps"]["eval"]["inputs"]["routers"]["sha256"] == new_sha
     assert set(runs.stale_steps(run)) == {"profile"}
 
