@@ -53,7 +53,7 @@ SMOKE = dict(model="tiny-random-llama", dtype="float32", batch_sizes=[1, 2, 4], 
 # ---------------------------------------------------------------------------- model and prompts
 def load(args):
     """(MindSkipModel in eval mode, tokenizer, router record)."""
-    from rt_lib.assets import load_model
+    from rt_lib.assets.loading import load_model
     from rt_lib.checkpoints import attach_routers
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)

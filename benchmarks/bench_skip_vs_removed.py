@@ -18,7 +18,7 @@ import sys
 import torch
 
 from rt_lib import profiling as P
-from rt_lib.assets import load_model
+from rt_lib.assets.loading import load_model
 from rt_lib.config import MindSkipConfig
 
 

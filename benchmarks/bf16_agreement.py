@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib.assets import load_model, native_bf16  # noqa: E402
+from rt_lib.assets.loading import load_model, native_bf16  # noqa: E402
 from rt_lib.evaluation import evaluate  # noqa: E402
 
 

@@ -130,7 +130,7 @@ class GpuCheck:
     # -- shared state ----------------------------------------------------------------------
     def load(self):
         if self._base is None:
-            from rt_lib.assets import load_model
+            from rt_lib.assets.loading import load_model
 
             self._base, self._tok = load_model(MODEL, dtype=self.settings["dtype"], device=self.device)
         return self._base, self._tok

@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rt_lib import profiling as P
-from rt_lib.assets import load_model
+from rt_lib.assets.loading import load_model
 from rt_lib.config import MindSkipConfig
 from rt_lib.mindskip import drop_sublayers, find_decoder, get_slot
 

@@ -33,8 +33,8 @@ LAYERS = ("files", "plots", "assets", "mindskip", "runs", "tuning", "evaluation"
           "paper", "pipeline", "cli")
 
 _LAZY = {
-    "load_model": "rt_lib.assets",
-    "load_dataset": "rt_lib.assets",
+    "load_model": "rt_lib.assets.loading",
+    "load_dataset": "rt_lib.assets.loading",
     "MindSkipConfig": "rt_lib.config",
     "get_mindskip_model": "rt_lib.mindskip",
     "MindSkipModel": "rt_lib.mindskip",

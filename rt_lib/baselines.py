@@ -174,12 +174,12 @@ def static_drop_layers(model, k: int, tokenizer=None, **calibration) -> list[int
 
 
 def _tokenizer_for(model):
-    """The tokenizer of a model loaded by rt_lib.assets (or from the hub / a folder by its name)."""
+    """The tokenizer of a model loaded by rt_lib.assets.loading (or from the hub / a folder by its name)."""
     from transformers import AutoTokenizer
 
     name = getattr(model.config, "rt_kit_name", None)
     try:
-        from rt_lib import assets
+        from rt_lib.assets.loading import loading as assets
 
         if name in assets.EMBEDDED_MODELS:
             return AutoTokenizer.from_pretrained(str(assets.embedded_model_dir(name)))

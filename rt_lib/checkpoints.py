@@ -25,7 +25,7 @@ class Checkpoint:
     """The run folder, base model and router checkpoint of one step."""
 
     run_dir: Path
-    model: str  # embedded kit name, local folder or Hugging Face id (rt_lib.assets.load_model)
+    model: str  # embedded kit name, local folder or Hugging Face id (rt_lib.assets.loading.load_model)
     routers: Path | None  # router checkpoint folder; None: fresh zero-initialised routers
 
     def mindskip(self, base):

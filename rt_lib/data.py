@@ -9,7 +9,7 @@ Two kinds of data:
 - plain text (a ``text`` column): every token is a label (LM loss).
 
 Sources: a list of dicts, a ``datasets.Dataset``, a local ``.json``/``.jsonl`` file, an
-embedded asset name (``"wikipedia-en"``, through ``rt_lib.assets``) or any Hugging Face
+embedded asset name (``"wikipedia-en"``, through ``rt_lib.assets.loading``) or any Hugging Face
 dataset name.
 
 Selection is deterministic: a seeded permutation of the source, the first ``num_samples``
@@ -35,7 +35,7 @@ IGNORE_INDEX = -100
 FORMATS = ("auto", "instruction", "text")
 TEMPLATES = ("paper", "chat")
 
-# Embedded data sets that rt_lib.assets serves by name (offline).
+# Embedded data sets that rt_lib.assets.loading serves by name (offline).
 EMBEDDED_DATASETS = ("wikipedia-en",)
 
 
@@ -86,7 +86,7 @@ def load_records(source: Any, split: str | None = None) -> list[dict]:
         if hasattr(ds, "keys"):
             ds = ds[split or "train"]
         return [dict(r) for r in ds]
-    from rt_lib import assets  # embedded names offline, anything else from the hub
+    from rt_lib.assets.loading import loading as assets  # embedded names offline, anything else from the hub
 
     ds = assets.load_dataset(source, split=split or "train")
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # DatasetDict

@@ -11,7 +11,7 @@ tasks on the include path (importing ``rt_lib.evaluation`` registers the model; 
 which is ``lm_eval --model mindskip ... --include_path <kit tasks dir>``; write that folder
 with ``python -m rt_lib.evaluation tasks --out DIR`` to use it with a plain ``lm_eval`` run
 (``--model hf`` works with it; ``--model mindskip`` needs the module entry point above).
-``pretrained`` is an embedded kit name, a local folder or a hub id (``rt_lib.assets.load_model``);
+``pretrained`` is an embedded kit name, a local folder or a hub id (``rt_lib.assets.loading.load_model``);
 ``routers`` a folder written by ``MindSkipModel.save_pretrained``; ``threshold`` overrides the
 checkpoint's. Skip statistics per task land in the output JSON under ``config.mindskip``.
 
@@ -72,7 +72,7 @@ def _main_preset(argv: list[str]) -> int:
     check_request(a.preset, a.tasks, limit, bs)
     if a.routers and a.force_skip:
         raise SystemExit("--routers and --force-skip are exclusive")
-    from rt_lib import assets
+    from rt_lib.assets.loading import loading as assets
 
     model, tok = assets.load_model(a.pretrained, dtype=a.dtype, device=pick_device(a.device))
     target = model

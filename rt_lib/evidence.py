@@ -143,7 +143,7 @@ class Evidence:
     @property
     def base(self):
         if self._base is None:
-            from rt_lib.assets import load_model
+            from rt_lib.assets.loading import load_model
 
             self._base, self._tok = load_model(self.model_name, dtype=self.dtype)
         return self._base

@@ -83,7 +83,7 @@ class MindSkipLM(HFLM):
     """HFLM over a (MindSkip-routed) model loaded or held by the kit.
 
     ``pretrained``: embedded kit name / local folder / hub id (loaded with
-    ``rt_lib.assets.load_model``), or an in-memory HF model or ``MindSkipModel``.
+    ``rt_lib.assets.loading.load_model``), or an in-memory HF model or ``MindSkipModel``.
     ``routers``: router checkpoint folder, attached with ``MindSkipModel.from_pretrained``
     (which refuses a checkpoint made for another model). ``threshold``: overrides the routers'.
 
@@ -112,7 +112,7 @@ class MindSkipLM(HFLM):
         self.model_name = None
         accelerator = None
         if isinstance(pretrained, str):
-            from rt_lib import assets
+            from rt_lib.assets.loading import loading as assets
 
             accelerator = _accelerator()
             dev = str(accelerator.device) if accelerator else pick_device(device)

@@ -98,11 +98,11 @@ def dtype_bytes(name: str) -> int:
 
 def resolve_dtype_name(name: str | None, device: str) -> str:
     """A dtype name for ``device``: ``auto`` (or None) is bfloat16 on CUDA and on CPUs with native
-    bf16 matrix products, float32 elsewhere (``rt_lib.assets.resolve_dtype``)."""
+    bf16 matrix products, float32 elsewhere (``rt_lib.assets.loading.resolve_dtype``)."""
     if name is None or str(name) == "auto":
         if device == "cuda":
             return "bfloat16"
-        from rt_lib.assets import native_bf16
+        from rt_lib.assets.loading import native_bf16
 
         return "bfloat16" if native_bf16("cpu") else "float32"
     dtype_bytes(name)  # raises for an unknown name

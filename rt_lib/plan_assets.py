@@ -130,7 +130,7 @@ def resolve_model(name: str) -> tuple[dict, Any, Any, list[dict]]:
     the local package or file on first use); a folder is read as it is; any other name is a
     Hugging Face id, read from the Hugging Face cache, else from the hub when it answers
     (``config.json`` and the tokenizer files only)."""
-    from rt_lib.assets import EMBEDDED_MODELS
+    from rt_lib.assets.loading import EMBEDDED_MODELS
 
     rec: dict[str, Any] = {"name": name, "kind": None, "source": None, "config": "missing", "tokenizer": "missing",
                            "weights": {"status": "unknown"}, "notes": []}
@@ -161,8 +161,8 @@ def resolve_model(name: str) -> tuple[dict, Any, Any, list[dict]]:
 def _kit_model_folder(name: str, path: Path, missing: list[dict]) -> Path | None:
     """The converted cache folder of an embedded kit model or a GGUF file (None, with the fix
     appended to ``missing``, when its package or file cannot be read)."""
-    from rt_lib.assets import EMBEDDED_MODELS, embedded_model_dir, gguf_model_dir
-    from rt_lib.cache import AssetError
+    from rt_lib.assets.loading import EMBEDDED_MODELS, embedded_model_dir, gguf_model_dir
+    from rt_lib.assets.cache import AssetError
 
     try:
         with _quiet():
@@ -276,7 +276,7 @@ def _hub_dataset_cached(path: str, name: str | None) -> bool:
 
 def _package_check(package) -> str | None:
     """None when an asset package is installed, else the pip command that installs it."""
-    from rt_lib.cache import AssetError
+    from rt_lib.assets.cache import AssetError
 
     try:
         package.folder()
@@ -287,7 +287,7 @@ def _package_check(package) -> str | None:
 
 def resolve_data(name: str, split: str | None, what: str) -> tuple[dict, list[dict]]:
     """Where tuning (or held-out) data comes from and whether it is here; nothing is downloaded."""
-    from rt_lib import assets
+    from rt_lib.assets.loading import loading as assets
 
     rec = {"name": name, "split": split}
     if name.startswith("<in-memory"):
@@ -341,7 +341,7 @@ def _harness_dataset(spec) -> tuple[str, str | None]:
 
 def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list[dict]]:
     """The task preset's tasks and whether their data is here (embedded, or the hub caches)."""
-    from rt_lib import assets
+    from rt_lib.assets.loading import loading as assets
     from rt_lib.tasks import PAPER_TASKS, TASK_PRESETS
 
     p = TASK_PRESETS[preset_name]

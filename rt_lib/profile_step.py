@@ -68,7 +68,7 @@ def record_step(out, rows: list[dict], conditions: dict) -> Path:
 
 def text_tokens(tokenizer, name: str, split: str = "validation", max_chars: int = 400_000) -> torch.Tensor:
     """Token ids of the start of a text data set, as one 1-D tensor (prompts are cut from it)."""
-    from rt_lib.assets import load_dataset
+    from rt_lib.assets.loading import load_dataset
 
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     ids, n = [], 0

@@ -422,7 +422,7 @@ def main(argv=None):
     p.add_argument("--num-routed-layers", type=int, default=None,
                    help="fresh routers only: route the n deepest layers except the last (default 16)")
     p.add_argument("--text", default="wikipedia-en",
-                   help="data set (rt_lib.assets.load_dataset, column `text`) the prompts are cut from; "
+                   help="data set (rt_lib.assets.loading.load_dataset, column `text`) the prompts are cut from; "
                         "'none': random token ids")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -434,13 +434,13 @@ def main(argv=None):
         overrides["variants"] = a.variants.split(",")
     settings = preset(a.preset, **overrides)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from rt_lib.assets import resolve_dtype
+    from rt_lib.assets.loading import resolve_dtype
 
     dtype = resolve_dtype(a.dtype or "auto", device)
 
     import pandas as pd
 
-    from rt_lib.assets import load_model
+    from rt_lib.assets.loading import load_model
     from rt_lib.config import MindSkipConfig
 
     model, tokenizer = load_model(a.model, dtype=dtype, device=device, attn_implementation="sdpa")

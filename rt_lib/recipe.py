@@ -129,7 +129,7 @@ class RouterTuningRecipe:
         from rt_lib.mindskip import routed_layers_for
 
         if model is None:
-            from rt_lib.assets import load_model
+            from rt_lib.assets.loading import load_model
 
             model, tokenizer = load_model(self.cfg.model, dtype=self.cfg.model_dtype)
         self.routed = routed_layers_for(model, self.mcfg)  # errors here, before the data is built

@@ -28,7 +28,7 @@ class TrainConfig:
         "help": "Training preset rt_lib/presets/<name>.json the values come from (smoke, cpu, paper; the CLI's default: cpu)."})
     # -- model and data
     model: str = field(default="smollm2-135m-instruct",
-                       metadata={"help": "Embedded kit model, local folder or Hugging Face id (rt_lib.assets.load_model)."})
+                       metadata={"help": "Embedded kit model, local folder or Hugging Face id (rt_lib.assets.loading.load_model)."})
     model_dtype: str = field(default="float32",
                              metadata={"help": "dtype the backbone is loaded in: float32, bfloat16, or auto (bfloat16 on CUDA and on CPUs with native bf16 matrix products, else float32); routers stay float32."})
     data: str = field(default="wikipedia-en",

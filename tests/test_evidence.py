@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rt_lib import assets, claims, measures
+from rt_lib import claims, measures
+from rt_lib.assets.loading import loading as assets
 from rt_lib.eval_results import MACRO, EvalResults
 from rt_lib.evaluation import evaluate
 from rt_lib.harness import float32_logits

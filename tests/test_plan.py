@@ -262,7 +262,7 @@ def test_eval_tokens_counted_on_the_meta_model(embedded_model):
     assert tk["status"] == "counted", tk
     row = tk["tasks"][0]
     assert (row["task"], row["docs"], row["requests"], row["forward_passes"]) == ("rte", 4, 8, 4)
-    from rt_lib.assets import load_dataset
+    from rt_lib.assets.loading import load_dataset
 
     _, tok = embedded_model
     docs = load_dataset("rte", split="validation").select(range(4))

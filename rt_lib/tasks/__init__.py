@@ -79,7 +79,7 @@ class TaskSpec:
     metric: str  # the paper's metric
     shots: int  # the paper's number of few-shot examples
     harness_yaml: str  # the standard task's config, relative to lm_eval/tasks/
-    benchmark: str  # rt_lib.assets benchmark holding the embedded data
+    benchmark: str  # rt_lib.assets.loading benchmark holding the embedded data
     standard_split: str  # split the standard task scores
     standard_fewshot: str  # where the standard task's examples come from
     offline_split: str = "validation"
@@ -229,7 +229,7 @@ def mmlu_subjects() -> list[str]:
 
 
 def _data_files(benchmark: str, split: str, subset: str | None = None) -> list[str]:
-    from rt_lib import assets
+    from rt_lib.assets.loading import loading as assets
 
     files = [str(Path(p).resolve()) for p in assets.benchmark_files(benchmark, split=split, subset=subset)]
     # datasets.map() on a load_from_disk copy leaves cache-*.arrow files beside the data; they

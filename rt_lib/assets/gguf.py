@@ -3,7 +3,7 @@
 Any GGUF file is converted like the embedded model (itself a Q4_1 GGUF): the dequantised weights
 become a plain float32 checkpoint under ``cache_dir()/gguf/<stem>-<sha256[:12]>/`` (keyed by the
 file's content, so a changed file is a new entry), with the manifest and rebuild rules of
-``rt_lib.cache``. Unsupported architectures or tensor types are refused from the header, before
+``rt_lib.assets.cache``. Unsupported architectures or tensor types are refused from the header, before
 any weight is read.
 """
 
@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from rt_lib.cache import MANIFEST, AssetError, build_cached, cache_dir
+from rt_lib.assets.cache import MANIFEST, AssetError, build_cached, cache_dir
 from rt_lib.files import file_sha256
 
-log = logging.getLogger("rt_lib.assets")
+log = logging.getLogger("rt_lib.assets.loading")
 
 
 def _embedded_names() -> list[str]:
-    from rt_lib.assets import EMBEDDED_MODELS
+    from rt_lib.assets.loading import EMBEDDED_MODELS
 
     return list(EMBEDDED_MODELS)
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from rt_lib.files import atomic_dir, atomic_write_json, file_lock, file_sha256
 
-log = logging.getLogger("rt_lib.assets")
+log = logging.getLogger("rt_lib.assets.loading")
 
 MANIFEST = "rt_kit_manifest.json"
 

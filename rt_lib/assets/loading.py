@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from rt_lib.cache import (  # noqa: F401
+from rt_lib.assets.cache import (  # noqa: F401
     MANIFEST,
     AssetError,
     build_cached,
@@ -45,7 +45,7 @@ from rt_lib.cache import (  # noqa: F401
     cache_problem,
     write_manifest,
 )
-from rt_lib.gguf_files import (  # noqa: F401
+from rt_lib.assets.gguf import (  # noqa: F401
     GGUF_CACHE_VERSION,
     check_gguf,
     convert_gguf,
@@ -53,7 +53,7 @@ from rt_lib.gguf_files import (  # noqa: F401
     gguf_tokenizer,
 )
 from rt_lib.files import atomic_write_text, file_sha256
-from rt_lib.wikitext import (  # noqa: F401
+from rt_lib.assets.wikitext import (  # noqa: F401
     MIN_PARAGRAPH_WORDS,
     NGRAM,
     clean_wikitext,
@@ -428,8 +428,8 @@ def load_dataset(name: str, split: str | None = None, subset: str | None = None)
         ) from e
 
 
-# the benchmark files live in rt_lib.benchmark_data; importable from here as before
-from rt_lib.benchmark_data import (  # noqa: E402, F401
+# the benchmark files live in rt_lib.assets.benchmarks; importable from here as before
+from rt_lib.assets.benchmarks import (  # noqa: E402, F401
     BENCHMARKS,
     Benchmark,
     _benchmark,
