@@ -61,8 +61,8 @@ def load(args):
         ms = attach_routers(model, args.routers)
         ms.eval()
         return ms, tok, {"path": str(args.routers), "weights_sha256": _sha(args.routers)}
-    from rt_lib.config import MindSkipConfig
-    from rt_lib.mindskip import get_mindskip_model
+    from rt_lib.mindskip.config import MindSkipConfig
+    from rt_lib.mindskip.model import get_mindskip_model
 
     ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[1, 2]))
     ms.eval()
@@ -74,7 +74,7 @@ def load(args):
 
 
 def _sha(path):
-    from rt_lib.mindskip import read_checkpoint_metadata
+    from rt_lib.mindskip.model import read_checkpoint_metadata
 
     return read_checkpoint_metadata(path).get("weights_sha256")
 

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from rt_lib.assets.loading import load_model  # noqa: E402
 from rt_lib.evaluation import evaluate  # noqa: E402
-from rt_lib.mindskip import MindSkipModel  # noqa: E402
+from rt_lib.mindskip.model import MindSkipModel  # noqa: E402
 
 
 def one_round(ms, tok, args, where_read: bool):

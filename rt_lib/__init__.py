@@ -35,10 +35,10 @@ LAYERS = ("files", "plots", "assets", "mindskip", "runs", "tuning", "evaluation"
 _LAZY = {
     "load_model": "rt_lib.assets.loading",
     "load_dataset": "rt_lib.assets.loading",
-    "MindSkipConfig": "rt_lib.config",
-    "get_mindskip_model": "rt_lib.mindskip",
-    "MindSkipModel": "rt_lib.mindskip",
-    "drop_sublayers": "rt_lib.mindskip",
+    "MindSkipConfig": "rt_lib.mindskip.config",
+    "get_mindskip_model": "rt_lib.mindskip.model",
+    "MindSkipModel": "rt_lib.mindskip.model",
+    "drop_sublayers": "rt_lib.mindskip.model",
 }
 
 

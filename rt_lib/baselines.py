@@ -3,7 +3,7 @@
 - Static attention drop (He et al., "What Matters in Transformers?", arXiv 2406.15786): score
   each attention sublayer by ``1 - cos(h_in, h_out)`` of the residual stream around it, over
   calibration text; remove the ``k`` lowest-scoring sublayers for every input
-  (``rt_lib.mindskip.drop_sublayers``).
+  (``rt_lib.mindskip.model.drop_sublayers``).
 - Full-parameter dynamic depth: routers and backbone trained together
   (``train_routers(..., trainable="full")``).
 - LoRA + Router-Tuning: LoRA adapters (peft) and routers trained together, saved side by side
@@ -51,7 +51,7 @@ def attention_importance(model, tokenizer=None, *, examples: list[dict] | None =
     Calibration: ``examples`` (token sequences from ``rt_lib.data``) or ``num_samples``
     sequences of ``data`` (default: packed 256-token blocks of the embedded Wikipedia text).
     """
-    from rt_lib.mindskip import find_decoder
+    from rt_lib.mindskip.model import find_decoder
 
     if examples is None:
         tokenizer = tokenizer or _tokenizer_for(model)
@@ -103,7 +103,7 @@ def attention_importance(model, tokenizer=None, *, examples: list[dict] | None =
 def droppable_layers(model) -> list[int]:
     """Layers whose attention may be removed (Hugging Face reads the cache length from layer 0
     and the first full-attention layer; the core refuses to drop them)."""
-    from rt_lib.mindskip import cache_reference_layers, find_decoder
+    from rt_lib.mindskip.model import cache_reference_layers, find_decoder
 
     _, layers = find_decoder(model)
     return [i for i in range(len(layers)) if i not in cache_reference_layers(model)]
@@ -154,7 +154,7 @@ def static_attention_drop(model, k: int, tokenizer=None, *, candidates: list[int
     ``scores``: importance scores computed before (``attention_importance``), with
     ``scored_on`` the description of the text they were computed on (recorded with the
     choice). ``out``: a run folder; the result is saved as ``<out>/baselines/static_drop.json``."""
-    from rt_lib.mindskip import drop_sublayers
+    from rt_lib.mindskip.model import drop_sublayers
 
     calib = dict(scored_on) if scored_on is not None else {"source": "<given scores>"}
     if scores is None:
@@ -212,7 +212,7 @@ def load_lora_routers(model, train_dir):
     inference through ``peft_model``."""
     from peft import PeftModel
 
-    from rt_lib.mindskip import MindSkipModel
+    from rt_lib.mindskip.model import MindSkipModel
 
     train_dir = Path(train_dir)
     if not (train_dir / "lora" / "adapter_config.json").is_file():
@@ -228,7 +228,7 @@ def load_full(model, train_dir):
     ``model``, then its routers. Returns the MindSkip model."""
     from safetensors.torch import load_file
 
-    from rt_lib.mindskip import MindSkipModel
+    from rt_lib.mindskip.model import MindSkipModel
 
     train_dir = Path(train_dir)
     ms = MindSkipModel.from_pretrained(model, train_dir / "routers", strict_base=False)

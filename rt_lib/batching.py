@@ -1,7 +1,7 @@
 """Batching under sequence routing: how much of the per-request skipping a batch keeps, and
 decision-aware batching that keeps more of it.
 
-Under `seq` routing (`rt_lib.gates.SeqGate`) each request takes one keep/skip decision per
+Under `seq` routing (`rt_lib.mindskip.gates.SeqGate`) each request takes one keep/skip decision per
 routed layer at prefill and reuses it at every decode step. In a batch, a routed sublayer still
 runs at a decode step whenever any row keeps it (on the kept rows only); in the memory-bound
 decode regime its weights are read all the same, so what a batch saves is essentially the
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .profile_timing import cache_argument, new_cache
+from rt_lib.profile_timing import cache_argument, new_cache
 
 POLICIES = ("pattern", "cluster")
 # one sequence per request, lengths counted from the prompt: what grouping can honour

@@ -41,7 +41,7 @@ def attach_routers(base, routers: str | os.PathLike | None):
     """The ``MindSkipModel`` of ``base`` with the router checkpoint ``routers`` attached
     (``MindSkipModel.from_pretrained``, which refuses routers tuned for another model), or with
     fresh default routers when ``routers`` is None."""
-    from rt_lib.mindskip import MindSkipModel, get_mindskip_model
+    from rt_lib.mindskip.model import MindSkipModel, get_mindskip_model
 
     return MindSkipModel.from_pretrained(base, routers) if routers is not None else get_mindskip_model(base)
 
@@ -54,7 +54,7 @@ def resolve_checkpoint(run_dir: str | os.PathLike | None, model: str | None = No
     recording ``preset``). ``model`` / ``routers``: explicit choices, else looked up. Relative
     paths are relative to the working directory (the kit root when the pipeline runs)."""
     from rt_lib import runs
-    from rt_lib.mindskip import read_checkpoint_metadata
+    from rt_lib.mindskip.model import read_checkpoint_metadata
 
     run_dir = Path(run_dir) if run_dir else runs.new_run(preset=preset)
     trained = runs.load_run(run_dir).get("parameters", {}).get("train", {})

@@ -61,7 +61,7 @@ from rt_lib.harness import (
     seed_fewshot_per_document,
     task_manager,
 )
-from rt_lib.mindskip import MindSkipModel
+from rt_lib.mindskip.model import MindSkipModel
 from rt_lib.files import file_sha256
 from rt_lib.tasks import PAPER_TASKS, TASK_PRESETS, TaskPreset
 

@@ -120,7 +120,7 @@ class Evidence:
                  targets: Sequence[int] = TARGET_LAYERS, compare: Sequence[str | os.PathLike] = (),
                  heldout_blocks: int = HELDOUT_BLOCKS, calibration_blocks: int = CALIBRATION_BLOCKS,
                  limit: int | None = None, profile_preset: str | None = "quick"):
-        from rt_lib.mindskip import read_checkpoint_metadata
+        from rt_lib.mindskip.model import read_checkpoint_metadata
         from rt_lib.tasks import TASK_PRESETS
 
         self.out = Path(out)
@@ -169,7 +169,7 @@ class Evidence:
 
     # -- steps -----------------------------------------------------------------------------
     def plan(self) -> dict:
-        from rt_lib.mindskip import read_checkpoint_metadata
+        from rt_lib.mindskip.model import read_checkpoint_metadata
 
         meta = read_checkpoint_metadata(self.routers)
         plan = {"model": self.model_name, "dtype": self.dtype, "task_preset": TASK_PRESET, "tasks": self.tasks,
@@ -220,7 +220,7 @@ class Evidence:
     def variants(self) -> list[dict]:
         """The task variants in run order: dense, MindSkip at each target, its own threshold."""
         cal = self.calibration()
-        from rt_lib.mindskip import read_checkpoint_metadata
+        from rt_lib.mindskip.model import read_checkpoint_metadata
 
         own = read_checkpoint_metadata(self.routers)["config"]["threshold"]
         out = [{"variant": "dense", "method": "dense", "threshold": None, "k": None}]

@@ -38,7 +38,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from rt_lib.mindskip import MindSkipModel
+from rt_lib.mindskip.model import MindSkipModel
 from rt_lib.files import file_sha256
 from rt_lib.tasks import TaskPreset, write_offline_tasks
 

@@ -282,7 +282,7 @@ def _train_step(cfg, rec, meta, shape, gpu, processes, device, missing) -> dict:
     rec["weights_bytes"] = weights
     rec["dtype"] = model_dtype
     try:
-        from rt_lib.mindskip import get_mindskip_model
+        from rt_lib.mindskip.model import get_mindskip_model
 
         with _quiet():
             ms = get_mindskip_model(meta, cfg.mindskip_config())

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .roofline import synchronize
+from rt_lib.roofline import synchronize
 
 if TYPE_CHECKING:
-    from .profile_variants import Variant
-    from .profiling import ProfileSettings
+    from rt_lib.profile_variants import Variant
+    from rt_lib.profiling import ProfileSettings
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -191,7 +191,7 @@ def sublayer_ms(dense: Variant, regime: str, batch: int, seq_len: int, settings:
     forward hooks (the decode context is prefilled once, not recorded, and rewound per round).
     What removing a set of sublayers can at most save is the sum of their times;
     `measured_bound` turns that into a speedup bound."""
-    from .architecture import find_decoder, get_slot
+    from rt_lib.mindskip.architecture import find_decoder, get_slot
 
     ids = grid_tokens(batch, seq_len + settings.new_tokens, vocab, settings.seed, tokens).to(device)
     prompt, steps = ids[:, :seq_len], ids[:, seq_len:]

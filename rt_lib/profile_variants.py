@@ -51,8 +51,8 @@ class Variant:
 def prepare_models(model, routers: str | None = None, config=None):
     """`model` wrapped with MindSkip in place: routers from a checkpoint folder, or fresh
     (zero-init) ones from `config`. Every variant of the profile runs on these same weights."""
-    from rt_lib.config import MindSkipConfig
-    from rt_lib.mindskip import MindSkipModel, get_mindskip_model
+    from rt_lib.mindskip.config import MindSkipConfig
+    from rt_lib.mindskip.model import MindSkipModel, get_mindskip_model
 
     if routers:
         ms = MindSkipModel.from_pretrained(model, routers)
@@ -117,7 +117,7 @@ def _mindskip_variant(ms, name, decisions, execution, skip_layers) -> Variant:
 def _plain_variant(ms, name, drop, granularity, skip_ratio: float) -> Variant:
     """The base model on the same weights (gates taken out), with the `granularity` sublayers
     of the layers in `drop` removed."""
-    from rt_lib.mindskip import drop_sublayers
+    from rt_lib.mindskip.model import drop_sublayers
 
     stack = []
 

@@ -75,7 +75,7 @@ import numpy as np
 import psutil
 import torch
 
-from .profile_timing import (  # noqa: F401 - part of this module's API
+from rt_lib.profile_timing import (  # noqa: F401 - part of this module's API
     forward_step,
     grid_tokens,
     interleave,
@@ -87,7 +87,7 @@ from .profile_timing import (  # noqa: F401 - part of this module's API
     sublayer_ms,
     timed_ms,
 )
-from .profile_variants import (  # noqa: F401 - part of this module's API
+from rt_lib.profile_variants import (  # noqa: F401 - part of this module's API
     VARIANTS,
     Variant,
     baseline_static_layers,
@@ -95,7 +95,7 @@ from .profile_variants import (  # noqa: F401 - part of this module's API
     choose_skip_layers,
     prepare_models,
 )
-from .roofline import (
+from rt_lib.roofline import (
     REGIMES,
     Shape,
     bound_curves,
@@ -441,7 +441,7 @@ def main(argv=None):
     import pandas as pd
 
     from rt_lib.assets.loading import load_model
-    from rt_lib.config import MindSkipConfig
+    from rt_lib.mindskip.config import MindSkipConfig
 
     model, tokenizer = load_model(a.model, dtype=dtype, device=device, attn_implementation="sdpa")
     fresh = MindSkipConfig(**({"num_routed_layers": a.num_routed_layers} if a.num_routed_layers else {}))

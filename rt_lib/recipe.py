@@ -126,7 +126,7 @@ class RouterTuningRecipe:
 
     def _setup_model(self, model, tokenizer):
         """Load the backbone (unless given) and check the routed layers fit it."""
-        from rt_lib.mindskip import routed_layers_for
+        from rt_lib.mindskip.model import routed_layers_for
 
         if model is None:
             from rt_lib.assets.loading import load_model
@@ -171,7 +171,7 @@ class RouterTuningRecipe:
         from accelerate.utils import set_seed
         from transformers import get_cosine_schedule_with_warmup
 
-        from rt_lib.mindskip import get_mindskip_model
+        from rt_lib.mindskip.model import get_mindskip_model
 
         cfg = self.cfg
         set_seed(cfg.seed)  # python, numpy and torch (all devices)
@@ -446,7 +446,7 @@ def _shard_backbone(ms, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from rt_lib.architecture import find_decoder
+    from rt_lib.mindskip.architecture import find_decoder
 
     mesh = init_device_mesh("cpu", (world,))
     routers = set(ms.router_parameters())

@@ -46,7 +46,7 @@ class TrainConfig:
     heldout_split: str | None = field(default=None,
                                       metadata={"help": "Split of the held-out data; None = examples of the tuning split not used for tuning."})
     heldout_samples: int = field(default=64, metadata={"help": "Held-out sequences (0 = no held-out evaluation)."})
-    # -- MindSkip (rt_lib.config.MindSkipConfig)
+    # -- MindSkip (rt_lib.mindskip.config.MindSkipConfig)
     num_routed_layers: int = field(default=16, metadata={"help": "Route the n deepest layers except the last."})
     routed_layers: list[int] | None = field(default=None, metadata={"help": "Explicit routed layer indices (override n)."})
     granularity: str = field(default="attn", metadata={"help": "attn, mlp or block."})
@@ -91,7 +91,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar (loss, mean capacity)."})
 
     def mindskip_config(self):
-        from rt_lib.config import MindSkipConfig
+        from rt_lib.mindskip.config import MindSkipConfig
 
         return MindSkipConfig(num_routed_layers=self.num_routed_layers, routed_layers=self.routed_layers,
                               granularity=self.granularity, route_level=self.route_level,

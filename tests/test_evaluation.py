@@ -26,11 +26,11 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import apply_template
 
 from rt_lib.assets.loading import loading as assets
-from rt_lib.config import MindSkipConfig
+from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.eval_results import PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
 from rt_lib.evaluation import evaluate, main
 from rt_lib.harness import MindSkipLM, task_manager
-from rt_lib.mindskip import get_mindskip_model
+from rt_lib.mindskip.model import get_mindskip_model
 from rt_lib.tasks import PAPER_TASKS, harness_tasks_dir
 from rt_lib.tasks.samplers import DocSeededSampler
 

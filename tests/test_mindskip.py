@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from rt_lib.config import MindSkipConfig
-from rt_lib.mindskip import (
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.mindskip.model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     MindSkipModel,

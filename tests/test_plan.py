@@ -13,9 +13,9 @@ import torch
 import transformers as tf
 
 from rt_lib import plan as P
-from rt_lib.config import MindSkipConfig
+from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.heldout import lm_loss_sum
-from rt_lib.mindskip import get_mindskip_model
+from rt_lib.mindskip.model import get_mindskip_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA3 = ROOT / "tests" / "fixtures" / "llama3-8b-config"

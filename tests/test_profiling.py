@@ -15,8 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rt_lib import profile_step
 from rt_lib import profiling as P
 from rt_lib import roofline as R
-from rt_lib.config import MindSkipConfig
-from rt_lib.mindskip import get_slot
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.mindskip.model import get_slot
 
 L = 6
 ROUTED = [1, 2, 3, 4]  # num_routed_layers=4 on 6 layers: L-1-n .. L-2

@@ -18,9 +18,9 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 from rt_lib import runs, sweep
 from rt_lib.assets.loading import loading as assets
 from rt_lib.checkpoints import DEFAULT_MODEL, Checkpoint, attach_routers, resolve_checkpoint
-from rt_lib.config import MindSkipConfig
+from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.eval_results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
-from rt_lib.mindskip import MindSkipModel, get_mindskip_model
+from rt_lib.mindskip.model import MindSkipModel, get_mindskip_model
 from tiny_models import tiny_model
 
 TASKS = ["piqa", "rte"]

@@ -11,7 +11,7 @@ import logging
 
 from torch import nn
 
-from .config import MindSkipConfig
+from rt_lib.mindskip.config import MindSkipConfig
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architecture import sliding_window
-from .config import MindSkipConfig
+from rt_lib.mindskip.architecture import sliding_window
+from rt_lib.mindskip.config import MindSkipConfig
 
 ROUTER_PREFIX = "mindskip_router"
 

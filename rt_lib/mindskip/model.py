@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architecture import (  # noqa: F401 - part of this module's API
+from rt_lib.mindskip.architecture import (  # noqa: F401 - part of this module's API
     REQUIRED_LAYER_PARTS,
     cache_reference_layers,
     check_architecture,
@@ -54,10 +54,10 @@ from .architecture import (  # noqa: F401 - part of this module's API
     routed_layers_for,
     set_slot,
 )
-from .config import MindSkipConfig
-from .gates import ROUTER_PREFIX, MindSkipGate, RoutingContext, SeqGate, TokenGate, make_gate  # noqa: F401
-from .removal import DroppedLayers, drop_sublayers  # noqa: F401 - part of this module's API
-from .files import file_sha256
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.mindskip.gates import ROUTER_PREFIX, MindSkipGate, RoutingContext, SeqGate, TokenGate, make_gate  # noqa: F401
+from rt_lib.mindskip.removal import DroppedLayers, drop_sublayers  # noqa: F401 - part of this module's API
+from rt_lib.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class MindSkipModel(nn.Module):
     def checkpoint_metadata(self) -> dict:
         import transformers
 
-        from . import __version__
+        from rt_lib import __version__
 
         mc = self.model.config
         return {

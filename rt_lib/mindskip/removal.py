@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architecture import cache_reference_layers, check_architecture, find_decoder, get_slot, set_slot
+from rt_lib.mindskip.architecture import cache_reference_layers, check_architecture, find_decoder, get_slot, set_slot
 
 
 class _Removed(nn.Module):
