@@ -54,7 +54,7 @@ SMOKE = dict(model="tiny-random-llama", dtype="float32", batch_sizes=[1, 2, 4], 
 def load(args):
     """(MindSkipModel in eval mode, tokenizer, router record)."""
     from rt_lib.assets.loading import load_model
-    from rt_lib.checkpoints import attach_routers
+    from rt_lib.runs.checkpoints import attach_routers
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if not args.smoke:

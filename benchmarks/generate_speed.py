@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from rt_lib.assets.loading import load_model  # noqa: E402
-from rt_lib.checkpoints import attach_routers  # noqa: E402
+from rt_lib.runs.checkpoints import attach_routers  # noqa: E402
 from rt_lib.profile_timing import grid_tokens, interleave, timed_ms  # noqa: E402
 
 

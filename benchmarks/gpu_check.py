@@ -142,7 +142,8 @@ class GpuCheck:
 
     def check_settings(self) -> None:
         """Write gpu_check/settings.json once; refuse to continue a folder made with other settings."""
-        from rt_lib import files, runs
+        from rt_lib import files
+        from rt_lib.runs.record import record as runs
 
         path = self.dir / "settings.json"
         if path.exists():
@@ -189,7 +190,7 @@ class GpuCheck:
 
     def eval_part(self, variant: str, task: str) -> None:
         """One (variant, task): dense on the base model, MindSkip paired with the dense part."""
-        from rt_lib.checkpoints import attach_routers
+        from rt_lib.runs.checkpoints import attach_routers
         from rt_lib.eval_results import EvalResults
         from rt_lib.evaluation import evaluate
 

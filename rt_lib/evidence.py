@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rt_lib import files, runs
+from rt_lib import files
+from rt_lib.runs.record import record as runs
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class Evidence:
         return plan
 
     def _ms(self, routers: Path):
-        from rt_lib.checkpoints import attach_routers
+        from rt_lib.runs.checkpoints import attach_routers
 
         ms = attach_routers(self.base, routers)
         ms.eval()

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from rt_lib.paper_tables import load_reference
-from rt_lib.rundir import Run
+from rt_lib.runs.read import Run
 from rt_lib.tidy import NOT_TASKS, pick_metric
 
 log = logging.getLogger(__name__)

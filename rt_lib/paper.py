@@ -10,13 +10,13 @@ Markdown, CSV and LaTeX and figures as PNG and PDF. Nothing here runs a model.
     runs = collect_runs("results")        # one tidy row per (run, variant, threshold, task, metric)
     written = build_all("results")        # {"tables": {...}, "figures": {...}, "problems": [...]}
 
-The work is split by job: rt_lib.rundir reads run folders (and answers which configuration a
+The work is split by job: rt_lib.runs.read reads run folders (and answers which configuration a
 step ran with), rt_lib.tidy turns them into one tidy row per operating point
 (``collect_runs``), rt_lib.paper_tables builds and writes the tables, rt_lib.figures the
 figures; this module runs them all. Which run provides which row is decided by
 ``collect_runs`` (see its docstring). A cell the kit never measured shows "not run", never a
 value borrowed from elsewhere. A run folder with a missing or malformed file, or with stale
-results (a step rerun with ``--replace`` after later steps used its results; rt_lib.runs), is
+results (a step rerun with ``--replace`` after later steps used its results; rt_lib.runs.record), is
 named in a warning and in ``problems`` (a stale one with the command that refreshes it) and
 left out; every other run still builds.
 """
@@ -47,7 +47,7 @@ from rt_lib.paper_tables import (  # noqa: F401
     to_markdown,
     write_table,
 )
-from rt_lib.rundir import (  # noqa: F401
+from rt_lib.runs.read import (  # noqa: F401
     FRACTION_COLUMNS,
     FRACTION_METRICS,
     MODEL_NAMES,

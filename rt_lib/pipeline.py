@@ -5,11 +5,11 @@ gives values per notebook; the runner adds `run_dir` (and `preset`) to every not
 each one reads what the previous ones wrote there. Parameters are validated against what the
 notebooks declare *before* anything executes.
 
-Notebooks 01-03 are the steps `train`, `eval` and `profile` of the run folder (rt_lib.runs.STEPS).
+Notebooks 01-03 are the steps `train`, `eval` and `profile` of the run folder (rt_lib.runs.record.STEPS).
 Before anything executes, a notebook whose step already completed in the folder (or whose later
 steps completed with its results) is refused unless `replace=True`; with it, the old results move
 to `<run>/replaced/<step>-<time>/` and later steps that used them are marked stale
-(rt_lib.runs.start_step). An interrupted step is resumed without `replace`.
+(rt_lib.runs.record.start_step). An interrupted step is resumed without `replace`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ NOTEBOOKS = (
     "04_paper_tables_and_figures",
 )
 RUNNER_PARAMETERS = ("run_dir", "preset")  # set by the runner for every notebook
-# The run-folder step each notebook writes (rt_lib.runs.STEPS); 04 only reads.
+# The run-folder step each notebook writes (rt_lib.runs.record.STEPS); 04 only reads.
 NOTEBOOK_STEPS = {"01_router_tuning": "train", "02_evaluation": "eval", "03_speedup_profiling": "profile"}
 
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}
@@ -162,7 +162,7 @@ class NotebookFailure(RuntimeError):
 
 
 def _step_inputs(notebook: str, parameters: dict) -> dict[str, Path]:
-    """Files of earlier steps a notebook reads when they are not the run's own (rt_lib.runs.STEPS
+    """Files of earlier steps a notebook reads when they are not the run's own (rt_lib.runs.record.STEPS
     ``inputs``): an explicit ``routers`` folder (02/03; relative paths are relative to the kit root,
     where the notebooks run)."""
     routers = parameters.get("routers")
@@ -172,10 +172,10 @@ def _step_inputs(notebook: str, parameters: dict) -> dict[str, Path]:
 
 
 def check_run_folder(run_dir: str | Path, notebooks: list[str] | None = None, replace: bool = False) -> None:
-    """Raise ``rt_lib.runs.ResultsExist`` when running ``notebooks`` into ``run_dir`` would replace
+    """Raise ``rt_lib.runs.record.ResultsExist`` when running ``notebooks`` into ``run_dir`` would replace
     results of completed steps and ``replace`` is False; nothing is changed. Called before anything
     executes (by ``run_pipeline`` and, for every run folder of a sweep, by rt_lib.reproduce)."""
-    from rt_lib import runs
+    from rt_lib.runs.record import record as runs
 
     run_dir = Path(run_dir)
     if replace or not (run_dir / runs.RUN_FILE).exists():
@@ -200,7 +200,7 @@ def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> s
     differ from the preset's."""
     import shlex
 
-    from rt_lib import runs
+    from rt_lib.runs.record import record as runs
 
     run_dir = Path(run_dir)
     record = record or {}
@@ -230,13 +230,13 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
     """Execute the notebooks in order; returns wall time per notebook (seconds).
 
     A notebook whose step (NOTEBOOK_STEPS) already completed in ``run_dir`` raises
-    ``rt_lib.runs.ResultsExist`` before anything executes, unless ``replace``: then the old
+    ``rt_lib.runs.record.ResultsExist`` before anything executes, unless ``replace``: then the old
     results are moved to ``<run_dir>/replaced/`` and later steps that used them marked stale
-    (``rt_lib.runs.start_step``). An interrupted step resumes without ``replace``."""
+    (``rt_lib.runs.record.start_step``). An interrupted step resumes without ``replace``."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from rt_lib import runs
+    from rt_lib.runs.record import record as runs
 
     params = {nb: dict(sec) for nb, sec in load_preset(preset).items() if nb in NOTEBOOKS}
     for nb, sec in (overrides or {}).items():
@@ -283,7 +283,7 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
 
 def _record(run_dir: Path, preset: str, notebook: str, parameters: dict, seconds: float) -> None:
     """Merge the notebook's parameters and wall time into run.json under steps.pipeline."""
-    from rt_lib import runs
+    from rt_lib.runs.record import record as runs
 
     if not (run_dir / runs.RUN_FILE).exists():
         runs.new_run(root=run_dir.parent, run_id=run_dir.name, preset=preset)

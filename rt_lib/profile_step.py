@@ -24,7 +24,7 @@ def run_step(model, tokenizer, out, settings: ProfileSettings, routers: str | No
     checkpoint folder) or fresh ones (`config`), cut prompts from `text` (None: random ids),
     profile, write `<out>/profile/` and record the step in `<out>/run.json` (created if
     missing). Returns (rows, conditions, profile folder)."""
-    from rt_lib.runs import new_run
+    from rt_lib.runs.record import new_run
 
     out = Path(out).resolve()
     if not (out / "run.json").exists():
@@ -56,7 +56,7 @@ def record_step(out, rows: list[dict], conditions: dict) -> Path:
     """Write ``<out>/profile/`` and record the step in ``<out>/run.json``: its options (preset,
     model, dtype, threads, prompt text, the grid settings) as ``parameters.profile``, what it
     measured with (routers, skipped layers) and its files in ``steps.profile``."""
-    from rt_lib.runs import update_run
+    from rt_lib.runs.record import update_run
 
     prof = write_results(rows, conditions, out)
     options = {"preset": conditions.get("preset"), "model": conditions.get("model"), "dtype": conditions["dtype"],

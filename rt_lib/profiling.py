@@ -355,8 +355,8 @@ def _device_name(device):
 
 
 def _provenance():
-    """Versions, git revision and device from rt_lib.runs (the run.json fields)."""
-    from rt_lib.runs import provenance
+    """Versions, git revision and device from rt_lib.runs.record (the run.json fields)."""
+    from rt_lib.runs.record import provenance
 
     prov = provenance()
     prov.pop("threads", None)  # the profiler's own, set above, is the one that applies

@@ -77,7 +77,7 @@ class RouterTuningRecipe:
         self._setup_training(model)
         state = self._restore()
         if self.main and self.run_dir is not None:
-            from rt_lib.runs import new_run
+            from rt_lib.runs.record import new_run
 
             new_run(root=self.run_dir.parent, run_id=self.run_dir.name, preset=self.cfg.preset,
                     parameters={"train": jsonable_config(self.cfg)})
@@ -334,7 +334,7 @@ class RouterTuningRecipe:
         summary = self._summary(finished, train_time, tuned)
         if self.main and self.run_dir is not None:
             from rt_lib.files import atomic_write_json
-            from rt_lib.runs import update_run
+            from rt_lib.runs.record import update_run
 
             if finished:
                 save_trained(self.run_dir / "train", self.ms, self.module, self.cfg)

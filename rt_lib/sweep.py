@@ -1,7 +1,7 @@
 """The evaluation step of a run (notebook 02): dense, MindSkip at each threshold, and static
 attention drop matched to each threshold's realised number of skipped layers.
 
-    ckpt = resolve_checkpoint(run_dir)                        # rt_lib.checkpoints
+    ckpt = resolve_checkpoint(run_dir)                        # rt_lib.runs.checkpoints
     base, tok = load_model(ckpt.model)
     results = evaluate_sweep(base, tok, ckpt.run_dir, routers=ckpt.routers, thresholds=[0.4, 0.5])
 
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rt_lib.baselines import STATIC_DROP_FILE, attention_importance, static_attention_drop
-from rt_lib.checkpoints import attach_routers
+from rt_lib.runs.checkpoints import attach_routers
 from rt_lib.eval_results import MACRO, EvalResults
 from rt_lib.evaluation import evaluate
 

@@ -1,7 +1,7 @@
 """The kit's runs as one tidy table: one row per evaluated operating point.
 
-``collect_runs`` turns every readable run folder (rt_lib.rundir) into rows of
-``results/tables/runs.csv`` (columns: rt_lib.schema ``TIDY_RUNS``): the run's eval/results.csv
+``collect_runs`` turns every readable run folder (rt_lib.runs.read) into rows of
+``results/tables/runs.csv`` (columns: rt_lib.runs.schema ``TIDY_RUNS``): the run's eval/results.csv
 rows with the paper's task names, the run's MindSkip config, the measured speedup
 from the same run's profile and the paired difference to dense. The paper's tables and
 figures (rt_lib.paper_tables, rt_lib.figures) are built from this table.
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rt_lib import schema
-from rt_lib.rundir import Run, load_runs
+from rt_lib.runs.record import schema
+from rt_lib.runs.read import Run, load_runs
 
 # lm-evaluation-harness task names -> the paper's column names.
 TASK_ALIASES = {
@@ -167,7 +167,7 @@ def collect_runs(root: str | Path = "results", regime: str = "prefill") -> pd.Da
 
     One row per eval/results.csv row (run, variant, threshold, task, metric), with:
     - ``model``, ``dataset`` and the run's ``granularity``, ``route_level``: looked up by
-      ``rt_lib.rundir.setting`` (the MindSkip config, then each step's ``parameters``); the
+      ``rt_lib.runs.read.setting`` (the MindSkip config, then each step's ``parameters``); the
       model printed as in ``MODEL_NAMES``; granularity and route level set only for routed
       variants (granularity also for static drop);
     - ``method``: the kit's method (``dense``, ``mindskip``, ``static_drop``, ``lora``,

@@ -380,7 +380,7 @@ def test_a_figure_failing_on_odd_data_is_reported_and_the_rest_drawn(tmp_path, m
 
 # ---------------------------------------------------------------------------- stale runs
 def test_runs_with_stale_steps_are_left_out_naming_the_refresh_command(tmp_path):
-    """A step rerun with --replace leaves later steps stale (rt_lib.runs.start_step); a step whose
+    """A step rerun with --replace leaves later steps stale (rt_lib.runs.record.start_step); a step whose
     recorded input (the routers it used) changed since is stale too. Neither may reach a table."""
     root = _copy_fixtures(tmp_path)
     marked = root / "runs" / "fixture-attn-seq"

@@ -2,7 +2,7 @@
 folder (with stand-in notebooks), and one end-to-end smoke run of all four notebooks (slow).
 
 What the notebooks compute is tested through the library calls they make (rt_lib.sweep,
-rt_lib.checkpoints, rt_lib.train, rt_lib.profiling, rt_lib.paper)."""
+rt_lib.runs.checkpoints, rt_lib.train, rt_lib.profiling, rt_lib.paper)."""
 
 import ast
 import json
@@ -11,7 +11,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from rt_lib import pipeline, reproduce, runs
+from rt_lib import pipeline, reproduce
+from rt_lib.runs.record import record as runs
 
 
 def _parameters_cell(nb):

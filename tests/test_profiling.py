@@ -405,7 +405,7 @@ def test_point_larger_than_memory_is_skipped_by_estimate(ms, monkeypatch):
 # ---------------------------------------------------------------------------- results files
 
 def test_results_files_follow_the_format(ms, tmp_path):
-    from rt_lib.runs import new_run
+    from rt_lib.runs.record import new_run
 
     rows, cond = P.profile(ms, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]),
                            progress=False)

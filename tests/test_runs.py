@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rt_lib import files, runs
+from rt_lib import files
+from rt_lib.runs.record import record as runs
 
 REQUIRED = {"run_id", "created", "preset", "parameters", "versions", "git_revision", "device", "threads", "steps"}
 

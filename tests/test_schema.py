@@ -1,11 +1,12 @@
-"""rt_lib.schema: the declared columns agree with the docs page, the writers and the committed results."""
+"""rt_lib.runs.schema: the declared columns agree with the docs page, the writers and the committed results."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from rt_lib import paper, schema
+from rt_lib import paper
+from rt_lib.runs.record import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results_format.md"
@@ -16,7 +17,7 @@ TABLES = ROOT / "results" / "tables"
 # ---------------------------------------------------------------------------- docs page
 def test_docs_tables_are_the_generated_ones():
     text = DOC.read_text(encoding="utf-8")
-    assert schema.render_doc(text) == text, "docs/results_format.md is out of date: python -m rt_lib.schema " + str(DOC)
+    assert schema.render_doc(text) == text, "docs/results_format.md is out of date: python -m rt_lib.runs.schema " + str(DOC)
 
 
 def test_docs_page_holds_every_declared_file_once():

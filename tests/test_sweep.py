@@ -1,5 +1,5 @@
 """The evaluation step of a run (rt_lib.sweep) and the checkpoint lookup of notebooks 02/03
-(rt_lib.checkpoints).
+(rt_lib.runs.checkpoints).
 
 The bookkeeping of a threshold sweep (labels, static drop matched to each threshold's realised
 layer count, file names, skip ratios, the base model left as it was) is checked with the
@@ -15,9 +15,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from rt_lib import runs, sweep
+from rt_lib import sweep
+from rt_lib.runs.record import record as runs
 from rt_lib.assets.loading import loading as assets
-from rt_lib.checkpoints import DEFAULT_MODEL, Checkpoint, attach_routers, resolve_checkpoint
+from rt_lib.runs.checkpoints import DEFAULT_MODEL, Checkpoint, attach_routers, resolve_checkpoint
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.eval_results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
 from rt_lib.mindskip.model import MindSkipModel, get_mindskip_model

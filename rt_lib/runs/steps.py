@@ -1,6 +1,6 @@
 """The steps of a run folder: which step ran with which inputs, reruns into an existing folder
 (refused, or with ``--replace`` the old results moved to ``<run>/replaced/``), and stale
-results of later steps. Part of ``rt_lib.runs`` (importable from there)."""
+results of later steps. Part of ``rt_lib.runs.record`` (importable from there)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rt_lib.files import atomic_write_json, file_lock, file_sha256, utc_now
-from rt_lib.runs import RUN_FILE, load_run, update_run
+from rt_lib.runs.record import RUN_FILE, load_run, update_run
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def start_step(run_dir: str | os.PathLike, step: str, replace: bool = False,
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; steps: {list(STEPS)}")
     if not (run_dir / RUN_FILE).exists():
-        raise FileNotFoundError(f"{run_dir / RUN_FILE} does not exist: create the run with rt_lib.runs.new_run first")
+        raise FileNotFoundError(f"{run_dir / RUN_FILE} does not exist: create the run with rt_lib.runs.record.new_run first")
     wanted = {name: run_dir / rel for name, rel in STEPS[step]["inputs"].items()}
     wanted.update({name: Path(p) for name, p in (inputs or {}).items()})
     with file_lock(run_dir):

@@ -1,9 +1,9 @@
 """Reading run folders: ``results/runs/<id>/`` as the kit's steps left them.
 
 ``read_run`` reads one folder (run.json plus whichever result files it has, formats in
-docs/results_format.md and ``rt_lib.schema``) and refuses, with ``MalformedRun``, a folder
+docs/results_format.md and ``rt_lib.runs.schema``) and refuses, with ``MalformedRun``, a folder
 whose files cannot be read as documented, and, with ``StaleRun``, one whose results were
-made from results since replaced (rt_lib.runs). ``load_runs`` reads every folder under a
+made from results since replaced (rt_lib.runs.record). ``load_runs`` reads every folder under a
 results folder and names the ones it left out.
 
 ``setting`` is the one answer to "what configuration did this run's steps run with": every
@@ -14,7 +14,7 @@ which moves their records to the same places. It takes a
 ``Run`` or a run folder path, so readers of single files (an evaluation loaded back, a sweep
 table over training runs) ask the same question the same way.
 
-    from rt_lib.rundir import read_run, setting
+    from rt_lib.runs.read import read_run, setting
     run = read_run("results/runs/cpu-main")
     run.model, run.granularity, run.threshold
     setting("results/runs/cpu-main", "reg_lambda")
@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rt_lib import schema
+from rt_lib.runs.record import schema
 
 log = logging.getLogger(__name__)
 
-# Columns each file must have, are read as numbers, must be fractions (rt_lib.schema).
+# Columns each file must have, are read as numbers, must be fractions (rt_lib.runs.schema).
 REQUIRED_COLUMNS = {path: schema.required_columns(path) for path in (k.path for k in schema.RUN_FILES)}
 NUMERIC_COLUMNS = {path: schema.numeric_columns(path) for path in (k.path for k in schema.RUN_FILES)}
 FRACTION_COLUMNS = {path: cols for path in (k.path for k in schema.RUN_FILES)
@@ -79,7 +79,7 @@ class MalformedRun(Exception):
 
 class StaleRun(MalformedRun):
     """A run folder with a stale step: its results were made from results since replaced
-    (run.json ``steps.<step>.stale``, or a recorded input file that changed; rt_lib.runs)."""
+    (run.json ``steps.<step>.stale``, or a recorded input file that changed; rt_lib.runs.record)."""
 
 
 def model_name(model_id: Any) -> str:
@@ -285,10 +285,10 @@ def _read_table(path: Path, rel: str) -> pd.DataFrame:
 
 
 def _check_steps(path: Path, meta: dict) -> dict[str, tuple[str, str | None]]:
-    """Each step's state (rt_lib.runs.step_state); ``StaleRun`` naming the refresh command
+    """Each step's state (rt_lib.runs.record.step_state); ``StaleRun`` naming the refresh command
     when one is stale."""
     from rt_lib import pipeline
-    from rt_lib import runs as runs_mod
+    from rt_lib.runs.record import record as runs_mod
 
     steps = meta.get("steps") or {}
     if not isinstance(steps, dict):

@@ -1,11 +1,11 @@
 """Every column and main JSON field the kit writes into a run folder and into results/tables.
 
 One declaration per file kind: its columns in the order the writer puts them, each with a
-one-line meaning and how ``rt_lib.rundir`` checks it when reading. docs/results_format.md
+one-line meaning and how ``rt_lib.runs.read`` checks it when reading. docs/results_format.md
 shows these declarations as tables; its tables are generated here (``render_doc``) and a
 test keeps the committed page equal to the generated text:
 
-    python -m rt_lib.schema docs/results_format.md     # rewrite the generated tables in place
+    python -m rt_lib.runs.schema docs/results_format.md     # rewrite the generated tables in place
 
 A column is ``written`` when the kit's writer puts it in every file of its kind, and
 ``required`` when a run folder lacking it is left out by the reader. ``threshold`` in
@@ -343,9 +343,9 @@ def header_matches(path: str, header: list[str]) -> bool:
 
 
 # ---------------------------------------------------------------------------- the doc's tables
-BEGIN = "<!-- generated: {key} (python -m rt_lib.schema) -->"
+BEGIN = "<!-- generated: {key} (python -m rt_lib.runs.schema) -->"
 END = "<!-- end generated -->"
-_BLOCK = re.compile(r"<!-- generated: (?P<key>\S+) \(python -m rt_lib.schema\) -->\n.*?<!-- end generated -->",
+_BLOCK = re.compile(r"<!-- generated: (?P<key>\S+) \(python -m rt_lib.runs.schema\) -->\n.*?<!-- end generated -->",
                     re.DOTALL)
 
 
@@ -381,8 +381,8 @@ def field_table(path: str) -> str:
 
 
 def setting_sources_list() -> str:
-    """Numbered list of the sources ``rt_lib.rundir.setting`` searches, in order."""
-    from rt_lib.rundir import SETTING_SOURCES  # rundir reads files through this module
+    """Numbered list of the sources ``rt_lib.runs.read.setting`` searches, in order."""
+    from rt_lib.runs.read import SETTING_SOURCES  # rundir reads files through this module
 
     return "\n".join(f"{i}. {source}" for i, source in enumerate(SETTING_SOURCES, 1))
 
@@ -400,7 +400,7 @@ def generated_block(key: str) -> str:
     elif key == SETTING_SOURCES_KEY:
         body = setting_sources_list()
     else:
-        raise KeyError(f"docs block names {key!r}, which rt_lib.schema does not declare; known: {', '.join(DOC_KEYS)}")
+        raise KeyError(f"docs block names {key!r}, which rt_lib.runs.schema does not declare; known: {', '.join(DOC_KEYS)}")
     return f"{BEGIN.format(key=key)}\n{body}\n{END}"
 
 
@@ -417,7 +417,7 @@ def render_doc(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m rt_lib.schema docs/results_format.md  (rewrites its generated tables)", file=sys.stderr)
+        print("usage: python -m rt_lib.runs.schema docs/results_format.md  (rewrites its generated tables)", file=sys.stderr)
         return 2
     path = Path(args[0])
     path.write_text(render_doc(path.read_text(encoding="utf-8")), encoding="utf-8")

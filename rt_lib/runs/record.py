@@ -174,11 +174,11 @@ def update_run(run_dir: str | os.PathLike, step: str, info: Mapping[str, Any],
     """Merge ``info`` (what the step did: status, files, result summaries) into ``steps.<step>``
     of run.json (shallow merge) and, when given, record ``parameters`` (every option the step ran
     with) as ``parameters.<step>``, the one place readers look for a step's configuration
-    (``rt_lib.rundir.setting``). Returns the record."""
+    (``rt_lib.runs.read.setting``). Returns the record."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: create the run with rt_lib.runs.new_run first")
+        raise FileNotFoundError(f"{path} does not exist: create the run with rt_lib.runs.record.new_run first")
     with file_lock(run_dir):
         record = load_run(run_dir)
         steps = record.setdefault("steps", {})
@@ -191,8 +191,8 @@ def update_run(run_dir: str | os.PathLike, step: str, info: Mapping[str, Any],
     return record
 
 
-# the steps of a run folder live in rt_lib.run_steps; importable from here as before
-from rt_lib.run_steps import (  # noqa: E402, F401
+# the steps of a run folder live in rt_lib.runs.steps; importable from here as before
+from rt_lib.runs.steps import (  # noqa: E402, F401
     REPLACED_DIR,
     STEPS,
     ResultsExist,
