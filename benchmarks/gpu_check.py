@@ -143,7 +143,7 @@ class GpuCheck:
     def check_settings(self) -> None:
         """Write gpu_check/settings.json once; refuse to continue a folder made with other settings."""
         from rt_lib import files
-        from rt_lib.runs.record import record as runs
+        from rt_lib.runs import record as runs
 
         path = self.dir / "settings.json"
         if path.exists():

@@ -179,7 +179,7 @@ def _tokenizer_for(model):
 
     name = getattr(model.config, "rt_kit_name", None)
     try:
-        from rt_lib.assets.loading import loading as assets
+        from rt_lib.assets import loading as assets
 
         if name in assets.EMBEDDED_MODELS:
             return AutoTokenizer.from_pretrained(str(assets.embedded_model_dir(name)))

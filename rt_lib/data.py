@@ -86,7 +86,7 @@ def load_records(source: Any, split: str | None = None) -> list[dict]:
         if hasattr(ds, "keys"):
             ds = ds[split or "train"]
         return [dict(r) for r in ds]
-    from rt_lib.assets.loading import loading as assets  # embedded names offline, anything else from the hub
+    from rt_lib.assets import loading as assets  # embedded names offline, anything else from the hub
 
     ds = assets.load_dataset(source, split=split or "train")
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # DatasetDict

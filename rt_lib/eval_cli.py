@@ -72,7 +72,7 @@ def _main_preset(argv: list[str]) -> int:
     check_request(a.preset, a.tasks, limit, bs)
     if a.routers and a.force_skip:
         raise SystemExit("--routers and --force-skip are exclusive")
-    from rt_lib.assets.loading import loading as assets
+    from rt_lib.assets import loading as assets
 
     model, tok = assets.load_model(a.pretrained, dtype=a.dtype, device=pick_device(a.device))
     target = model

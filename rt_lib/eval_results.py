@@ -86,7 +86,7 @@ class EvalResults:
     def save(self, run_dir: str | os.PathLike) -> Path:
         """Write ``<run_dir>/eval/{results,paired,skip_stats}.csv`` and ``results.json``; record in run.json."""
         from rt_lib import files
-        from rt_lib.runs.record import record as runs
+        from rt_lib.runs import record as runs
 
         run_dir = Path(run_dir)
         if not (run_dir / runs.RUN_FILE).exists():

@@ -376,7 +376,7 @@ def _seeds(fewshot_seed: int) -> dict:
 def _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, variant, confidence, interval, task_info) -> dict:
     import lm_eval
 
-    from rt_lib.runs.record import record as runs
+    from rt_lib.runs import record as runs
 
     prov = runs.provenance()
     model = lm._model

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rt_lib import files
-from rt_lib.runs.record import record as runs
+from rt_lib.runs import record as runs
 
 log = logging.getLogger(__name__)
 

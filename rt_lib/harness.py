@@ -112,7 +112,7 @@ class MindSkipLM(HFLM):
         self.model_name = None
         accelerator = None
         if isinstance(pretrained, str):
-            from rt_lib.assets.loading import loading as assets
+            from rt_lib.assets import loading as assets
 
             accelerator = _accelerator()
             dev = str(accelerator.device) if accelerator else pick_device(device)

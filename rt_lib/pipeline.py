@@ -175,7 +175,7 @@ def check_run_folder(run_dir: str | Path, notebooks: list[str] | None = None, re
     """Raise ``rt_lib.runs.record.ResultsExist`` when running ``notebooks`` into ``run_dir`` would replace
     results of completed steps and ``replace`` is False; nothing is changed. Called before anything
     executes (by ``run_pipeline`` and, for every run folder of a sweep, by rt_lib.reproduce)."""
-    from rt_lib.runs.record import record as runs
+    from rt_lib.runs import record as runs
 
     run_dir = Path(run_dir)
     if replace or not (run_dir / runs.RUN_FILE).exists():
@@ -200,7 +200,7 @@ def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> s
     differ from the preset's."""
     import shlex
 
-    from rt_lib.runs.record import record as runs
+    from rt_lib.runs import record as runs
 
     run_dir = Path(run_dir)
     record = record or {}
@@ -236,7 +236,7 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from rt_lib.runs.record import record as runs
+    from rt_lib.runs import record as runs
 
     params = {nb: dict(sec) for nb, sec in load_preset(preset).items() if nb in NOTEBOOKS}
     for nb, sec in (overrides or {}).items():
@@ -283,7 +283,7 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
 
 def _record(run_dir: Path, preset: str, notebook: str, parameters: dict, seconds: float) -> None:
     """Merge the notebook's parameters and wall time into run.json under steps.pipeline."""
-    from rt_lib.runs.record import record as runs
+    from rt_lib.runs import record as runs
 
     if not (run_dir / runs.RUN_FILE).exists():
         runs.new_run(root=run_dir.parent, run_id=run_dir.name, preset=preset)

@@ -287,7 +287,7 @@ def _package_check(package) -> str | None:
 
 def resolve_data(name: str, split: str | None, what: str) -> tuple[dict, list[dict]]:
     """Where tuning (or held-out) data comes from and whether it is here; nothing is downloaded."""
-    from rt_lib.assets.loading import loading as assets
+    from rt_lib.assets import loading as assets
 
     rec = {"name": name, "split": split}
     if name.startswith("<in-memory"):
@@ -341,7 +341,7 @@ def _harness_dataset(spec) -> tuple[str, str | None]:
 
 def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list[dict]]:
     """The task preset's tasks and whether their data is here (embedded, or the hub caches)."""
-    from rt_lib.assets.loading import loading as assets
+    from rt_lib.assets import loading as assets
     from rt_lib.tasks import PAPER_TASKS, TASK_PRESETS
 
     p = TASK_PRESETS[preset_name]

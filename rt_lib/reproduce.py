@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(list_parameters())
         return 0
 
-    from rt_lib.runs.record import record as runs
+    from rt_lib.runs import record as runs
 
     try:
         preset = pipeline.load_preset(args.preset)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rt_lib.runs.record import schema
+from rt_lib.runs import schema
 from rt_lib.runs.read import Run, load_runs
 
 # lm-evaluation-harness task names -> the paper's column names.

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from rt_lib.assets.loading import loading as assets
-from rt_lib.assets.loading import benchmarks as benchmark_data
+from rt_lib.assets import loading as assets
+from rt_lib.assets import benchmarks as benchmark_data
 from rt_lib.assets.loading import AssetError
 
 PARAGRAPH = (

@@ -25,7 +25,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import apply_template
 
-from rt_lib.assets.loading import loading as assets
+from rt_lib.assets import loading as assets
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.eval_results import PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
 from rt_lib.evaluation import evaluate, main

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rt_lib import claims, measures
-from rt_lib.assets.loading import loading as assets
+from rt_lib.assets import loading as assets
 from rt_lib.eval_results import MACRO, EvalResults
 from rt_lib.evaluation import evaluate
 from rt_lib.harness import float32_logits

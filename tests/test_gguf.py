@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from rt_lib.assets.loading import loading as assets
-from rt_lib.assets.loading import gguf as gguf_files
+from rt_lib.assets import loading as assets
+from rt_lib.assets import gguf as gguf_files
 from rt_lib.files import file_sha256
 from rt_lib.assets.loading import AssetError
 

@@ -17,7 +17,7 @@ try:
 except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from rt_lib.assets.loading import loading as assets
+from rt_lib.assets import loading as assets
 
 ROOT = Path(__file__).resolve().parents[1]
 

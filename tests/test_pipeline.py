@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from rt_lib import pipeline, reproduce
-from rt_lib.runs.record import record as runs
+from rt_lib.runs import record as runs
 
 
 def _parameters_cell(nb):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rt_lib.runs.record import read as rundir
+from rt_lib.runs import read as rundir
 
 RUNS = Path(__file__).parent / "fixtures" / "runs"
 

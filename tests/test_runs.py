@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rt_lib import files
-from rt_lib.runs.record import record as runs
+from rt_lib.runs import record as runs
 
 REQUIRED = {"run_id", "created", "preset", "parameters", "versions", "git_revision", "device", "threads", "steps"}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from rt_lib import paper
-from rt_lib.runs.record import schema
+from rt_lib.runs import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results_format.md"

@@ -16,8 +16,8 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from rt_lib import sweep
-from rt_lib.runs.record import record as runs
-from rt_lib.assets.loading import loading as assets
+from rt_lib.runs import record as runs
+from rt_lib.assets import loading as assets
 from rt_lib.runs.checkpoints import DEFAULT_MODEL, Checkpoint, attach_routers, resolve_checkpoint
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.eval_results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rt_lib.runs.record import schema
+from rt_lib.runs import schema
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def _check_steps(path: Path, meta: dict) -> dict[str, tuple[str, str | None]]:
     """Each step's state (rt_lib.runs.record.step_state); ``StaleRun`` naming the refresh command
     when one is stale."""
     from rt_lib import pipeline
-    from rt_lib.runs.record import record as runs_mod
+    from rt_lib.runs import record as runs_mod
 
     steps = meta.get("steps") or {}
     if not isinstance(steps, dict):

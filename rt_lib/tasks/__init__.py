@@ -229,7 +229,7 @@ def mmlu_subjects() -> list[str]:
 
 
 def _data_files(benchmark: str, split: str, subset: str | None = None) -> list[str]:
-    from rt_lib.assets.loading import loading as assets
+    from rt_lib.assets import loading as assets
 
     files = [str(Path(p).resolve()) for p in assets.benchmark_files(benchmark, split=split, subset=subset)]
     # datasets.map() on a load_from_disk copy leaves cache-*.arrow files beside the data; they
