@@ -275,7 +275,7 @@ def parse(argv):
 def main(argv=None) -> int:
     import transformers
 
-    from rt_lib.data import pad_token_id
+    from rt_lib.tuning.data import pad_token_id
     from rt_lib.profile_step import text_tokens
 
     a = parse(argv)

@@ -56,7 +56,7 @@ BISECTION_STEPS = 14
 def wiki_blocks(tokenizer, n: int, skip: int = 0) -> list[dict]:
     """``n`` packed ``BLOCK_TOKENS``-token blocks of the embedded Wikipedia validation text,
     after the first ``skip`` (so calibration and held-out blocks never overlap)."""
-    from rt_lib.data import build_dataset
+    from rt_lib.tuning.data import build_dataset
 
     blocks, _ = build_dataset(tokenizer, "wikipedia-en", split="validation", num_samples=skip + n,
                               max_length=BLOCK_TOKENS, packing=True, format="text", seed=0)
@@ -69,7 +69,7 @@ def wiki_blocks(tokenizer, n: int, skip: int = 0) -> list[dict]:
 @torch.no_grad()
 def block_losses(model, blocks: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
     """Mean next-token cross-entropy of each block (the unit of the paired held-out loss)."""
-    from rt_lib.data import IGNORE_INDEX, collate
+    from rt_lib.tuning.data import IGNORE_INDEX, collate
 
     out = []
     for i in range(0, len(blocks), batch_size):
@@ -86,7 +86,7 @@ def block_losses(model, blocks: list[dict], pad_id: int, batch_size: int = 8) ->
 @torch.no_grad()
 def skipped_layers(ms, blocks: list[dict], pad_id: int, batch_size: int = 8) -> float:
     """Mean number of routed sublayers skipped per sequence (token routing: per token) on ``blocks``."""
-    from rt_lib.data import collate
+    from rt_lib.tuning.data import collate
 
     ms.reset_stats()
     for i in range(0, len(blocks), batch_size):
@@ -155,7 +155,7 @@ class Evidence:
         return self._tok
 
     def _pad(self) -> int:
-        from rt_lib.data import pad_token_id
+        from rt_lib.tuning.data import pad_token_id
 
         return pad_token_id(self.tok)
 
@@ -308,7 +308,7 @@ class Evidence:
         return [k for k in dict.fromkeys(ks) if 0 < k <= n_layers]
 
     def score_static_drops(self) -> None:
-        from rt_lib.baselines import attention_importance, static_attention_drop
+        from rt_lib.tuning.baselines import attention_importance, static_attention_drop
         from rt_lib.evaluation import evaluate
 
         scores = self._json("static_drop_scores.json", lambda: dict(zip(
@@ -330,7 +330,7 @@ class Evidence:
 
     def score_heldout(self) -> None:
         """Per-block held-out loss of every variant (one file each, ``heldout/<variant>.json``)."""
-        from rt_lib.baselines import static_attention_drop
+        from rt_lib.tuning.baselines import static_attention_drop
 
         blocks = wiki_blocks(self.tok, self.heldout_blocks, skip=self.calibration_blocks)
         cal = self.calibration()

@@ -2,7 +2,7 @@
 
     python -m rt_lib.plan --preset paper [--model PATH_OR_ID] [--gpu-memory 80GiB] [--json plan.json]
     python -m rt_lib.reproduce --preset paper --plan        # the same, with the pipeline's -p overrides
-    python -m rt_lib.train --preset paper --plan            # the same, with the training flags
+    python -m rt_lib.tuning.train --preset paper --plan            # the same, with the training flags
 
 Every asset is resolved without downloading weights: the model's config and tokenizer (an
 embedded kit model, a local folder, the Hugging Face cache, or the hub when it is reachable:
@@ -196,7 +196,7 @@ def make_plan(preset: str = DEFAULT_PRESET, *, model: str | None = None, gpu_mem
     """The plan as a JSON-able dict (``format_plan`` prints it). Raises ``PlanInputError`` for
     input no plan can be made for; a missing asset is recorded in ``missing`` instead."""
     from rt_lib import pipeline
-    from rt_lib.train_config import load_preset, make_config
+    from rt_lib.tuning.config import load_preset, make_config
 
     try:
         load_preset(preset)
@@ -250,7 +250,7 @@ def make_plan(preset: str = DEFAULT_PRESET, *, model: str | None = None, gpu_mem
 
 
 def _train_step(cfg, rec, meta, shape, gpu, processes, device, missing) -> dict:
-    step: dict[str, Any] = {"preset_file": f"rt_lib/presets/{cfg.preset}.json", "trainable": cfg.trainable,
+    step: dict[str, Any] = {"preset_file": f"rt_lib/tuning/presets/{cfg.preset}.json", "trainable": cfg.trainable,
                             "model_dtype": cfg.model_dtype, "precision": cfg.precision}
     for what, name, split in (("tuning data", cfg.data, cfg.data_split),
                               ("held-out data", cfg.heldout_data, cfg.heldout_split or cfg.data_split)):

@@ -78,7 +78,7 @@ def build_variants(ms, names, skip_layers, static_layers=None, threshold=None) -
     out = []
     for name in names:
         if name == "static_drop" and not static_layers:
-            log.warning("static_drop: no layer list (static_layers) and none from rt_lib.baselines; omitted")
+            log.warning("static_drop: no layer list (static_layers) and none from rt_lib.tuning.baselines; omitted")
             continue
         if name in ("dense", "oracle", "static_drop"):
             drop = {"dense": (), "oracle": skip_layers, "static_drop": static_layers}[name]
@@ -152,13 +152,13 @@ def choose_skip_layers(ms, input_ids: torch.Tensor, k: int | None) -> list[int]:
 
 
 def baseline_static_layers(ms, k: int) -> list[int] | None:
-    """The static attention drop's own choice of k layers (rt_lib.baselines: 1 - cos importance
+    """The static attention drop's own choice of k layers (rt_lib.tuning.baselines: 1 - cos importance
     on calibration text); None, and the variant is omitted, when it cannot be had."""
-    from rt_lib.baselines import static_drop_layers
+    from rt_lib.tuning.baselines import static_drop_layers
 
     try:
         with ms.detached():
             return list(static_drop_layers(ms.model, k))
     except Exception as exc:  # noqa: BLE001 - an optional comparison must not stop the profile
-        log.warning("static_drop: rt_lib.baselines could not choose layers (%s: %s)", type(exc).__name__, exc)
+        log.warning("static_drop: rt_lib.tuning.baselines could not choose layers (%s: %s)", type(exc).__name__, exc)
         return None

@@ -125,7 +125,7 @@ class ProfileSettings:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     skip_layers: list[int] | None = None  # forced/oracle/mask set; None: choose skip_k layers
     skip_k: int | None = 8           # None: the layers the routers skip on a calibration batch
-    static_layers: list[int] | None = None  # static_drop set; None: rt_lib.baselines, else omitted
+    static_layers: list[int] | None = None  # static_drop set; None: rt_lib.tuning.baselines, else omitted
     threshold: float | None = None   # router threshold for `mindskip`; None: the checkpoint's
     warmup: int = 1                  # untimed rounds of every variant per grid point
     repeats: int = 5                 # timed interleaved rounds per grid point
@@ -266,7 +266,7 @@ def _set_threads(device, settings) -> tuple[int, list[float]]:
 
 def layer_sets(ms, settings, shape, device, tokens) -> tuple[list[int], list[int] | None]:
     """The settings' skip and static-drop layer lists, or the ones the routers (on a calibration
-    batch: the largest prefill point) and rt_lib.baselines choose."""
+    batch: the largest prefill point) and rt_lib.tuning.baselines choose."""
     skip_layers = settings.skip_layers
     if skip_layers is None:
         calib = grid_tokens(max(settings.prefill_batch_sizes), max(settings.prefill_seq_lens), shape.vocab,

@@ -14,7 +14,7 @@ import transformers as tf
 
 from rt_lib import plan as P
 from rt_lib.mindskip.config import MindSkipConfig
-from rt_lib.heldout import lm_loss_sum
+from rt_lib.tuning.heldout import lm_loss_sum
 from rt_lib.mindskip.model import get_mindskip_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_parse_memory_refuses(text):
 
 # ----------------------------------------------------------------------------- the --plan flags
 def test_train_plan_flag_takes_the_training_options(tmp_path):
-    from rt_lib.train import main
+    from rt_lib.tuning.train import main
 
     out = tmp_path / "plan.json"
     assert main(["--preset", "paper", "--plan", "--model", str(LLAMA3), "--micro-batch-size", "1",

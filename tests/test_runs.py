@@ -244,7 +244,7 @@ def test_changed_inputs_make_a_step_stale_also_across_runs(tmp_path):
     assert runs.load_run(b)["steps"]["eval"]["inputs"]["routers"]["path"] == "../a/train/routers/routers.safetensors"
     # tuning routers in b itself does not touch b's evaluation of a's routers
     assert runs.replace_plan(b, "train") == []
-    # a's routers overwritten behind the kit's back (e.g. rt_lib.train --out a): a's and b's evaluations are stale
+    # a's routers overwritten behind the kit's back (e.g. rt_lib.tuning.train --out a): a's and b's evaluations are stale
     _write(a / "train" / "routers" / "routers.safetensors", "other routers")
     assert runs.stale_steps(a) == {"eval": "its routers train/routers/routers.safetensors changed after it ran",
                                    "profile": "its routers train/routers/routers.safetensors changed after it ran"}

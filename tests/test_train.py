@@ -10,11 +10,11 @@ import torch
 import transformers as tf
 
 from rt_lib.mindskip.config import MindSkipConfig
-from rt_lib.data import build_dataset, byte_tokenizer, collate
-from rt_lib.heldout import evaluate_heldout, heldout_lm_loss
+from rt_lib.tuning.data import build_dataset, byte_tokenizer, collate
+from rt_lib.tuning.heldout import evaluate_heldout, heldout_lm_loss
 from rt_lib.mindskip.model import get_mindskip_model
-from rt_lib.recipe import RouterTuningRecipe
-from rt_lib.train import TrainConfig, build_parser, main, make_config, train_routers
+from rt_lib.tuning.recipe import RouterTuningRecipe
+from rt_lib.tuning.train import TrainConfig, build_parser, main, make_config, train_routers
 
 
 def tiny_llama(seed: int = 0, layers: int = 6):

@@ -123,7 +123,7 @@ PROFILE = FileKind("profile/profile.csv", "rt_lib.profiling", (
     _c("status", "`ok` or `skipped`"),
     _c("reason", "why a grid point was skipped"),
 ))
-TRAIN_LOG = FileKind("train/log.csv", "rt_lib.train", (
+TRAIN_LOG = FileKind("train/log.csv", "rt_lib.tuning.train", (
     _c("step", "optimiser step (1-based)", numeric=True),
     _c("loss", "total loss: LM loss + capacity regulariser", numeric=True),
     _c("lm_loss", "language-modelling loss", numeric=True),
@@ -161,7 +161,7 @@ TIDY_RUNS = FileKind("tables/runs.csv", "rt_lib.paper", (
     _c("ci_high", "upper end of the interval of `diff`"),
     _c("created", "run.json `created`"),
 ))
-SWEEP_TABLE = FileKind("tables/router_tuning_sweep_cpu.csv", "rt_lib.train.sweep_table", (
+SWEEP_TABLE = FileKind("tables/router_tuning_sweep_cpu.csv", "rt_lib.tuning.train.sweep_table", (
     _c("run", "run folder name"),
     _c("lr", "peak learning rate"),
     _c("reg_lambda", "weight λ of the capacity regulariser"),

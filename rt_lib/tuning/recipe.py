@@ -7,7 +7,7 @@
         recipe.record(row)               # log files, checkpoint when due
     result = recipe.finish()             # routers saved, held-out evaluation, summary
 
-``rt_lib.train.run`` is this driver with a progress bar; ``rt_lib.train`` describes the recipe
+``rt_lib.tuning.train.run`` is this driver with a progress bar; ``rt_lib.tuning.train`` describes the recipe
 itself (loss, schedule, data order, resumption, processes). Every input check happens in
 ``setup``, before the first step. The training loop is written out by hand rather than run by
 ``transformers.Trainer``: the LM loss is normalised by the label tokens of the whole global
@@ -29,15 +29,15 @@ from typing import Any
 
 import torch
 
-from rt_lib.data import IGNORE_INDEX, build_dataset, collate, pad_token_id
-from rt_lib.heldout import evaluate_heldout, lm_loss_sum
+from rt_lib.tuning.data import IGNORE_INDEX, build_dataset, collate, pad_token_id
+from rt_lib.tuning.heldout import evaluate_heldout, lm_loss_sum
 from rt_lib.files import atomic_dir
-from rt_lib.train_config import RESUME_FREE, TrainConfig, check_config, jsonable_config
-from rt_lib.trainer_state import TENSORS_NAME, read_state, write_state
+from rt_lib.tuning.config import RESUME_FREE, TrainConfig, check_config, jsonable_config
+from rt_lib.tuning.trainer_state import TENSORS_NAME, read_state, write_state
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = TENSORS_NAME  # with trainer_state.json beside it (rt_lib.trainer_state)
+STATE_NAME = TENSORS_NAME  # with trainer_state.json beside it (rt_lib.tuning.trainer_state)
 
 
 @dataclass
@@ -307,7 +307,7 @@ class RouterTuningRecipe:
     def _save_checkpoint(self, step: int) -> None:
         """``train/checkpoints/step-<N>/``: the loadable result (routers/, lora/ or backbone) and
         the trainer state (trainable weights, optimiser, scheduler, RNG, log, data position) as
-        ``trainer_state.safetensors`` + ``trainer_state.json`` (``rt_lib.trainer_state``)."""
+        ``trainer_state.safetensors`` + ``trainer_state.json`` (``rt_lib.tuning.trainer_state``)."""
         cfg, ms = self.cfg, self.ms
         module = self.accelerator.unwrap_model(self.module)
         with atomic_dir(self.run_dir / "train" / "checkpoints" / f"step-{step:06d}") as tmp:

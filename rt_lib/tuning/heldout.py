@@ -17,7 +17,7 @@ from typing import Self
 import torch
 import torch.nn.functional as F
 
-from rt_lib.data import IGNORE_INDEX, collate
+from rt_lib.tuning.data import IGNORE_INDEX, collate
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Options of a Router-Tuning run (``TrainConfig``) and the training presets that fill them in.
 
 Values resolve in three layers: ``TrainConfig`` defaults < the ``train`` section of
-``rt_lib/presets/<name>.json`` < explicit overrides (CLI flags or ``train_routers`` keywords).
+``rt_lib/tuning/presets/<name>.json`` < explicit overrides (CLI flags or ``train_routers`` keywords).
 ``make_config`` does the layering and checks every option before anything is loaded.
 """
 
@@ -22,10 +22,10 @@ RESUME_FREE = frozenset({"out", "save_every", "resume_from", "stop_after", "prog
 
 @dataclass
 class TrainConfig:
-    """Every option of a tuning run; presets (rt_lib/presets/<name>.json) fill it in."""
+    """Every option of a tuning run; presets (rt_lib/tuning/presets/<name>.json) fill it in."""
 
     preset: str | None = field(default=None, metadata={
-        "help": "Training preset rt_lib/presets/<name>.json the values come from (smoke, cpu, paper; the CLI's default: cpu)."})
+        "help": "Training preset rt_lib/tuning/presets/<name>.json the values come from (smoke, cpu, paper; the CLI's default: cpu)."})
     # -- model and data
     model: str = field(default="smollm2-135m-instruct",
                        metadata={"help": "Embedded kit model, local folder or Hugging Face id (rt_lib.assets.loading.load_model)."})
@@ -34,7 +34,7 @@ class TrainConfig:
     data: str = field(default="wikipedia-en",
                       metadata={"help": "Tuning data: embedded name, .json/.jsonl file or Hugging Face dataset name."})
     data_split: str | None = field(default="train", metadata={"help": "Split of the tuning data."})
-    data_format: str = field(default="auto", metadata={"help": "auto, instruction or text (rt_lib.data)."})
+    data_format: str = field(default="auto", metadata={"help": "auto, instruction or text (rt_lib.tuning.data)."})
     template: str = field(default="paper",
                           metadata={"help": "Instruction template: paper (<|system|>/<|user|>/<|assistant|> + EOS) or chat (the tokenizer's)."})
     system_prompt: str | None = field(default=None, metadata={"help": "System message added to instruction examples without one."})
@@ -107,7 +107,7 @@ class TrainConfig:
 
 
 def load_preset(name: str) -> dict:
-    """The ``train`` section of ``rt_lib/presets/<name>.json``."""
+    """The ``train`` section of ``rt_lib/tuning/presets/<name>.json``."""
     path = TRAIN_PRESETS_DIR / f"{name}.json"
     if not path.is_file():
         known = sorted(p.stem for p in TRAIN_PRESETS_DIR.glob("*.json"))

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rt_lib.data import build_dataset, collate, pad_token_id
+from rt_lib.tuning.data import build_dataset, collate, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def attention_importance(model, tokenizer=None, *, examples: list[dict] | None =
 
     ``h_in`` is the decoder layer's input, ``h_out`` the residual stream after its attention
     sublayer (before the MLP). A layer whose attention leaves the stream unchanged scores 0.
-    Calibration: ``examples`` (token sequences from ``rt_lib.data``) or ``num_samples``
+    Calibration: ``examples`` (token sequences from ``rt_lib.tuning.data``) or ``num_samples``
     sequences of ``data`` (default: packed 256-token blocks of the embedded Wikipedia text).
     """
     from rt_lib.mindskip.model import find_decoder
@@ -194,14 +194,14 @@ def _tokenizer_for(model):
 # =============================================================================== trained baselines
 def train_full(preset: str | None = "cpu", **options):
     """Full-parameter dynamic depth: routers and every backbone weight trained by the same loop."""
-    from rt_lib.train import train_routers
+    from rt_lib.tuning.train import train_routers
 
     return train_routers(preset, trainable="full", **options)
 
 
 def train_lora_routers(preset: str | None = "cpu", **options):
     """LoRA + Router-Tuning: LoRA adapters and routers trained together (``lora_*`` options)."""
-    from rt_lib.train import train_routers
+    from rt_lib.tuning.train import train_routers
 
     return train_routers(preset, trainable="lora", **options)
 
