@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from rt_lib.assets.loading import load_model  # noqa: E402
-from rt_lib.evaluation import evaluate  # noqa: E402
+from rt_lib.evaluation.driver import evaluate  # noqa: E402
 from rt_lib.mindskip.model import MindSkipModel  # noqa: E402
 
 

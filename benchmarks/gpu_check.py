@@ -136,7 +136,7 @@ class GpuCheck:
         return self._base, self._tok
 
     def tasks(self) -> list[str]:
-        from rt_lib.tasks import TASK_PRESETS
+        from rt_lib.evaluation.tasks import TASK_PRESETS
 
         return list(self.settings["tasks"] or TASK_PRESETS[TASK_PRESET].tasks)
 
@@ -191,8 +191,8 @@ class GpuCheck:
     def eval_part(self, variant: str, task: str) -> None:
         """One (variant, task): dense on the base model, MindSkip paired with the dense part."""
         from rt_lib.runs.checkpoints import attach_routers
-        from rt_lib.eval_results import EvalResults
-        from rt_lib.evaluation import evaluate
+        from rt_lib.evaluation.results import EvalResults
+        from rt_lib.evaluation.driver import evaluate
 
         if self.done(variant, task):
             return
@@ -214,7 +214,7 @@ class GpuCheck:
         """Every (variant, task) part, largest tasks first; with ``workers`` > 1 in that many
         processes sharing the device (the harness builds requests on the CPU, one core per
         process), a task's MindSkip part starting as soon as its dense part is written."""
-        from rt_lib.eval_results import EvalResults
+        from rt_lib.evaluation.results import EvalResults
 
         start = time.perf_counter()
         order = sorted(self.tasks(), key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER))
@@ -319,7 +319,7 @@ class GpuCheck:
     def summary(self) -> dict:
         import pandas as pd
 
-        from rt_lib.eval_results import MACRO
+        from rt_lib.evaluation.results import MACRO
         from rt_lib.profiling import summarize
 
         t = pd.read_csv(self.out / "eval" / "results.csv")

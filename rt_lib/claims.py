@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from rt_lib import stats
-from rt_lib.measures import MACRO, evidence_measures, heldout_table, paired_loss_difference
+from rt_lib.evaluation import stats
+from rt_lib.evaluation.measures import MACRO, evidence_measures, heldout_table, paired_loss_difference
 
 CLAIM_COLUMNS = ["claim", "paper_value", "measure", "kit_value", "ci_low", "ci_high", "n", "verdict", "rule", "run"]
 HOLDS, FAILS, OPEN = "holds", "does not hold", "inconclusive"

@@ -19,7 +19,7 @@ What it scores (every variant on the same documents and prompts, paired with den
 Each (variant, task) is one part written atomically under ``<out>/evidence/parts/``; a run
 that is interrupted continues with the first missing part (calibration and static-drop
 scores are files too). When every part is there the parts are combined into ``<out>/eval/``
-(the usual results files) and ``<out>/evidence/measures.csv`` (``rt_lib.measures``).
+(the usual results files) and ``<out>/evidence/measures.csv`` (``rt_lib.evaluation.measures``).
 
 Held-out LM loss (``<out>/evidence/heldout.csv``): every variant above plus, for the
 granularity and routing-level claims, the routers of ``--compare`` run folders calibrated to
@@ -122,7 +122,7 @@ class Evidence:
                  heldout_blocks: int = HELDOUT_BLOCKS, calibration_blocks: int = CALIBRATION_BLOCKS,
                  limit: int | None = None, profile_preset: str | None = "quick"):
         from rt_lib.mindskip.model import read_checkpoint_metadata
-        from rt_lib.tasks import TASK_PRESETS
+        from rt_lib.evaluation.tasks import TASK_PRESETS
 
         self.out = Path(out)
         self.dir = self.out / "evidence"
@@ -244,14 +244,14 @@ class Evidence:
         log.info("%s on %s: %.0f s", variant, task, time.perf_counter() - start)
 
     def _dense(self, task: str):
-        from rt_lib.eval_results import EvalResults
+        from rt_lib.evaluation.results import EvalResults
 
         return EvalResults.load(self.part_dir("dense", task))
 
     def score_tasks(self, which: str = "all") -> None:
         """Task parts: ``dense``, ``first`` (the smallest target), ``targets`` (the other
         targets), ``rest`` (the static drops, then the routers' own threshold) or ``all``."""
-        from rt_lib.evaluation import evaluate
+        from rt_lib.evaluation.driver import evaluate
 
         common = dict(preset=TASK_PRESET, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit)
         variants = self.variants()
@@ -292,7 +292,7 @@ class Evidence:
 
     def static_drop_ks(self) -> list[int]:
         """k of each MindSkip target: its realised skipped sublayers, macro over the tasks, rounded."""
-        from rt_lib.eval_results import EvalResults
+        from rt_lib.evaluation.results import EvalResults
 
         n_layers = self.base.config.num_hidden_layers
         ks = []
@@ -309,7 +309,7 @@ class Evidence:
 
     def score_static_drops(self) -> None:
         from rt_lib.tuning.baselines import attention_importance, static_attention_drop
-        from rt_lib.evaluation import evaluate
+        from rt_lib.evaluation.driver import evaluate
 
         scores = self._json("static_drop_scores.json", lambda: dict(zip(
             ("scores", "calibration"), attention_importance(self.base, self.tok))))
@@ -394,10 +394,10 @@ class Evidence:
 
     def combine(self):
         """``<out>/eval/`` from every part, and the measures table."""
-        from rt_lib.eval_results import EvalResults
-        from rt_lib.measures import evidence_measures
+        from rt_lib.evaluation.results import EvalResults
+        from rt_lib.evaluation.measures import evidence_measures
 
-        from rt_lib.measures import heldout_table
+        from rt_lib.evaluation.measures import heldout_table
 
         parts = sorted(p for p in (self.dir / "parts").iterdir() if not p.name.startswith("."))
         by_variant: dict[str, list[Path]] = {}
@@ -410,7 +410,7 @@ class Evidence:
         parts = [p for v, ps in by_variant.items() if v not in incomplete for p in ps]
         results = EvalResults.combine([EvalResults.load(p) for p in parts])
         # static drop has no gates to count: its routed-unit skip ratio is k / routed layers, as
-        # rt_lib.sweep writes it (the paper's ratio, k / all layers, is in measures.csv)
+        # rt_lib.evaluation.sweep writes it (the paper's ratio, k / all layers, is in measures.csv)
         n_routed = len(_read_json(self.routers / "mindskip_config.json")["routed_layers"])
         # the variants' columns from this run's plan (the parts' own rows agree with it)
         specs = {v["variant"]: (v["method"], v["k"]) for v in self.variants()}

@@ -6,7 +6,7 @@ Figure 2 points (change vs its dense point) marked as published. ``plot_task_pan
 same per task, with each task's majority-class rate. ``plot_heldout``: held-out loss change
 vs dense against the skip ratio, for every routing granularity and level.
 
-Inputs are the tables of ``rt_lib.measures`` (``measures.csv``, ``heldout.csv``).
+Inputs are the tables of ``rt_lib.evaluation.measures`` (``measures.csv``, ``heldout.csv``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from rt_lib.measures import MACRO
+from rt_lib.evaluation.measures import MACRO
 from rt_lib.plots import METHOD_STYLE, OKABE_ITO, _styled, new_figure, percent_axis
 
 PUBLISHED = dict(marker="o", markerfacecolor="none", linestyle=":", alpha=0.8)

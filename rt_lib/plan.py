@@ -111,11 +111,11 @@ def resolve_dtype_name(name: str | None, device: str) -> str:
 
 def count_eval_tokens(meta, tokenizer, preset_name: str, tasks: list[str] | None, limit, batch_size: int) -> dict:
     """Documents, forward passes and input tokens of a task preset, from the harness's own request
-    building (same tasks, shots, sampler, truncation as ``rt_lib.evaluation.evaluate``) over
+    building (same tasks, shots, sampler, truncation as ``rt_lib.evaluation.driver.evaluate``) over
     ``meta``, a model on the meta device: every request is recorded, none is scored."""
     from lm_eval import simple_evaluate
 
-    from rt_lib.evaluation import (
+    from rt_lib.evaluation.driver import (
         DEFAULT_SEEDS,
         MindSkipLM,
         check_request,
@@ -336,7 +336,7 @@ def _lora_parameters(meta, cfg) -> int:
 
 
 def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, missing, device) -> dict:
-    from rt_lib.tasks import TASK_PRESETS
+    from rt_lib.evaluation.tasks import TASK_PRESETS
 
     name = params.get("eval_preset", "quick")
     if name not in TASK_PRESETS:

@@ -318,7 +318,7 @@ def _harness_dataset(spec) -> tuple[str, str | None]:
     """(dataset_path, dataset_name) of a standard harness task, following its ``include``s."""
     import yaml
 
-    from rt_lib.tasks import harness_tasks_dir
+    from rt_lib.evaluation.tasks import harness_tasks_dir
 
     class _Loader(yaml.SafeLoader):
         pass
@@ -342,7 +342,7 @@ def _harness_dataset(spec) -> tuple[str, str | None]:
 def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list[dict]]:
     """The task preset's tasks and whether their data is here (embedded, or the hub caches)."""
     from rt_lib.assets import loading as assets
-    from rt_lib.tasks import PAPER_TASKS, TASK_PRESETS
+    from rt_lib.evaluation.tasks import PAPER_TASKS, TASK_PRESETS
 
     p = TASK_PRESETS[preset_name]
     names = [t.removesuffix("_offline") for t in tasks] if tasks else p.tasks
@@ -365,7 +365,7 @@ def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list
                            "hub": path, "config": name}
         if not cached:
             if spec.group:
-                code = (f"import datasets; from rt_lib.tasks import mmlu_subjects; "
+                code = (f"import datasets; from rt_lib.evaluation.tasks import mmlu_subjects; "
                         f"[datasets.load_dataset({path!r}, s) for s in mmlu_subjects()]")
             else:
                 code = f"import datasets; datasets.load_dataset({path!r}" + (f", {name!r})" if name else ")")

@@ -29,7 +29,7 @@ PAPER_METRIC = {
     "arc_c": "acc_norm", "boolq": "acc", "hellaswag": "acc_norm", "mmlu": "acc",
     "obqa": "acc_norm", "piqa": "acc_norm", "rte": "acc", "winogrande": "acc",
 }
-# Rows of eval/results.csv that are summaries, not tasks (rt_lib.evaluation's macro average):
+# Rows of eval/results.csv that are summaries, not tasks (rt_lib.evaluation.driver's macro average):
 # tables and figures average the tasks themselves.
 NOT_TASKS = {"macro_avg"}
 # The paper's method names -> the kit's (one word per idea everywhere in the kit; the published
@@ -125,7 +125,7 @@ def _run_rows(run: Run, regime: str) -> list[dict]:
     res = run.files.get("eval/results.csv")
     if res is None:
         return []
-    from rt_lib.eval_results import with_variant_columns
+    from rt_lib.evaluation.results import with_variant_columns
 
     res = with_variant_columns(res)
     paired = _paired_lookup(run)

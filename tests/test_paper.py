@@ -75,7 +75,7 @@ def test_name_mappings():
     assert paper.kit_method("attention-drop") == "static_drop"
     assert paper.kit_method("router-tuning") == "mindskip"
     assert paper.kit_method("static_drop") == "static_drop"
-    from rt_lib.eval_results import legacy_variant_columns
+    from rt_lib.evaluation.results import legacy_variant_columns
 
     # files written before results.csv had method/k: the labels give them, once, on reading
     assert legacy_variant_columns("static_drop_k4") == ("static_drop", 4)
@@ -212,7 +212,7 @@ def test_comparison_with_the_paper_for_the_papers_own_model(tmp_path):
             "dense,hellaswag,acc_norm,0.820,0.004,10042,10,,",
             "mindskip,arc_challenge,acc_norm,0.570,0.014,1172,25,0.5,0.25",
             "mindskip,hellaswag,acc_norm,0.801,0.004,10042,10,0.5,0.25",
-            "dense,macro_avg,paper,0.7025,0.007,11214,,,",  # rt_lib.evaluation's summary row
+            "dense,macro_avg,paper,0.7025,0.007,11214,,,",  # rt_lib.evaluation.driver's summary row
             "mindskip,macro_avg,paper,0.6855,0.007,11214,,0.5,0.25"]
     (run / "eval" / "results.csv").write_text("\n".join(rows) + "\n")
     written = paper.build_all(tmp_path, tmp_path / "tables", tmp_path / "figures", figures=False)

@@ -1,7 +1,7 @@
 """Notebooks and the papermill pipeline: presets, parameter checks, sweeps and reruns into a run
 folder (with stand-in notebooks), and one end-to-end smoke run of all four notebooks (slow).
 
-What the notebooks compute is tested through the library calls they make (rt_lib.sweep,
+What the notebooks compute is tested through the library calls they make (rt_lib.evaluation.sweep,
 rt_lib.runs.checkpoints, rt_lib.tuning.train, rt_lib.profiling, rt_lib.paper)."""
 
 import ast

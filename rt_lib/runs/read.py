@@ -43,7 +43,7 @@ REQUIRED_COLUMNS = {path: schema.required_columns(path) for path in (k.path for 
 NUMERIC_COLUMNS = {path: schema.numeric_columns(path) for path in (k.path for k in schema.RUN_FILES)}
 FRACTION_COLUMNS = {path: cols for path in (k.path for k in schema.RUN_FILES)
                     if (cols := schema.fraction_columns(path))}
-FRACTION_METRICS = {"acc", "acc_norm", "paper"}  # "paper": rt_lib.evaluation's macro average of them
+FRACTION_METRICS = {"acc", "acc_norm", "paper"}  # "paper": rt_lib.evaluation.driver's macro average of them
 # A step recorded in run.json promises its main file.
 STEP_FILES = {"train": "train/summary.json", "eval": "eval/results.csv", "profile": "profile/profile.csv"}
 OPTIONAL_FILES = ("eval/paired.csv", "eval/skip_stats.csv", "train/log.csv", "profile/profile.json")

@@ -64,7 +64,7 @@ def _c(name: str, meaning: str, **kw) -> Column:
 THRESHOLD_OPTIONAL = _c("threshold", "router threshold of the row; only in files of a threshold sweep (empty for "
                         "variants without routers)", numeric=True, required=False, written=False)
 
-EVAL_RESULTS = FileKind("eval/results.csv", "rt_lib.evaluation", (
+EVAL_RESULTS = FileKind("eval/results.csv", "rt_lib.evaluation.driver", (
     _c("variant", "the variant's name: `dense`, `mindskip`, or a caller's label (`mindskip_t<threshold>`, "
        "`static_drop_k<k>`); a name only: what the variant is, is in `method`, `k` and `threshold`"),
     _c("method", "`dense`, `mindskip`, `static_drop`, or a caller's method (e.g. `lora`); files written before "
@@ -81,7 +81,7 @@ EVAL_RESULTS = FileKind("eval/results.csv", "rt_lib.evaluation", (
     _c("skip_ratio", "realised fraction of routed sublayer executions skipped on the task (empty for `dense`)",
        numeric=True, fraction=True),
 ))
-EVAL_PAIRED = FileKind("eval/paired.csv", "rt_lib.evaluation", (
+EVAL_PAIRED = FileKind("eval/paired.csv", "rt_lib.evaluation.driver", (
     _c("variant", "variant compared with `dense`"),
     THRESHOLD_OPTIONAL,
     _c("task", "harness task name (`macro_avg`: combined over tasks)"),
@@ -92,7 +92,7 @@ EVAL_PAIRED = FileKind("eval/paired.csv", "rt_lib.evaluation", (
     _c("n", "paired documents"),
     _c("confidence", "confidence level of the interval"),
 ))
-EVAL_SKIP_STATS = FileKind("eval/skip_stats.csv", "rt_lib.evaluation", (
+EVAL_SKIP_STATS = FileKind("eval/skip_stats.csv", "rt_lib.evaluation.driver", (
     _c("variant", "routed variant"),
     THRESHOLD_OPTIONAL,
     _c("task", "harness task name"),

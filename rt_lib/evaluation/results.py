@@ -148,7 +148,7 @@ class EvalResults:
         (first); a variant without a macro average in any part gets one over the combined tasks."""
         import pandas as pd
 
-        from rt_lib.eval_tables import add_macro_paired, add_macro_rows
+        from rt_lib.evaluation.tables import add_macro_paired, add_macro_rows
 
         if not parts:
             raise ValueError("nothing to combine")

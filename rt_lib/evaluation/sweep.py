@@ -27,8 +27,8 @@ from pathlib import Path
 
 from rt_lib.tuning.baselines import STATIC_DROP_FILE, attention_importance, static_attention_drop
 from rt_lib.runs.checkpoints import attach_routers
-from rt_lib.eval_results import MACRO, EvalResults
-from rt_lib.evaluation import evaluate
+from rt_lib.evaluation.results import MACRO, EvalResults
+from rt_lib.evaluation.driver import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def evaluate_sweep(base, tokenizer, run_dir: str | os.PathLike, *, routers: str 
 
     ``base``: the base model (left as it was: routers and dropped layers are removed again);
     ``routers``: a router checkpoint folder, None for fresh default routers. ``preset``,
-    ``tasks``, ``limit``, ``batch_size``: as ``rt_lib.evaluation.evaluate``. ``dense_from``: a
+    ``tasks``, ``limit``, ``batch_size``: as ``rt_lib.evaluation.driver.evaluate``. ``dense_from``: a
     run folder whose dense scores (same preset, tasks, limit) are reused instead of a dense
     run. ``calibration``: keyword arguments of ``rt_lib.tuning.baselines.attention_importance``
     (default: its calibration text).

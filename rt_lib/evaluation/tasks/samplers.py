@@ -11,7 +11,7 @@ The paper's authors patched their harness fork to select by sample index for thi
 ``DocSeededSampler`` derives a fresh generator from ``(fewshot seed, fingerprint of the
 scored document)`` for every document, so its examples are the same in any process layout,
 batch size, limit or order. It is used by the kit's offline task YAMLs
-(``fewshot_config.sampler``) and by ``rt_lib.evaluation`` for the standard tasks.
+(``fewshot_config.sampler``) and by ``rt_lib.evaluation.driver`` for the standard tasks.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class DocSeededSampler(ContextSampler):
     The scored document is never among its own examples (the harness passes it as
     ``eval_doc`` when few-shot and scored documents share a split). When the harness does
     not pass it (few-shot examples from another split), the task wrapper in
-    ``rt_lib.evaluation`` sets ``current_doc`` before each prompt is built; without either,
+    ``rt_lib.evaluation.driver`` sets ``current_doc`` before each prompt is built; without either,
     the sampler refuses rather than silently falling back to the order-dependent stream.
     """
 
@@ -59,7 +59,7 @@ class DocSeededSampler(ContextSampler):
         key_doc = eval_doc if eval_doc is not None else self.current_doc
         if key_doc is None:
             raise RuntimeError(
-                "DocSeededSampler needs the scored document: use it through rt_lib.evaluation "
+                "DocSeededSampler needs the scored document: use it through rt_lib.evaluation.driver "
                 "or with fewshot_split equal to the scored split"
             )
         pool = self.fewshot_docs()

@@ -2,7 +2,7 @@
 
 For each variant paired with dense on the same documents (``<run>/eval/results.json``, whose
 per-document records hold the harness's gold choice, predicted choice and gold
-log-likelihood, see ``rt_lib.evaluation``):
+log-likelihood, see ``rt_lib.evaluation.driver``):
 
 ``acc_diff``
     paired accuracy difference (the task's paper metric), t interval over documents;
@@ -23,7 +23,7 @@ executions, i.e. skipped layers / model layers); ``routed_skip_ratio`` the fract
 routed layers' executions that were skipped (the unit of ``results.csv``'s ``skip_ratio``).
 
 Macro rows (``task`` = ``macro_avg`` and ``macro_above_chance``): unweighted means over tasks
-with ``se = sqrt(sum se_t^2) / T`` and a normal interval (``rt_lib.stats.macro_difference``).
+with ``se = sqrt(sum se_t^2) / T`` and a normal interval (``rt_lib.evaluation.stats.macro_difference``).
 
 Held-out loss (``heldout_table``): the per-block LM loss of each variant on the evidence run's
 Wikipedia validation blocks, paired with dense per block.
@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from rt_lib import stats
+from rt_lib.evaluation import stats
 
 MACRO = "macro_avg"
 MACRO_ABOVE_CHANCE = "macro_above_chance"
@@ -116,7 +116,7 @@ def evidence_measures(run_dir: str | Path, confidence: float = 0.95, num_layers:
     run_dir = Path(run_dir)
     res = json.loads((run_dir / "eval" / "results.json").read_text())
     per_doc, tasks = res["per_doc"], res["tasks"]
-    from rt_lib.eval_results import with_variant_columns
+    from rt_lib.evaluation.results import with_variant_columns
 
     table = with_variant_columns(pd.DataFrame(res["results"]))
     num_layers = num_layers or _num_layers(run_dir)

@@ -4,7 +4,7 @@
 not (registered as ``mindskip``; importing this module registers it). It only adapts: what a
 request batch looks like to the routers (right padding masked out), skip counts per task, the
 kit's model loading and data-parallel set-up. Running an evaluation, pairing variants and
-writing result files is the driver's job (``rt_lib.evaluation``), as the harness keeps
+writing result files is the driver's job (``rt_lib.evaluation.driver``), as the harness keeps
 ``models/huggingface.py`` apart from its evaluator.
 
     lm = MindSkipLM(pretrained=ms, tokenizer=tok, batch_size=8)   # or pretrained="<kit name>", routers=DIR
@@ -17,7 +17,7 @@ the shorter shards with repeats of their last request, which are counted too).
 
 ``task_manager`` and ``load_task`` give harness tasks with the kit's offline tasks on the
 include path; standard tasks get the per-document few-shot sampler
-(``rt_lib.tasks.samplers.DocSeededSampler``), so prompts do not depend on how documents are
+(``rt_lib.evaluation.tasks.samplers.DocSeededSampler``), so prompts do not depend on how documents are
 dealt to processes.
 """
 
@@ -40,7 +40,7 @@ from lm_eval.models.huggingface import HFLM
 
 from rt_lib.mindskip.model import MindSkipModel
 from rt_lib.files import file_sha256
-from rt_lib.tasks import TaskPreset, write_offline_tasks
+from rt_lib.evaluation.tasks import TaskPreset, write_offline_tasks
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def seed_fewshot_per_document(task) -> None:
     """Give a standard task the per-document sampler (offline YAMLs carry it already)."""
     from lm_eval.api.samplers import ContextSampler
 
-    from rt_lib.tasks.samplers import DocSeededSampler
+    from rt_lib.evaluation.tasks.samplers import DocSeededSampler
 
     sampler = getattr(task, "sampler", None)
     if sampler is None or type(sampler) is not ContextSampler:  # first_n (MMLU) or already ours

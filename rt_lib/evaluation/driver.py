@@ -1,11 +1,11 @@
 """Evaluate dense and MindSkip models with lm-evaluation-harness 0.4.x: the driver.
 
 ``evaluate`` scores a model in memory (a dense HF model or a ``MindSkipModel``) on a task
-preset through the harness model ``MindSkipLM`` (``rt_lib.harness``, registered as
+preset through the harness model ``MindSkipLM`` (``rt_lib.evaluation.harness``, registered as
 ``mindskip``), pairs it with its dense reference and returns ``EvalResults``
-(``rt_lib.eval_results``, the files under ``<run>/eval/``)::
+(``rt_lib.evaluation.results``, the files under ``<run>/eval/``)::
 
-    from rt_lib.evaluation import evaluate
+    from rt_lib.evaluation.driver import evaluate
     res = evaluate(ms, tok, preset="quick", out_dir="results/runs/my-run")
     res.table; res.paired; res.skip_stats          # also written to my-run/eval/
 
@@ -13,17 +13,17 @@ For a ``MindSkipModel`` the dense reference is the same model with every router 
 "keep" (``ms.force(True)``, exactly the base model), run on the same documents and prompts;
 ``paired`` holds the per-document paired difference with its confidence interval.
 
-Command line (``python -m rt_lib.evaluation``: the harness CLI with the kit's model and
-tasks, or a kit preset written as a run folder): ``rt_lib.eval_cli``.
+Command line (``python -m rt_lib.evaluation.driver``: the harness CLI with the kit's model and
+tasks, or a kit preset written as a run folder): ``rt_lib.cli.evaluate``.
 
 Few-shot examples of the kit's offline tasks are drawn per document
-(``rt_lib.tasks.samplers.DocSeededSampler``), so scores do not depend on the number of
+(``rt_lib.evaluation.tasks.samplers.DocSeededSampler``), so scores do not depend on the number of
 processes; the harness's standard tasks run through the CLI use the harness's sampler,
 whose draws depend on how documents are dealt to processes (``evaluate()`` swaps in the
 per-document sampler for them too). An in-memory model is always evaluated in one process.
 
-A threshold sweep with static drop matched to each threshold (notebook 02): ``rt_lib.sweep``.
-Presets and what differs offline: ``rt_lib.tasks``.
+A threshold sweep with static drop matched to each threshold (notebook 02): ``rt_lib.evaluation.sweep``.
+Presets and what differs offline: ``rt_lib.evaluation.tasks``.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from rt_lib.eval_results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
-from rt_lib.eval_tables import (  # noqa: F401 - the tables of an evaluation, importable from here as before
+from rt_lib.evaluation.results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
+from rt_lib.evaluation.tables import (  # noqa: F401 - the tables of an evaluation, importable from here as before
     CHOICE_FIELDS,
     _collect,
     _paired_rows,
@@ -50,7 +50,7 @@ from rt_lib.eval_tables import (  # noqa: F401 - the tables of an evaluation, im
     add_macro_paired,
     add_macro_rows,
 )
-from rt_lib.harness import (
+from rt_lib.evaluation.harness import (
     ALL_TASKS,
     MindSkipLM,
     env_info_once,
@@ -63,11 +63,11 @@ from rt_lib.harness import (
 )
 from rt_lib.mindskip.model import MindSkipModel
 from rt_lib.files import file_sha256
-from rt_lib.tasks import PAPER_TASKS, TASK_PRESETS, TaskPreset
+from rt_lib.evaluation.tasks import PAPER_TASKS, TASK_PRESETS, TaskPreset
 
 log = logging.getLogger(__name__)
 
-# Names that moved to rt_lib.harness / rt_lib.eval_results, importable from here as before.
+# Names that moved to rt_lib.evaluation.harness / rt_lib.evaluation.results, importable from here as before.
 __all__ = [
     "ALL_TASKS", "DEFAULT_SEEDS", "MACRO", "PAIRED_COLUMNS", "RESULT_COLUMNS", "SKIP_COLUMNS", "EvalResults",
     "MindSkipLM", "check_request", "evaluate", "load_routers", "load_task", "main", "routers_sha256",
@@ -100,7 +100,7 @@ def check_request(preset: str, tasks: Sequence[str] | None, limit: Any, batch_si
             raise ValueError(
                 f"unknown task(s) {unknown} for preset {preset!r}; choose from {', '.join(p.tasks)} "
                 "(the paper's eight benchmarks; other harness tasks: use the lm_eval CLI through "
-                "`python -m rt_lib.evaluation`)"
+                "`python -m rt_lib.evaluation.driver`)"
             )
         if not names:
             raise ValueError("tasks is empty; pass None for all tasks of the preset")
@@ -319,7 +319,7 @@ def harness_samples(p: TaskPreset, task_obj, limit) -> dict[str, list[int]] | No
     first ``limit`` documents, or all). An explicit limit wins over the preset's sample."""
     if p.sample is None or limit is not None:
         return None
-    from rt_lib.tasks import sample_documents
+    from rt_lib.evaluation.tasks import sample_documents
 
     return sample_documents({t.task_name: len(t.eval_docs) for t in leaf_tasks(task_obj)}, p.sample, p.sample_seed)
 
@@ -389,7 +389,7 @@ def _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, 
         "harness": "lm-evaluation-harness",
         "harness_version": getattr(lm_eval, "__version__", None) or runs._version("lm_eval"),
         "seeds": _seeds(seed),
-        "fewshot_sampler": "rt_lib.tasks.samplers.DocSeededSampler (per document); MMLU: first_n",
+        "fewshot_sampler": "rt_lib.evaluation.tasks.samplers.DocSeededSampler (per document); MMLU: first_n",
         "batch_size": batch_size,
         "variant": variant,
         "confidence": confidence,
@@ -412,8 +412,8 @@ def _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m rt_lib.evaluation``: the command line of ``rt_lib.eval_cli``."""
-    from rt_lib import eval_cli
+    """``python -m rt_lib.evaluation.driver``: the command line of ``rt_lib.cli.evaluate``."""
+    from rt_lib.cli import evaluate as eval_cli
 
     return eval_cli.main(argv)
 

@@ -1,6 +1,6 @@
 """The tables of an evaluation, from the harness's output: results.csv and paired.csv rows with
 their macro averages, and the per-document records (``_collect``) that pairing and
-``rt_lib.measures`` read. ``rt_lib.evaluation`` runs the harness; this module only turns what
+``rt_lib.evaluation.measures`` read. ``rt_lib.evaluation.driver`` runs the harness; this module only turns what
 it returned into the kit's tables (docs/results_format.md)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from rt_lib import stats
-from rt_lib.eval_results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS
+from rt_lib.evaluation import stats
+from rt_lib.evaluation.results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS
 
 
 def _paired_rows(variant: str, task: str, var_docs: dict, ref_docs: dict, metrics: list[str], confidence: float,

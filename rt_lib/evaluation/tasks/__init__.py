@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 OFFLINE_SUFFIX = "_offline"
 OFFLINE_TAG = "rt_offline"
-SAMPLER = "rt_lib.tasks.samplers.DocSeededSampler"
+SAMPLER = "rt_lib.evaluation.tasks.samplers.DocSeededSampler"
 
 
 def harness_tasks_dir() -> Path:
@@ -108,7 +108,7 @@ PAPER_TASKS: dict[str, TaskSpec] = {
         TaskSpec("arc_challenge", "acc_norm", 25, "arc/arc_challenge.yaml", "arc_challenge",
                  "test", "train split, drawn per document"),
         TaskSpec("boolq", "acc", 0, "super_glue/boolq/default.yaml", "boolq",
-                 "validation", "none (0-shot)", process_docs="rt_lib.tasks.utils.boolq_to_super_glue"),
+                 "validation", "none (0-shot)", process_docs="rt_lib.evaluation.tasks.utils.boolq_to_super_glue"),
         TaskSpec("hellaswag", "acc_norm", 10, "hellaswag/hellaswag.yaml", "hellaswag",
                  "validation", "train split, drawn per document"),
         TaskSpec("mmlu", "acc", 5, "mmlu/default/_mmlu.yaml", "mmlu",
@@ -312,6 +312,6 @@ def write_offline_tasks(dest: str | Path | None = None) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
-        (dest / name).write_text("# written by rt_lib.tasks.write_offline_tasks; data paths are install-specific\n" + text)
+        (dest / name).write_text("# written by rt_lib.evaluation.tasks.write_offline_tasks; data paths are install-specific\n" + text)
     log.info("wrote %d offline task configs to %s", len(texts), dest)
     return dest
