@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from rt_lib import profiling as P
+from rt_lib.speed import profiling as P
 from rt_lib.assets.loading import load_model
 from rt_lib.mindskip.config import MindSkipConfig
 

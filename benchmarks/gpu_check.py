@@ -9,7 +9,7 @@ Everything goes into one run folder (default ``results/runs/gpu-check-<date>``):
 - ``eval/``: results.csv, paired.csv, skip_stats.csv, results.json of dense and ``mindskip``
   (``results/runs/cpu-main/train/routers`` at their threshold) on the `offline` preset's eight
   tasks with the paper's shots, every document, batch 64 in bfloat16;
-- ``profile/``: profile.csv / profile.json / figure of the profiler (``rt_lib.profiling``) over
+- ``profile/``: profile.csv / profile.json / figure of the profiler (``rt_lib.speed.profiling``) over
   the `full` grid; points that do not fit the GPU are rows with ``status=skipped`` and the reason;
 - ``gpu_check/``: the settings, one part per (variant, task) evaluation and per profile grid
   point (each written atomically, with the tokens it ran and its wall time), ``summary.json`` and
@@ -53,7 +53,7 @@ TASK_PRESET = "offline"
 TASK_ORDER = ["mmlu", "hellaswag", "arc_challenge", "boolq", "winogrande", "piqa", "openbookqa", "rte"]
 GPU = {"tasks": None, "limit": None, "batch_size": 64, "profile_preset": "full", "warmup": 1, "repeats": 5,
        "new_tokens": 32, "threads": None, "workers": 4}
-# one CPU thread: on a small shared machine more threads spin against other jobs (rt_lib.profiling)
+# one CPU thread: on a small shared machine more threads spin against other jobs (rt_lib.speed.profiling)
 SMOKE = {"tasks": ["rte", "winogrande"], "limit": 4, "batch_size": 4, "profile_preset": "smoke", "warmup": None,
          "repeats": None, "new_tokens": None, "threads": 1, "workers": 1}
 
@@ -248,7 +248,7 @@ class GpuCheck:
 
     # -- profile ----------------------------------------------------------------------------
     def profile_settings(self):
-        from rt_lib.profiling import preset
+        from rt_lib.speed.profiling import preset
 
         s = self.settings
         over = {k: s[k] for k in ("warmup", "repeats", "new_tokens", "threads") if s.get(k) is not None}
@@ -259,10 +259,10 @@ class GpuCheck:
         peaks fixed once for the whole grid, then profile/ as the profiler writes it."""
         import torch
 
-        from rt_lib import profile_step
-        from rt_lib import profiling as P
+        from rt_lib.speed import step as profile_step
+        from rt_lib.speed import profiling as P
         from rt_lib import files
-        from rt_lib.roofline import Shape, measure_peaks
+        from rt_lib.speed.roofline import Shape, measure_peaks
 
         base, tok = self.load()
         settings = self.profile_settings()
@@ -320,7 +320,7 @@ class GpuCheck:
         import pandas as pd
 
         from rt_lib.evaluation.results import MACRO
-        from rt_lib.profiling import summarize
+        from rt_lib.speed.profiling import summarize
 
         t = pd.read_csv(self.out / "eval" / "results.csv")
         paired = pd.read_csv(self.out / "eval" / "paired.csv")

@@ -383,7 +383,8 @@ class Evidence:
         """Dense and MindSkip timed at the largest target's threshold on the ``quick`` profile
         grid (``<out>/profile/``), so that the speedup of claim C6 is measured at an operating
         point whose accuracy this run scores."""
-        from rt_lib import profile_step, profiling
+        from rt_lib.speed import step as profile_step
+        from rt_lib.speed import profiling
 
         if self.profile_preset is None or (self.out / "profile" / "profile.json").exists():
             return

@@ -19,7 +19,7 @@ parameter count and the routed layers. Per step of the pipeline the plan prints:
   small, or with ``--eval-tokens yes``; otherwise "needs the task data" and the command);
 - ``profile``: the KV-cache bytes of every point of the profiling grid the preset uses
   (``kv_cache_bytes``) and which points do not fit the GPU memory (the profiler's own rule:
-  ``rt_lib.roofline.estimate_point_bytes`` against 90% of what the weights leave free).
+  ``rt_lib.speed.roofline.estimate_point_bytes`` against 90% of what the weights leave free).
 
 A missing asset never stops the plan: it is listed with the command that fetches it, and the
 numbers that need it are printed as unknown. The exit status is 0 whenever a plan was printed
@@ -61,7 +61,7 @@ from rt_lib.plan_report import _gib, fmt_bytes, format_plan  # noqa: F401 - the 
 log = logging.getLogger(__name__)
 
 DEFAULT_PRESET = "paper"
-HEADROOM = 0.9  # rt_lib.profiling.ProfileSettings.memory_headroom: a point runs below 90% of free memory
+HEADROOM = 0.9  # rt_lib.speed.profiling.ProfileSettings.memory_headroom: a point runs below 90% of free memory
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
@@ -365,11 +365,11 @@ def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, mi
             counted = count_eval_tokens(meta, tok, name, tasks, limit, batch)
             step["tokens"] = {"status": "counted", **counted}
             if shape is not None and counted["total"]["max_len"]:
-                from rt_lib.roofline import Shape
+                from rt_lib.speed.roofline import Shape
 
                 s = Shape(shape["layers"], shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"],
                           shape["intermediate"], shape["vocab"])
-                from rt_lib.roofline import estimate_point_bytes
+                from rt_lib.speed.roofline import estimate_point_bytes
 
                 b = dtype_bytes(dtype)
                 act = estimate_point_bytes(s, "prefill", batch, counted["total"]["max_len"], 0, b)
@@ -383,9 +383,9 @@ def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, mi
 
 
 def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
-    from rt_lib.profiling import PROFILE_PRESETS, grid_points
-    from rt_lib.profiling import preset as profile_preset
-    from rt_lib.roofline import Shape, estimate_point_bytes
+    from rt_lib.speed.profiling import PROFILE_PRESETS, grid_points
+    from rt_lib.speed.profiling import preset as profile_preset
+    from rt_lib.speed.roofline import Shape, estimate_point_bytes
 
     name = params.get("profile_preset", "quick")
     if name not in PROFILE_PRESETS:

@@ -20,7 +20,7 @@ def meta_model(config, dtype: str):
 
 
 def model_shape(config) -> dict:
-    from rt_lib.roofline import Shape
+    from rt_lib.speed.roofline import Shape
 
     s = Shape.from_config(config)
     return {"architecture": (getattr(config, "architectures", None) or [type(config).__name__])[0],

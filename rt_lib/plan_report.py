@@ -132,7 +132,7 @@ def _profile_block(plan: dict, w) -> None:
     else:
         w(f"  KV cache     2 x {sh['layers']} layers x {sh['kv_heads']} KV heads x {sh['head_dim']} x tokens x "
           f"{dtype_bytes(p['dtype'])} bytes; 'estimate' adds activations, scores and logits "
-          f"(rt_lib.roofline.estimate_point_bytes); a point fits when its estimate is below "
+          f"(rt_lib.speed.roofline.estimate_point_bytes); a point fits when its estimate is below "
           f"{HEADROOM:.0%} of what the weights leave free")
         unit, div = ("GiB", 2**30) if max(r["estimate_bytes"] for r in p["points"]) >= 2**30 else ("MiB", 2**20)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import padded_batch, random_routers, tiny_model
 
-from rt_lib import batching as bt
+from rt_lib.speed import batching as bt
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.mindskip.model import find_decoder, get_mindskip_model
 

@@ -16,7 +16,7 @@ from rt_lib.mindskip.model import (
     drop_sublayers,
     get_mindskip_model,
 )
-from rt_lib.profile_timing import forward_step
+from rt_lib.speed.timing import forward_step
 from tiny_models import ARCHS, padded_batch, random_routers, tiny_model
 
 GRANS = ("attn", "mlp", "block")

@@ -2,7 +2,7 @@
 folder (with stand-in notebooks), and one end-to-end smoke run of all four notebooks (slow).
 
 What the notebooks compute is tested through the library calls they make (rt_lib.evaluation.sweep,
-rt_lib.runs.checkpoints, rt_lib.tuning.train, rt_lib.profiling, rt_lib.paper)."""
+rt_lib.runs.checkpoints, rt_lib.tuning.train, rt_lib.speed.profiling, rt_lib.paper)."""
 
 import ast
 import json

@@ -180,7 +180,7 @@ def test_reproduce_plan_flag_takes_notebook_overrides(tmp_path):
                  "--plan-json", str(out)]) == 0
     plan = json.loads(out.read_text())
     assert plan["model"]["parameters"] == 8_030_261_248
-    from rt_lib.profiling import grid_points, preset
+    from rt_lib.speed.profiling import grid_points, preset
 
     quick = grid_points(preset("quick"))
     assert plan["profile"]["profile_preset"] == "quick"
@@ -235,7 +235,7 @@ def test_activation_estimate_matches_saved_tensors(granularity, route_level, dty
 
 
 def test_kv_formula_matches_a_real_cache():
-    from rt_lib.profiling import forward_step, kv_cache_bytes, new_cache
+    from rt_lib.speed.profiling import forward_step, kv_cache_bytes, new_cache
 
     model, cfg = _small_llama()
     ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(1))

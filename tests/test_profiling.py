@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rt_lib import profile_step
-from rt_lib import profiling as P
-from rt_lib import roofline as R
+from rt_lib.speed import step as profile_step
+from rt_lib.speed import profiling as P
+from rt_lib.speed import roofline as R
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.mindskip.model import get_slot
 

@@ -100,7 +100,7 @@ EVAL_SKIP_STATS = FileKind("eval/skip_stats.csv", "rt_lib.evaluation.driver", (
     _c("executed_fraction", "fraction of that layer's routed sublayer executions that ran", numeric=True,
        fraction=True),
 ))
-PROFILE = FileKind("profile/profile.csv", "rt_lib.profiling", (
+PROFILE = FileKind("profile/profile.csv", "rt_lib.speed.profiling", (
     _c("regime", "`prefill` or `decode`"),
     _c("variant", "`dense`, `mindskip`, `mindskip_forced`, `oracle`, `mask` or `static_drop`"),
     THRESHOLD_OPTIONAL,

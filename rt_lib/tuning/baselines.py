@@ -169,7 +169,7 @@ def static_attention_drop(model, k: int, tokenizer=None, *, candidates: list[int
 
 
 def static_drop_layers(model, k: int, tokenizer=None, **calibration) -> list[int]:
-    """Just the layer choice (used by rt_lib.profiling for its ``static_drop`` variant)."""
+    """Just the layer choice (used by rt_lib.speed.profiling for its ``static_drop`` variant)."""
     return static_attention_drop(model, k, tokenizer, apply=False, **calibration).layers
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from rt_lib.profile_timing import cache_argument, new_cache
+from rt_lib.speed.timing import cache_argument, new_cache
 
 POLICIES = ("pattern", "cluster")
 # one sequence per request, lengths counted from the prompt: what grouping can honour

@@ -1,6 +1,6 @@
 """Speed and KV-cache memory of MindSkip beside the oracle and an analytic bound.
 
-    python -m rt_lib.profiling --preset quick --model smollm2-135m-instruct \\
+    python -m rt_lib.speed.profiling --preset quick --model smollm2-135m-instruct \\
         --routers <router dir> --out results/runs/<id>
 
 What is measured, per regime and grid point, for each variant:
@@ -22,12 +22,12 @@ What is measured, per regime and grid point, for each variant:
   approach the bound but not pass it beyond noise. For `mask` it is what skipping the masked
   sublayers for real could reach.
 - `roofline_speedup`: the analytic roofline estimate for the same skipped sublayers
-  (`rt_lib.roofline`), a reading aid for GPU runs; not a bound (it ignores per-kernel and
+  (`rt_lib.speed.roofline`), a reading aid for GPU runs; not a bound (it ignores per-kernel and
   Python overhead, which removing a sublayer also saves).
 Prompts are consecutive windows of a text (the CLI tokenizes `wikipedia-en`), so the routers
 decide on the kind of input they were tuned on; decode feeds the text's next tokens.
 
-Variants (`rt_lib.profile_variants`), all on the same weights (one MindSkip-wrapped model; for
+Variants (`rt_lib.speed.variants`), all on the same weights (one MindSkip-wrapped model; for
 the plain variants its gates are taken out and put back around each call, outside the timed
 region):
 - `dense`: the base model.
@@ -49,7 +49,7 @@ timed region is bracketed by CUDA events after a synchronize; on CPU wall-clock
 loop is hand-written on purpose: the interleaving and what is inside the timed region are
 the measurement.
 
-The roofline estimate (`roofline_speedup`, `rt_lib.roofline`) is per operation: each
+The roofline estimate (`roofline_speedup`, `rt_lib.speed.roofline`) is per operation: each
 attention sublayer, MLP sublayer and the LM head costs `max(flops / peak_flops, bytes /
 bandwidth)`; `bound = dense time / time without the removed sublayers`. Peaks are measured on
 the device at the start of a run (large matmul; large copy) unless given. It ignores
@@ -75,7 +75,7 @@ import numpy as np
 import psutil
 import torch
 
-from rt_lib.profile_timing import (  # noqa: F401 - part of this module's API
+from rt_lib.speed.timing import (  # noqa: F401 - part of this module's API
     forward_step,
     grid_tokens,
     interleave,
@@ -87,7 +87,7 @@ from rt_lib.profile_timing import (  # noqa: F401 - part of this module's API
     sublayer_ms,
     timed_ms,
 )
-from rt_lib.profile_variants import (  # noqa: F401 - part of this module's API
+from rt_lib.speed.variants import (  # noqa: F401 - part of this module's API
     VARIANTS,
     Variant,
     baseline_static_layers,
@@ -95,7 +95,7 @@ from rt_lib.profile_variants import (  # noqa: F401 - part of this module's API
     choose_skip_layers,
     prepare_models,
 )
-from rt_lib.roofline import (
+from rt_lib.speed.roofline import (
     REGIMES,
     Shape,
     bound_curves,
@@ -402,7 +402,7 @@ def _ints(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m rt_lib.profiling", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rt_lib.speed.profiling", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="quick", choices=sorted(PROFILE_PRESETS))
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--routers", default=None, help="router checkpoint folder; default: fresh (zero-init) routers")
@@ -445,7 +445,7 @@ def main(argv=None):
 
     model, tokenizer = load_model(a.model, dtype=dtype, device=device, attn_implementation="sdpa")
     fresh = MindSkipConfig(**({"num_routed_layers": a.num_routed_layers} if a.num_routed_layers else {}))
-    from rt_lib.profile_step import run_step
+    from rt_lib.speed.step import run_step
 
     rows, _, prof = run_step(model, tokenizer, a.out, settings, routers=a.routers, config=fresh,
                              text=None if a.text.lower() == "none" else a.text, preset_name=a.preset,

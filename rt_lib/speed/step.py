@@ -1,8 +1,9 @@
 """The profiling step of a run: prompts cut from a text, the profile written to
 ``<run>/profile/`` (profile.csv, profile.json, the speedup-vs-skip figure) and recorded in
-run.json. What is measured and how: ``rt_lib.profiling``.
+run.json. What is measured and how: ``rt_lib.speed.profiling``.
 
-    from rt_lib import profile_step, profiling
+    from rt_lib.speed import step as profile_step
+    from rt_lib.speed import profiling
     rows, conditions, folder = profile_step.run_step(model, tok, "results/runs/<id>",
                                                      profiling.preset("quick"), routers="<router dir>")
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rt_lib.profiling import COLUMNS, ProfileSettings, prepare_models, profile
+from rt_lib.speed.profiling import COLUMNS, ProfileSettings, prepare_models, profile
 
 
 def run_step(model, tokenizer, out, settings: ProfileSettings, routers: str | None = None, config=None,

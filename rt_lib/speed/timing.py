@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rt_lib.roofline import synchronize
+from rt_lib.speed.roofline import synchronize
 
 if TYPE_CHECKING:
-    from rt_lib.profile_variants import Variant
-    from rt_lib.profiling import ProfileSettings
+    from rt_lib.speed.variants import Variant
+    from rt_lib.speed.profiling import ProfileSettings
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
