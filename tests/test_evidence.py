@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rt_lib import claims
+from rt_lib.paper import claims
 from rt_lib.evaluation import measures
 from rt_lib.assets import loading as assets
 from rt_lib.evaluation.results import MACRO, EvalResults

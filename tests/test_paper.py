@@ -1,4 +1,4 @@
-"""rt_lib.paper: reference data, the run -> row mapping, tables and figures from fixture runs.
+"""rt_lib.paper.build: reference data, the run -> row mapping, tables and figures from fixture runs.
 
 Fixture runs (tests/fixtures/runs/, hand-made values) stand in for real results; no model
 is loaded. The full build is done once per module into a temporary folder.
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rt_lib import paper
+from rt_lib.paper import build as paper
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RUNS = FIXTURES / "runs"
@@ -313,7 +313,7 @@ def test_malformed_run_folders_are_named_and_the_rest_builds(tmp_path, caplog):
     (no_profile / "profile" / "profile.csv").unlink()
     (root / "runs" / "empty-folder").mkdir()
 
-    with caplog.at_level(logging.WARNING, logger="rt_lib.paper"):
+    with caplog.at_level(logging.WARNING, logger="rt_lib.paper.build"):
         written = paper.build_all(root, tmp_path / "tables", tmp_path / "figures")
     problems = written["problems"]
     by_name = {p.split(":")[0]: p for p in problems}

@@ -2,7 +2,7 @@
 folder (with stand-in notebooks), and one end-to-end smoke run of all four notebooks (slow).
 
 What the notebooks compute is tested through the library calls they make (rt_lib.evaluation.sweep,
-rt_lib.runs.checkpoints, rt_lib.tuning.train, rt_lib.speed.profiling, rt_lib.paper)."""
+rt_lib.runs.checkpoints, rt_lib.tuning.train, rt_lib.speed.profiling, rt_lib.paper.build)."""
 
 import ast
 import json
@@ -162,7 +162,7 @@ class FakeNotebooks:
             (run / "train" / "summary.json").write_text("{}")
             runs.update_run(run, "train", {"finished": True})
         elif nb in ("02_evaluation", "03_speedup_profiling"):
-            from rt_lib import paper
+            from rt_lib.paper import build as paper
 
             routers = parameters.get("routers") or run / "train" / "routers"
             step, name = ("eval", "results.csv") if nb == "02_evaluation" else ("profile", "profile.csv")
@@ -241,7 +241,7 @@ def test_rerun_into_a_completed_run_is_refused_before_anything_runs(tmp_path, fa
 
 
 def test_replace_moves_results_aside_and_the_paper_refuses_stale_steps(tmp_path, fake_notebooks):
-    from rt_lib import paper
+    from rt_lib.paper import build as paper
 
     assert _reproduce(tmp_path, "r", "--notebooks", "01,02,03") == 0
     run = tmp_path / "r"
@@ -292,7 +292,7 @@ def test_interrupted_notebook_resumes_without_replace(tmp_path, monkeypatch, cap
 
 
 def test_evaluation_of_another_runs_routers_goes_stale_when_they_are_replaced(tmp_path, fake_notebooks):
-    from rt_lib import paper
+    from rt_lib.paper import build as paper
 
     assert _reproduce(tmp_path, "a", "--notebooks", "01") == 0
     a = tmp_path / "a"
@@ -310,7 +310,7 @@ def test_evaluation_of_another_runs_routers_goes_stale_when_they_are_replaced(tm
 
 
 def test_new_routers_move_the_evaluation_and_its_baselines_aside(tmp_path, fake_notebooks):
-    from rt_lib import paper
+    from rt_lib.paper import build as paper
 
     assert _reproduce(tmp_path, "a", "--notebooks", "01,02") == 0
     a = tmp_path / "a"

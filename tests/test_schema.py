@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rt_lib import paper
+from rt_lib.paper import build as paper
 from rt_lib.runs import schema
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -137,7 +137,7 @@ TRAIN_LOG = FileKind("train/log.csv", "rt_lib.tuning.train", (
 ))
 RUN_FILES = (EVAL_RESULTS, EVAL_PAIRED, EVAL_SKIP_STATS, PROFILE, TRAIN_LOG)
 
-TIDY_RUNS = FileKind("tables/runs.csv", "rt_lib.paper", (
+TIDY_RUNS = FileKind("tables/runs.csv", "rt_lib.paper.build", (
     _c("run_id", "run folder's id (run.json `run_id`)"),
     _c("model", "printed model name"),
     _c("dataset", "tuning data of the run"),
@@ -181,7 +181,7 @@ SWEEP_TABLE = FileKind("tables/router_tuning_sweep_cpu.csv", "rt_lib.tuning.trai
     _c("router_weight_norm", "mean L2 norm of the router weights"),
     _c("wall_time_s", "training wall time in seconds"),
 ))
-PAPER_TABLE = FileKind("tables/<table>.csv", "rt_lib.paper", (
+PAPER_TABLE = FileKind("tables/<table>.csv", "rt_lib.paper.build", (
     _c("source", "`paper` (results/reference) or `kit`"),
     _c("run_id", "kit run id (empty for paper rows)"),
     _c("model", "printed model name"),

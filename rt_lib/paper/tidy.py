@@ -4,7 +4,7 @@
 ``results/tables/runs.csv`` (columns: rt_lib.runs.schema ``TIDY_RUNS``): the run's eval/results.csv
 rows with the paper's task names, the run's MindSkip config, the measured speedup
 from the same run's profile and the paired difference to dense. The paper's tables and
-figures (rt_lib.paper_tables, rt_lib.figures) are built from this table.
+figures (rt_lib.paper.tables, rt_lib.paper.figures) are built from this table.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ PAPER_METRIC = {
 # tables and figures average the tasks themselves.
 NOT_TASKS = {"macro_avg"}
 # The paper's method names -> the kit's (one word per idea everywhere in the kit; the published
-# tables are translated on reading, rt_lib.paper_tables.load_reference).
+# tables are translated on reading, rt_lib.paper.tables.load_reference).
 PAPER_METHODS = {
     "baseline": "dense",
     "router-tuning": "mindskip",

@@ -1,7 +1,7 @@
 """The paper's claims, decided from an evidence run by written rules (``claims.csv`` / ``.md``).
 
-    python -m rt_lib.paper            # also writes results/tables/claims.{csv,md}
-    from rt_lib.claims import build_claims
+    python -m rt_lib.paper.build            # also writes results/tables/claims.{csv,md}
+    from rt_lib.paper.claims import build_claims
     table = build_claims("results/runs/evidence-cpu")
 
 Inputs are files only: the evidence run (``rt_lib.evidence``: ``eval/results.json`` with
@@ -62,7 +62,7 @@ def at_least(ci_low: float, ci_high: float, margin: float) -> str:
 
 # ------------------------------------------------------------------------- helpers
 def _reference(ref_dir: Path, name: str) -> pd.DataFrame:
-    from rt_lib.paper_tables import load_reference
+    from rt_lib.paper.tables import load_reference
 
     return load_reference(name, ref_dir)
 
@@ -129,7 +129,7 @@ def _row(claim, paper_value, measure, value, lo, hi, n, verdict, rule, run) -> d
 # ------------------------------------------------------------------------- the table
 def build_claims(evidence_run: str | Path, reference_dir: str | Path | None = None) -> pd.DataFrame:
     """``claims.csv`` rows of one evidence run (see the module docstring)."""
-    from rt_lib.paper_tables import DEFAULT_REFERENCE_DIR
+    from rt_lib.paper.tables import DEFAULT_REFERENCE_DIR
 
     run = Path(evidence_run)
     ev = run / "evidence"
@@ -293,7 +293,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     for c in ("kit_value", "ci_low", "ci_high"):
         shown[c] = shown[c].map(lambda x: "" if x != x else f"{x:.3g}")
     head = ("# The paper's claims, decided on the embedded model\n\n"
-            "Built by `python -m rt_lib.paper` from the evidence run named in `run`; the verdict of each row "
+            "Built by `python -m rt_lib.paper.build` from the evidence run named in `run`; the verdict of each row "
             "follows from its rule applied to its interval (95%).\n\n")
     return head + shown.to_markdown(index=False) + "\n"
 

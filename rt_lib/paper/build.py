@@ -4,15 +4,15 @@ Reads only files: the paper's published numbers in ``results/reference/`` and th
 folders ``results/runs/<id>/`` (formats in docs/results_format.md). Writes tables as
 Markdown, CSV and LaTeX and figures as PNG and PDF. Nothing here runs a model.
 
-    python -m rt_lib.paper --results results
+    python -m rt_lib.paper.build --results results
 
-    from rt_lib.paper import collect_runs, build_all
+    from rt_lib.paper.build import collect_runs, build_all
     runs = collect_runs("results")        # one tidy row per (run, variant, threshold, task, metric)
     written = build_all("results")        # {"tables": {...}, "figures": {...}, "problems": [...]}
 
 The work is split by job: rt_lib.runs.read reads run folders (and answers which configuration a
-step ran with), rt_lib.tidy turns them into one tidy row per operating point
-(``collect_runs``), rt_lib.paper_tables builds and writes the tables, rt_lib.figures the
+step ran with), rt_lib.paper.tidy turns them into one tidy row per operating point
+(``collect_runs``), rt_lib.paper.tables builds and writes the tables, rt_lib.paper.figures the
 figures; this module runs them all. Which run provides which row is decided by
 ``collect_runs`` (see its docstring). A cell the kit never measured shows "not run", never a
 value borrowed from elsewhere. A run folder with a missing or malformed file, or with stale
@@ -29,9 +29,9 @@ import sys
 from pathlib import Path
 
 # Re-exported so that `from rt_lib import paper` reaches every public name of the parts.
-from rt_lib.claims import build_claims, write_claims  # noqa: F401
-from rt_lib.figures import build_evidence_figures, build_figures, figure2_kit_points, operating_points  # noqa: F401
-from rt_lib.paper_tables import (  # noqa: F401
+from rt_lib.paper.claims import build_claims, write_claims  # noqa: F401
+from rt_lib.paper.figures import build_evidence_figures, build_figures, figure2_kit_points, operating_points  # noqa: F401
+from rt_lib.paper.tables import (  # noqa: F401
     DEFAULT_REFERENCE_DIR,
     NOT_RUN,
     REFERENCE_NAMES,
@@ -62,7 +62,7 @@ from rt_lib.runs.read import (  # noqa: F401
     model_name,
     read_run,
 )
-from rt_lib.tidy import (  # noqa: F401
+from rt_lib.paper.tidy import (  # noqa: F401
     NOT_TASKS,
     PAPER_METRIC,
     TASK_ALIASES,
@@ -106,7 +106,7 @@ def build_all(results_root: str | Path = "results", out_tables: str | Path = "re
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rt_lib.paper", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m rt_lib.paper.build", description=__doc__.splitlines()[0])
     p.add_argument("--results", default="results", help="results folder holding runs/ and reference/")
     p.add_argument("--tables", default=None, help="output folder for tables (default <results>/tables)")
     p.add_argument("--figures", default=None, help="output folder for figures (default <results>/figures)")

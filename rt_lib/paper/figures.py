@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rt_lib.paper_tables import load_reference
+from rt_lib.paper.tables import load_reference
 from rt_lib.runs.read import Run
-from rt_lib.tidy import NOT_TASKS, pick_metric
+from rt_lib.paper.tidy import NOT_TASKS, pick_metric
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,8 @@ def build_evidence_figures(results_root: str | Path, out_figures: str | Path, re
     95% interval: ``fig2_evidence`` (accuracy change vs the paper's skip ratio, with the
     published Figure 2 points), ``evidence_tasks`` (per task) and ``evidence_heldout``."""
     from rt_lib import plots
-    from rt_lib.claims import find_evidence_runs
-    from rt_lib.evidence_plots import plot_evidence_fig2, plot_heldout, plot_task_panels
+    from rt_lib.paper.claims import find_evidence_runs
+    from rt_lib.paper.evidence_plots import plot_evidence_fig2, plot_heldout, plot_task_panels
 
     found = find_evidence_runs(results_root)
     if not found:

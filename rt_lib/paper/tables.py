@@ -1,7 +1,7 @@
 """The paper's tables with the kit's runs beside them: rows, rendering and writers.
 
 Each builder (``main_table``, ``lora_table``, ``data_ablation_table``) takes the runs read by
-rt_lib.runs.read and their tidy rows (rt_lib.tidy) and returns one DataFrame: the paper's rows
+rt_lib.runs.read and their tidy rows (rt_lib.paper.tidy) and returns one DataFrame: the paper's rows
 from ``results/reference/<name>.csv`` first, then the kit's. ``write_table`` writes it as
 Markdown, CSV and LaTeX. A cell the kit never measured shows "not run", never a value borrowed
 from elsewhere.
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from rt_lib.runs.read import Run
-from rt_lib.tidy import METHOD_NOTE, NOT_TASKS, PAPER_METHODS, kit_method, pick_metric
+from rt_lib.paper.tidy import METHOD_NOTE, NOT_TASKS, PAPER_METHODS, kit_method, pick_metric
 
 NOT_RUN = "not run"
 REFERENCE_NAMES = ("main_table", "lora_table", "data_ablation", "drop_vs_mindskip")
