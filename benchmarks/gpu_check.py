@@ -49,7 +49,7 @@ MODEL = "smollm2-135m-instruct"
 ROUTERS = "results/runs/cpu-main/train/routers"
 TASK_PRESET = "offline"
 # the offline tasks, longest first: the harness builds MMLU's 14,042 five-shot requests on one CPU
-# core at about 14 ms a question (rt_lib.plan's request counter), HellaSwag has most tokens
+# core at about 14 ms a question (rt_lib.pipeline.plan's request counter), HellaSwag has most tokens
 TASK_ORDER = ["mmlu", "hellaswag", "arc_challenge", "boolq", "winogrande", "piqa", "openbookqa", "rte"]
 GPU = {"tasks": None, "limit": None, "batch_size": 64, "profile_preset": "full", "warmup": 1, "repeats": 5,
        "new_tokens": 32, "threads": None, "workers": 4}

@@ -11,7 +11,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from rt_lib import pipeline, reproduce
+from rt_lib.pipeline import notebooks as pipeline
+from rt_lib.pipeline import reproduce
 from rt_lib.runs import record as runs
 
 

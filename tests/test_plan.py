@@ -1,4 +1,4 @@
-"""The plan (rt_lib.plan): Llama-3-8B shapes from a config-only folder, memory formulas checked
+"""The plan (rt_lib.pipeline.plan): Llama-3-8B shapes from a config-only folder, memory formulas checked
 against what torch really allocates and saves on small models, missing assets listed with the
 command that fetches them, and the exit status."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers as tf
 
-from rt_lib import plan as P
+from rt_lib.pipeline import plan as P
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.tuning.heldout import lm_loss_sum
 from rt_lib.mindskip.model import get_mindskip_model
@@ -98,7 +98,7 @@ def test_llama3_text_output(llama3_plan):
 
 def test_cli_writes_the_same_plan_as_json(tmp_path):
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, "-m", "rt_lib.plan", "--preset", "paper", "--model", str(LLAMA3),
+    proc = subprocess.run([sys.executable, "-m", "rt_lib.pipeline.plan", "--preset", "paper", "--model", str(LLAMA3),
                            "--gpu-memory", "24GiB", "--json", str(out)], env=_env(), capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -115,7 +115,7 @@ def test_offline_hub_model_not_cached_still_plans(tmp_path):
     config/tokenizer and the weights with the commands that fetch them."""
     out = tmp_path / "plan.json"
     env = _env(HF_HOME=str(tmp_path / "hf-home"))
-    proc = subprocess.run([sys.executable, "-m", "rt_lib.plan", "--preset", "paper", "--model",
+    proc = subprocess.run([sys.executable, "-m", "rt_lib.pipeline.plan", "--preset", "paper", "--model",
                            "meta-llama/Meta-Llama-3-8B", "--json", str(out)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -172,7 +172,7 @@ def test_train_plan_flag_takes_the_training_options(tmp_path):
 
 
 def test_reproduce_plan_flag_takes_notebook_overrides(tmp_path):
-    from rt_lib.reproduce import main
+    from rt_lib.pipeline.reproduce import main
 
     out = tmp_path / "plan.json"
     assert main(["--preset", "paper", "--plan", "-p", f'01_router_tuning.model="{LLAMA3}"',

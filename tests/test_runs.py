@@ -129,7 +129,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _completed_run(root: Path, run_id: str = "r") -> Path:
-    """A run whose train, eval and profile completed as rt_lib.pipeline records them (fake files)."""
+    """A run whose train, eval and profile completed as rt_lib.pipeline.notebooks records them (fake files)."""
     run = runs.new_run(root, run_id=run_id, preset="smoke")
     runs.start_step(run, "train")
     _write(run / "train" / "routers" / "routers.safetensors", "old routers")

@@ -287,7 +287,7 @@ def _read_table(path: Path, rel: str) -> pd.DataFrame:
 def _check_steps(path: Path, meta: dict) -> dict[str, tuple[str, str | None]]:
     """Each step's state (rt_lib.runs.record.step_state); ``StaleRun`` naming the refresh command
     when one is stale."""
-    from rt_lib import pipeline
+    from rt_lib.pipeline import notebooks as pipeline
     from rt_lib.runs import record as runs_mod
 
     steps = meta.get("steps") or {}

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = HfArgumentParser(options, prog="python -m rt_lib.tuning.train", formatter_class=argparse.HelpFormatter,
                          description="Router-Tuning: train MindSkip routers on a frozen model.",
                          epilog="--plan [--gpu-memory 80GiB] [--plan-json FILE] [--eval-tokens auto|yes|no]: print "
-                                "what the run needs (assets, memory, KV cache, tokens; rt_lib.plan) with these "
+                                "what the run needs (assets, memory, KV cache, tokens; rt_lib.pipeline.plan) with these "
                                 "options, load no weights and exit.")
     # HfArgumentParser adds --no-<flag> only to booleans that default to True; presets switch them either way.
     for f in fields(TrainConfig):
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> TrainResult | None:
-    from rt_lib.plan import add_plan_arguments
+    from rt_lib.pipeline.plan import add_plan_arguments
 
     plan_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     plan_flags.add_argument("--plan", action="store_true")
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
     args = vars(build_parser().parse_args(rest))
     preset = args.pop("preset")
     if planning.plan:
-        from rt_lib import plan
+        from rt_lib.pipeline import plan
 
         status = plan.run(preset, json_path=planning.plan_json, gpu_memory=planning.gpu_memory,
                           eval_tokens=planning.eval_tokens, train_overrides=args)

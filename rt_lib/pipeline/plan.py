@@ -1,7 +1,7 @@
 """What a preset will need, before any weights are loaded: assets, memory, KV cache, tokens.
 
-    python -m rt_lib.plan --preset paper [--model PATH_OR_ID] [--gpu-memory 80GiB] [--json plan.json]
-    python -m rt_lib.reproduce --preset paper --plan        # the same, with the pipeline's -p overrides
+    python -m rt_lib.pipeline.plan --preset paper [--model PATH_OR_ID] [--gpu-memory 80GiB] [--json plan.json]
+    python -m rt_lib.pipeline.reproduce --preset paper --plan        # the same, with the pipeline's -p overrides
     python -m rt_lib.tuning.train --preset paper --plan            # the same, with the training flags
 
 Every asset is resolved without downloading weights: the model's config and tokenizer (an
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rt_lib.plan_assets import (  # noqa: F401 - asset resolution, part of this module's API
+from rt_lib.pipeline.plan_assets import (  # noqa: F401 - asset resolution, part of this module's API
     CONFIG_FILES,
     PlanInputError,
     _first_line,
@@ -49,14 +49,14 @@ from rt_lib.plan_assets import (  # noqa: F401 - asset resolution, part of this 
     resolve_model,
     resolve_tasks,
 )
-from rt_lib.plan_memory import (  # noqa: F401 - memory arithmetic, part of this API
+from rt_lib.pipeline.plan_memory import (  # noqa: F401 - memory arithmetic, part of this API
     activation_bytes_per_token,
     kv_cache_bytes,
     loss_bytes_per_token,
     meta_model,
     model_shape,
 )
-from rt_lib.plan_report import _gib, fmt_bytes, format_plan  # noqa: F401 - the printed plan
+from rt_lib.pipeline.plan_report import _gib, fmt_bytes, format_plan  # noqa: F401 - the printed plan
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def _gpu(gpu_memory: str | int | None) -> dict:
 
 def pipeline_parameters(preset: str, notebook_overrides: dict | None = None) -> dict[str, dict]:
     """The notebook parameters of a pipeline preset with overrides, by notebook."""
-    from rt_lib import pipeline
+    from rt_lib.pipeline import notebooks as pipeline
 
     base = pipeline.load_preset(preset)
     over = notebook_overrides or {}
@@ -195,7 +195,7 @@ def make_plan(preset: str = DEFAULT_PRESET, *, model: str | None = None, gpu_mem
               eval_tokens: str = "auto", processes: int = 1, device: str | None = None) -> dict:
     """The plan as a JSON-able dict (``format_plan`` prints it). Raises ``PlanInputError`` for
     input no plan can be made for; a missing asset is recorded in ``missing`` instead."""
-    from rt_lib import pipeline
+    from rt_lib.pipeline import notebooks as pipeline
     from rt_lib.tuning.config import load_preset, make_config
 
     try:
@@ -352,7 +352,7 @@ def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, mi
     have_data = all(t["data"] != "missing" for t in tasks_rec["tasks"].values())
     p = TASK_PRESETS[name]
     small = limit is not None or all(p.limits.get(t) is not None for t in tasks_rec["tasks"])
-    cmd = f"python -m rt_lib.plan --preset {preset} --model {shlex.quote(rec['name'])} --eval-tokens yes"
+    cmd = f"python -m rt_lib.pipeline.plan --preset {preset} --model {shlex.quote(rec['name'])} --eval-tokens yes"
     if not have_data:
         step["tokens"] = {"status": "needs the task data", "command": "; ".join(x["command"] for x in m) or None,
                           "then": cmd}
@@ -453,7 +453,7 @@ def run(preset: str = DEFAULT_PRESET, *, json_path: str | None = None, stream=No
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rt_lib.plan", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m rt_lib.pipeline.plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("--preset", default=DEFAULT_PRESET, help="smoke | cpu | paper (training and pipeline preset)")

@@ -174,7 +174,7 @@ def _step_inputs(notebook: str, parameters: dict) -> dict[str, Path]:
 def check_run_folder(run_dir: str | Path, notebooks: list[str] | None = None, replace: bool = False) -> None:
     """Raise ``rt_lib.runs.record.ResultsExist`` when running ``notebooks`` into ``run_dir`` would replace
     results of completed steps and ``replace`` is False; nothing is changed. Called before anything
-    executes (by ``run_pipeline`` and, for every run folder of a sweep, by rt_lib.reproduce)."""
+    executes (by ``run_pipeline`` and, for every run folder of a sweep, by rt_lib.pipeline.reproduce)."""
     from rt_lib.runs import record as runs
 
     run_dir = Path(run_dir)
@@ -195,7 +195,7 @@ def check_run_folder(run_dir: str | Path, notebooks: list[str] | None = None, re
 
 
 def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> str:
-    """The rt_lib.reproduce command that reruns ``steps`` (e.g. stale ones) into ``run_dir``: their
+    """The rt_lib.pipeline.reproduce command that reruns ``steps`` (e.g. stale ones) into ``run_dir``: their
     notebooks with the parameters they last ran with (run.json ``steps.pipeline``) where those
     differ from the preset's."""
     import shlex
@@ -217,7 +217,7 @@ def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> s
         for name, value in used.items():
             if name not in RUNNER_PARAMETERS and sections.get(nb, {}).get(name, _MISSING) != value:
                 extra += ["-p", shlex.quote(f"{nb}.{name}={json.dumps(value)}")]
-    return " ".join(["python -m rt_lib.reproduce", "--preset", shlex.quote(preset),
+    return " ".join(["python -m rt_lib.pipeline.reproduce", "--preset", shlex.quote(preset),
                      "--out", shlex.quote(str(run_dir.parent)), "--run-id", shlex.quote(run_dir.name),
                      "--notebooks", ",".join(nb[:2] for nb in nbs), *extra])
 

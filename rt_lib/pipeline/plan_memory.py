@@ -1,11 +1,11 @@
-"""Memory arithmetic of the plan (``rt_lib.plan``): the model on the meta device, its shape,
+"""Memory arithmetic of the plan (``rt_lib.pipeline.plan``): the model on the meta device, its shape,
 KV-cache bytes, activation bytes per token kept for the backward pass, and the loss's logits."""
 
 from __future__ import annotations
 
 import logging
 
-from rt_lib.plan_assets import _quiet
+from rt_lib.pipeline.plan_assets import _quiet
 
 log = logging.getLogger(__name__)
 

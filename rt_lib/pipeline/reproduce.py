@@ -1,8 +1,8 @@
 """`make reproduce`: the whole reproduction in one command.
 
-    python -m rt_lib.reproduce --preset cpu [--run-id ID] [--out results/runs] [-p name=value ...]
+    python -m rt_lib.pipeline.reproduce --preset cpu [--run-id ID] [--out results/runs] [-p name=value ...]
 
-Executes the notebooks in order with papermill (rt_lib.pipeline): 01 tunes the routers,
+Executes the notebooks in order with papermill (rt_lib.pipeline.notebooks): 01 tunes the routers,
 02 evaluates dense / MindSkip / static drop, 03 profiles speed and KV memory, 04 rebuilds the
 paper's tables and figures from result files. Everything lands in one run folder
 `<out>/<run-id>/` (executed notebooks under `notebooks/`); tables and figures of the `cpu` and
@@ -17,7 +17,7 @@ types fail before anything runs, with the list of valid parameters (`--list-para
 Sweeps run the tuning, evaluation and profiling notebooks once per combination, each in its
 own run folder, then the paper notebook once over all of them:
 
-    python -m rt_lib.reproduce --preset cpu --sweep granularity=attn,mlp,block --sweep route_level=seq,token
+    python -m rt_lib.pipeline.reproduce --preset cpu --sweep granularity=attn,mlp,block --sweep route_level=seq,token
 
 Rerunning into an existing run folder (`--run-id`): a notebook whose step (01 train, 02 eval,
 03 profile) already completed there is refused before anything runs, naming what it would
@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from rt_lib import pipeline
+from rt_lib.pipeline import notebooks as pipeline
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def list_parameters() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rt_lib.reproduce", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m rt_lib.pipeline.reproduce", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--preset", default="cpu", help="smoke | cpu | paper (notebooks/presets/<name>.json)")
@@ -89,9 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="rerun steps that already completed in the run folder: move their results and those of "
                              "later steps that used them to <run>/replaced/<step>-<time>/ (later steps become stale)")
     parser.add_argument("--plan", action="store_true",
-                        help="print what the run needs (assets, memory per step, KV cache, tokens; rt_lib.plan) "
+                        help="print what the run needs (assets, memory per step, KV cache, tokens; rt_lib.pipeline.plan) "
                              "without loading weights, and exit")
-    from rt_lib.plan import add_plan_arguments
+    from rt_lib.pipeline.plan import add_plan_arguments
 
     add_plan_arguments(parser, json_flag="--plan-json")
     return parser
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except pipeline.ParameterError as e:
         parser.exit(2, f"error: {e}\n")
     if args.plan:
-        from rt_lib import plan
+        from rt_lib.pipeline import plan
 
         return plan.run(args.preset, json_path=args.plan_json, gpu_memory=args.gpu_memory,
                         eval_tokens=args.eval_tokens, notebook_overrides=overrides)

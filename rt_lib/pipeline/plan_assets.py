@@ -1,4 +1,4 @@
-"""Where the plan finds each asset without downloading weights (``rt_lib.plan``): the model's
+"""Where the plan finds each asset without downloading weights (``rt_lib.pipeline.plan``): the model's
 config and tokenizer (embedded kit model, local folder, Hugging Face cache, or the hub when
 reachable: config and tokenizer files only), the tuning data and the evaluation tasks' data;
 what is missing comes back with the exact command that fetches it."""

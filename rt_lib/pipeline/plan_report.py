@@ -1,4 +1,4 @@
-"""The plan (``rt_lib.plan.make_plan``) as text: one block per step, then the missing assets."""
+"""The plan (``rt_lib.pipeline.plan.make_plan``) as text: one block per step, then the missing assets."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _train_block(plan: dict, w) -> None:
         a = t["activations"]
         w(f"  activations  {fmt_bytes(a['bytes'])} for {bt['micro_batch_size']} x {bt['max_length']} tokens "
           f"({a['bytes_per_token']:,} bytes per token over the {a['layers_keeping']} layers that keep tensors for the "
-          f"backward pass; rt_lib.plan.activation_bytes_per_token)")
+          f"backward pass; rt_lib.pipeline.plan.activation_bytes_per_token)")
         w(f"  logits       {fmt_bytes(t['logits_bytes'])} ({bt['micro_batch_size']} x {bt['max_length']} x "
           f"{sh['vocab']:,} x 4 bytes, float32); loss working set up to {fmt_bytes(t['loss_working_set_bytes'])}")
         verdict = "" if t["fits"] is None else ("  -> fits" if t["fits"] else "  -> does NOT fit")
@@ -122,7 +122,7 @@ def _eval_block(plan: dict, w) -> None:
 
 
 def _profile_block(plan: dict, w) -> None:
-    from rt_lib.plan import HEADROOM, dtype_bytes
+    from rt_lib.pipeline.plan import HEADROOM, dtype_bytes
 
     p, sh, gpu = plan["profile"], plan["model"].get("shape"), plan["gpu_memory"]
     w(f"Step profile  [profile preset {p['profile_preset']}, {p['dtype']}, skip_k {p['skip_k']}, "
