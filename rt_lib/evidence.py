@@ -1,6 +1,6 @@
 """The evidence run: enough documents, at the paper's operating points, to decide its claims.
 
-    python -m rt_lib.evidence --out results/runs/evidence-cpu \\
+    python -m rt_lib evidence --out results/runs/evidence-cpu \\
         --routers results/runs/cpu-main/train/routers
 
 What it scores (every variant on the same documents and prompts, paired with dense):

@@ -109,7 +109,7 @@ def test_every_third_party_import_is_a_declared_dependency(pyproject):
 
 
 def test_package_data_includes_task_yamls(pyproject):
-    assert "tasks/**/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["rt_lib"]
+    assert "evaluation/tasks/**/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["rt_lib"]
     assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["rt_lib", "rt_lib.*"]
 
 
@@ -119,7 +119,7 @@ def test_makefile_runs_the_readme_commands(makefile):
     for target in ("test", "reproduce", "lab", "kernel", "setup"):
         assert re.search(rf"^{target}:", makefile, re.M), target
     assert re.search(r"^test: .*\n\t\$\(BIN\)/python -m pytest -q tests", makefile, re.M)
-    assert re.search(r"^reproduce: .*\n\t\$\(BIN\)/python -m rt_lib\.reproduce --preset \$\(PRESET\)", makefile, re.M)
+    assert re.search(r"^reproduce: .*\n\t\$\(BIN\)/python -m rt_lib reproduce --preset \$\(PRESET\)", makefile, re.M)
     assert make_var(makefile, "PRESET") == "cpu"
     # setup: venv, pinned torch first, the kit, then the asset packages, in that order
     steps = ["-m venv", "install $(TORCH_SPEC)", 'install -e ".[dev]"', "install --no-deps", "ipykernel install"]

@@ -14,6 +14,7 @@ import pytest
 from rt_lib.pipeline import notebooks as pipeline
 from rt_lib.pipeline import reproduce
 from rt_lib.runs import record as runs
+from rt_lib.runs import steps as run_steps
 
 
 def _parameters_cell(nb):
@@ -237,7 +238,7 @@ def test_rerun_into_a_completed_run_is_refused_before_anything_runs(tmp_path, fa
     assert runs.load_run(run) == record  # run.json untouched
     assert (run / "eval" / "used.txt").read_text() == "routers 1"
     # the Python entry point refuses the same way
-    with pytest.raises(runs.ResultsExist, match="--replace"):
+    with pytest.raises(run_steps.ResultsExist, match="--replace"):
         pipeline.run_pipeline("smoke", run, notebooks=["03_speedup_profiling"], progress=False)
 
 
@@ -267,7 +268,7 @@ def test_replace_moves_results_aside_and_the_paper_refuses_stale_steps(tmp_path,
     # rerunning the stale steps needs no --replace; then the run is whole again
     assert _reproduce(tmp_path, "r", "--notebooks", "02,03") == 0
     assert (run / "eval" / "used.txt").read_text() == "routers 2"
-    assert runs.stale_steps(run) == {}
+    assert run_steps.stale_steps(run) == {}
     paper.read_run(run)
 
 

@@ -17,7 +17,7 @@ TABLES = ROOT / "results" / "tables"
 # ---------------------------------------------------------------------------- docs page
 def test_docs_tables_are_the_generated_ones():
     text = DOC.read_text(encoding="utf-8")
-    assert schema.render_doc(text) == text, "docs/results_format.md is out of date: python -m rt_lib.runs.schema " + str(DOC)
+    assert schema.render_doc(text) == text, "docs/results_format.md is out of date: python -m rt_lib schema " + str(DOC)
 
 
 def test_docs_page_holds_every_declared_file_once():

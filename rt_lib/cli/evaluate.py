@@ -1,15 +1,15 @@
-"""The evaluation command line, ``python -m rt_lib.evaluation.driver`` (``main`` here).
+"""The evaluation command line, ``python -m rt_lib evaluate`` (``main`` here).
 
 The harness CLI with the ``mindskip`` model registered and the kit's offline
 tasks on the include path (importing ``rt_lib.evaluation.driver`` registers the model; the plain
 ``lm_eval`` entry point does not import the kit, so call it through this module)::
 
-    python -m rt_lib.evaluation.driver --model mindskip \\
+    python -m rt_lib evaluate --model mindskip \\
         --model_args pretrained=smollm2-135m-instruct,routers=results/runs/x/train/routers,threshold=0.5 \\
         --tasks piqa_offline,arc_challenge_offline --batch_size 8 --log_samples --output_path out/
 
 which is ``lm_eval --model mindskip ... --include_path <kit tasks dir>``; write that folder
-with ``python -m rt_lib.evaluation.driver tasks --out DIR`` to use it with a plain ``lm_eval`` run
+with ``python -m rt_lib evaluate tasks --out DIR`` to use it with a plain ``lm_eval`` run
 (``--model hf`` works with it; ``--model mindskip`` needs the module entry point above).
 ``pretrained`` is an embedded kit name, a local folder or a hub id (``rt_lib.assets.loading.load_model``);
 ``routers`` a folder written by ``MindSkipModel.save_pretrained``; ``threshold`` overrides the
@@ -17,19 +17,19 @@ checkpoint's. Skip statistics per task land in the output JSON under ``config.mi
 
 The kit's own run, with files per docs/results_format.md::
 
-    python -m rt_lib.evaluation.driver preset --pretrained smollm2-135m-instruct --preset quick \\
+    python -m rt_lib evaluate preset --pretrained smollm2-135m-instruct --preset quick \\
         [--routers DIR | --force-skip 20,22,24,26] --out results/runs/<id>
 
 Data-parallel evaluation of large models uses the harness's own mechanism, ``accelerate``
 processes that each score every N-th document, results gathered on process 0::
 
-    accelerate launch --num_processes 8 -m rt_lib.evaluation.driver --model mindskip \\
+    accelerate launch --num_processes 8 -m rt_lib evaluate --model mindskip \\
         --model_args pretrained=meta-llama/Meta-Llama-3-8B,routers=DIR,dtype=bfloat16 \\
         --tasks arc_challenge --num_fewshot 25 --batch_size 16
 
 Each process loads the model onto its own device; skip counts are summed over processes
 (``rt_lib.evaluation.harness``). Without GPUs the same runs on CPU processes (gloo):
-``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m rt_lib.evaluation.driver ...`` (tested).
+``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m rt_lib evaluate ...`` (tested).
 
 Few-shot examples of the kit's offline tasks are drawn per document, so scores do not depend on
 the number of processes; the harness's standard tasks run through the CLI use the harness's
@@ -50,7 +50,7 @@ from rt_lib.evaluation.tasks import TASK_PRESETS, write_offline_tasks
 def _main_preset(argv: list[str]) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m rt_lib.evaluation.driver preset",
+    ap = argparse.ArgumentParser(prog="python -m rt_lib evaluate preset",
                                  description="Run a kit preset and write <out>/eval/ (docs/results_format.md).")
     ap.add_argument("--pretrained", default="smollm2-135m-instruct")
     ap.add_argument("--routers", default=None, help="router checkpoint folder")
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["tasks"]:
         import argparse
 
-        ap = argparse.ArgumentParser(prog="python -m rt_lib.evaluation.driver tasks",
+        ap = argparse.ArgumentParser(prog="python -m rt_lib evaluate tasks",
                                      description="Write the kit's offline task YAMLs (for lm_eval --include_path).")
         ap.add_argument("--out", default=None)
         a = ap.parse_args(argv[1:])

@@ -13,7 +13,7 @@ For a ``MindSkipModel`` the dense reference is the same model with every router 
 "keep" (``ms.force(True)``, exactly the base model), run on the same documents and prompts;
 ``paired`` holds the per-document paired difference with its confidence interval.
 
-Command line (``python -m rt_lib.evaluation.driver``: the harness CLI with the kit's model and
+Command line (``python -m rt_lib evaluate``: the harness CLI with the kit's model and
 tasks, or a kit preset written as a run folder): ``rt_lib.cli.evaluate``.
 
 Few-shot examples of the kit's offline tasks are drawn per document
@@ -100,7 +100,7 @@ def check_request(preset: str, tasks: Sequence[str] | None, limit: Any, batch_si
             raise ValueError(
                 f"unknown task(s) {unknown} for preset {preset!r}; choose from {', '.join(p.tasks)} "
                 "(the paper's eight benchmarks; other harness tasks: use the lm_eval CLI through "
-                "`python -m rt_lib.evaluation.driver`)"
+                "`python -m rt_lib evaluate`)"
             )
         if not names:
             raise ValueError("tasks is empty; pass None for all tasks of the preset")
@@ -412,7 +412,7 @@ def _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m rt_lib.evaluation.driver``: the command line of ``rt_lib.cli.evaluate``."""
+    """``python -m rt_lib evaluate``: the command line of ``rt_lib.cli.evaluate``."""
     from rt_lib.cli import evaluate as eval_cli
 
     return eval_cli.main(argv)

@@ -4,7 +4,7 @@ Reads only files: the paper's published numbers in ``results/reference/`` and th
 folders ``results/runs/<id>/`` (formats in docs/results_format.md). Writes tables as
 Markdown, CSV and LaTeX and figures as PNG and PDF. Nothing here runs a model.
 
-    python -m rt_lib.paper.build --results results
+    python -m rt_lib paper --results results
 
     from rt_lib.paper.build import collect_runs, build_all
     runs = collect_runs("results")        # one tidy row per (run, variant, threshold, task, metric)
@@ -106,7 +106,7 @@ def build_all(results_root: str | Path = "results", out_tables: str | Path = "re
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rt_lib.paper.build", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m rt_lib paper", description=__doc__.splitlines()[0])
     p.add_argument("--results", default="results", help="results folder holding runs/ and reference/")
     p.add_argument("--tables", default=None, help="output folder for tables (default <results>/tables)")
     p.add_argument("--figures", default=None, help="output folder for figures (default <results>/figures)")

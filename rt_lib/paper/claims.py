@@ -1,6 +1,6 @@
 """The paper's claims, decided from an evidence run by written rules (``claims.csv`` / ``.md``).
 
-    python -m rt_lib.paper.build            # also writes results/tables/claims.{csv,md}
+    python -m rt_lib paper            # also writes results/tables/claims.{csv,md}
     from rt_lib.paper.claims import build_claims
     table = build_claims("results/runs/evidence-cpu")
 
@@ -293,7 +293,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     for c in ("kit_value", "ci_low", "ci_high"):
         shown[c] = shown[c].map(lambda x: "" if x != x else f"{x:.3g}")
     head = ("# The paper's claims, decided on the embedded model\n\n"
-            "Built by `python -m rt_lib.paper.build` from the evidence run named in `run`; the verdict of each row "
+            "Built by `python -m rt_lib paper` from the evidence run named in `run`; the verdict of each row "
             "follows from its rule applied to its interval (95%).\n\n")
     return head + shown.to_markdown(index=False) + "\n"
 

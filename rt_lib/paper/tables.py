@@ -22,7 +22,7 @@ from rt_lib.paper.tidy import METHOD_NOTE, NOT_TASKS, PAPER_METHODS, kit_method,
 NOT_RUN = "not run"
 REFERENCE_NAMES = ("main_table", "lora_table", "data_ablation", "drop_vs_mindskip")
 # The checkout's results/reference/ (an installed package has none: then ./results/reference).
-DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
+DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "results" / "reference"
 if not DEFAULT_REFERENCE_DIR.is_dir() and (Path.cwd() / "results" / "reference").is_dir():
     DEFAULT_REFERENCE_DIR = Path.cwd() / "results" / "reference"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 PRESET_DIR = NOTEBOOK_DIR / "presets"
 NOTEBOOKS = (
@@ -176,6 +176,7 @@ def check_run_folder(run_dir: str | Path, notebooks: list[str] | None = None, re
     results of completed steps and ``replace`` is False; nothing is changed. Called before anything
     executes (by ``run_pipeline`` and, for every run folder of a sweep, by rt_lib.pipeline.reproduce)."""
     from rt_lib.runs import record as runs
+    from rt_lib.runs import steps as run_steps
 
     run_dir = Path(run_dir)
     if replace or not (run_dir / runs.RUN_FILE).exists():
@@ -185,13 +186,13 @@ def check_run_folder(run_dir: str | Path, notebooks: list[str] | None = None, re
     blocking: dict[str, str] = {}
     for nb in selected:
         if nb in NOTEBOOK_STEPS:
-            blocking.update(runs.replace_plan(run_dir, NOTEBOOK_STEPS[nb], record))
+            blocking.update(run_steps.replace_plan(run_dir, NOTEBOOK_STEPS[nb], record))
     if blocking:
         todo = [nb for nb in selected if nb not in NOTEBOOK_STEPS
-                or runs.step_state(run_dir, record, NOTEBOOK_STEPS[nb])[0] != "completed"]
+                or run_steps.step_state(run_dir, record, NOTEBOOK_STEPS[nb])[0] != "completed"]
         hint = ("To continue an interrupted run instead, run only the notebooks not completed yet: "
                 f"--notebooks {','.join(nb[:2] for nb in todo)}") if len(todo) < len(selected) and todo else ""
-        raise runs.ResultsExist(run_dir, list(blocking.items()), hint)
+        raise run_steps.ResultsExist(run_dir, list(blocking.items()), hint)
 
 
 def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> str:
@@ -200,13 +201,13 @@ def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> s
     differ from the preset's."""
     import shlex
 
-    from rt_lib.runs import record as runs
+    from rt_lib.runs import steps as run_steps
 
     run_dir = Path(run_dir)
     record = record or {}
     ran = ((record.get("steps") or {}).get("pipeline") or {})
     preset = record.get("preset") or ran.get("preset") or "cpu"
-    nbs = [nb for nb in NOTEBOOKS if nb in {runs.STEPS[s]["notebook"] for s in steps}]
+    nbs = [nb for nb in NOTEBOOKS if nb in {run_steps.STEPS[s]["notebook"] for s in steps}]
     try:
         sections = load_preset(preset)
     except (ParameterError, OSError, ValueError):
@@ -217,7 +218,7 @@ def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> s
         for name, value in used.items():
             if name not in RUNNER_PARAMETERS and sections.get(nb, {}).get(name, _MISSING) != value:
                 extra += ["-p", shlex.quote(f"{nb}.{name}={json.dumps(value)}")]
-    return " ".join(["python -m rt_lib.pipeline.reproduce", "--preset", shlex.quote(preset),
+    return " ".join(["python -m rt_lib reproduce", "--preset", shlex.quote(preset),
                      "--out", shlex.quote(str(run_dir.parent)), "--run-id", shlex.quote(run_dir.name),
                      "--notebooks", ",".join(nb[:2] for nb in nbs), *extra])
 
@@ -237,6 +238,7 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
     from papermill.exceptions import PapermillExecutionError
 
     from rt_lib.runs import record as runs
+    from rt_lib.runs import steps as run_steps
 
     params = {nb: dict(sec) for nb, sec in load_preset(preset).items() if nb in NOTEBOOKS}
     for nb, sec in (overrides or {}).items():
@@ -259,7 +261,7 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
         p.update({name: val for name, val in (("run_dir", str(run_dir)), ("preset", preset)) if name in declared})
         step = NOTEBOOK_STEPS.get(nb)
         if step:  # moves replaced / stale results aside, records the step as running with its inputs
-            runs.start_step(run_dir, step, replace=replace, inputs=_step_inputs(nb, p))
+            run_steps.start_step(run_dir, step, replace=replace, inputs=_step_inputs(nb, p))
         out_nb = out_dir / f"{nb}.ipynb"
         logger.info("[%d/%d] %s", k, len(selected), nb)
         print(f"[{k}/{len(selected)}] {nb} ...", flush=True)
@@ -277,7 +279,7 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
         print(f"[{k}/{len(selected)}] {nb} done in {times[nb]:.0f} s", flush=True)
         _record(run_dir, preset, nb, p, times[nb])
         if step:
-            runs.finish_step(run_dir, step)
+            run_steps.finish_step(run_dir, step)
     return times
 
 

@@ -1,8 +1,8 @@
 """What a preset will need, before any weights are loaded: assets, memory, KV cache, tokens.
 
-    python -m rt_lib.pipeline.plan --preset paper [--model PATH_OR_ID] [--gpu-memory 80GiB] [--json plan.json]
-    python -m rt_lib.pipeline.reproduce --preset paper --plan        # the same, with the pipeline's -p overrides
-    python -m rt_lib.tuning.train --preset paper --plan            # the same, with the training flags
+    python -m rt_lib plan --preset paper [--model PATH_OR_ID] [--gpu-memory 80GiB] [--json plan.json]
+    python -m rt_lib reproduce --preset paper --plan        # the same, with the pipeline's -p overrides
+    python -m rt_lib train --preset paper --plan            # the same, with the training flags
 
 Every asset is resolved without downloading weights: the model's config and tokenizer (an
 embedded kit model, a local folder, the Hugging Face cache, or the hub when it is reachable:
@@ -352,7 +352,7 @@ def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, mi
     have_data = all(t["data"] != "missing" for t in tasks_rec["tasks"].values())
     p = TASK_PRESETS[name]
     small = limit is not None or all(p.limits.get(t) is not None for t in tasks_rec["tasks"])
-    cmd = f"python -m rt_lib.pipeline.plan --preset {preset} --model {shlex.quote(rec['name'])} --eval-tokens yes"
+    cmd = f"python -m rt_lib plan --preset {preset} --model {shlex.quote(rec['name'])} --eval-tokens yes"
     if not have_data:
         step["tokens"] = {"status": "needs the task data", "command": "; ".join(x["command"] for x in m) or None,
                           "then": cmd}
@@ -453,7 +453,7 @@ def run(preset: str = DEFAULT_PRESET, *, json_path: str | None = None, stream=No
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rt_lib.pipeline.plan", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m rt_lib plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("--preset", default=DEFAULT_PRESET, help="smoke | cpu | paper (training and pipeline preset)")

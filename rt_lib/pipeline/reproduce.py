@@ -1,6 +1,6 @@
 """`make reproduce`: the whole reproduction in one command.
 
-    python -m rt_lib.pipeline.reproduce --preset cpu [--run-id ID] [--out results/runs] [-p name=value ...]
+    python -m rt_lib reproduce --preset cpu [--run-id ID] [--out results/runs] [-p name=value ...]
 
 Executes the notebooks in order with papermill (rt_lib.pipeline.notebooks): 01 tunes the routers,
 02 evaluates dense / MindSkip / static drop, 03 profiles speed and KV memory, 04 rebuilds the
@@ -17,7 +17,7 @@ types fail before anything runs, with the list of valid parameters (`--list-para
 Sweeps run the tuning, evaluation and profiling notebooks once per combination, each in its
 own run folder, then the paper notebook once over all of them:
 
-    python -m rt_lib.pipeline.reproduce --preset cpu --sweep granularity=attn,mlp,block --sweep route_level=seq,token
+    python -m rt_lib reproduce --preset cpu --sweep granularity=attn,mlp,block --sweep route_level=seq,token
 
 Rerunning into an existing run folder (`--run-id`): a notebook whose step (01 train, 02 eval,
 03 profile) already completed there is refused before anything runs, naming what it would
@@ -72,7 +72,7 @@ def list_parameters() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rt_lib.pipeline.reproduce", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m rt_lib reproduce", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--preset", default="cpu", help="smoke | cpu | paper (notebooks/presets/<name>.json)")
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from rt_lib.runs import record as runs
+    from rt_lib.runs import steps as run_steps
 
     try:
         preset = pipeline.load_preset(args.preset)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         for run_id, _, notebooks, _ in jobs:
             if run_id is not None:
                 pipeline.check_run_folder(Path(args.out) / run_id, notebooks, args.replace)
-    except runs.ResultsExist as e:
+    except run_steps.ResultsExist as e:
         parser.exit(2, f"error: {e}\n")
     t0 = time.perf_counter()
     times_all, failed = [], []
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             times = pipeline.run_pipeline(args.preset, run_dir, ov, notebooks, progress=not args.no_progress,
                                           replace=args.replace)
-        except runs.ResultsExist as e:  # the folder changed since the check above
+        except run_steps.ResultsExist as e:  # the folder changed since the check above
             print(f"\nerror: {e}", file=sys.stderr)
             return 2
         except pipeline.NotebookFailure as e:

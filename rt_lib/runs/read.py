@@ -288,14 +288,14 @@ def _check_steps(path: Path, meta: dict) -> dict[str, tuple[str, str | None]]:
     """Each step's state (rt_lib.runs.record.step_state); ``StaleRun`` naming the refresh command
     when one is stale."""
     from rt_lib.pipeline import notebooks as pipeline
-    from rt_lib.runs import record as runs_mod
+    from rt_lib.runs import steps as run_steps
 
     steps = meta.get("steps") or {}
     if not isinstance(steps, dict):
         raise MalformedRun("run.json: steps is not an object")
-    if any(not isinstance(steps.get(s, {}), dict) for s in runs_mod.STEPS):
+    if any(not isinstance(steps.get(s, {}), dict) for s in run_steps.STEPS):
         raise MalformedRun("run.json: a step entry is not an object")
-    states = {s: runs_mod.step_state(path, meta, s) for s in runs_mod.STEPS}
+    states = {s: run_steps.step_state(path, meta, s) for s in run_steps.STEPS}
     stale = {s: why for s, (state, why) in states.items() if state == "stale"}
     if stale:
         raise StaleRun("stale results, not used: " + "; ".join(f"{s} ({why})" for s, why in stale.items())

@@ -190,20 +190,3 @@ def update_run(run_dir: str | os.PathLike, step: str, info: Mapping[str, Any],
         atomic_write_json(path, record)
     return record
 
-
-# the steps of a run folder live in rt_lib.runs.steps; importable from here as before
-from rt_lib.runs.steps import (  # noqa: E402, F401
-    REPLACED_DIR,
-    STEPS,
-    ResultsExist,
-    _changed_inputs,
-    _downstream,
-    _has_outputs,
-    _move_aside,
-    _relpath,
-    finish_step,
-    replace_plan,
-    stale_steps,
-    start_step,
-    step_state,
-)

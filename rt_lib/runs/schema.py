@@ -5,7 +5,7 @@ one-line meaning and how ``rt_lib.runs.read`` checks it when reading. docs/resul
 shows these declarations as tables; its tables are generated here (``render_doc``) and a
 test keeps the committed page equal to the generated text:
 
-    python -m rt_lib.runs.schema docs/results_format.md     # rewrite the generated tables in place
+    python -m rt_lib schema docs/results_format.md     # rewrite the generated tables in place
 
 A column is ``written`` when the kit's writer puts it in every file of its kind, and
 ``required`` when a run folder lacking it is left out by the reader. ``threshold`` in
@@ -343,9 +343,9 @@ def header_matches(path: str, header: list[str]) -> bool:
 
 
 # ---------------------------------------------------------------------------- the doc's tables
-BEGIN = "<!-- generated: {key} (python -m rt_lib.runs.schema) -->"
+BEGIN = "<!-- generated: {key} (python -m rt_lib schema) -->"
 END = "<!-- end generated -->"
-_BLOCK = re.compile(r"<!-- generated: (?P<key>\S+) \(python -m rt_lib.runs.schema\) -->\n.*?<!-- end generated -->",
+_BLOCK = re.compile(r"<!-- generated: (?P<key>\S+) \(python -m rt_lib schema\) -->\n.*?<!-- end generated -->",
                     re.DOTALL)
 
 
@@ -417,7 +417,7 @@ def render_doc(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m rt_lib.runs.schema docs/results_format.md  (rewrites its generated tables)", file=sys.stderr)
+        print("usage: python -m rt_lib schema docs/results_format.md  (rewrites its generated tables)", file=sys.stderr)
         return 2
     path = Path(args[0])
     path.write_text(render_doc(path.read_text(encoding="utf-8")), encoding="utf-8")

@@ -1,6 +1,6 @@
 """Speed and KV-cache memory of MindSkip beside the oracle and an analytic bound.
 
-    python -m rt_lib.speed.profiling --preset quick --model smollm2-135m-instruct \\
+    python -m rt_lib profile --preset quick --model smollm2-135m-instruct \\
         --routers <router dir> --out results/runs/<id>
 
 What is measured, per regime and grid point, for each variant:
@@ -402,7 +402,7 @@ def _ints(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m rt_lib.speed.profiling", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rt_lib profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="quick", choices=sorted(PROFILE_PRESETS))
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--routers", default=None, help="router checkpoint folder; default: fresh (zero-init) routers")

@@ -1,8 +1,8 @@
 """The router recipe study: which tuning recipe gives MindSkip routers the best frontier of
 held-out loss against skipped attention layers, and does any beat a static drop?
 
-    python -m rt_lib.tuning.router_study tune --out results/runs        # every recipe, resumable
-    python -m rt_lib.tuning.router_study tune --out results/runs --only cpu,global
+    python -m rt_lib router-study tune --out results/runs        # every recipe, resumable
+    python -m rt_lib router-study tune --out results/runs --only cpu,global
 
 Each recipe is the ``cpu`` training preset with the overrides in ``RECIPES``; its run folder is
 ``<out>/recipe-<name>/`` (the usual ``train/`` layout). A recipe whose ``train/summary.json``
@@ -74,7 +74,7 @@ def tune(name: str, out: str | Path, **extra):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rt_lib.tuning.router_study", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rt_lib router-study", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("tune", help="tune every recipe (or --only some) into <out>/recipe-<name>")
     t.add_argument("--out", default="results/runs")

@@ -1,7 +1,7 @@
 """Router-Tuning: train MindSkip routers on a frozen model (the recipe, one plain loop).
 
-    python -m rt_lib.tuning.train --preset cpu --out results/runs/<id>
-    accelerate launch --num_processes 2 -m rt_lib.tuning.train --preset paper --model meta-llama/Meta-Llama-3-8B ...
+    python -m rt_lib train --preset cpu --out results/runs/<id>
+    accelerate launch --num_processes 2 -m rt_lib train --preset paper --model meta-llama/Meta-Llama-3-8B ...
 
     from rt_lib.tuning.train import train_routers
     result = train_routers("cpu", out="results/runs/my-run", reg_lambda=0.05)
@@ -28,11 +28,11 @@ step / finish), ``rt_lib.tuning.heldout`` (held-out loss and router statistics);
 the entry points (``run``, ``train_routers``, the CLI) and ``sweep_table``.
 
 Scale-out. The entry point is the same for one or many processes:
-- GPUs, DDP: ``accelerate launch --multi_gpu --num_processes 8 -m rt_lib.tuning.train --preset paper``.
+- GPUs, DDP: ``accelerate launch --multi_gpu --num_processes 8 -m rt_lib train --preset paper``.
   Every GPU holds a full bf16 copy of the frozen model (16 GB for 8B); gradients and AdamW
   state exist for the routers only (16 x 4096 numbers), so DDP is enough for 7-8B models.
-- CPU, DDP over gloo: ``accelerate launch --multi_gpu --num_processes 2 -m rt_lib.tuning.train ...``
-  (or ``torchrun --nproc_per_node 2 -m rt_lib.tuning.train ...``) on a machine without CUDA. With
+- CPU, DDP over gloo: ``accelerate launch --multi_gpu --num_processes 2 -m rt_lib train ...``
+  (or ``torchrun --nproc_per_node 2 -m rt_lib train ...``) on a machine without CUDA. With
   accelerate 1.15, ``accelerate launch --cpu --num_processes 2`` starts a single process
   (its multi-CPU mode goes through mpirun with a host file).
 - Models that do not fit one device (or ``trainable="full"`` at 7B+): FSDP or DeepSpeed
@@ -42,7 +42,7 @@ Scale-out. The entry point is the same for one or many processes:
   (``fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer``). Under DeepSpeed set bf16 in its
   config and ``--precision fp32`` here (DeepSpeed casts the model itself). Neither is tested
   on GPUs by the kit's test suite (no multi-GPU machine); DDP is.
-- CPU, FSDP over gloo: ``accelerate launch --use_fsdp --num_processes 2 -m rt_lib.tuning.train ...``.
+- CPU, FSDP over gloo: ``accelerate launch --use_fsdp --num_processes 2 -m rt_lib train ...``.
   accelerate 1.15 applies FSDP to GPU processes only (without one it cannot build its FSDP
   plugin), so for CPU processes the recipe shards the frozen backbone itself with FSDP2
   (every decoder layer and the root; the routers stay whole on every process and their
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     options = dataclasses.make_dataclass("TrainOptions", [
         (f.name, hints[f.name], dataclasses.field(default="cpu" if f.name == "preset" else None, metadata=f.metadata))
         for f in fields(TrainConfig)])
-    p = HfArgumentParser(options, prog="python -m rt_lib.tuning.train", formatter_class=argparse.HelpFormatter,
+    p = HfArgumentParser(options, prog="python -m rt_lib train", formatter_class=argparse.HelpFormatter,
                          description="Router-Tuning: train MindSkip routers on a frozen model.",
                          epilog="--plan [--gpu-memory 80GiB] [--plan-json FILE] [--eval-tokens auto|yes|no]: print "
                                 "what the run needs (assets, memory, KV cache, tokens; rt_lib.pipeline.plan) with these "
