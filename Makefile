@@ -42,7 +42,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 reproduce: $(STAMP)
-	$(BIN)/python -m rt_lib.reproduce --preset $(PRESET) --out $(OUT) $(if $(RUN_ID),--run-id $(RUN_ID))
+	$(BIN)/python -m rt_lib reproduce --preset $(PRESET) --out $(OUT) $(if $(RUN_ID),--run-id $(RUN_ID))
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab

@@ -13,7 +13,7 @@ consecutive windows of the embedded Wikipedia text:
    fraction of routed layers the whole batch skips and the mean per-row skip ratio.
 2. generation at equal total work: N requests of different prompt lengths, T new tokens each
    (greedy, exactly T), as plain batches of B consecutive requests and as decision-aware batches
-   of at most B (`rt_lib.batching.generate_grouped`, policies `pattern` and `cluster`), wall
+   of at most B (`rt_lib.speed.batching.generate_grouped`, policies `pattern` and `cluster`), wall
    time per round (prefill included), tokens/s, and whether the token ids equal plain batching.
 
 Writes batching.csv (part 1), batching.json (conditions, both parts) and batching.png/.pdf
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib import batching as bt  # noqa: E402
-from rt_lib.profile_timing import forward_step, interleave, new_cache, timed_ms  # noqa: E402
+from rt_lib.speed import batching as bt  # noqa: E402
+from rt_lib.speed.timing import forward_step, interleave, new_cache, timed_ms  # noqa: E402
 
 DEFAULT_ROUTERS = Path(__file__).resolve().parents[1] / "results" / "runs" / "cpu-main" / "train" / "routers"
 DECODE_VARIANTS = ("dense", "mindskip", "uniform")
@@ -53,16 +53,16 @@ SMOKE = dict(model="tiny-random-llama", dtype="float32", batch_sizes=[1, 2, 4], 
 # ---------------------------------------------------------------------------- model and prompts
 def load(args):
     """(MindSkipModel in eval mode, tokenizer, router record)."""
-    from rt_lib.assets import load_model
-    from rt_lib.checkpoints import attach_routers
+    from rt_lib.assets.loading import load_model
+    from rt_lib.runs.checkpoints import attach_routers
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if not args.smoke:
         ms = attach_routers(model, args.routers)
         ms.eval()
         return ms, tok, {"path": str(args.routers), "weights_sha256": _sha(args.routers)}
-    from rt_lib.config import MindSkipConfig
-    from rt_lib.mindskip import get_mindskip_model
+    from rt_lib.mindskip.config import MindSkipConfig
+    from rt_lib.mindskip.model import get_mindskip_model
 
     ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[1, 2]))
     ms.eval()
@@ -74,7 +74,7 @@ def load(args):
 
 
 def _sha(path):
-    from rt_lib.mindskip import read_checkpoint_metadata
+    from rt_lib.mindskip.model import read_checkpoint_metadata
 
     return read_checkpoint_metadata(path).get("weights_sha256")
 
@@ -108,7 +108,7 @@ def most_skipped(keep: torch.Tensor, routed: list[int], k: int) -> list[int]:
 
 def decode_point(ms, ids, context, keep, args):
     """Interleaved decode timing of dense / mindskip / uniform on one batch; returns CSV rows."""
-    from rt_lib.profile_variants import build_variants
+    from rt_lib.speed.variants import build_variants
 
     routed = list(ms.routed_layers)
     k = round(bt.row_skip_ratio(keep) * len(routed))
@@ -275,8 +275,8 @@ def parse(argv):
 def main(argv=None) -> int:
     import transformers
 
-    from rt_lib.data import pad_token_id
-    from rt_lib.profile_step import text_tokens
+    from rt_lib.tuning.data import pad_token_id
+    from rt_lib.speed.step import text_tokens
 
     a = parse(argv)
     if a.threads:

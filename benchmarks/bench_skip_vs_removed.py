@@ -17,9 +17,9 @@ import sys
 
 import torch
 
-from rt_lib import profiling as P
-from rt_lib.assets import load_model
-from rt_lib.config import MindSkipConfig
+from rt_lib.speed import profiling as P
+from rt_lib.assets.loading import load_model
+from rt_lib.mindskip.config import MindSkipConfig
 
 
 def main(argv=None):

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib.assets import load_model, native_bf16  # noqa: E402
-from rt_lib.evaluation import evaluate  # noqa: E402
+from rt_lib.assets.loading import load_model, native_bf16  # noqa: E402
+from rt_lib.evaluation.driver import evaluate  # noqa: E402
 
 
 def forward_seconds(model, batch: int, length: int, repeats: int = 3) -> float:

@@ -1,6 +1,6 @@
 """How much work an evaluation preset is, before running it.
 
-Builds every request of a task preset exactly as ``rt_lib.evaluation.evaluate`` would (same
+Builds every request of a task preset exactly as ``rt_lib.evaluation.driver.evaluate`` would (same
 harness tasks, shots, limits, few-shot sampler, tokenizer and truncation), but scores nothing:
 a counting harness model records the model inputs HFLM would run. It prints, per task, the
 documents, requests, distinct forward passes (HFLM shares one pass among requests whose
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib.evaluation import (  # noqa: E402
+from rt_lib.evaluation.driver import (  # noqa: E402
     DEFAULT_SEEDS,
     MindSkipLM,
     check_request,

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib.assets import load_model  # noqa: E402
-from rt_lib.evaluation import evaluate  # noqa: E402
-from rt_lib.mindskip import MindSkipModel  # noqa: E402
+from rt_lib.assets.loading import load_model  # noqa: E402
+from rt_lib.evaluation.driver import evaluate  # noqa: E402
+from rt_lib.mindskip.model import MindSkipModel  # noqa: E402
 
 
 def one_round(ms, tok, args, where_read: bool):

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib.assets import load_model  # noqa: E402
-from rt_lib.checkpoints import attach_routers  # noqa: E402
-from rt_lib.profile_timing import grid_tokens, interleave, timed_ms  # noqa: E402
+from rt_lib.assets.loading import load_model  # noqa: E402
+from rt_lib.runs.checkpoints import attach_routers  # noqa: E402
+from rt_lib.speed.timing import grid_tokens, interleave, timed_ms  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     base, tok = load_model(a.model, dtype=a.dtype)
-    from rt_lib.profile_step import text_tokens
+    from rt_lib.speed.step import text_tokens
 
     tokens = text_tokens(tok, "wikipedia-en")
     ms = attach_routers(base, a.routers)

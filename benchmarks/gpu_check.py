@@ -9,7 +9,7 @@ Everything goes into one run folder (default ``results/runs/gpu-check-<date>``):
 - ``eval/``: results.csv, paired.csv, skip_stats.csv, results.json of dense and ``mindskip``
   (``results/runs/cpu-main/train/routers`` at their threshold) on the `offline` preset's eight
   tasks with the paper's shots, every document, batch 64 in bfloat16;
-- ``profile/``: profile.csv / profile.json / figure of the profiler (``rt_lib.profiling``) over
+- ``profile/``: profile.csv / profile.json / figure of the profiler (``rt_lib.speed.profiling``) over
   the `full` grid; points that do not fit the GPU are rows with ``status=skipped`` and the reason;
 - ``gpu_check/``: the settings, one part per (variant, task) evaluation and per profile grid
   point (each written atomically, with the tokens it ran and its wall time), ``summary.json`` and
@@ -49,11 +49,11 @@ MODEL = "smollm2-135m-instruct"
 ROUTERS = "results/runs/cpu-main/train/routers"
 TASK_PRESET = "offline"
 # the offline tasks, longest first: the harness builds MMLU's 14,042 five-shot requests on one CPU
-# core at about 14 ms a question (rt_lib.plan's request counter), HellaSwag has most tokens
+# core at about 14 ms a question (rt_lib.pipeline.plan's request counter), HellaSwag has most tokens
 TASK_ORDER = ["mmlu", "hellaswag", "arc_challenge", "boolq", "winogrande", "piqa", "openbookqa", "rte"]
 GPU = {"tasks": None, "limit": None, "batch_size": 64, "profile_preset": "full", "warmup": 1, "repeats": 5,
        "new_tokens": 32, "threads": None, "workers": 4}
-# one CPU thread: on a small shared machine more threads spin against other jobs (rt_lib.profiling)
+# one CPU thread: on a small shared machine more threads spin against other jobs (rt_lib.speed.profiling)
 SMOKE = {"tasks": ["rte", "winogrande"], "limit": 4, "batch_size": 4, "profile_preset": "smoke", "warmup": None,
          "repeats": None, "new_tokens": None, "threads": 1, "workers": 1}
 
@@ -130,19 +130,20 @@ class GpuCheck:
     # -- shared state ----------------------------------------------------------------------
     def load(self):
         if self._base is None:
-            from rt_lib.assets import load_model
+            from rt_lib.assets.loading import load_model
 
             self._base, self._tok = load_model(MODEL, dtype=self.settings["dtype"], device=self.device)
         return self._base, self._tok
 
     def tasks(self) -> list[str]:
-        from rt_lib.tasks import TASK_PRESETS
+        from rt_lib.evaluation.tasks import TASK_PRESETS
 
         return list(self.settings["tasks"] or TASK_PRESETS[TASK_PRESET].tasks)
 
     def check_settings(self) -> None:
         """Write gpu_check/settings.json once; refuse to continue a folder made with other settings."""
-        from rt_lib import runs
+        from rt_lib import files
+        from rt_lib.runs import record as runs
 
         path = self.dir / "settings.json"
         if path.exists():
@@ -153,7 +154,7 @@ class GpuCheck:
                                  f"{[old.get(k) for k in changed]} -> {[self.settings[k] for k in changed]}); "
                                  "continue it with the same options or choose another --out")
         else:
-            runs.atomic_write_json(path, self.settings)
+            files.atomic_write_json(path, self.settings)
         if not (self.out / runs.RUN_FILE).exists():
             runs.new_run(root=self.out.parent, run_id=self.out.name, preset="gpu-check",
                          parameters={"gpu_check": self.settings})
@@ -164,7 +165,7 @@ class GpuCheck:
 
     def _part(self, variant: str, task: str, model, score) -> None:
         """Score one (variant, task) into its part folder unless it is there already."""
-        from rt_lib import runs
+        from rt_lib import files
 
         final = self.part_dir(variant, task)
         if (final / "eval" / "results.json").exists():
@@ -172,10 +173,10 @@ class GpuCheck:
         counter = TokenCounter(model)
         start = time.perf_counter()
         try:
-            with runs.atomic_dir(final) as tmp:
+            with files.atomic_dir(final) as tmp:
                 score(tmp)
                 wall = time.perf_counter() - start
-                runs.atomic_write_json(tmp / "throughput.json", {
+                files.atomic_write_json(tmp / "throughput.json", {
                     "variant": variant, "task": task, "wall_s": round(wall, 3), "forward_calls": counter.calls,
                     "rows": counter.rows, "tokens": counter.tokens, "tokens_per_s": counter.tokens / max(wall, 1e-9),
                     "batch_size": self.settings["batch_size"], "device": self.device})
@@ -189,9 +190,9 @@ class GpuCheck:
 
     def eval_part(self, variant: str, task: str) -> None:
         """One (variant, task): dense on the base model, MindSkip paired with the dense part."""
-        from rt_lib.checkpoints import attach_routers
-        from rt_lib.eval_results import EvalResults
-        from rt_lib.evaluation import evaluate
+        from rt_lib.runs.checkpoints import attach_routers
+        from rt_lib.evaluation.results import EvalResults
+        from rt_lib.evaluation.driver import evaluate
 
         if self.done(variant, task):
             return
@@ -213,7 +214,7 @@ class GpuCheck:
         """Every (variant, task) part, largest tasks first; with ``workers`` > 1 in that many
         processes sharing the device (the harness builds requests on the CPU, one core per
         process), a task's MindSkip part starting as soon as its dense part is written."""
-        from rt_lib.eval_results import EvalResults
+        from rt_lib.evaluation.results import EvalResults
 
         start = time.perf_counter()
         order = sorted(self.tasks(), key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER))
@@ -247,7 +248,7 @@ class GpuCheck:
 
     # -- profile ----------------------------------------------------------------------------
     def profile_settings(self):
-        from rt_lib.profiling import preset
+        from rt_lib.speed.profiling import preset
 
         s = self.settings
         over = {k: s[k] for k in ("warmup", "repeats", "new_tokens", "threads") if s.get(k) is not None}
@@ -258,10 +259,10 @@ class GpuCheck:
         peaks fixed once for the whole grid, then profile/ as the profiler writes it."""
         import torch
 
-        from rt_lib import profile_step
-        from rt_lib import profiling as P
-        from rt_lib import runs
-        from rt_lib.roofline import Shape, measure_peaks
+        from rt_lib.speed import step as profile_step
+        from rt_lib.speed import profiling as P
+        from rt_lib import files
+        from rt_lib.speed.roofline import Shape, measure_peaks
 
         base, tok = self.load()
         settings = self.profile_settings()
@@ -278,7 +279,7 @@ class GpuCheck:
 
             path = self.dir / "profile_fixed.json"
             if not path.exists():
-                runs.atomic_write_json(path, fixed_sets())
+                files.atomic_write_json(path, fixed_sets())
             fixed = _read(path)
             point_settings = replace(settings, **fixed)
             parts = []
@@ -290,7 +291,7 @@ class GpuCheck:
                     one = replace(point_settings, regimes=[regime], **grid)
                     t0 = time.perf_counter()
                     rows, cond = P.profile(ms, one, tokens, progress=False)
-                    runs.atomic_write_json(part, {"rows": rows, "conditions": cond,
+                    files.atomic_write_json(part, {"rows": rows, "conditions": cond,
                                                   "wall_s": round(time.perf_counter() - t0, 2)})
                     status = rows[0]["status"] if rows else "?"
                     print(f"  {regime:<8} batch {batch:>4} length {length:>5}: {status} "
@@ -318,8 +319,8 @@ class GpuCheck:
     def summary(self) -> dict:
         import pandas as pd
 
-        from rt_lib.eval_results import MACRO
-        from rt_lib.profiling import summarize
+        from rt_lib.evaluation.results import MACRO
+        from rt_lib.speed.profiling import summarize
 
         t = pd.read_csv(self.out / "eval" / "results.csv")
         paired = pd.read_csv(self.out / "eval" / "paired.csv")
@@ -368,7 +369,7 @@ class GpuCheck:
         }
 
     def run(self) -> dict:
-        from rt_lib import runs
+        from rt_lib import files
 
         import torch
 
@@ -386,8 +387,8 @@ class GpuCheck:
         self.times["total_s"] = round(time.perf_counter() - t0, 1)
         summary = self.summary()
         text = format_summary(summary)
-        runs.atomic_write_json(self.dir / "summary.json", summary)
-        runs.atomic_write_text(self.dir / "summary.txt", text + "\n")
+        files.atomic_write_json(self.dir / "summary.json", summary)
+        files.atomic_write_text(self.dir / "summary.txt", text + "\n")
         print()
         print(text, flush=True)
         return summary

@@ -4,7 +4,7 @@
 
 The profiler times decode steps with the preset's thread count (one on the `quick` preset) but
 prefills each decode context, which nobody times, with every usable core
-(`rt_lib.profile_timing.prefill`). This prints the prefill time of one `batch x context`
+(`rt_lib.speed.timing.prefill`). This prints the prefill time of one `batch x context`
 prompt of the embedded model at one thread and at every usable core, interleaved over
 `rounds`, and their ratio: the share of the profiling step that long contexts no longer cost.
 """
@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib.assets import load_model, resolve_dtype  # noqa: E402
-from rt_lib.profile_step import text_tokens  # noqa: E402
-from rt_lib.profile_timing import forward_step, grid_tokens, new_cache  # noqa: E402
+from rt_lib.assets.loading import load_model, resolve_dtype  # noqa: E402
+from rt_lib.speed.step import text_tokens  # noqa: E402
+from rt_lib.speed.timing import forward_step, grid_tokens, new_cache  # noqa: E402
 
 
 def main(argv=None) -> int:

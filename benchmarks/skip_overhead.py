@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from rt_lib import profiling as P
-from rt_lib.assets import load_model
-from rt_lib.config import MindSkipConfig
-from rt_lib.mindskip import drop_sublayers, find_decoder, get_slot
+from rt_lib.speed import profiling as P
+from rt_lib.assets.loading import load_model
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.mindskip.model import drop_sublayers, find_decoder, get_slot
 
 # frames of the code that drives the model, not of the routing code being attributed
-DRIVER_FRAMES = ("rt_lib/profiling.py(", "rt_lib/profile_timing.py(")
+DRIVER_FRAMES = ("rt_lib/speed/profiling.py(", "rt_lib/speed/timing.py(")
 
 
 def routing_frame(event):

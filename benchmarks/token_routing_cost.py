@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib.assets import load_model, resolve_dtype  # noqa: E402
-from rt_lib.mindskip import MindSkipModel  # noqa: E402
-from rt_lib.profile_step import text_tokens  # noqa: E402
-from rt_lib.profile_timing import forward_step, grid_tokens, new_cache  # noqa: E402
+from rt_lib.assets.loading import load_model, resolve_dtype  # noqa: E402
+from rt_lib.mindskip.model import MindSkipModel  # noqa: E402
+from rt_lib.speed.step import text_tokens  # noqa: E402
+from rt_lib.speed.timing import forward_step, grid_tokens, new_cache  # noqa: E402
 
 ROUTERS = "results/runs/sweep-cpu-granularity=attn-route_level=token/train/routers"
 

@@ -1,6 +1,6 @@
 """The evidence run: enough documents, at the paper's operating points, to decide its claims.
 
-    python -m rt_lib.evidence --out results/runs/evidence-cpu \\
+    python -m rt_lib evidence --out results/runs/evidence-cpu \\
         --routers results/runs/cpu-main/train/routers
 
 What it scores (every variant on the same documents and prompts, paired with dense):
@@ -19,7 +19,7 @@ What it scores (every variant on the same documents and prompts, paired with den
 Each (variant, task) is one part written atomically under ``<out>/evidence/parts/``; a run
 that is interrupted continues with the first missing part (calibration and static-drop
 scores are files too). When every part is there the parts are combined into ``<out>/eval/``
-(the usual results files) and ``<out>/evidence/measures.csv`` (``rt_lib.measures``).
+(the usual results files) and ``<out>/evidence/measures.csv`` (``rt_lib.evaluation.measures``).
 
 Held-out LM loss (``<out>/evidence/heldout.csv``): every variant above plus, for the
 granularity and routing-level claims, the routers of ``--compare`` run folders calibrated to
@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rt_lib import runs
+from rt_lib import files
+from rt_lib.runs import record as runs
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ BISECTION_STEPS = 14
 def wiki_blocks(tokenizer, n: int, skip: int = 0) -> list[dict]:
     """``n`` packed ``BLOCK_TOKENS``-token blocks of the embedded Wikipedia validation text,
     after the first ``skip`` (so calibration and held-out blocks never overlap)."""
-    from rt_lib.data import build_dataset
+    from rt_lib.tuning.data import build_dataset
 
     blocks, _ = build_dataset(tokenizer, "wikipedia-en", split="validation", num_samples=skip + n,
                               max_length=BLOCK_TOKENS, packing=True, format="text", seed=0)
@@ -68,7 +69,7 @@ def wiki_blocks(tokenizer, n: int, skip: int = 0) -> list[dict]:
 @torch.no_grad()
 def block_losses(model, blocks: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
     """Mean next-token cross-entropy of each block (the unit of the paired held-out loss)."""
-    from rt_lib.data import IGNORE_INDEX, collate
+    from rt_lib.tuning.data import IGNORE_INDEX, collate
 
     out = []
     for i in range(0, len(blocks), batch_size):
@@ -85,7 +86,7 @@ def block_losses(model, blocks: list[dict], pad_id: int, batch_size: int = 8) ->
 @torch.no_grad()
 def skipped_layers(ms, blocks: list[dict], pad_id: int, batch_size: int = 8) -> float:
     """Mean number of routed sublayers skipped per sequence (token routing: per token) on ``blocks``."""
-    from rt_lib.data import collate
+    from rt_lib.tuning.data import collate
 
     ms.reset_stats()
     for i in range(0, len(blocks), batch_size):
@@ -120,8 +121,8 @@ class Evidence:
                  targets: Sequence[int] = TARGET_LAYERS, compare: Sequence[str | os.PathLike] = (),
                  heldout_blocks: int = HELDOUT_BLOCKS, calibration_blocks: int = CALIBRATION_BLOCKS,
                  limit: int | None = None, profile_preset: str | None = "quick"):
-        from rt_lib.mindskip import read_checkpoint_metadata
-        from rt_lib.tasks import TASK_PRESETS
+        from rt_lib.mindskip.model import read_checkpoint_metadata
+        from rt_lib.evaluation.tasks import TASK_PRESETS
 
         self.out = Path(out)
         self.dir = self.out / "evidence"
@@ -143,7 +144,7 @@ class Evidence:
     @property
     def base(self):
         if self._base is None:
-            from rt_lib.assets import load_model
+            from rt_lib.assets.loading import load_model
 
             self._base, self._tok = load_model(self.model_name, dtype=self.dtype)
         return self._base
@@ -154,7 +155,7 @@ class Evidence:
         return self._tok
 
     def _pad(self) -> int:
-        from rt_lib.data import pad_token_id
+        from rt_lib.tuning.data import pad_token_id
 
         return pad_token_id(self.tok)
 
@@ -164,12 +165,12 @@ class Evidence:
         if path.exists():
             return _read_json(path)
         value = make()
-        runs.atomic_write_json(path, value)
+        files.atomic_write_json(path, value)
         return value
 
     # -- steps -----------------------------------------------------------------------------
     def plan(self) -> dict:
-        from rt_lib.mindskip import read_checkpoint_metadata
+        from rt_lib.mindskip.model import read_checkpoint_metadata
 
         meta = read_checkpoint_metadata(self.routers)
         plan = {"model": self.model_name, "dtype": self.dtype, "task_preset": TASK_PRESET, "tasks": self.tasks,
@@ -187,7 +188,7 @@ class Evidence:
         return plan
 
     def _ms(self, routers: Path):
-        from rt_lib.checkpoints import attach_routers
+        from rt_lib.runs.checkpoints import attach_routers
 
         ms = attach_routers(self.base, routers)
         ms.eval()
@@ -220,7 +221,7 @@ class Evidence:
     def variants(self) -> list[dict]:
         """The task variants in run order: dense, MindSkip at each target, its own threshold."""
         cal = self.calibration()
-        from rt_lib.mindskip import read_checkpoint_metadata
+        from rt_lib.mindskip.model import read_checkpoint_metadata
 
         own = read_checkpoint_metadata(self.routers)["config"]["threshold"]
         out = [{"variant": "dense", "method": "dense", "threshold": None, "k": None}]
@@ -238,19 +239,19 @@ class Evidence:
         if (final / "eval" / "results.json").exists():
             return
         start = time.perf_counter()
-        with runs.atomic_dir(final) as tmp:
+        with files.atomic_dir(final) as tmp:
             score(tmp)
         log.info("%s on %s: %.0f s", variant, task, time.perf_counter() - start)
 
     def _dense(self, task: str):
-        from rt_lib.eval_results import EvalResults
+        from rt_lib.evaluation.results import EvalResults
 
         return EvalResults.load(self.part_dir("dense", task))
 
     def score_tasks(self, which: str = "all") -> None:
         """Task parts: ``dense``, ``first`` (the smallest target), ``targets`` (the other
         targets), ``rest`` (the static drops, then the routers' own threshold) or ``all``."""
-        from rt_lib.evaluation import evaluate
+        from rt_lib.evaluation.driver import evaluate
 
         common = dict(preset=TASK_PRESET, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit)
         variants = self.variants()
@@ -291,7 +292,7 @@ class Evidence:
 
     def static_drop_ks(self) -> list[int]:
         """k of each MindSkip target: its realised skipped sublayers, macro over the tasks, rounded."""
-        from rt_lib.eval_results import EvalResults
+        from rt_lib.evaluation.results import EvalResults
 
         n_layers = self.base.config.num_hidden_layers
         ks = []
@@ -307,8 +308,8 @@ class Evidence:
         return [k for k in dict.fromkeys(ks) if 0 < k <= n_layers]
 
     def score_static_drops(self) -> None:
-        from rt_lib.baselines import attention_importance, static_attention_drop
-        from rt_lib.evaluation import evaluate
+        from rt_lib.tuning.baselines import attention_importance, static_attention_drop
+        from rt_lib.evaluation.driver import evaluate
 
         scores = self._json("static_drop_scores.json", lambda: dict(zip(
             ("scores", "calibration"), attention_importance(self.base, self.tok))))
@@ -329,7 +330,7 @@ class Evidence:
 
     def score_heldout(self) -> None:
         """Per-block held-out loss of every variant (one file each, ``heldout/<variant>.json``)."""
-        from rt_lib.baselines import static_attention_drop
+        from rt_lib.tuning.baselines import static_attention_drop
 
         blocks = wiki_blocks(self.tok, self.heldout_blocks, skip=self.calibration_blocks)
         cal = self.calibration()
@@ -343,7 +344,7 @@ class Evidence:
             if not path.exists():
                 start = time.perf_counter()
                 losses, skipped = run()
-                runs.atomic_write_json(path, {**info, "variant": name, "losses": losses, "skipped": skipped,
+                files.atomic_write_json(path, {**info, "variant": name, "losses": losses, "skipped": skipped,
                                               "blocks": len(blocks), "wall_s": time.perf_counter() - start})
                 log.info("held-out loss of %s: %.4f", name, sum(losses) / len(losses))
 
@@ -382,7 +383,8 @@ class Evidence:
         """Dense and MindSkip timed at the largest target's threshold on the ``quick`` profile
         grid (``<out>/profile/``), so that the speedup of claim C6 is measured at an operating
         point whose accuracy this run scores."""
-        from rt_lib import profile_step, profiling
+        from rt_lib.speed import step as profile_step
+        from rt_lib.speed import profiling
 
         if self.profile_preset is None or (self.out / "profile" / "profile.json").exists():
             return
@@ -393,10 +395,10 @@ class Evidence:
 
     def combine(self):
         """``<out>/eval/`` from every part, and the measures table."""
-        from rt_lib.eval_results import EvalResults
-        from rt_lib.measures import evidence_measures
+        from rt_lib.evaluation.results import EvalResults
+        from rt_lib.evaluation.measures import evidence_measures
 
-        from rt_lib.measures import heldout_table
+        from rt_lib.evaluation.measures import heldout_table
 
         parts = sorted(p for p in (self.dir / "parts").iterdir() if not p.name.startswith("."))
         by_variant: dict[str, list[Path]] = {}
@@ -409,7 +411,7 @@ class Evidence:
         parts = [p for v, ps in by_variant.items() if v not in incomplete for p in ps]
         results = EvalResults.combine([EvalResults.load(p) for p in parts])
         # static drop has no gates to count: its routed-unit skip ratio is k / routed layers, as
-        # rt_lib.sweep writes it (the paper's ratio, k / all layers, is in measures.csv)
+        # rt_lib.evaluation.sweep writes it (the paper's ratio, k / all layers, is in measures.csv)
         n_routed = len(_read_json(self.routers / "mindskip_config.json")["routed_layers"])
         # the variants' columns from this run's plan (the parts' own rows agree with it)
         specs = {v["variant"]: (v["method"], v["k"]) for v in self.variants()}
@@ -423,8 +425,8 @@ class Evidence:
         results.save(self.out)
         num_layers = int(_read_json(self.routers / "mindskip_config.json")["num_layers"])
         table = evidence_measures(self.out, num_layers=num_layers)
-        runs.write_csv(self.dir / "measures.csv", table)
-        runs.write_csv(self.dir / "heldout.csv", heldout_table(self.dir, num_layers))
+        files.write_csv(self.dir / "measures.csv", table)
+        files.write_csv(self.dir / "heldout.csv", heldout_table(self.dir, num_layers))
         return table
 
     def run(self):

@@ -1,4 +1,4 @@
-"""Figure style and the kit's plot functions (used by rt_lib.paper and by the notebooks).
+"""Figure style and the kit's plot functions (used by rt_lib.paper.build and by the notebooks).
 
 Every function takes plain data (a DataFrame or a CSV path in the formats of
 docs/results_format.md) and returns a ``matplotlib.figure.Figure``. None touches global
@@ -394,7 +394,7 @@ def plot_drop_vs_mindskip(ref_df: pd.DataFrame, kit_df: pd.DataFrame | None = No
     """The paper's Figure 2 (static attention drop vs MindSkip) with the kit's curve beside it.
 
     Both frames have ``skip_ratio`` (fraction), ``method`` (``dense``, ``static_drop``,
-    ``mindskip``; the published frame as ``rt_lib.paper_tables.load_reference`` translates it)
+    ``mindskip``; the published frame as ``rt_lib.paper.tables.load_reference`` translates it)
     and ``performance`` (percent). The panels
     have separate y axes: the paper's model and task set are not stated, the kit's are in
     ``kit_title``.

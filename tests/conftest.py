@@ -24,6 +24,6 @@ def embedded_model():
 
     Shared by all tests: do not modify it in place (wrap a copy, or restore what you change).
     """
-    from rt_lib.assets import load_model
+    from rt_lib.assets.loading import load_model
 
     return load_model("smollm2-135m-instruct")

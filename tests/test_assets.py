@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from rt_lib import assets, benchmark_data
-from rt_lib.assets import AssetError
+from rt_lib.assets import loading as assets
+from rt_lib.assets import benchmarks as benchmark_data
+from rt_lib.assets.loading import AssetError
 
 PARAGRAPH = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It "
@@ -133,7 +134,7 @@ def test_corrupt_cache_is_rebuilt_with_identical_logits(embedded_model, tmp_path
     with open(src / "model.safetensors", "rb") as f:
         (dst / "model.safetensors").write_bytes(f.read((src / "model.safetensors").stat().st_size // 2))
     t0 = time.perf_counter()
-    with caplog.at_level("WARNING", logger="rt_lib.assets"):
+    with caplog.at_level("WARNING", logger="rt_lib.assets.loading"):
         rebuilt, rebuilt_tok = assets.load_model()
     print(f"cold load (conversion from GGUF): {time.perf_counter() - t0:.1f} s")
     assert "not trusted" in caplog.text and "model.safetensors" in caplog.text

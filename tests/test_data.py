@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rt_lib.data import (IGNORE_INDEX, build_dataset, byte_tokenizer, collate, load_records,
+from rt_lib.tuning.data import (IGNORE_INDEX, build_dataset, byte_tokenizer, collate, load_records,
                          select_indices, template_overhead)
 
 ALPACA = [

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import sys
     from test_train import SMALL, instructions, tiny_llama
-    from rt_lib.train import train_routers
+    from rt_lib.tuning.train import train_routers
 
     model, tok = tiny_llama()
     # 2 processes x micro batch 4 = the global batch of 8: no accumulation here
@@ -29,7 +29,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
     # accelerate 1.15: `launch --cpu --num_processes 2` starts ONE process (multi-CPU there means
-    # mpirun); `--multi_gpu` starts two through torchrun and rt_lib.train selects CPU + gloo.
+    # mpirun); `--multi_gpu` starts two through torchrun and rt_lib.tuning.train selects CPU + gloo.
     proc = launch_two("--multi_gpu", script, tmp_path / "ddp", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp/train/summary.json").read_text())

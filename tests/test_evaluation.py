@@ -1,5 +1,5 @@
-"""Evaluation through lm-evaluation-harness: the adapter (rt_lib.harness), the driver
-(rt_lib.evaluation) and its results (rt_lib.eval_results).
+"""Evaluation through lm-evaluation-harness: the adapter (rt_lib.evaluation.harness), the driver
+(rt_lib.evaluation.driver) and its results (rt_lib.evaluation.results).
 
 Tiny random Llamas with the embedded SmolLM2 tokenizer, a few documents per task: what is
 asserted is identity with the harness (scores, prompts), invariance (batch size, process
@@ -25,14 +25,14 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import apply_template
 
-from rt_lib import assets
-from rt_lib.config import MindSkipConfig
-from rt_lib.eval_results import PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
-from rt_lib.evaluation import evaluate, main
-from rt_lib.harness import MindSkipLM, task_manager
-from rt_lib.mindskip import get_mindskip_model
-from rt_lib.tasks import PAPER_TASKS, harness_tasks_dir
-from rt_lib.tasks.samplers import DocSeededSampler
+from rt_lib.assets import loading as assets
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.evaluation.results import PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
+from rt_lib.evaluation.driver import evaluate, main
+from rt_lib.evaluation.harness import MindSkipLM, task_manager
+from rt_lib.mindskip.model import get_mindskip_model
+from rt_lib.evaluation.tasks import PAPER_TASKS, harness_tasks_dir
+from rt_lib.evaluation.tasks.samplers import DocSeededSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +199,7 @@ def test_standard_tasks_get_per_document_examples_from_another_split(tm, tmp_pat
     """The paper preset's path: examples from a train split (the harness passes no eval_doc)."""
     from lm_eval.api.samplers import ContextSampler
 
-    from rt_lib.harness import seed_fewshot_per_document
+    from rt_lib.evaluation.harness import seed_fewshot_per_document
 
     files = [str(f) for f in assets.benchmark_files("arc_challenge")]
     cfg = {"include": str(harness_tasks_dir() / "arc/arc_challenge.yaml"), "task": "arc_two_splits",
@@ -364,7 +364,7 @@ def test_dense_reference_of_another_model_is_refused(tok, quick_run):
 @pytest.fixture
 def no_harness(monkeypatch):
     """Fail if the harness is started (task index or evaluation)."""
-    import rt_lib.evaluation as ev
+    import rt_lib.evaluation.driver as ev
 
     def boom(*a, **k):
         raise AssertionError("the harness was started")
@@ -414,7 +414,7 @@ def test_cli_rejects_bad_input_before_loading_a_model(monkeypatch):
 @pytest.mark.slow
 def test_module_cli_runs_the_harness_with_the_kit_model(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "rt_lib.evaluation", "--model", "mindskip",
+    cmd = [sys.executable, "-m", "rt_lib.evaluation.driver", "--model", "mindskip",
            "--model_args", "pretrained=tiny-random-llama", "--tasks", "rte_offline", "--limit", "2",
            "--batch_size", "2", "--output_path", str(tmp_path / "out"), "--log_samples"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -429,7 +429,7 @@ def test_data_parallel_processes_score_like_one(tmp_path):
     model, _ = assets.load_model("tiny-random-llama")
     routed(model, layers=(1, 2)).save_pretrained(tmp_path / "routers")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
-    args = ["-m", "rt_lib.evaluation", "--model", "mindskip",
+    args = ["-m", "rt_lib.evaluation.driver", "--model", "mindskip",
             "--model_args", f"pretrained=tiny-random-llama,routers={tmp_path / 'routers'}",
             "--tasks", "arc_challenge_offline", "--num_fewshot", "3", "--limit", "8",
             "--batch_size", "2", "--log_samples"]
@@ -456,7 +456,7 @@ def test_data_parallel_processes_score_like_one(tmp_path):
 
 def test_group_stderr_from_documents_when_the_harness_gives_none():
     """Quick MMLU scores one document per subject: the harness's group stderr is N/A."""
-    from rt_lib.evaluation import _collect
+    from rt_lib.evaluation.driver import _collect
 
     samples = {f"mmlu_offline_{s}": [{"doc_id": 0, "acc": a, "prompt_hash": "h"}]
                for s, a in zip("abcd", [1.0, 0.0, 0.0, 1.0])}
@@ -487,9 +487,10 @@ def test_eval_cost_counts_the_requests_hflm_would_run(tmp_path):
 
 def test_names_that_moved_still_import_from_rt_lib_evaluation():
     """The adapter and the results container have their own modules; scripts that import them
-    from rt_lib.evaluation (benchmarks/eval_cost.py) get the same objects."""
-    import rt_lib.evaluation as ev
-    from rt_lib import eval_results, harness
+    from rt_lib.evaluation.driver (benchmarks/eval_cost.py) get the same objects."""
+    import rt_lib.evaluation.driver as ev
+    from rt_lib.evaluation import results as eval_results
+    from rt_lib.evaluation import harness
 
     for name in ("MindSkipLM", "task_manager", "load_task", "load_routers", "routers_sha256"):
         assert getattr(ev, name) is getattr(harness, name), name
@@ -502,7 +503,7 @@ def test_harness_environment_record_is_collected_once_per_process(monkeypatch):
     collect_env runs a dozen subprocesses) and the harness's own function is back afterwards."""
     import lm_eval.evaluator as harness_evaluator
 
-    from rt_lib import harness
+    from rt_lib.evaluation import harness
 
     calls = []
 
@@ -524,8 +525,8 @@ def test_harness_environment_record_is_collected_once_per_process(monkeypatch):
 def test_offline_tasks_load_without_download_counts_and_leave_the_setting_as_it_was(monkeypatch):
     import datasets.config
 
-    from rt_lib.harness import load_task, task_manager
-    from rt_lib.tasks import TASK_PRESETS
+    from rt_lib.evaluation.harness import load_task, task_manager
+    from rt_lib.evaluation.tasks import TASK_PRESETS
 
     seen = []
     tm = task_manager(offline=True)

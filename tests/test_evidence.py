@@ -12,11 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from rt_lib import assets, claims, measures
-from rt_lib.eval_results import MACRO, EvalResults
-from rt_lib.evaluation import evaluate
-from rt_lib.harness import float32_logits
-from rt_lib.tasks import TASK_PRESETS, sample_documents
+from rt_lib.paper import claims
+from rt_lib.evaluation import measures
+from rt_lib.assets import loading as assets
+from rt_lib.evaluation.results import MACRO, EvalResults
+from rt_lib.evaluation.driver import evaluate
+from rt_lib.evaluation.harness import float32_logits
+from rt_lib.evaluation.tasks import TASK_PRESETS, sample_documents
 
 from test_evaluation import routed, tiny_llama
 

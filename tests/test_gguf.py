@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from rt_lib import assets, gguf_files
-from rt_lib.runs import file_sha256
-from rt_lib.assets import AssetError
+from rt_lib.assets import loading as assets
+from rt_lib.assets import gguf as gguf_files
+from rt_lib.files import file_sha256
+from rt_lib.assets.loading import AssetError
 
 TEXT = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."
 
@@ -212,14 +213,14 @@ def test_damaged_or_changed_gguf_cache_is_rebuilt(tiny_gguf, cache, caplog):
     weights = folder / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
-    with caplog.at_level("WARNING", logger="rt_lib.assets"):
+    with caplog.at_level("WARNING", logger="rt_lib.assets.loading"):
         rebuilt, rebuilt_tok = assets.load_model(str(tiny_gguf))
     assert "not trusted" in caplog.text and "model.safetensors" in caplog.text
     assert assets.cache_problem(folder, assets.GGUF_CACHE_VERSION) is None
     assert torch.equal(before, logits(rebuilt, rebuilt_tok))
     (folder / assets.MANIFEST).unlink()  # an interrupted build
     caplog.clear()
-    with caplog.at_level("WARNING", logger="rt_lib.assets"):
+    with caplog.at_level("WARNING", logger="rt_lib.assets.loading"):
         assets.load_model(str(tiny_gguf))
     assert "no manifest" in caplog.text and assets.cache_problem(folder) is None
     assert not list(folder.parent.glob(".*tmp-*")) and not list(folder.parent.glob(".*old-*"))

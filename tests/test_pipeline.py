@@ -1,8 +1,8 @@
 """Notebooks and the papermill pipeline: presets, parameter checks, sweeps and reruns into a run
 folder (with stand-in notebooks), and one end-to-end smoke run of all four notebooks (slow).
 
-What the notebooks compute is tested through the library calls they make (rt_lib.sweep,
-rt_lib.checkpoints, rt_lib.train, rt_lib.profiling, rt_lib.paper)."""
+What the notebooks compute is tested through the library calls they make (rt_lib.evaluation.sweep,
+rt_lib.runs.checkpoints, rt_lib.tuning.train, rt_lib.speed.profiling, rt_lib.paper.build)."""
 
 import ast
 import json
@@ -11,7 +11,10 @@ import nbformat
 import pandas as pd
 import pytest
 
-from rt_lib import pipeline, reproduce, runs
+from rt_lib.pipeline import notebooks as pipeline
+from rt_lib.pipeline import reproduce
+from rt_lib.runs import record as runs
+from rt_lib.runs import steps as run_steps
 
 
 def _parameters_cell(nb):
@@ -161,7 +164,7 @@ class FakeNotebooks:
             (run / "train" / "summary.json").write_text("{}")
             runs.update_run(run, "train", {"finished": True})
         elif nb in ("02_evaluation", "03_speedup_profiling"):
-            from rt_lib import paper
+            from rt_lib.paper import build as paper
 
             routers = parameters.get("routers") or run / "train" / "routers"
             step, name = ("eval", "results.csv") if nb == "02_evaluation" else ("profile", "profile.csv")
@@ -235,12 +238,12 @@ def test_rerun_into_a_completed_run_is_refused_before_anything_runs(tmp_path, fa
     assert runs.load_run(run) == record  # run.json untouched
     assert (run / "eval" / "used.txt").read_text() == "routers 1"
     # the Python entry point refuses the same way
-    with pytest.raises(runs.ResultsExist, match="--replace"):
+    with pytest.raises(run_steps.ResultsExist, match="--replace"):
         pipeline.run_pipeline("smoke", run, notebooks=["03_speedup_profiling"], progress=False)
 
 
 def test_replace_moves_results_aside_and_the_paper_refuses_stale_steps(tmp_path, fake_notebooks):
-    from rt_lib import paper
+    from rt_lib.paper import build as paper
 
     assert _reproduce(tmp_path, "r", "--notebooks", "01,02,03") == 0
     run = tmp_path / "r"
@@ -265,7 +268,7 @@ def test_replace_moves_results_aside_and_the_paper_refuses_stale_steps(tmp_path,
     # rerunning the stale steps needs no --replace; then the run is whole again
     assert _reproduce(tmp_path, "r", "--notebooks", "02,03") == 0
     assert (run / "eval" / "used.txt").read_text() == "routers 2"
-    assert runs.stale_steps(run) == {}
+    assert run_steps.stale_steps(run) == {}
     paper.read_run(run)
 
 
@@ -291,7 +294,7 @@ def test_interrupted_notebook_resumes_without_replace(tmp_path, monkeypatch, cap
 
 
 def test_evaluation_of_another_runs_routers_goes_stale_when_they_are_replaced(tmp_path, fake_notebooks):
-    from rt_lib import paper
+    from rt_lib.paper import build as paper
 
     assert _reproduce(tmp_path, "a", "--notebooks", "01") == 0
     a = tmp_path / "a"
@@ -309,7 +312,7 @@ def test_evaluation_of_another_runs_routers_goes_stale_when_they_are_replaced(tm
 
 
 def test_new_routers_move_the_evaluation_and_its_baselines_aside(tmp_path, fake_notebooks):
-    from rt_lib import paper
+    from rt_lib.paper import build as paper
 
     assert _reproduce(tmp_path, "a", "--notebooks", "01,02") == 0
     a = tmp_path / "a"

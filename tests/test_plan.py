@@ -1,4 +1,4 @@
-"""The plan (rt_lib.plan): Llama-3-8B shapes from a config-only folder, memory formulas checked
+"""The plan (rt_lib.pipeline.plan): Llama-3-8B shapes from a config-only folder, memory formulas checked
 against what torch really allocates and saves on small models, missing assets listed with the
 command that fetches them, and the exit status."""
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 import transformers as tf
 
-from rt_lib import plan as P
-from rt_lib.config import MindSkipConfig
-from rt_lib.heldout import lm_loss_sum
-from rt_lib.mindskip import get_mindskip_model
+from rt_lib.pipeline import plan as P
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.tuning.heldout import lm_loss_sum
+from rt_lib.mindskip.model import get_mindskip_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA3 = ROOT / "tests" / "fixtures" / "llama3-8b-config"
@@ -98,7 +98,7 @@ def test_llama3_text_output(llama3_plan):
 
 def test_cli_writes_the_same_plan_as_json(tmp_path):
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, "-m", "rt_lib.plan", "--preset", "paper", "--model", str(LLAMA3),
+    proc = subprocess.run([sys.executable, "-m", "rt_lib.pipeline.plan", "--preset", "paper", "--model", str(LLAMA3),
                            "--gpu-memory", "24GiB", "--json", str(out)], env=_env(), capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -115,7 +115,7 @@ def test_offline_hub_model_not_cached_still_plans(tmp_path):
     config/tokenizer and the weights with the commands that fetch them."""
     out = tmp_path / "plan.json"
     env = _env(HF_HOME=str(tmp_path / "hf-home"))
-    proc = subprocess.run([sys.executable, "-m", "rt_lib.plan", "--preset", "paper", "--model",
+    proc = subprocess.run([sys.executable, "-m", "rt_lib.pipeline.plan", "--preset", "paper", "--model",
                            "meta-llama/Meta-Llama-3-8B", "--json", str(out)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -156,7 +156,7 @@ def test_parse_memory_refuses(text):
 
 # ----------------------------------------------------------------------------- the --plan flags
 def test_train_plan_flag_takes_the_training_options(tmp_path):
-    from rt_lib.train import main
+    from rt_lib.tuning.train import main
 
     out = tmp_path / "plan.json"
     assert main(["--preset", "paper", "--plan", "--model", str(LLAMA3), "--micro-batch-size", "1",
@@ -172,7 +172,7 @@ def test_train_plan_flag_takes_the_training_options(tmp_path):
 
 
 def test_reproduce_plan_flag_takes_notebook_overrides(tmp_path):
-    from rt_lib.reproduce import main
+    from rt_lib.pipeline.reproduce import main
 
     out = tmp_path / "plan.json"
     assert main(["--preset", "paper", "--plan", "-p", f'01_router_tuning.model="{LLAMA3}"',
@@ -180,7 +180,7 @@ def test_reproduce_plan_flag_takes_notebook_overrides(tmp_path):
                  "--plan-json", str(out)]) == 0
     plan = json.loads(out.read_text())
     assert plan["model"]["parameters"] == 8_030_261_248
-    from rt_lib.profiling import grid_points, preset
+    from rt_lib.speed.profiling import grid_points, preset
 
     quick = grid_points(preset("quick"))
     assert plan["profile"]["profile_preset"] == "quick"
@@ -235,7 +235,7 @@ def test_activation_estimate_matches_saved_tensors(granularity, route_level, dty
 
 
 def test_kv_formula_matches_a_real_cache():
-    from rt_lib.profiling import forward_step, kv_cache_bytes, new_cache
+    from rt_lib.speed.profiling import forward_step, kv_cache_bytes, new_cache
 
     model, cfg = _small_llama()
     ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(1))
@@ -262,7 +262,7 @@ def test_eval_tokens_counted_on_the_meta_model(embedded_model):
     assert tk["status"] == "counted", tk
     row = tk["tasks"][0]
     assert (row["task"], row["docs"], row["requests"], row["forward_passes"]) == ("rte", 4, 8, 4)
-    from rt_lib.assets import load_dataset
+    from rt_lib.assets.loading import load_dataset
 
     _, tok = embedded_model
     docs = load_dataset("rte", split="validation").select(range(4))

@@ -126,7 +126,7 @@ def test_accuracy_vs_speedup_two_panels_and_missing_speedup():
 
 
 def test_drop_vs_mindskip_reference_and_kit_panels():
-    from rt_lib.paper_tables import load_reference
+    from rt_lib.paper.tables import load_reference
 
     ref = load_reference("drop_vs_mindskip")  # the paper's method names translated to the kit's
     one = plots.plot_drop_vs_mindskip(ref)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rt_lib import profile_step
-from rt_lib import profiling as P
-from rt_lib import roofline as R
-from rt_lib.config import MindSkipConfig
-from rt_lib.mindskip import get_slot
+from rt_lib.speed import step as profile_step
+from rt_lib.speed import profiling as P
+from rt_lib.speed import roofline as R
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.mindskip.model import get_slot
 
 L = 6
 ROUTED = [1, 2, 3, 4]  # num_routed_layers=4 on 6 layers: L-1-n .. L-2
@@ -405,7 +405,7 @@ def test_point_larger_than_memory_is_skipped_by_estimate(ms, monkeypatch):
 # ---------------------------------------------------------------------------- results files
 
 def test_results_files_follow_the_format(ms, tmp_path):
-    from rt_lib.runs import new_run
+    from rt_lib.runs.record import new_run
 
     rows, cond = P.profile(ms, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]),
                            progress=False)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from rt_lib.config import MindSkipConfig
-from rt_lib.mindskip import MindSkipModel, get_mindskip_model
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.mindskip.model import MindSkipModel, get_mindskip_model
 from tests.tiny_models import padded_batch, random_routers, tiny_model
 
 

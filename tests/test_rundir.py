@@ -1,11 +1,11 @@
-"""rt_lib.rundir: the order in which a run's configuration is looked up, and reading by path or Run."""
+"""rt_lib.runs.read: the order in which a run's configuration is looked up, and reading by path or Run."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from rt_lib import rundir
+from rt_lib.runs import read as rundir
 
 RUNS = Path(__file__).parent / "fixtures" / "runs"
 

@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from rt_lib import runs
+from rt_lib import files
+from rt_lib.runs import record as runs
+from rt_lib.runs import steps as run_steps
 
 REQUIRED = {"run_id", "created", "preset", "parameters", "versions", "git_revision", "device", "threads", "steps"}
 
@@ -86,7 +88,7 @@ def test_concurrent_updates_are_not_lost(tmp_path):
 
 def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "sub" / "a.txt"
-    runs.atomic_write_text(path, "old")
+    files.atomic_write_text(path, "old")
     assert path.read_text() == "old" and oct(path.stat().st_mode & 0o777) == "0o644"
 
     def crash(src, dst):
@@ -94,7 +96,7 @@ def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runs.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        runs.atomic_write_text(path, "new")
+        files.atomic_write_text(path, "new")
     assert path.read_text() == "old" and os.listdir(path.parent) == ["a.txt"]
 
 
@@ -103,7 +105,7 @@ def test_atomic_write_json_handles_common_types(tmp_path):
         "path": Path("/x"), "dtype": torch.float16, "scalar": torch.tensor(1.5), "vector": torch.tensor([1, 2]),
         "set": {"b", "a"}, "nan": float("nan"),
     }
-    runs.atomic_write_json(tmp_path / "a.json", obj)
+    files.atomic_write_json(tmp_path / "a.json", obj)
     back = json.loads((tmp_path / "a.json").read_text())
     assert back["path"] == "/x" and back["dtype"] == "torch.float16" and back["scalar"] == 1.5
     assert back["vector"] == [1, 2] and back["set"] == ["a", "b"] and math.isnan(back["nan"])
@@ -111,12 +113,12 @@ def test_atomic_write_json_handles_common_types(tmp_path):
 
 def test_write_csv_from_rows_and_dataframe(tmp_path):
     rows = [{"task": "piqa", "value": 0.5}, {"task": "rte", "value": 0.25, "stderr": 0.01}]
-    runs.write_csv(tmp_path / "a.csv", rows)
+    files.write_csv(tmp_path / "a.csv", rows)
     assert (tmp_path / "a.csv").read_text() == "task,value,stderr\npiqa,0.5,\nrte,0.25,0.01\n"
     frame = pd.DataFrame(rows)
-    runs.write_csv(tmp_path / "b.csv", frame)
+    files.write_csv(tmp_path / "b.csv", frame)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "b.csv"), frame)
-    runs.write_csv(tmp_path / "c.csv", rows, columns=["value", "task", "stderr"])
+    files.write_csv(tmp_path / "c.csv", rows, columns=["value", "task", "stderr"])
     assert (tmp_path / "c.csv").read_text().splitlines()[0] == "value,task,stderr"
 
 
@@ -128,30 +130,30 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _completed_run(root: Path, run_id: str = "r") -> Path:
-    """A run whose train, eval and profile completed as rt_lib.pipeline records them (fake files)."""
+    """A run whose train, eval and profile completed as rt_lib.pipeline.notebooks records them (fake files)."""
     run = runs.new_run(root, run_id=run_id, preset="smoke")
-    runs.start_step(run, "train")
+    run_steps.start_step(run, "train")
     _write(run / "train" / "routers" / "routers.safetensors", "old routers")
     _write(run / "train" / "summary.json", "{}")
     runs.update_run(run, "train", {"finished": True, "steps": 3})
-    runs.finish_step(run, "train")
+    run_steps.finish_step(run, "train")
     for step, files in (("eval", ["eval/results.csv", "baselines/static_drop.json"]),
                         ("profile", ["profile/profile.csv"])):
-        runs.start_step(run, step)
+        run_steps.start_step(run, step)
         for f in files:
             _write(run / f, f"old {f}")
         runs.update_run(run, step, {"files": files})
-        runs.finish_step(run, step)
+        run_steps.finish_step(run, step)
     return run
 
 
 def test_completed_steps_are_recorded_with_their_inputs(tmp_path):
     run = _completed_run(tmp_path)
     steps = runs.load_run(run)["steps"]
-    states = {s: runs.step_state(run, runs.load_run(run), s)[0] for s in runs.STEPS}
-    assert states == dict.fromkeys(runs.STEPS, "completed")
+    states = {s: run_steps.step_state(run, runs.load_run(run), s)[0] for s in run_steps.STEPS}
+    assert states == dict.fromkeys(run_steps.STEPS, "completed")
     assert steps["eval"]["status"] == "completed" and steps["eval"]["files"]
-    sha = runs.file_sha256(run / "train/routers/routers.safetensors")
+    sha = files.file_sha256(run / "train/routers/routers.safetensors")
     assert steps["eval"]["inputs"] == {"routers": {"path": "train/routers/routers.safetensors", "sha256": sha}}
     assert steps["train"]["inputs"] == {}
 
@@ -159,8 +161,8 @@ def test_completed_steps_are_recorded_with_their_inputs(tmp_path):
 def test_rerunning_a_completed_step_is_refused_naming_replace(tmp_path):
     run = _completed_run(tmp_path)
     before = (run / "run.json").read_text()
-    with pytest.raises(runs.ResultsExist) as err:
-        runs.start_step(run, "train")
+    with pytest.raises(run_steps.ResultsExist) as err:
+        run_steps.start_step(run, "train")
     msg = str(err.value)
     assert "--replace" in msg and "replace=True" in msg
     assert "train (train, notebooks/01_router_tuning.ipynb)" not in msg  # only files that exist are named
@@ -170,16 +172,16 @@ def test_rerunning_a_completed_step_is_refused_naming_replace(tmp_path):
     # nothing changed
     assert (run / "run.json").read_text() == before and not (run / "replaced").exists()
     assert (run / "train" / "routers" / "routers.safetensors").read_text() == "old routers"
-    with pytest.raises(runs.ResultsExist, match="eval"):
-        runs.start_step(run, "eval")  # a leaf step too
-    assert runs.replace_plan(run, "profile") == [
+    with pytest.raises(run_steps.ResultsExist, match="eval"):
+        run_steps.start_step(run, "eval")  # a leaf step too
+    assert run_steps.replace_plan(run, "profile") == [
         ("profile", "completed (notebook 03_speedup_profiling): would be rerun")]
 
 
 def test_replace_moves_old_results_aside_and_marks_later_steps_stale(tmp_path):
     run = _completed_run(tmp_path)
     old = runs.load_run(run)["steps"]
-    runs.start_step(run, "train", replace=True)
+    run_steps.start_step(run, "train", replace=True)
     record = runs.load_run(run)
     moved = {m["step"]: run / m["moved_to"] for m in record["replacements"]}
     assert set(moved) == {"train", "eval", "profile"}
@@ -197,56 +199,56 @@ def test_replace_moves_old_results_aside_and_marks_later_steps_stale(tmp_path):
         entry = record["steps"][step]
         assert entry["stale"] is True and "train was rerun" in entry["stale_reason"]
         assert entry["moved_to"] == moved[step].relative_to(run).as_posix()
-    assert set(runs.stale_steps(run)) == {"eval", "profile"}
+    assert set(run_steps.stale_steps(run)) == {"eval", "profile"}
     # new routers; a stale step reruns without replace and is fresh again
     _write(run / "train" / "routers" / "routers.safetensors", "new routers")
-    runs.finish_step(run, "train")
-    runs.start_step(run, "eval")
-    runs.finish_step(run, "eval")
+    run_steps.finish_step(run, "train")
+    run_steps.start_step(run, "eval")
+    run_steps.finish_step(run, "eval")
     record = runs.load_run(run)
-    assert "stale" not in record["steps"]["eval"] and runs.step_state(run, record, "eval")[0] == "completed"
-    new_sha = runs.file_sha256(run / "train/routers/routers.safetensors")
+    assert "stale" not in record["steps"]["eval"] and run_steps.step_state(run, record, "eval")[0] == "completed"
+    new_sha = files.file_sha256(run / "train/routers/routers.safetensors")
     assert record["steps"]["eval"]["inputs"]["routers"]["sha256"] == new_sha
-    assert set(runs.stale_steps(run)) == {"profile"}
+    assert set(run_steps.stale_steps(run)) == {"profile"}
 
 
 def test_interrupted_step_resumes_without_replace(tmp_path):
     run = runs.new_run(tmp_path, run_id="r", preset="smoke")
-    runs.start_step(run, "train")
+    run_steps.start_step(run, "train")
     ckpt = _write(run / "train" / "checkpoints" / "step-000002" / "trainer_state.json", "state")
     # ... killed here: no finish_step. The rerun resumes, keeping the checkpoint.
-    assert runs.step_state(run, runs.load_run(run), "train")[0] == "interrupted"
-    assert runs.replace_plan(run, "train") == []
-    runs.start_step(run, "train")
+    assert run_steps.step_state(run, runs.load_run(run), "train")[0] == "interrupted"
+    assert run_steps.replace_plan(run, "train") == []
+    run_steps.start_step(run, "train")
     assert ckpt.read_text() == "state" and not (run / "replaced").exists()
     # a training stopped early (stop_after: finished false) is resumable too
     runs.update_run(run, "train", {"finished": False})
-    runs.finish_step(run, "train")
-    runs.start_step(run, "train")
+    run_steps.finish_step(run, "train")
+    run_steps.start_step(run, "train")
     assert ckpt.exists() and runs.load_run(run)["steps"]["train"]["status"] == "running"
     _write(run / "train" / "routers" / "routers.safetensors", "routers")
     runs.update_run(run, "train", {"finished": True})
-    runs.finish_step(run, "train")
+    run_steps.finish_step(run, "train")
     # an interrupted evaluation after a completed training: resumes, nothing replaced
-    runs.start_step(run, "eval")
-    runs.start_step(run, "eval")
-    assert not (run / "replaced").exists() and runs.step_state(run, runs.load_run(run), "train")[0] == "completed"
+    run_steps.start_step(run, "eval")
+    run_steps.start_step(run, "eval")
+    assert not (run / "replaced").exists() and run_steps.step_state(run, runs.load_run(run), "train")[0] == "completed"
 
 
 def test_changed_inputs_make_a_step_stale_also_across_runs(tmp_path):
     a = _completed_run(tmp_path, "a")
     # evaluation-only run b of a's routers (notebook 02 with routers=...)
     b = runs.new_run(tmp_path, run_id="b")
-    runs.start_step(b, "eval", inputs={"routers": a / "train" / "routers" / "routers.safetensors"})
+    run_steps.start_step(b, "eval", inputs={"routers": a / "train" / "routers" / "routers.safetensors"})
     _write(b / "eval" / "results.csv", "b")
-    runs.finish_step(b, "eval")
+    run_steps.finish_step(b, "eval")
     assert runs.load_run(b)["steps"]["eval"]["inputs"]["routers"]["path"] == "../a/train/routers/routers.safetensors"
     # tuning routers in b itself does not touch b's evaluation of a's routers
-    assert runs.replace_plan(b, "train") == []
-    # a's routers overwritten behind the kit's back (e.g. rt_lib.train --out a): a's and b's evaluations are stale
+    assert run_steps.replace_plan(b, "train") == []
+    # a's routers overwritten behind the kit's back (e.g. rt_lib.tuning.train --out a): a's and b's evaluations are stale
     _write(a / "train" / "routers" / "routers.safetensors", "other routers")
-    assert runs.stale_steps(a) == {"eval": "its routers train/routers/routers.safetensors changed after it ran",
+    assert run_steps.stale_steps(a) == {"eval": "its routers train/routers/routers.safetensors changed after it ran",
                                    "profile": "its routers train/routers/routers.safetensors changed after it ran"}
-    assert "changed after it ran" in runs.stale_steps(b)["eval"]
+    assert "changed after it ran" in run_steps.stale_steps(b)["eval"]
     (a / "train" / "routers" / "routers.safetensors").unlink()
-    assert "no longer exist" in runs.stale_steps(b)["eval"]
+    assert "no longer exist" in run_steps.stale_steps(b)["eval"]

@@ -1,11 +1,12 @@
-"""rt_lib.schema: the declared columns agree with the docs page, the writers and the committed results."""
+"""rt_lib.runs.schema: the declared columns agree with the docs page, the writers and the committed results."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from rt_lib import paper, schema
+from rt_lib.paper import build as paper
+from rt_lib.runs import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results_format.md"
@@ -16,7 +17,7 @@ TABLES = ROOT / "results" / "tables"
 # ---------------------------------------------------------------------------- docs page
 def test_docs_tables_are_the_generated_ones():
     text = DOC.read_text(encoding="utf-8")
-    assert schema.render_doc(text) == text, "docs/results_format.md is out of date: python -m rt_lib.schema " + str(DOC)
+    assert schema.render_doc(text) == text, "docs/results_format.md is out of date: python -m rt_lib schema " + str(DOC)
 
 
 def test_docs_page_holds_every_declared_file_once():
@@ -77,7 +78,8 @@ def test_committed_json_files_have_the_declared_fields(path, pattern):
 
 # ---------------------------------------------------------------------------- writers and reader
 def test_writers_write_the_declared_columns():
-    from rt_lib import evaluation, profiling
+    from rt_lib.speed import profiling
+    from rt_lib.evaluation import driver as evaluation
 
     written = {kind.path: [c.name for c in kind.columns if c.written] for kind in schema.RUN_FILES}
     assert evaluation.RESULT_COLUMNS == written["eval/results.csv"]

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rt_lib import stats
+from rt_lib.evaluation import stats
 
 # 10 documents: the variant fixes two that the reference got wrong, breaks none.
 VARIANT = [1, 1, 0, 1, 0, 1, 1, 1, 0, 1]

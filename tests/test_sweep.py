@@ -1,5 +1,5 @@
-"""The evaluation step of a run (rt_lib.sweep) and the checkpoint lookup of notebooks 02/03
-(rt_lib.checkpoints).
+"""The evaluation step of a run (rt_lib.evaluation.sweep) and the checkpoint lookup of notebooks 02/03
+(rt_lib.runs.checkpoints).
 
 The bookkeeping of a threshold sweep (labels, static drop matched to each threshold's realised
 layer count, file names, skip ratios, the base model left as it was) is checked with the
@@ -15,11 +15,13 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from rt_lib import assets, runs, sweep
-from rt_lib.checkpoints import DEFAULT_MODEL, Checkpoint, attach_routers, resolve_checkpoint
-from rt_lib.config import MindSkipConfig
-from rt_lib.eval_results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
-from rt_lib.mindskip import MindSkipModel, get_mindskip_model
+from rt_lib.evaluation import sweep
+from rt_lib.runs import record as runs
+from rt_lib.assets import loading as assets
+from rt_lib.runs.checkpoints import DEFAULT_MODEL, Checkpoint, attach_routers, resolve_checkpoint
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.evaluation.results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
+from rt_lib.mindskip.model import MindSkipModel, get_mindskip_model
 from tiny_models import tiny_model
 
 TASKS = ["piqa", "rte"]
@@ -54,7 +56,7 @@ def logits(model, tok):
 
 
 class FakeEvaluate:
-    """Stands in for rt_lib.evaluation.evaluate inside rt_lib.sweep: a MindSkip model at
+    """Stands in for rt_lib.evaluation.driver.evaluate inside rt_lib.evaluation.sweep: a MindSkip model at
     threshold t realises the skip ratio ``skip[t]``; every call is recorded with what it saw."""
 
     def __init__(self, skip: dict[float, float]):
@@ -106,7 +108,7 @@ def test_static_drop_is_matched_to_each_distinct_realised_layer_count(tiny, tmp_
     before = logits(model, tok)
     # 2 routed layers: skip ratios 0.5, 1, 0, 0.5 -> k = 1, 2, 0, 1
     fake = fake_evaluate({0.5: 0.5, 2.0: 1.0, 0.0: 0.0, 0.7: 0.5})
-    with caplog.at_level(logging.WARNING, logger="rt_lib.sweep"):
+    with caplog.at_level(logging.WARNING, logger="rt_lib.evaluation.sweep"):
         res = run_sweep(tiny, tmp_path / "run", routers, [0.5, 2.0, 0.0, 0.7])
     assert "k=0 is the dense model, not run" in caplog.text
     assert [c["variant"] for c in fake.calls] == ["mindskip_t0.5", "mindskip_t2", "mindskip_t0", "mindskip_t0.7",
@@ -161,7 +163,7 @@ def test_routers_of_other_granularities_get_no_static_drop(tiny, tmp_path, fake_
     model, _ = tiny
     routers = save_routers(model, tmp_path / "routers", granularity="mlp")
     fake = fake_evaluate({0.5: 0.5})
-    with caplog.at_level(logging.WARNING, logger="rt_lib.sweep"):
+    with caplog.at_level(logging.WARNING, logger="rt_lib.evaluation.sweep"):
         res = run_sweep(tiny, tmp_path / "run", routers, [0.5])
     assert "these routers gate mlp sublayers" in caplog.text
     assert [c["variant"] for c in fake.calls] == ["mindskip"]

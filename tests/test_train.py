@@ -9,12 +9,12 @@ import pytest
 import torch
 import transformers as tf
 
-from rt_lib.config import MindSkipConfig
-from rt_lib.data import build_dataset, byte_tokenizer, collate
-from rt_lib.heldout import evaluate_heldout, heldout_lm_loss
-from rt_lib.mindskip import get_mindskip_model
-from rt_lib.recipe import RouterTuningRecipe
-from rt_lib.train import TrainConfig, build_parser, main, make_config, train_routers
+from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.tuning.data import build_dataset, byte_tokenizer, collate
+from rt_lib.tuning.heldout import evaluate_heldout, heldout_lm_loss
+from rt_lib.mindskip.model import get_mindskip_model
+from rt_lib.tuning.recipe import RouterTuningRecipe
+from rt_lib.tuning.train import TrainConfig, build_parser, main, make_config, train_routers
 
 
 def tiny_llama(seed: int = 0, layers: int = 6):
@@ -205,7 +205,7 @@ def test_run_folder_files(tmp_path):
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert run["steps"]["train"]["steps"] == 2 and run["parameters"]["train"]["lr"] == 1e-2
 
-    from rt_lib.mindskip import MindSkipModel
+    from rt_lib.mindskip.model import MindSkipModel
 
     model, _ = tiny_llama()
     loaded = MindSkipModel.from_pretrained(model, train / "routers", strict_base=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rt_lib.trainer_state import JSON_NAME, LEGACY_NAME, TENSORS_NAME, StateFormatError, read_state, write_state
+from rt_lib.tuning.trainer_state import JSON_NAME, LEGACY_NAME, TENSORS_NAME, StateFormatError, read_state, write_state
 
 
 def _state():

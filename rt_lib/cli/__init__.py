@@ -1,0 +1,99 @@
+"""The command line: ``python -m rt_lib <command> [options]``, one launcher for every command.
+
+``main`` dispatches on the first argument to the command's own ``main`` (each imported only
+when its command runs, so ``--help`` stays cheap); ``evaluate`` is the harness command line of
+``rt_lib.cli.evaluate``. No library package imports this one. May import every package before
+it in ``rt_lib.LAYERS``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _train(argv):
+    from rt_lib.tuning.train import main
+
+    return main(argv)
+
+
+def _evaluate(argv):
+    from rt_lib.cli.evaluate import main
+
+    return main(argv)
+
+
+def _profile(argv):
+    from rt_lib.speed.profiling import main
+
+    return main(argv)
+
+
+def _evidence(argv):
+    from rt_lib.evidence import main
+
+    return main(argv)
+
+
+def _paper(argv):
+    from rt_lib.paper.build import main
+
+    return main(argv)
+
+
+def _plan(argv):
+    from rt_lib.pipeline.plan import main
+
+    return main(argv)
+
+
+def _reproduce(argv):
+    from rt_lib.pipeline.reproduce import main
+
+    return main(argv)
+
+
+def _router_study(argv):
+    from rt_lib.tuning.router_study import main
+
+    return main(argv)
+
+
+def _schema(argv):
+    from rt_lib.runs.schema import main
+
+    return main(argv)
+
+
+COMMANDS = {
+    "train": (_train, "train MindSkip routers (Router-Tuning) into a run folder"),
+    "evaluate": (_evaluate, "lm-evaluation-harness with the mindskip model and the kit's offline tasks"),
+    "profile": (_profile, "speed and KV-cache memory of MindSkip beside the oracle"),
+    "evidence": (_evidence, "the evidence run that decides the paper's claims"),
+    "paper": (_paper, "rebuild the paper's tables, figures and claims from result files"),
+    "plan": (_plan, "what a preset will need (assets, memory, tokens) before loading weights"),
+    "reproduce": (_reproduce, "the whole reproduction: notebooks 01-04 into one run folder"),
+    "router-study": (_router_study, "the router recipe study (tune every recipe, resumable)"),
+    "schema": (_schema, "write or check docs/results_format.md from the file schema"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m rt_lib <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items()]
+    lines += ["", "python -m rt_lib <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    result = COMMANDS[name][0](rest)
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,137 @@
+"""The paper's tables and figures, rebuilt from result files, with the kit's runs beside them.
+
+Reads only files: the paper's published numbers in ``results/reference/`` and the run
+folders ``results/runs/<id>/`` (formats in docs/results_format.md). Writes tables as
+Markdown, CSV and LaTeX and figures as PNG and PDF. Nothing here runs a model.
+
+    python -m rt_lib paper --results results
+
+    from rt_lib.paper.build import collect_runs, build_all
+    runs = collect_runs("results")        # one tidy row per (run, variant, threshold, task, metric)
+    written = build_all("results")        # {"tables": {...}, "figures": {...}, "problems": [...]}
+
+The work is split by job: rt_lib.runs.read reads run folders (and answers which configuration a
+step ran with), rt_lib.paper.tidy turns them into one tidy row per operating point
+(``collect_runs``), rt_lib.paper.tables builds and writes the tables, rt_lib.paper.figures the
+figures; this module runs them all. Which run provides which row is decided by
+``collect_runs`` (see its docstring). A cell the kit never measured shows "not run", never a
+value borrowed from elsewhere. A run folder with a missing or malformed file, or with stale
+results (a step rerun with ``--replace`` after later steps used its results; rt_lib.runs.record), is
+named in a warning and in ``problems`` (a stale one with the command that refreshes it) and
+left out; every other run still builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+# Re-exported so that `from rt_lib import paper` reaches every public name of the parts.
+from rt_lib.paper.claims import build_claims, write_claims  # noqa: F401
+from rt_lib.paper.figures import build_evidence_figures, build_figures, figure2_kit_points, operating_points  # noqa: F401
+from rt_lib.paper.tables import (  # noqa: F401
+    DEFAULT_REFERENCE_DIR,
+    NOT_RUN,
+    REFERENCE_NAMES,
+    build_tables,
+    data_ablation_table,
+    display_table,
+    load_reference,
+    lora_table,
+    main_table,
+    reference_source,
+    to_csv_text,
+    to_latex,
+    to_markdown,
+    write_table,
+)
+from rt_lib.runs.read import (  # noqa: F401
+    FRACTION_COLUMNS,
+    FRACTION_METRICS,
+    MODEL_NAMES,
+    NUMERIC_COLUMNS,
+    OPTIONAL_FILES,
+    REQUIRED_COLUMNS,
+    STEP_FILES,
+    MalformedRun,
+    Run,
+    StaleRun,
+    load_runs,
+    model_name,
+    read_run,
+)
+from rt_lib.paper.tidy import (  # noqa: F401
+    NOT_TASKS,
+    PAPER_METRIC,
+    TASK_ALIASES,
+    TIDY_COLUMNS,
+    PAPER_METHODS,
+    collect_runs,
+    paper_task,
+    pick_metric,
+    profile_speedup,
+    kit_method,
+    tidy_runs,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_all(results_root: str | Path = "results", out_tables: str | Path = "results/tables",
+              out_figures: str | Path = "results/figures", reference_dir: str | Path | None = None,
+              regime: str = "prefill", figures: bool = True) -> dict:
+    """Rebuild every table and figure from the files under ``results_root``.
+
+    Returns ``{"tables": {name: [paths]}, "figures": {name: [paths]}, "problems": [lines]}``;
+    each problem names a run folder left out and why. ``reference_dir`` defaults to
+    ``<results_root>/reference`` when it exists, else the kit's ``results/reference``.
+    ``figures=False`` builds the tables only.
+    """
+    if reference_dir is None:
+        candidate = Path(results_root) / "reference"
+        reference_dir = candidate if (candidate / "main_table.csv").is_file() else DEFAULT_REFERENCE_DIR
+    runs, problems = load_runs(results_root)
+    tidy = tidy_runs(runs, regime)
+    tables = build_tables(runs, tidy, out_tables, reference_dir, regime, problems)
+    claims_files = write_claims(results_root, out_tables, reference_dir)
+    if claims_files:
+        tables["claims"] = claims_files
+    from rt_lib.frontier import write_frontier
+
+    frontier = write_frontier(results_root, out_tables, out_figures if figures else None)
+    frontier_figure = {"router_frontier": frontier.pop("router_frontier_figure")} if "router_frontier_figure" in frontier else {}
+    tables.update(frontier)
+    figs = build_figures(runs, tidy, out_figures, reference_dir, problems) if figures else {}
+    if figures:
+        figs.update(build_evidence_figures(results_root, out_figures, reference_dir))
+        figs.update(frontier_figure)
+    log.info("built %d tables and %d figures from %d runs", len(tables), len(figs), len(runs))
+    return {"tables": tables, "figures": figs, "problems": problems}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rt_lib paper", description=__doc__.splitlines()[0])
+    p.add_argument("--results", default="results", help="results folder holding runs/ and reference/")
+    p.add_argument("--tables", default=None, help="output folder for tables (default <results>/tables)")
+    p.add_argument("--figures", default=None, help="output folder for figures (default <results>/figures)")
+    p.add_argument("--regime", default="prefill", choices=["prefill", "decode"], help="profile regime for speedups")
+    p.add_argument("--no-figures", action="store_true", help="build the tables only")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when a run folder was left out")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rt_lib").setLevel(logging.INFO)
+    root = Path(args.results)
+    out = build_all(root, args.tables or root / "tables", args.figures or root / "figures", regime=args.regime,
+                    figures=not args.no_figures)
+    for kind in ("tables", "figures"):
+        for name, paths in out[kind].items():
+            print(f"{kind[:-1]:6s} {name}: " + ", ".join(str(p) for p in paths))
+    for line in out["problems"]:
+        print(f"left out: {line}", file=sys.stderr)
+    return 1 if args.strict and out["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
