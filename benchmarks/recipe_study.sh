@@ -15,9 +15,9 @@ routers() {  # --routers NAME=FOLDER for every finished recipe in $1
     [ -f "$OUT/recipe-$n/train/routers/routers.safetensors" ] && printf -- '--routers %s=%s%s ' "$n" "$OUT/recipe-$n/train/routers" "$at"
   done
 }
-$PY -m rt_lib.router_study tune --out "$OUT" --only "$QUICK"
+$PY -m rt_lib router-study tune --out "$OUT" --only "$QUICK"
 # shellcheck disable=SC2046
-$PY -m rt_lib.frontier --out "$OUT/router-frontier" $(routers "$QUICK") --routers committed="$OUT/cpu-main/train/routers"
-$PY -m rt_lib.router_study tune --out "$OUT" --only paper-budget
+$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "$QUICK") --routers committed="$OUT/cpu-main/train/routers"
+$PY -m rt_lib router-study tune --out "$OUT" --only paper-budget
 # shellcheck disable=SC2046
-$PY -m rt_lib.frontier --out "$OUT/router-frontier" $(routers "$QUICK,paper-budget") --routers committed="$OUT/cpu-main/train/routers"
+$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "$QUICK,paper-budget") --routers committed="$OUT/cpu-main/train/routers"

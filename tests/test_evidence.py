@@ -1,6 +1,6 @@
 """The evidence run: seeded document samples, per-document choice records, float32 logits of a
 bfloat16 model, results combined from per-task parts, the paired measures, the claim rules,
-and (slow) a resumable run of ``rt_lib.evidence`` on the embedded model."""
+and (slow) a resumable run of ``rt_lib.evidence.run`` on the embedded model."""
 
 import json
 import math
@@ -197,7 +197,7 @@ def test_speedup_interval_from_paired_rounds():
 # ------------------------------------------------------------------------- the run
 @pytest.mark.slow
 def test_evidence_run_resumes_and_decides_claims(tmp_path):
-    from rt_lib.evidence import Evidence
+    from rt_lib.evidence.run import Evidence
 
     out = tmp_path / "ev"
     kw = dict(tasks=["rte"], limit=3, targets=(4,), calibration_blocks=2, heldout_blocks=3, profile_preset="smoke")

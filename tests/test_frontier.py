@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rt_lib import claims
-from rt_lib.frontier import Frontier, frontier_table, input_dependence, static_at, winning_recipe
-from rt_lib.router_study import RECIPES, recipe_table
-from rt_lib.train_config import make_config
+from rt_lib.paper import claims
+from rt_lib.evidence.frontier import Frontier, frontier_table, input_dependence, static_at, winning_recipe
+from rt_lib.tuning.router_study import RECIPES, recipe_table
+from rt_lib.tuning.config import make_config
 
 
 def _part(folder, name, **d):
@@ -107,9 +107,9 @@ def test_every_recipe_is_a_valid_training_configuration():
 def test_frontier_run_on_a_tiny_model(tmp_path):
     """End to end on a tiny random Llama with the byte tokenizer: every part written, the table
     has each family, and a second run recomputes nothing."""
-    from rt_lib.config import MindSkipConfig
-    from rt_lib.data import byte_tokenizer
-    from rt_lib.mindskip import get_mindskip_model
+    from rt_lib.mindskip.config import MindSkipConfig
+    from rt_lib.tuning.data import byte_tokenizer
+    from rt_lib.mindskip.model import get_mindskip_model
     from tests.test_train import tiny_llama
     from tests.tiny_models import random_routers
 

@@ -30,7 +30,13 @@ def _profile(argv):
 
 
 def _evidence(argv):
-    from rt_lib.evidence import main
+    from rt_lib.evidence.run import main
+
+    return main(argv)
+
+
+def _frontier(argv):
+    from rt_lib.evidence.frontier import main
 
     return main(argv)
 
@@ -70,6 +76,7 @@ COMMANDS = {
     "evaluate": (_evaluate, "lm-evaluation-harness with the mindskip model and the kit's offline tasks"),
     "profile": (_profile, "speed and KV-cache memory of MindSkip beside the oracle"),
     "evidence": (_evidence, "the evidence run that decides the paper's claims"),
+    "frontier": (_frontier, "held-out loss against skipped layers: router recipes vs static drops"),
     "paper": (_paper, "rebuild the paper's tables, figures and claims from result files"),
     "plan": (_plan, "what a preset will need (assets, memory, tokens) before loading weights"),
     "reproduce": (_reproduce, "the whole reproduction: notebooks 01-04 into one run folder"),

@@ -98,7 +98,7 @@ def build_all(results_root: str | Path = "results", out_tables: str | Path = "re
     claims_files = write_claims(results_root, out_tables, reference_dir)
     if claims_files:
         tables["claims"] = claims_files
-    from rt_lib.frontier import write_frontier
+    from rt_lib.evidence.frontier import write_frontier
 
     frontier = write_frontier(results_root, out_tables, out_figures if figures else None)
     frontier_figure = {"router_frontier": frontier.pop("router_frontier_figure")} if "router_frontier_figure" in frontier else {}

@@ -4,7 +4,7 @@
     from rt_lib.paper.claims import build_claims
     table = build_claims("results/runs/evidence-cpu")
 
-Inputs are files only: the evidence run (``rt_lib.evidence``: ``eval/results.json`` with
+Inputs are files only: the evidence run (``rt_lib.evidence.run``: ``eval/results.json`` with
 per-document records, ``evidence/heldout/*.json``, ``evidence/plan.json``), the run that tuned
 its routers (``train/summary.json``, ``profile/profile.json``) and the paper's published
 numbers (``results/reference/``). Every verdict comes from the rule in its row, applied to
@@ -256,14 +256,14 @@ def _skipped(held: pd.DataFrame, variant: str) -> float:
     return float(held.loc[variant, "skipped_layers"]) if variant in held.index else math.nan
 
 
-FRONTIER_RUN = "router-frontier"  # the frontier run folder beside the evidence run (rt_lib.frontier)
+FRONTIER_RUN = "router-frontier"  # the frontier run folder beside the evidence run (rt_lib.evidence.frontier)
 
 
 def _c2_heldout(run: Path, ev: Path, held: pd.DataFrame, paper: dict, gt0: str, rid: str) -> list[dict]:
     """C2 on held-out loss: from the frontier run beside the evidence run when it exists (the
     winning routers against each static drop interpolated to the same realised skip), else from
     the evidence run's own held-out scores (equal-skip rule on the realised skips)."""
-    from rt_lib.frontier import FRONTIER_CSV, winning_recipe
+    from rt_lib.evidence.frontier import FRONTIER_CSV, winning_recipe
 
     path = run.parent / FRONTIER_RUN / "frontier" / FRONTIER_CSV
     rows = []

@@ -154,7 +154,7 @@ def build_figures(runs: list[Run], tidy: pd.DataFrame, out_figures: str | Path, 
 
 
 def build_evidence_figures(results_root: str | Path, out_figures: str | Path, reference_dir=None) -> dict:
-    """Figures of the newest evidence run (``rt_lib.evidence``), every kit point with its paired
+    """Figures of the newest evidence run (``rt_lib.evidence.run``), every kit point with its paired
     95% interval: ``fig2_evidence`` (accuracy change vs the paper's skip ratio, with the
     published Figure 2 points), ``evidence_tasks`` (per task) and ``evidence_heldout``."""
     from rt_lib import plots

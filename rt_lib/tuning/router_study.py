@@ -8,7 +8,7 @@ Each recipe is the ``cpu`` training preset with the overrides in ``RECIPES``; it
 ``<out>/recipe-<name>/`` (the usual ``train/`` layout). A recipe whose ``train/summary.json``
 says ``finished`` is skipped; one with checkpoints resumes from the latest. The frontier itself
 (held-out loss at each number of skipped layers, every recipe and the static baselines) is
-``rt_lib.frontier``.
+``rt_lib.evidence.frontier`` (``python -m rt_lib frontier``).
 """
 
 from __future__ import annotations

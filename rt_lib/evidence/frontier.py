@@ -1,19 +1,19 @@
 """The frontier of held-out LM loss against skipped attention layers, for router sets and for
 static drops, measured on the same text so that every comparison is paired and at equal skip.
 
-    python -m rt_lib.frontier --out results/runs/router-frontier \\
+    python -m rt_lib frontier --out results/runs/router-frontier \\
         --routers cpu=results/runs/recipe-cpu/train/routers --routers global=...
 
 x: attention sublayers skipped per sequence (of all the model's layers: the paper's definition),
 realised on the held-out text; y: mean next-token loss increase over dense on ``HELDOUT_BLOCKS``
 256-token blocks of the embedded Wikipedia validation text, with its paired 95% interval over
-blocks. The blocks are the evidence run's (``rt_lib.evidence.wiki_blocks``): the first
+blocks. The blocks are the evidence run's (``rt_lib.evidence.run.wiki_blocks``): the first
 ``CALIBRATION_BLOCKS`` choose thresholds and static layers, the next ``HELDOUT_BLOCKS`` score.
 
 Curves:
 
 * ``static_importance``: remove the ``k`` attention sublayers with the lowest 1 - cos(h_in, h_out)
-  (the paper's static baseline, ``rt_lib.baselines``), for each ``k`` in ``LEVELS``;
+  (the paper's static baseline, ``rt_lib.tuning.baselines``), for each ``k`` in ``LEVELS``;
 * ``static_greedy``: the best static drop found by a greedy search: starting from the dense
   model, repeatedly remove the attention sublayer whose removal gives the lowest loss on the
   first ``GREEDY_BLOCKS`` calibration blocks (a nested set, each ``k`` extends ``k - 1``). This is
@@ -32,7 +32,7 @@ blocks, and the distinct decision patterns over the held-out blocks.
 
 Every point is one JSON part under ``<out>/frontier/parts/`` written atomically; a run that is
 interrupted continues with the first missing part. ``combine`` writes
-``<out>/frontier/frontier.csv``; ``rt_lib.paper`` copies it to ``results/tables/`` and plots it.
+``<out>/frontier/frontier.csv``; ``python -m rt_lib paper`` copies it to ``results/tables/`` and plots it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rt_lib import runs
+from rt_lib import files
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ FRONTIER_CSV = "frontier.csv"
 def score_blocks(model, blocks: list[dict], pad_id: int, batch_size: int = 8, ms=None) -> dict:
     """Per-block mean next-token loss, and with ``ms`` (a MindSkipModel under sequence routing)
     the per-block keep decision of every routed layer (``keep[b][j]`` for ``ms.routed_layers[j]``)."""
-    from rt_lib.data import IGNORE_INDEX, collate
+    from rt_lib.tuning.data import IGNORE_INDEX, collate
 
     losses: list[float] = []
     keep: list[list[bool]] = []
@@ -108,7 +108,7 @@ class Frontier:
                  dtype: str = "auto", levels=LEVELS, batch_size: int = 8, heldout_blocks: int = HELDOUT_BLOCKS,
                  calibration_blocks: int = CALIBRATION_BLOCKS, greedy_blocks: int = GREEDY_BLOCKS,
                  bisection_steps: int = BISECTION_STEPS):
-        from rt_lib.mindskip import read_checkpoint_metadata
+        from rt_lib.mindskip.model import read_checkpoint_metadata
 
         self.out = Path(out)
         self.dir = self.out / "frontier"
@@ -133,7 +133,7 @@ class Frontier:
     @property
     def base(self):
         if self._base is None:
-            from rt_lib.assets import load_model
+            from rt_lib.assets.loading import load_model
 
             self._base, self._tok = load_model(self.model_name, dtype=self.dtype)
         return self._base
@@ -145,14 +145,14 @@ class Frontier:
 
     @property
     def pad(self) -> int:
-        from rt_lib.data import pad_token_id
+        from rt_lib.tuning.data import pad_token_id
 
         return pad_token_id(self.tok)
 
     def blocks(self) -> tuple[list[dict], list[dict]]:
         """(calibration, held-out) blocks: the evidence run's, disjoint."""
         if self._blocks is None:
-            from rt_lib.evidence import wiki_blocks
+            from rt_lib.evidence.run import wiki_blocks
 
             both = wiki_blocks(self.tok, self.calibration_blocks + self.heldout_blocks)
             self._blocks = both[:self.calibration_blocks], both[self.calibration_blocks:]
@@ -165,11 +165,11 @@ class Frontier:
         start = time.perf_counter()
         value = {"part": name, **make()}
         value["wall_s"] = round(time.perf_counter() - start, 2)
-        runs.atomic_write_json(path, value)
+        files.atomic_write_json(path, value)
         return value
 
     def plan(self) -> dict:
-        from rt_lib.mindskip import read_checkpoint_metadata
+        from rt_lib.mindskip.model import read_checkpoint_metadata
 
         plan = {"model": self.model_name, "dtype": self.dtype, "levels": self.levels,
                 "routers": {n: {"path": str(p), "weights_sha256": read_checkpoint_metadata(p).get("weights_sha256")}
@@ -189,7 +189,7 @@ class Frontier:
                                  "settings and routers, or choose a new --out")
             plan["routers"] = {**old_routers, **plan["routers"]}
             plan["levels"] = sorted(set(old.get("levels", [])) | set(plan["levels"]))
-        runs.atomic_write_json(path, plan)
+        files.atomic_write_json(path, plan)
         return plan
 
     # -- points ----------------------------------------------------------------------------
@@ -198,7 +198,7 @@ class Frontier:
                                             **score_blocks(self.base, self.blocks()[1], self.pad, self.batch_size)})
 
     def _static(self, family: str, name: str, layers: list[int], extra: dict | None = None) -> dict:
-        from rt_lib.mindskip import drop_sublayers
+        from rt_lib.mindskip.model import drop_sublayers
 
         def make():
             handle = drop_sublayers(self.base, layers, granularity="attn") if layers else None
@@ -211,7 +211,7 @@ class Frontier:
         return self._part(name, make)
 
     def importance(self) -> dict:
-        from rt_lib.baselines import attention_importance
+        from rt_lib.tuning.baselines import attention_importance
 
         def make():
             scores, calib = attention_importance(self.base, self.tok, examples=self.blocks()[0], batch_size=self.batch_size)
@@ -220,8 +220,8 @@ class Frontier:
 
     def greedy(self) -> dict:
         """The greedy static drop's order, up to the largest level."""
-        from rt_lib.baselines import droppable_layers
-        from rt_lib.mindskip import drop_sublayers
+        from rt_lib.tuning.baselines import droppable_layers
+        from rt_lib.mindskip.model import drop_sublayers
 
         def make():
             cal = self.blocks()[0][:self.greedy_blocks]
@@ -246,8 +246,8 @@ class Frontier:
         return self._part("greedy", make)
 
     def _mindskip(self, name: str, routers: Path, k: int | None) -> dict:
-        from rt_lib.checkpoints import attach_routers
-        from rt_lib.evidence import calibrate_threshold
+        from rt_lib.runs.checkpoints import attach_routers
+        from rt_lib.evidence.run import calibrate_threshold
 
         def make():
             ms = attach_routers(self.base, routers)
@@ -277,7 +277,7 @@ class Frontier:
             job()
             bar.update()
         scores = {int(i): s for i, s in self.importance()["scores"].items()}
-        from rt_lib.baselines import choose_lowest, droppable_layers
+        from rt_lib.tuning.baselines import choose_lowest, droppable_layers
 
         pool = droppable_layers(self.base)
         order = self.greedy()["order"]
@@ -295,7 +295,7 @@ class Frontier:
 
     def combine(self) -> Path:
         rows = frontier_table(self.dir, self.num_layers())
-        return runs.write_csv(self.dir / FRONTIER_CSV, rows)
+        return files.write_csv(self.dir / FRONTIER_CSV, rows)
 
     def num_layers(self) -> int:
         return int(_read_json(self.dir / "plan.json")["num_layers"])
@@ -309,7 +309,7 @@ def _read_json(path) -> dict:
 
 
 def _ci(d: np.ndarray) -> tuple[float, float, float]:
-    from rt_lib.stats import paired_difference
+    from rt_lib.evaluation.stats import paired_difference
 
     p = paired_difference(d, np.zeros_like(d))
     return p.diff, p.ci_low, p.ci_high
@@ -425,11 +425,11 @@ def write_frontier(results_root: str | Path, out_tables: str | Path, out_figures
                    formats=("png",)) -> dict[str, list[Path]]:
     """``router_frontier.csv`` (rebuilt from the parts of every frontier run under
     ``<results_root>/runs``, the newest last), its figure, and ``router_recipes.csv`` (the tuned
-    recipes, ``rt_lib.router_study.recipe_table``). Nothing is written when there is no frontier run."""
+    recipes, ``rt_lib.tuning.router_study.recipe_table``). Nothing is written when there is no frontier run."""
     import shutil
 
     from rt_lib.plots import save_figure
-    from rt_lib.router_study import recipe_table
+    from rt_lib.tuning.router_study import recipe_table
 
     found = sorted(p.parent for p in Path(results_root).glob("runs/*/frontier/plan.json")
                    if (p.parent / "parts" / "dense.json").exists())
@@ -437,13 +437,13 @@ def write_frontier(results_root: str | Path, out_tables: str | Path, out_figures
         return {}
     folder = found[-1]
     rows = frontier_table(folder, int(_read_json(folder / "plan.json")["num_layers"]))
-    csv_path = runs.write_csv(folder / FRONTIER_CSV, rows)
+    csv_path = files.write_csv(folder / FRONTIER_CSV, rows)
     out: dict[str, list[Path]] = {"router_frontier": [Path(out_tables) / "router_frontier.csv"]}
     Path(out_tables).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(csv_path, out["router_frontier"][0])
     recipes = recipe_table(Path(results_root) / "runs")
     if recipes:
-        out["router_recipes"] = [runs.write_csv(Path(out_tables) / "router_recipes.csv", recipes)]
+        out["router_recipes"] = [files.write_csv(Path(out_tables) / "router_recipes.csv", recipes)]
     if out_figures is not None:
         win = winning_recipe(rows)
         fig = plot_frontier(csv_path, title=f"Router recipes vs static drops (winner: {win}; paired 95% intervals)")
@@ -452,7 +452,7 @@ def write_frontier(results_root: str | Path, out_tables: str | Path, out_figures
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rt_lib.frontier", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rt_lib frontier", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="frontier run folder (parts under <out>/frontier/)")
     p.add_argument("--routers", action="append", default=[], metavar="NAME=FOLDER[@K]",
                    help="a router set to place on the frontier (repeat); NAME labels its curve; @K (or @K1+K2) "
