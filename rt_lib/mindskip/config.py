@@ -60,6 +60,7 @@ class MindSkipConfig:
     )
 
     def __post_init__(self):
+        _check_types(self)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.route_level not in ROUTE_LEVELS:
@@ -72,6 +73,9 @@ class MindSkipConfig:
                 raise ValueError("routed_layers is empty: route at least one layer (or pass None for the default)")
         elif self.num_routed_layers < 1:
             raise ValueError(f"num_routed_layers must be >= 1, got {self.num_routed_layers}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be a number in [0, 1] (a score sigmoid(w.x) is compared with it), "
+                             f"got {self.threshold!r}")
         if not 0.0 <= self.capacity_target <= 1.0:
             raise ValueError(f"capacity_target must be in [0, 1], got {self.capacity_target}")
         if not (isinstance(self.reg_lambda, (int, float)) and math.isfinite(self.reg_lambda) and self.reg_lambda >= 0):
@@ -135,3 +139,23 @@ class MindSkipConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> documentation, for CLIs and notebooks."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+_NUMBERS = ("threshold", "capacity_target", "reg_lambda", "router_init")
+
+
+def _check_types(cfg: MindSkipConfig) -> None:
+    """Types and finiteness of every field, before any range check (a config read from a file
+    may hold strings, NaN or booleans where numbers belong)."""
+    for name in _NUMBERS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if isinstance(cfg.num_routed_layers, bool) or not isinstance(cfg.num_routed_layers, int):
+        raise ValueError(f"num_routed_layers must be an integer, got {cfg.num_routed_layers!r}")
+    if cfg.routed_layers is not None and (not isinstance(cfg.routed_layers, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) for i in cfg.routed_layers)):
+        raise ValueError(f"routed_layers must be a list of layer indices, got {cfg.routed_layers!r}")
+    for name in ("granularity", "route_level", "router_dtype", "reg_form"):
+        if not isinstance(getattr(cfg, name), str):
+            raise ValueError(f"{name} must be a string, got {getattr(cfg, name)!r}")

@@ -301,6 +301,7 @@ class MindSkipModel(nn.Module):
         save_file(self.router_state_dict(), str(path / WEIGHTS_NAME), metadata={"format": CHECKPOINT_FORMAT})
         meta = self.checkpoint_metadata()
         meta["weights_sha256"] = file_sha256(path / WEIGHTS_NAME)
+        meta["config_sha256"] = config_digest(meta)
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -326,8 +327,12 @@ class MindSkipModel(nn.Module):
             problems.append(f"base model {meta['base_model']!r} vs {name!r} (pass strict_base=False if this is intended)")
         if problems:
             raise ValueError(f"router checkpoint {path} does not fit this model: " + "; ".join(problems))
+        try:
+            MindSkipConfig.from_dict(meta["config"])  # types and ranges of what the file records
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{Path(path) / CONFIG_NAME}: invalid router config: {e}") from None
+        _check_digests(Path(path), meta)  # ... and that it is what was saved
         cfg = MindSkipConfig.from_dict({**meta["config"], **overrides})
-        _check_weights_digest(Path(path), meta)
         weights = _read_router_weights(Path(path))
         ms = cls(model, cfg)
         expected = ms.router_state_dict()
@@ -388,6 +393,33 @@ def read_checkpoint_metadata(path: str | Path) -> dict:
         if key not in meta:
             raise ValueError(f"{cfg_file} lacks {key!r}; the router checkpoint is corrupt")
     return meta
+
+
+# What decides what a router checkpoint computes, covered by its config_sha256 (with the weights'
+# digest, so that the pair cannot be swapped either).
+DIGESTED = ("config", "routed_layers", "base_model", "model_type", "num_layers", "hidden_size", "weights_sha256")
+
+
+def config_digest(meta: dict) -> str:
+    """sha256 of the canonical JSON of the ``DIGESTED`` entries of a checkpoint's metadata."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({k: meta.get(k) for k in DIGESTED}, sort_keys=True).encode()).hexdigest()
+
+
+def _check_digests(path: Path, meta: dict) -> None:
+    """The config must be the one `save_pretrained` wrote (``config_sha256``), and the weights
+    file the one written beside it (``weights_sha256``)."""
+    recorded = meta.get("config_sha256")
+    if recorded is None:
+        logger.warning("%s records no config_sha256: its settings are loaded unverified (re-save the routers with "
+                       "MindSkipModel.save_pretrained to record one)", path / CONFIG_NAME)
+    elif config_digest(meta) != recorded:
+        raise ValueError(
+            f"{path / CONFIG_NAME} was changed after saving: its settings (config, routed layers, model shapes) no "
+            "longer match the config_sha256 it records. Restore the original file; to run the routers with other "
+            "settings pass them explicitly (e.g. MindSkipModel.from_pretrained(model, path, threshold=0.6)).")
+    _check_weights_digest(path, meta)
 
 
 def _check_weights_digest(path: Path, meta: dict) -> None:
