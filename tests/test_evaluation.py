@@ -26,6 +26,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import apply_template
 
 from rt_lib.assets import loading as assets
+from rt_lib.assets import benchmarks as benchmark_data
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.evaluation.results import PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
 from rt_lib.evaluation.driver import evaluate, main
@@ -201,7 +202,7 @@ def test_standard_tasks_get_per_document_examples_from_another_split(tm, tmp_pat
 
     from rt_lib.evaluation.harness import seed_fewshot_per_document
 
-    files = [str(f) for f in assets.benchmark_files("arc_challenge")]
+    files = [str(f) for f in benchmark_data.benchmark_files("arc_challenge")]
     cfg = {"include": str(harness_tasks_dir() / "arc/arc_challenge.yaml"), "task": "arc_two_splits",
            "dataset_path": "arrow", "dataset_name": None,
            "dataset_kwargs": {"data_files": {"test": files, "train": files}}, "validation_split": None}

