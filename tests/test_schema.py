@@ -79,7 +79,7 @@ def test_committed_json_files_have_the_declared_fields(path, pattern):
 # ---------------------------------------------------------------------------- writers and reader
 def test_writers_write_the_declared_columns():
     from rt_lib.speed import profiling
-    from rt_lib.evaluation import driver as evaluation
+    from rt_lib.evaluation import results as evaluation
 
     written = {kind.path: [c.name for c in kind.columns if c.written] for kind in schema.RUN_FILES}
     assert evaluation.RESULT_COLUMNS == written["eval/results.csv"]

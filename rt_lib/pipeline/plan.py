@@ -115,14 +115,8 @@ def count_eval_tokens(meta, tokenizer, preset_name: str, tasks: list[str] | None
     ``meta``, a model on the meta device: every request is recorded, none is scored."""
     from lm_eval import simple_evaluate
 
-    from rt_lib.evaluation.driver import (
-        DEFAULT_SEEDS,
-        MindSkipLM,
-        check_request,
-        harness_samples,
-        load_task,
-        task_manager,
-    )
+    from rt_lib.evaluation.driver import DEFAULT_SEEDS, check_request, harness_samples
+    from rt_lib.evaluation.harness import MindSkipLM, load_task, task_manager
 
     class _Counter(MindSkipLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
