@@ -17,7 +17,6 @@ try:
 except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from rt_lib.assets import loading as assets
 from rt_lib.assets import packages
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ import torch
 from rt_lib.assets.benchmarks import BENCHMARKS, benchmark_texts, load_benchmark_split
 from rt_lib.assets.cache import MANIFEST, AssetError, build_cached, cache_dir
 from rt_lib.assets.gguf import convert_gguf, gguf_model_dir, gguf_tokenizer
-from rt_lib.assets.packages import EMBEDDED_MODEL_NAMES, GENSIM_PACKAGE, SMOLLM2_PACKAGE
+from rt_lib.assets.packages import GENSIM_PACKAGE, SMOLLM2_PACKAGE
 from rt_lib.assets.wikitext import MIN_PARAGRAPH_WORDS, NGRAM, clean_wikitext, iter_wiki_articles, ngrams, words
 from rt_lib.files import atomic_write_text, file_sha256
 
