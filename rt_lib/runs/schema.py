@@ -380,10 +380,19 @@ def field_table(path: str) -> str:
     return "\n".join(lines)
 
 
+# Where ``rt_lib.runs.read.setting`` looks, in order; the first source holding the key (with a value
+# other than None or "") answers. Every step records its options in ``parameters.<step>``; folders
+# written before that are read through ``rt_lib.runs.read.upgrade``, which moves their older records there.
+SETTING_SOURCES = (
+    ("the MindSkip config: run.json `steps.train.config` (resolved by training), else "
+     "`parameters.eval.mindskip` (the routers an evaluation-only run scored)"),
+    ("run.json `parameters.<step>`: every option the step ran with; steps in the order "
+     "train, eval, profile, pipeline, then any other"),
+)
+
+
 def setting_sources_list() -> str:
     """Numbered list of the sources ``rt_lib.runs.read.setting`` searches, in order."""
-    from rt_lib.runs.read import SETTING_SOURCES  # rundir reads files through this module
-
     return "\n".join(f"{i}. {source}" for i, source in enumerate(SETTING_SOURCES, 1))
 
 
