@@ -174,7 +174,7 @@ def _step_inputs(notebook: str, parameters: dict) -> dict[str, Path]:
 def check_run_folder(run_dir: str | Path, notebooks: list[str] | None = None, replace: bool = False) -> None:
     """Raise ``rt_lib.runs.record.ResultsExist`` when running ``notebooks`` into ``run_dir`` would replace
     results of completed steps and ``replace`` is False; nothing is changed. Called before anything
-    executes (by ``run_pipeline`` and, for every run folder of a sweep, by rt_lib.pipeline.reproduce)."""
+    executes (by ``run_pipeline`` and, for every run folder of a sweep, by rt_lib.cli.reproduce)."""
     from rt_lib.runs import record as runs
     from rt_lib.runs import steps as run_steps
 

@@ -17,9 +17,7 @@ out); ``fraction`` columns must lie in [0, 1] (a percent written by mistake must
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -421,17 +419,3 @@ def doc_keys(text: str) -> list[str]:
 def render_doc(text: str) -> str:
     """``text`` with every generated block replaced by the current declaration."""
     return _BLOCK.sub(lambda m: generated_block(m.group("key")), text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m rt_lib schema docs/results_format.md  (rewrites its generated tables)", file=sys.stderr)
-        return 2
-    path = Path(args[0])
-    path.write_text(render_doc(path.read_text(encoding="utf-8")), encoding="utf-8")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
