@@ -18,6 +18,8 @@ import sys
 import torch
 
 from rt_lib.speed import profiling as P
+from rt_lib.speed import roofline as R
+from rt_lib.speed import variants as V
 from rt_lib.assets.loading import load_model
 from rt_lib.mindskip.config import MindSkipConfig
 
@@ -38,7 +40,7 @@ def main(argv=None):
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _ = load_model(a.model, dtype=getattr(torch, a.dtype), device=device, attn_implementation="sdpa")
-    ms = P.prepare_models(model, config=MindSkipConfig(num_routed_layers=a.num_routed_layers))
+    ms = V.prepare_models(model, config=MindSkipConfig(num_routed_layers=a.num_routed_layers))
     settings = P.ProfileSettings(
         prefill_batch_sizes=[a.batch], prefill_seq_lens=[a.seq_len],
         decode_batch_sizes=[a.batch], decode_context_lens=[a.seq_len], new_tokens=a.new_tokens,
@@ -54,7 +56,7 @@ def main(argv=None):
     print(f"{'regime':8s} {'dense ms':>9s} {'skip ms':>9s} {'removed ms':>10s} {'skip/removed':>12s} "
           f"{'dense/skip':>10s} {'dense/removed':>13s} {'bound':>6s}")
     worst = 0.0
-    for regime in P.REGIMES:
+    for regime in R.REGIMES:
         r = {row["variant"]: row for row in rows if row["regime"] == regime}
         if any(row["status"] != "ok" for row in r.values()):
             print(f"{regime:8s} skipped: {r['dense']['reason']}")

@@ -27,14 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rt_lib.evaluation.driver import (  # noqa: E402
-    DEFAULT_SEEDS,
-    MindSkipLM,
-    check_request,
-    harness_samples,
-    load_task,
-    task_manager,
-)
+from rt_lib.evaluation.driver import DEFAULT_SEEDS, check_request, harness_samples  # noqa: E402
+from rt_lib.evaluation.harness import MindSkipLM, load_task, task_manager  # noqa: E402
 
 
 class CountingLM(MindSkipLM):

@@ -261,13 +261,14 @@ class GpuCheck:
 
         from rt_lib.speed import step as profile_step
         from rt_lib.speed import profiling as P
+        from rt_lib.speed import variants as V
         from rt_lib import files
         from rt_lib.speed.roofline import Shape, measure_peaks
 
         base, tok = self.load()
         settings = self.profile_settings()
         start = time.perf_counter()
-        ms = P.prepare_models(base, str(self.routers))
+        ms = V.prepare_models(base, str(self.routers))
         try:
             tokens = profile_step.text_tokens(tok, "wikipedia-en")
 

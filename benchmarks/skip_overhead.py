@@ -26,9 +26,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rt_lib.speed import profiling as P
+from rt_lib.speed import roofline as R
+from rt_lib.speed import timing as T
+from rt_lib.speed import variants as V
 from rt_lib.assets.loading import load_model
 from rt_lib.mindskip.config import MindSkipConfig
-from rt_lib.mindskip.model import drop_sublayers, find_decoder, get_slot
+from rt_lib.mindskip.architecture import find_decoder, get_slot
+
+# frames of the code that drives the model, not of the routing code being attributed
+from rt_lib.mindskip.removal import drop_sublayers
 
 # frames of the code that drives the model, not of the routing code being attributed
 DRIVER_FRAMES = ("rt_lib/speed/profiling.py(", "rt_lib/speed/timing.py(")
@@ -50,15 +56,15 @@ def attribution(model, prompt, step, seq_len):
     out = {}
     with torch.inference_mode():
         for phase in ("prefill", "decode"):
-            cache = P.new_cache(model)
-            P.forward_step(model, prompt, cache, 0)
+            cache = T.new_cache(model)
+            T.forward_step(model, prompt, cache, 0)
             n = 1 if phase == "prefill" else 10
             with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
                 if phase == "prefill":
-                    P.forward_step(model, prompt, P.new_cache(model), 0)
+                    T.forward_step(model, prompt, T.new_cache(model), 0)
                 else:
                     for i in range(n):
-                        P.forward_step(model, step, cache, seq_len + i)
+                        T.forward_step(model, step, cache, seq_len + i)
             ops, us = collections.Counter(), collections.Counter()
             for e in prof.events():
                 if not e.name.startswith("aten::"):
@@ -98,7 +104,7 @@ def isolated_gate(ms, prompt, step, seq_len, calls=2000):
     layer = ms.routed_layers[len(ms.routed_layers) // 2]
     gate, stand_in = ms.gates[layer], removed_stand_in(ms, layer)
     with torch.inference_mode():
-        cache = P.new_cache(ms.model)
+        cache = T.new_cache(ms.model)
         return {phase: time_gate_call(ms.model, gate, stand_in, ids, cache, start, calls)
                 for phase, ids, start in (("prefill", prompt, 0), ("decode", step, seq_len))}
 
@@ -108,7 +114,7 @@ def time_gate_call(model, gate, stand_in, ids, cache, start, calls):
     (gate us per call, stand-in us per call, aten ops of one gate call) with those arguments."""
     seen = []
     hook = gate.register_forward_pre_hook(lambda m, a, k: seen.append((a, dict(k))), with_kwargs=True)
-    P.forward_step(model, ids, cache, start)
+    T.forward_step(model, ids, cache, start)
     hook.remove()
     # called right after the model's forward: the routing context is as its decoder hook set
     # it for this call (cache, tokens already cached, real tokens)
@@ -123,7 +129,7 @@ def what_if(ms, args):
     """Interleaved medians (ms; decode per token) of the profiler's variants and the forced skip
     with its skipped gates replaced by the removed-sublayer stand-in."""
     skip = list(ms.routed_layers)
-    variants = P.build_variants(ms, ["dense", "oracle", "static_drop", "mindskip_forced"], skip, static_layers=skip)
+    variants = V.build_variants(ms, ["dense", "oracle", "static_drop", "mindskip_forced"], skip, static_layers=skip)
     forced = variants[-1]
     dropped = []
 
@@ -134,11 +140,11 @@ def what_if(ms, args):
     def exit():
         dropped.pop().restore()
         forced.exit()
-    variants.append(P.Variant("gates_removed", ms.model, enter, exit, lambda: 1.0))
+    variants.append(V.Variant("gates_removed", ms.model, enter, exit, lambda: 1.0))
     settings = P.ProfileSettings(repeats=args.repeats, warmup=2, new_tokens=args.new_tokens)
     res = {}
-    for regime in P.REGIMES:
-        r = P.measure_point(variants, regime, 1, args.seq_len, settings, torch.device("cpu"), ms.model.config.vocab_size)
+    for regime in R.REGIMES:
+        r = T.measure_point(variants, regime, 1, args.seq_len, settings, torch.device("cpu"), ms.model.config.vocab_size)
         res[regime] = {name: float(np.median([x["time_ms"] for x in rs])) for name, rs in r.items()}
     return res
 
@@ -156,7 +162,7 @@ def main(argv=None):
 
     torch.set_num_threads(a.threads)
     model, _ = load_model(a.model)
-    ms = P.prepare_models(model, config=MindSkipConfig(num_routed_layers=a.num_routed_layers))
+    ms = V.prepare_models(model, config=MindSkipConfig(num_routed_layers=a.num_routed_layers))
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (1, a.seq_len), generator=g)
     step = torch.randint(0, model.config.vocab_size, (1, 1), generator=g)

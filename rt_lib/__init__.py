@@ -38,7 +38,7 @@ _LAZY = {
     "MindSkipConfig": "rt_lib.mindskip.config",
     "get_mindskip_model": "rt_lib.mindskip.model",
     "MindSkipModel": "rt_lib.mindskip.model",
-    "drop_sublayers": "rt_lib.mindskip.model",
+    "drop_sublayers": "rt_lib.mindskip.removal",
 }
 
 

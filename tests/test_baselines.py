@@ -9,7 +9,7 @@ import torch
 from rt_lib.tuning.baselines import (attention_importance, choose_lowest, load_full, load_lora_routers,
                               static_attention_drop, static_drop_layers, train_full, train_lora_routers)
 from rt_lib.tuning.data import build_dataset
-from rt_lib.mindskip.model import drop_sublayers
+from rt_lib.mindskip.removal import drop_sublayers
 from test_train import SMALL, instructions, tiny_llama
 
 TEXT = [{"text": f"The {w} is number {i}. " * 3} for i, w in enumerate(["cat", "dog", "sun", "sea"] * 4)]

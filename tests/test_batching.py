@@ -13,7 +13,8 @@ from tiny_models import padded_batch, random_routers, tiny_model
 
 from rt_lib.speed import batching as bt
 from rt_lib.mindskip.config import MindSkipConfig
-from rt_lib.mindskip.model import find_decoder, get_mindskip_model
+from rt_lib.mindskip.architecture import find_decoder
+from rt_lib.mindskip.model import get_mindskip_model
 
 LENGTHS = [9, 4, 7, 6, 3, 8, 5, 9]
 GREEDY = dict(do_sample=False, pad_token_id=0)

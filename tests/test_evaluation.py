@@ -26,9 +26,11 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import apply_template
 
 from rt_lib.assets import loading as assets
+from rt_lib.assets import benchmarks as benchmark_data
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.evaluation.results import PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
-from rt_lib.evaluation.driver import evaluate, main
+from rt_lib.evaluation.driver import evaluate
+from rt_lib.cli.evaluate import main
 from rt_lib.evaluation.harness import MindSkipLM, task_manager
 from rt_lib.mindskip.model import get_mindskip_model
 from rt_lib.evaluation.tasks import PAPER_TASKS, harness_tasks_dir
@@ -201,7 +203,7 @@ def test_standard_tasks_get_per_document_examples_from_another_split(tm, tmp_pat
 
     from rt_lib.evaluation.harness import seed_fewshot_per_document
 
-    files = [str(f) for f in assets.benchmark_files("arc_challenge")]
+    files = [str(f) for f in benchmark_data.benchmark_files("arc_challenge")]
     cfg = {"include": str(harness_tasks_dir() / "arc/arc_challenge.yaml"), "task": "arc_two_splits",
            "dataset_path": "arrow", "dataset_name": None,
            "dataset_kwargs": {"data_files": {"test": files, "train": files}}, "validation_split": None}
@@ -414,7 +416,7 @@ def test_cli_rejects_bad_input_before_loading_a_model(monkeypatch):
 @pytest.mark.slow
 def test_module_cli_runs_the_harness_with_the_kit_model(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "rt_lib.evaluation.driver", "--model", "mindskip",
+    cmd = [sys.executable, "-m", "rt_lib", "evaluate", "--model", "mindskip",
            "--model_args", "pretrained=tiny-random-llama", "--tasks", "rte_offline", "--limit", "2",
            "--batch_size", "2", "--output_path", str(tmp_path / "out"), "--log_samples"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -429,7 +431,7 @@ def test_data_parallel_processes_score_like_one(tmp_path):
     model, _ = assets.load_model("tiny-random-llama")
     routed(model, layers=(1, 2)).save_pretrained(tmp_path / "routers")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
-    args = ["-m", "rt_lib.evaluation.driver", "--model", "mindskip",
+    args = ["-m", "rt_lib", "evaluate", "--model", "mindskip",
             "--model_args", f"pretrained=tiny-random-llama,routers={tmp_path / 'routers'}",
             "--tasks", "arc_challenge_offline", "--num_fewshot", "3", "--limit", "8",
             "--batch_size", "2", "--log_samples"]
@@ -456,12 +458,12 @@ def test_data_parallel_processes_score_like_one(tmp_path):
 
 def test_group_stderr_from_documents_when_the_harness_gives_none():
     """Quick MMLU scores one document per subject: the harness's group stderr is N/A."""
-    from rt_lib.evaluation.driver import _collect
+    from rt_lib.evaluation.tables import collect_scores
 
     samples = {f"mmlu_offline_{s}": [{"doc_id": 0, "acc": a, "prompt_hash": "h"}]
                for s, a in zip("abcd", [1.0, 0.0, 0.0, 1.0])}
     res = {"results": {"mmlu_offline": {"acc,none": 0.5, "acc_stderr,none": "N/A"}}, "samples": samples}
-    values, docs, n = _collect(res, "mmlu_offline", ["acc"])
+    values, docs, n = collect_scores(res, "mmlu_offline", ["acc"])
     assert n == 4 and docs["keys"][0] == ["mmlu_offline_a", 0]
     assert values["acc"] == (0.5, pytest.approx((1 / 3) ** 0.5 / 2))  # sd (ddof 1) / sqrt(n)
 
@@ -483,19 +485,6 @@ def test_eval_cost_counts_the_requests_hflm_would_run(tmp_path):
     for r in rows.values():
         assert 0 < r["input_tokens"] <= r["padded_tokens"]
     assert mod.padded_batches([5, 9, 2], 2) == [(2, 9), (1, 2)]
-
-
-def test_names_that_moved_still_import_from_rt_lib_evaluation():
-    """The adapter and the results container have their own modules; scripts that import them
-    from rt_lib.evaluation.driver (benchmarks/eval_cost.py) get the same objects."""
-    import rt_lib.evaluation.driver as ev
-    from rt_lib.evaluation import results as eval_results
-    from rt_lib.evaluation import harness
-
-    for name in ("MindSkipLM", "task_manager", "load_task", "load_routers", "routers_sha256"):
-        assert getattr(ev, name) is getattr(harness, name), name
-    for name in ("EvalResults", "RESULT_COLUMNS", "PAIRED_COLUMNS", "SKIP_COLUMNS", "MACRO"):
-        assert getattr(ev, name) is getattr(eval_results, name), name
 
 
 def test_harness_environment_record_is_collected_once_per_process(monkeypatch):

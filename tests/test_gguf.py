@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from rt_lib.assets import loading as assets
+from rt_lib.assets import cache as asset_cache
 from rt_lib.assets import gguf as gguf_files
 from rt_lib.files import file_sha256
-from rt_lib.assets.loading import AssetError
+from rt_lib.assets.cache import AssetError
 
 TEXT = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."
 
@@ -96,7 +97,7 @@ def entries(cache):
 
 
 def manifest(folder):
-    return json.loads((folder / assets.MANIFEST).read_text())
+    return json.loads((folder / asset_cache.MANIFEST).read_text())
 
 
 @pytest.fixture
@@ -153,8 +154,8 @@ def test_gguf_file_loads_like_the_embedded_model(smollm2_gguf, embedded_model, m
     assert tok.model_max_length == 8192 and model.generation_config.pad_token_id == 2
     # the cache entry: keyed by the file's content, verified, described by its manifest
     folder = smollm2_gguf.cache / "gguf" / f"SmolLM2-135M-Instruct.Q4_1-{sha[:12]}"
-    assert assets.gguf_model_dir(smollm2_gguf.path) == folder
-    assert assets.cache_problem(folder, assets.GGUF_CACHE_VERSION) is None
+    assert gguf_files.gguf_model_dir(smollm2_gguf.path) == folder
+    assert asset_cache.cache_problem(folder, gguf_files.GGUF_CACHE_VERSION) is None
     info = manifest(folder)
     assert info["gguf_sha256"] == sha and info["architecture"] == "llama"
     assert info["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
@@ -165,7 +166,7 @@ def test_gguf_file_loads_like_the_embedded_model(smollm2_gguf, embedded_model, m
 def test_second_load_uses_the_cache(smollm2_gguf, monkeypatch):
     monkeypatch.setenv("RT_KIT_CACHE", str(smollm2_gguf.cache))
     (folder,) = entries(smollm2_gguf.cache)
-    stamp = (folder / assets.MANIFEST).stat().st_mtime_ns
+    stamp = (folder / asset_cache.MANIFEST).stat().st_mtime_ns
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the GGUF was read or converted again")
@@ -175,7 +176,7 @@ def test_second_load_uses_the_cache(smollm2_gguf, monkeypatch):
     t0 = time.perf_counter()
     model, tok = assets.load_model(str(smollm2_gguf.path), dtype="bfloat16", attn_implementation="eager")
     print(f"warm load of a GGUF file from the cache: {time.perf_counter() - t0:.2f} s")
-    assert (folder / assets.MANIFEST).stat().st_mtime_ns == stamp
+    assert (folder / asset_cache.MANIFEST).stat().st_mtime_ns == stamp
     assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
     top = logits(model, tok).argmax(-1), logits(smollm2_gguf.model, smollm2_gguf.tok).argmax(-1)
     assert (top[0] == top[1]).float().mean() > 0.8  # the same model, in bfloat16
@@ -209,24 +210,24 @@ def test_damaged_or_changed_gguf_cache_is_rebuilt(tiny_gguf, cache, caplog):
     model, tok = assets.load_model(str(tiny_gguf))
     before = logits(model, tok)
     del model  # its weights are mapped from the file about to be damaged
-    folder = assets.gguf_model_dir(tiny_gguf)
+    folder = gguf_files.gguf_model_dir(tiny_gguf)
     weights = folder / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     with caplog.at_level("WARNING", logger="rt_lib.assets.loading"):
         rebuilt, rebuilt_tok = assets.load_model(str(tiny_gguf))
     assert "not trusted" in caplog.text and "model.safetensors" in caplog.text
-    assert assets.cache_problem(folder, assets.GGUF_CACHE_VERSION) is None
+    assert asset_cache.cache_problem(folder, gguf_files.GGUF_CACHE_VERSION) is None
     assert torch.equal(before, logits(rebuilt, rebuilt_tok))
-    (folder / assets.MANIFEST).unlink()  # an interrupted build
+    (folder / asset_cache.MANIFEST).unlink()  # an interrupted build
     caplog.clear()
     with caplog.at_level("WARNING", logger="rt_lib.assets.loading"):
         assets.load_model(str(tiny_gguf))
-    assert "no manifest" in caplog.text and assets.cache_problem(folder) is None
+    assert "no manifest" in caplog.text and asset_cache.cache_problem(folder) is None
     assert not list(folder.parent.glob(".*tmp-*")) and not list(folder.parent.glob(".*old-*"))
     write_tiny_gguf(tiny_gguf, seed=1)  # the user replaces the file: a new cache entry
     other, other_tok = assets.load_model(str(tiny_gguf))
-    assert assets.gguf_model_dir(tiny_gguf) != folder and len(entries(cache)) == 2
+    assert gguf_files.gguf_model_dir(tiny_gguf) != folder and len(entries(cache)) == 2
     assert not torch.equal(before, logits(other, other_tok))
 
 

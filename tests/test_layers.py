@@ -11,11 +11,7 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 import rt_lib
-
-pytestmark = pytest.mark.xfail(reason="rt_lib is being split into the packages of rt_lib.LAYERS", strict=False)
 
 PKG = Path(rt_lib.__file__).resolve().parent
 

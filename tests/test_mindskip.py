@@ -13,9 +13,9 @@ from rt_lib.mindskip.model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     MindSkipModel,
-    drop_sublayers,
     get_mindskip_model,
 )
+from rt_lib.mindskip.removal import drop_sublayers
 from rt_lib.speed.timing import forward_step
 from tiny_models import ARCHS, padded_batch, random_routers, tiny_model
 

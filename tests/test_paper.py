@@ -14,10 +14,15 @@ import pandas as pd
 import pytest
 
 from rt_lib.paper import build as paper
+from rt_lib.cli import paper as paper_cli
+from rt_lib.paper import figures
+from rt_lib.paper import tables as paper_tables
+from rt_lib.runs import read as rundir
+from rt_lib.paper import tidy
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RUNS = FIXTURES / "runs"
-REF = Path(paper.DEFAULT_REFERENCE_DIR)
+REF = Path(paper_tables.DEFAULT_REFERENCE_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +33,19 @@ def built(tmp_path_factory):
 
 
 def read_table(out: Path, name: str) -> pd.DataFrame:
-    return pd.read_csv(out / "tables" / f"{name}.csv", na_values=[paper.NOT_RUN])
+    return pd.read_csv(out / "tables" / f"{name}.csv", na_values=[paper_tables.NOT_RUN])
 
 
 # ---------------------------------------------------------------------------- reference data
 @pytest.mark.parametrize("name,rows", [("main_table", 14), ("lora_table", 8), ("data_ablation", 5),
                                        ("drop_vs_mindskip", 5)])
 def test_load_reference_skips_source_comments(name, rows):
-    df = paper.load_reference(name)
+    df = paper_tables.load_reference(name)
     assert len(df) == rows
     assert not df.astype(str).apply(lambda c: c.str.startswith("#")).any().any()
     text = (REF / f"{name}.csv").read_text()
     assert text.startswith("# Router-Tuning paper")  # source lines kept in the versioned copy
-    assert paper.reference_source(name)[0].startswith("Router-Tuning paper")
+    assert paper_tables.reference_source(name)[0].startswith("Router-Tuning paper")
 
 
 def test_reference_readme_names_sources():
@@ -50,44 +55,44 @@ def test_reference_readme_names_sources():
 
 
 def test_reference_values_spot_check():
-    main = paper.load_reference("main_table")
+    main = paper_tables.load_reference("main_table")
     row = main[(main["model"] == "Llama-3-8B") & (main["granularity"] == "attn") & (main["route_level"] == "seq")]
     assert row[["speedup", "arc_c", "avg"]].iloc[0].tolist() == [1.21, 56.6, 69.4]
-    fig2 = paper.load_reference("drop_vs_mindskip")
+    fig2 = paper_tables.load_reference("drop_vs_mindskip")
     assert set(fig2["method"]) == {"dense", "static_drop", "mindskip"}  # translated on reading
 
 
 def test_unknown_reference_name_is_an_error():
     with pytest.raises(ValueError, match="unknown reference"):
-        paper.load_reference("table9")
+        paper_tables.load_reference("table9")
 
 
 # ---------------------------------------------------------------------------- names
 def test_name_mappings():
-    assert paper.paper_task("arc_challenge") == "arc_c"
-    assert paper.paper_task("openbookqa") == "obqa"
-    assert paper.paper_task("arc_easy") == "arc_easy"
-    assert paper.model_name("smollm2-135m-instruct") == "SmolLM2-135M-Instruct"
-    assert paper.model_name("meta-llama/Meta-Llama-3-8B") == "Llama-3-8B"
-    assert paper.model_name("mistralai/Mistral-7B-v0.3") == "Mistral-7B"
-    assert paper.model_name("org/SomeModel-1B") == "SomeModel-1B"
-    assert paper.kit_method("baseline") == "dense"  # the paper's names, read from results/reference
-    assert paper.kit_method("attention-drop") == "static_drop"
-    assert paper.kit_method("router-tuning") == "mindskip"
-    assert paper.kit_method("static_drop") == "static_drop"
+    assert tidy.paper_task("arc_challenge") == "arc_c"
+    assert tidy.paper_task("openbookqa") == "obqa"
+    assert tidy.paper_task("arc_easy") == "arc_easy"
+    assert rundir.model_name("smollm2-135m-instruct") == "SmolLM2-135M-Instruct"
+    assert rundir.model_name("meta-llama/Meta-Llama-3-8B") == "Llama-3-8B"
+    assert rundir.model_name("mistralai/Mistral-7B-v0.3") == "Mistral-7B"
+    assert rundir.model_name("org/SomeModel-1B") == "SomeModel-1B"
+    assert tidy.kit_method("baseline") == "dense"  # the paper's names, read from results/reference
+    assert tidy.kit_method("attention-drop") == "static_drop"
+    assert tidy.kit_method("router-tuning") == "mindskip"
+    assert tidy.kit_method("static_drop") == "static_drop"
     from rt_lib.evaluation.results import legacy_variant_columns
 
     # files written before results.csv had method/k: the labels give them, once, on reading
     assert legacy_variant_columns("static_drop_k4") == ("static_drop", 4)
     assert legacy_variant_columns("mindskip_t0.5") == ("mindskip", None)
-    assert paper.kit_method("lora+router-tuning") == paper.kit_method("lora+mindskip") == "lora+mindskip"
+    assert tidy.kit_method("lora+router-tuning") == tidy.kit_method("lora+mindskip") == "lora+mindskip"
 
 
 # ---------------------------------------------------------------------------- run -> rows
 def test_collect_runs_maps_fixture_runs():
-    df = paper.collect_runs(RUNS)
+    df = tidy.collect_runs(RUNS)
     assert df.attrs["problems"] == []
-    assert list(df.columns) == paper.TIDY_COLUMNS
+    assert list(df.columns) == tidy.TIDY_COLUMNS
     assert set(df["run_id"]) == {"fixture-attn-seq", "fixture-block-token", "fixture-lora"}
     assert set(df["model"]) == {"SmolLM2-135M-Instruct"}
     a = df[df["run_id"] == "fixture-attn-seq"]
@@ -113,14 +118,14 @@ def test_collect_runs_maps_fixture_runs():
 
 
 def test_decode_regime_speedups():
-    df = paper.collect_runs(RUNS, regime="decode")
+    df = tidy.collect_runs(RUNS, regime="decode")
     r = df[(df["run_id"] == "fixture-attn-seq") & (df["variant"] == "mindskip") & (df["threshold"] == 0.5)]
     assert r["speedup"].iloc[0] == pytest.approx(np.median([1.04, 1.05]))
 
 
 def test_collect_runs_accepts_results_root_or_runs_folder():
-    assert len(paper.collect_runs(FIXTURES)) == len(paper.collect_runs(RUNS)) > 0
-    assert paper.collect_runs(FIXTURES / "nothing-here").empty
+    assert len(tidy.collect_runs(FIXTURES)) == len(tidy.collect_runs(RUNS)) > 0
+    assert tidy.collect_runs(FIXTURES / "nothing-here").empty
 
 
 # ---------------------------------------------------------------------------- build
@@ -151,7 +156,7 @@ def test_paper_rows_regenerated_equal_reference(built, name):
     out, _ = built
     table = read_table(out, name)
     got = table[table["source"] == "paper"].reset_index(drop=True)
-    ref = paper.load_reference(name)
+    ref = paper_tables.load_reference(name)
     assert len(got) == len(ref)
     for col in ref.columns:
         if pd.api.types.is_numeric_dtype(ref[col]):
@@ -186,12 +191,12 @@ def test_cells_never_run_say_not_run(built):
     cells = [c.strip() for c in line.strip("|").split("|")]
     header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
     row = dict(zip(header, cells))
-    assert row["speedup"] == paper.NOT_RUN  # the run was never profiled
-    assert row["boolq"] == paper.NOT_RUN and row["hellaswag"] == "36.0"
+    assert row["speedup"] == paper_tables.NOT_RUN  # the run was never profiled
+    assert row["boolq"] == paper_tables.NOT_RUN and row["hellaswag"] == "36.0"
     raw = (out / "tables" / "main_table.csv").read_text()
-    assert paper.NOT_RUN in raw
+    assert paper_tables.NOT_RUN in raw
     tex = (out / "tables" / "main_table.tex").read_text()
-    assert paper.NOT_RUN in tex and r"\toprule" in tex and r"$\Delta$ vs dense" in tex
+    assert paper_tables.NOT_RUN in tex and r"\toprule" in tex and r"$\Delta$ vs dense" in tex
     lora = read_table(out, "lora_table")
     rt = lora[(lora["source"] == "kit") & (lora["method"] == "mindskip") & (lora["row"] == "score")].iloc[0]
     assert rt[["obqa", "piqa", "boolq", "avg"]].isna().all()  # routers-only point not evaluated in the LoRA run
@@ -280,7 +285,7 @@ def test_evaluation_only_run_takes_model_and_config_from_results_json(tmp_path):
     (run / "eval" / "results.json").write_text(json.dumps({"provenance": {
         "model": "smollm2-135m-instruct",
         "mindskip": {"threshold": 0.5, "config": {"granularity": "mlp", "route_level": "token", "threshold": 0.5}}}}))
-    df = paper.collect_runs(tmp_path)
+    df = tidy.collect_runs(tmp_path)
     assert df.attrs["problems"] == []
     ms = df[df["variant"] == "mindskip"].iloc[0]
     assert (ms["model"], ms["granularity"], ms["route_level"], ms["task"]) == ("SmolLM2-135M-Instruct", "mlp", "token", "piqa")
@@ -335,18 +340,18 @@ def test_malformed_run_folders_are_named_and_the_rest_builds(tmp_path, caplog):
 
 def test_cli_builds_and_strict_fails_on_problems(tmp_path, capsys):
     root = _copy_fixtures(tmp_path)
-    assert paper.main(["--results", str(root), "--no-figures"]) == 0  # figures: test_build_all_*
+    assert paper_cli.main(["--results", str(root), "--no-figures"]) == 0  # figures: test_build_all_*
     assert (root / "tables" / "main_table.md").is_file()
     assert "table  main_table" in capsys.readouterr().out
     (root / "runs" / "fixture-lora" / "train" / "summary.json").write_text("not json")
-    assert paper.main(["--results", str(root), "--strict", "--no-figures"]) == 1
+    assert paper_cli.main(["--results", str(root), "--strict", "--no-figures"]) == 1
     assert "fixture-lora" in capsys.readouterr().err
 
 
 def test_figure2_kit_curve_uses_one_run():
-    runs, _ = paper.load_runs(RUNS)
-    tidy = paper.tidy_runs(runs, "prefill")
-    kit, title = paper.figure2_kit_points(runs, tidy)
+    runs, _ = rundir.load_runs(RUNS)
+    rows = tidy.tidy_runs(runs, "prefill")
+    kit, title = figures.figure2_kit_points(runs, rows)
     assert "fixture-attn-seq" in title  # the attn run with the most operating points
     assert sorted(kit["method"]) == ["dense", "mindskip", "mindskip", "mindskip", "static_drop"]
     dense = kit.loc[kit["method"] == "dense", "performance"].iloc[0]
@@ -355,10 +360,10 @@ def test_figure2_kit_curve_uses_one_run():
     assert kit.loc[kit["method"] == "dense", ["ci_low", "ci_high"]].isna().all().all()
     routed = kit[kit["method"] != "dense"]
     assert (routed.ci_low < routed.performance).all() and (routed.performance < routed.ci_high).all()
-    pts, common = paper.operating_points(tidy, "fixture-attn-seq")
+    pts, common = figures.operating_points(rows, "fixture-attn-seq")
     row = pts[pts.method == "mindskip"].iloc[0]
-    sub = tidy[(tidy.run_id == "fixture-attn-seq") & (tidy.variant == row.variant) & (tidy.threshold == row.threshold)]
-    ses = [(paper.pick_metric(sub, t)["ci_high"] - paper.pick_metric(sub, t)["ci_low"]) / 2 / 1.96 for t in common]
+    sub = rows[(rows.run_id == "fixture-attn-seq") & (rows.variant == row.variant) & (rows.threshold == row.threshold)]
+    ses = [(tidy.pick_metric(sub, t)["ci_high"] - tidy.pick_metric(sub, t)["ci_low"]) / 2 / 1.96 for t in common]
     half = 100 * 1.96 * np.sqrt(np.sum(np.square(ses))) / len(ses)
     assert row.ci_high - row.accuracy == pytest.approx(half)
 
@@ -403,5 +408,5 @@ def test_runs_with_stale_steps_are_left_out_naming_the_refresh_command(tmp_path)
     assert "--notebooks 02" in by_name["fixture-block-token"]
     tidy = pd.read_csv(tmp_path / "tables" / "runs.csv")
     assert set(tidy["run_id"]) == {"fixture-lora"}  # no row of a stale run
-    with pytest.raises(paper.StaleRun):
-        paper.read_run(marked)
+    with pytest.raises(rundir.StaleRun):
+        rundir.read_run(marked)

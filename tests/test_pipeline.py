@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from rt_lib.pipeline import notebooks as pipeline
-from rt_lib.pipeline import reproduce
+from rt_lib.cli import reproduce
 from rt_lib.runs import record as runs
 from rt_lib.runs import steps as run_steps
 
@@ -164,12 +164,12 @@ class FakeNotebooks:
             (run / "train" / "summary.json").write_text("{}")
             runs.update_run(run, "train", {"finished": True})
         elif nb in ("02_evaluation", "03_speedup_profiling"):
-            from rt_lib.paper import build as paper
+            from rt_lib.runs import read as rundir
 
             routers = parameters.get("routers") or run / "train" / "routers"
             step, name = ("eval", "results.csv") if nb == "02_evaluation" else ("profile", "profile.csv")
             (run / step).mkdir(exist_ok=True)
-            (run / step / name).write_text(",".join(paper.REQUIRED_COLUMNS[f"{step}/{name}"]) + "\n")  # no rows
+            (run / step / name).write_text(",".join(rundir.REQUIRED_COLUMNS[f"{step}/{name}"]) + "\n")  # no rows
             # which routers the results were made with
             (run / step / "used.txt").write_text((Path(routers) / "routers.safetensors").read_text())
             if step == "eval":  # the static drop choice beside the scores
@@ -243,7 +243,8 @@ def test_rerun_into_a_completed_run_is_refused_before_anything_runs(tmp_path, fa
 
 
 def test_replace_moves_results_aside_and_the_paper_refuses_stale_steps(tmp_path, fake_notebooks):
-    from rt_lib.paper import build as paper
+    from rt_lib.paper import tidy
+    from rt_lib.runs import read as rundir
 
     assert _reproduce(tmp_path, "r", "--notebooks", "01,02,03") == 0
     run = tmp_path / "r"
@@ -258,18 +259,18 @@ def test_replace_moves_results_aside_and_the_paper_refuses_stale_steps(tmp_path,
     steps = runs.load_run(run)["steps"]
     assert steps["train"]["status"] == "completed"
     assert steps["eval"]["stale"] and steps["profile"]["stale"]
-    with pytest.raises(paper.StaleRun) as err:
-        paper.read_run(run)
+    with pytest.raises(rundir.StaleRun) as err:
+        rundir.read_run(run)
     msg = str(err.value)
     assert "stale" in msg and "eval" in msg and "profile" in msg
     assert msg.endswith("--run-id r --notebooks 02,03") and "--preset smoke" in msg  # preset values: no -p
-    df = paper.collect_runs(tmp_path)
+    df = tidy.collect_runs(tmp_path)
     assert df.empty and "r: stale results" in df.attrs["problems"][0]
     # rerunning the stale steps needs no --replace; then the run is whole again
     assert _reproduce(tmp_path, "r", "--notebooks", "02,03") == 0
     assert (run / "eval" / "used.txt").read_text() == "routers 2"
     assert run_steps.stale_steps(run) == {}
-    paper.read_run(run)
+    rundir.read_run(run)
 
 
 def test_interrupted_notebook_resumes_without_replace(tmp_path, monkeypatch, capsys):
@@ -294,7 +295,7 @@ def test_interrupted_notebook_resumes_without_replace(tmp_path, monkeypatch, cap
 
 
 def test_evaluation_of_another_runs_routers_goes_stale_when_they_are_replaced(tmp_path, fake_notebooks):
-    from rt_lib.paper import build as paper
+    from rt_lib.runs import read as rundir
 
     assert _reproduce(tmp_path, "a", "--notebooks", "01") == 0
     a = tmp_path / "a"
@@ -303,16 +304,16 @@ def test_evaluation_of_another_runs_routers_goes_stale_when_they_are_replaced(tm
     b = tmp_path / "b"
     assert runs.load_run(b)["steps"]["eval"]["inputs"]["routers"]["path"] == "../a/train/routers/routers.safetensors"
     assert _reproduce(tmp_path, "b", "--notebooks", "01") == 0  # b's own routers: not what b's eval used
-    paper.read_run(b)
+    rundir.read_run(b)
     assert _reproduce(tmp_path, "a", "--notebooks", "01", "--replace") == 0
-    with pytest.raises(paper.StaleRun, match="changed after it ran") as err:
-        paper.read_run(b)
+    with pytest.raises(rundir.StaleRun, match="changed after it ran") as err:
+        rundir.read_run(b)
     # the refresh command repeats the parameters 02 ran with
     assert f"--run-id b --notebooks 02 -p '02_evaluation.routers=\"{a / 'train' / 'routers'}\"'" in str(err.value)
 
 
 def test_new_routers_move_the_evaluation_and_its_baselines_aside(tmp_path, fake_notebooks):
-    from rt_lib.paper import build as paper
+    from rt_lib.paper import tidy
 
     assert _reproduce(tmp_path, "a", "--notebooks", "01,02") == 0
     a = tmp_path / "a"
@@ -332,5 +333,5 @@ def test_new_routers_move_the_evaluation_and_its_baselines_aside(tmp_path, fake_
     assert _reproduce(tmp_path, "a", "--notebooks", "01", "-p", "01_router_tuning.max_steps=1", "--replace") == 0
     assert sorted(p.name.split("-")[0] for p in (a / "replaced").iterdir()) == ["eval", "train"]
     assert not (a / "eval").exists() and not (a / "baselines").exists()
-    problems = paper.collect_runs(tmp_path).attrs["problems"]
+    problems = tidy.collect_runs(tmp_path).attrs["problems"]
     assert len(problems) == 2 and all("stale results" in p for p in problems)

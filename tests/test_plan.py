@@ -13,6 +13,9 @@ import torch
 import transformers as tf
 
 from rt_lib.pipeline import plan as P
+from rt_lib.pipeline import plan_assets
+from rt_lib.pipeline import plan_memory
+from rt_lib.pipeline import plan_report
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.tuning.heldout import lm_loss_sum
 from rt_lib.mindskip.model import get_mindskip_model
@@ -71,7 +74,7 @@ def test_llama3_kv_bytes_and_full_grid_fit(llama3_plan):
     assert fits[("prefill", 1, 128)] is True
     assert fits[("decode", 128, 8192)] is False  # 129 GiB of keys and values alone
     free = 24 * GiB - 2 * 8_030_261_248
-    assert p["not_fitting"] == sum(r["estimate_bytes"] > P.HEADROOM * free for r in p["points"]) > 0
+    assert p["not_fitting"] == sum(r["estimate_bytes"] > p["headroom"] * free for r in p["points"]) > 0
     assert 0 < p["not_fitting"] < len(p["points"])
 
 
@@ -88,7 +91,7 @@ def test_llama3_missing_assets_have_commands(llama3_plan):
 
 
 def test_llama3_text_output(llama3_plan):
-    text = P.format_plan(llama3_plan)
+    text = plan_report.format_plan(llama3_plan)
     for line in ("parameters   8,030,261,248 (8.03 B)", "weights      16.06 GB (14.96 GiB) in bfloat16",
                  "16 layers (15..30) x 4096 = 65,536 parameters", "does NOT fit 24.00 GiB",
                  f"{llama3_plan['profile']['not_fitting']} of 28 points do not fit 24.00 GiB",
@@ -98,7 +101,7 @@ def test_llama3_text_output(llama3_plan):
 
 def test_cli_writes_the_same_plan_as_json(tmp_path):
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, "-m", "rt_lib.pipeline.plan", "--preset", "paper", "--model", str(LLAMA3),
+    proc = subprocess.run([sys.executable, "-m", "rt_lib", "plan", "--preset", "paper", "--model", str(LLAMA3),
                            "--gpu-memory", "24GiB", "--json", str(out)], env=_env(), capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -115,7 +118,7 @@ def test_offline_hub_model_not_cached_still_plans(tmp_path):
     config/tokenizer and the weights with the commands that fetch them."""
     out = tmp_path / "plan.json"
     env = _env(HF_HOME=str(tmp_path / "hf-home"))
-    proc = subprocess.run([sys.executable, "-m", "rt_lib.pipeline.plan", "--preset", "paper", "--model",
+    proc = subprocess.run([sys.executable, "-m", "rt_lib", "plan", "--preset", "paper", "--model",
                            "meta-llama/Meta-Llama-3-8B", "--json", str(out)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -135,11 +138,13 @@ def test_offline_hub_model_not_cached_still_plans(tmp_path):
 
 
 def test_bad_input_exits_2(capsys):
-    assert P.main(["--preset", "nope"]) == 2
+    from rt_lib.cli.plan import main
+
+    assert main(["--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
-    assert P.main(["--preset", "paper", "--gpu-memory", "lots"]) == 2
+    assert main(["--preset", "paper", "--gpu-memory", "lots"]) == 2
     assert "cannot read the memory size" in capsys.readouterr().err
-    assert P.main(["--model", "./no/such/folder"]) == 2
+    assert main(["--model", "./no/such/folder"]) == 2
 
 
 @pytest.mark.parametrize("text,expected", [("80GiB", 80 * GiB), ("48GB", 48 * 10**9), ("24 GiB", 24 * GiB),
@@ -150,13 +155,13 @@ def test_parse_memory(text, expected):
 
 @pytest.mark.parametrize("text", ["", "GiB", "80 parsecs", "-3GB", "0GB"])
 def test_parse_memory_refuses(text):
-    with pytest.raises(P.PlanInputError):
+    with pytest.raises(plan_assets.PlanInputError):
         P.parse_memory(text)
 
 
 # ----------------------------------------------------------------------------- the --plan flags
 def test_train_plan_flag_takes_the_training_options(tmp_path):
-    from rt_lib.tuning.train import main
+    from rt_lib.cli.train import main
 
     out = tmp_path / "plan.json"
     assert main(["--preset", "paper", "--plan", "--model", str(LLAMA3), "--micro-batch-size", "1",
@@ -172,7 +177,7 @@ def test_train_plan_flag_takes_the_training_options(tmp_path):
 
 
 def test_reproduce_plan_flag_takes_notebook_overrides(tmp_path):
-    from rt_lib.pipeline.reproduce import main
+    from rt_lib.cli.reproduce import main
 
     out = tmp_path / "plan.json"
     assert main(["--preset", "paper", "--plan", "-p", f'01_router_tuning.model="{LLAMA3}"',
@@ -229,13 +234,14 @@ def _saved_bytes(granularity, route_level, dtype=torch.float32, batch=2, seq=64)
 def test_activation_estimate_matches_saved_tensors(granularity, route_level, dtype, tolerance):
     measured, routed, cfg = _saved_bytes(granularity, route_level, dtype)
     nbytes = torch.finfo(dtype).bits // 8
-    est = P.activation_bytes_per_token(P.model_shape(cfg), routed, granularity, route_level, nbytes, seq_len=64)
+    est = plan_memory.activation_bytes_per_token(plan_memory.model_shape(cfg), routed, granularity, route_level, nbytes, seq_len=64)
     assert est["layers_keeping"] == 6 - routed[0]
     assert est["per_token"] == pytest.approx(measured, rel=tolerance)
 
 
 def test_kv_formula_matches_a_real_cache():
-    from rt_lib.speed.profiling import forward_step, kv_cache_bytes, new_cache
+    from rt_lib.speed.roofline import Shape, estimate_kv_bytes
+    from rt_lib.speed.timing import forward_step, kv_cache_bytes, new_cache
 
     model, cfg = _small_llama()
     ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(1))
@@ -244,13 +250,14 @@ def test_kv_formula_matches_a_real_cache():
         forward_step(model.eval(), ids, cache, 0)
         for i in range(5):  # five decode steps, as a decode grid point adds new tokens
             forward_step(model, ids[:, i:i + 1], cache, 20 + i)
-    assert kv_cache_bytes(cache) == P.kv_cache_bytes(P.model_shape(cfg), 3 * (20 + 5), 4)
-    assert P.kv_cache_bytes(P.model_shape(cfg), 3 * 25, 4) == 2 * 6 * 2 * 16 * 75 * 4
+    shape = Shape.from_config(cfg)
+    assert kv_cache_bytes(cache) == estimate_kv_bytes(shape, 3 * (20 + 5), 4)
+    assert estimate_kv_bytes(shape, 3 * 25, 4) == 2 * 6 * 2 * 16 * 75 * 4
 
 
 def test_loss_working_set():
-    assert P.loss_bytes_per_token(1000, 2) == 1000 * (2 + 4 + 4 + 4)
-    assert P.loss_bytes_per_token(1000, 4) == 1000 * (4 + 4 + 4)  # float32 logits need no copy
+    assert plan_memory.loss_bytes_per_token(1000, 2) == 1000 * (2 + 4 + 4 + 4)
+    assert plan_memory.loss_bytes_per_token(1000, 4) == 1000 * (4 + 4 + 4)  # float32 logits need no copy
 
 
 # ----------------------------------------------------------------------------- evaluation tokens

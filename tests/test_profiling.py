@@ -14,9 +14,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rt_lib.speed import step as profile_step
 from rt_lib.speed import profiling as P
+from rt_lib.speed import timing as T
+from rt_lib.speed import variants as V
 from rt_lib.speed import roofline as R
 from rt_lib.mindskip.config import MindSkipConfig
-from rt_lib.mindskip.model import get_slot
+from rt_lib.mindskip.architecture import get_slot
 
 L = 6
 ROUTED = [1, 2, 3, 4]  # num_routed_layers=4 on 6 layers: L-1-n .. L-2
@@ -34,7 +36,7 @@ def tiny_llama(seed=0):
 
 @pytest.fixture
 def ms():
-    ms = P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4))
+    ms = V.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4))
     assert ms.routed_layers == ROUTED
     return ms
 
@@ -146,7 +148,7 @@ def test_point_memory_estimate_hand_checked():
 
 def test_interleave_runs_variants_in_alternating_rounds():
     calls = []
-    out = P.interleave(["a", "b", "c"], lambda n: calls.append(n) or {"n": n}, warmup=1, repeats=3)
+    out = T.interleave(["a", "b", "c"], lambda n: calls.append(n) or {"n": n}, warmup=1, repeats=3)
     assert "".join(calls) == "abc" + "abc" + "cba" + "abc"
     assert {k: len(v) for k, v in out.items()} == {"a": 3, "b": 3, "c": 3}
 
@@ -160,9 +162,9 @@ def test_grid_points_prefill_first_and_filtered_by_regime():
 
 
 def test_measure_point_returns_one_record_per_round(ms):
-    variants = P.build_variants(ms, ["dense", "mindskip_forced"], SKIP)
+    variants = V.build_variants(ms, ["dense", "mindskip_forced"], SKIP)
     st = settings(warmup=1, repeats=3)
-    out = P.measure_point(variants, "decode", 2, 5, st, torch.device("cpu"), vocab=96)
+    out = T.measure_point(variants, "decode", 2, 5, st, torch.device("cpu"), vocab=96)
     assert set(out) == {"dense", "mindskip_forced"}
     for records in out.values():
         assert len(records) == 3
@@ -185,22 +187,22 @@ def test_rewound_decode_equals_a_fresh_prefill_after_another_variant_ran(ms):
     with torch.no_grad():
         for r in ms.routers().values():
             r.weight.copy_(torch.randn(r.weight.shape, generator=g))
-    variants = {v.name: v for v in P.build_variants(ms, ["mindskip", "mindskip_forced"], SKIP)}
+    variants = {v.name: v for v in V.build_variants(ms, ["mindskip", "mindskip_forced"], SKIP)}
     ids = torch.randint(3, 96, (3, 9), generator=g)
     prompt, steps = ids[:, :6], ids[:, 6:]
 
     def decode(v, cache):
-        return [P.forward_step(v.model, steps[:, i:i + 1], cache, 6 + i).logits for i in range(3)]
+        return [T.forward_step(v.model, steps[:, i:i + 1], cache, 6 + i).logits for i in range(3)]
     with torch.inference_mode():
         with variants["mindskip"].active():
-            cache = P.new_cache(ms.model)
-            P.forward_step(ms.model, prompt, cache, 0)
+            cache = T.new_cache(ms.model)
+            T.forward_step(ms.model, prompt, cache, 0)
             state = variants["mindskip"].save_state()
             first = decode(variants["mindskip"], cache)
         with variants["mindskip_forced"].active():  # replaces the gates' stored decisions
-            P.forward_step(ms.model, prompt, P.new_cache(ms.model), 0)
+            T.forward_step(ms.model, prompt, T.new_cache(ms.model), 0)
         with variants["mindskip"].active():
-            P.rewind(cache, 6)
+            T.rewind(cache, 6)
             variants["mindskip"].restore_state(state)
             again = decode(variants["mindskip"], cache)
     assert variants["mindskip"].rewindable
@@ -215,14 +217,14 @@ def test_rewound_decode_equals_a_fresh_prefill_after_another_variant_ran(ms):
 
 def test_measured_bound_adds_up_the_skipped_sublayers():
     sub = {(1, "attn"): 2.0, (2, "attn"): 3.0, (1, "mlp"): 4.0, (2, "mlp"): 1.0}
-    assert P.measured_bound(10.0, sub, {1: 1.0, 2: 1.0}, "attn") == pytest.approx(10 / 5)
-    assert P.measured_bound(10.0, sub, {1: 0.5}, "mlp") == pytest.approx(10 / 8)
-    assert P.measured_bound(10.0, sub, {}, "attn") == 1.0
+    assert T.measured_bound(10.0, sub, {1: 1.0, 2: 1.0}, "attn") == pytest.approx(10 / 5)
+    assert T.measured_bound(10.0, sub, {1: 0.5}, "mlp") == pytest.approx(10 / 8)
+    assert T.measured_bound(10.0, sub, {}, "attn") == 1.0
 
 
 def test_sublayer_times_nest_inside_the_layer_and_the_forward(ms):
-    dense = P.build_variants(ms, ["dense"], SKIP)[0]
-    total, sub = P.sublayer_ms(dense, "decode", 2, 5, settings(), torch.device("cpu"), vocab=96)
+    dense = V.build_variants(ms, ["dense"], SKIP)[0]
+    total, sub = T.sublayer_ms(dense, "decode", 2, 5, settings(), torch.device("cpu"), vocab=96)
     assert {k for k, _ in sub} == set(range(L)) and {kind for _, kind in sub} == {"attn", "mlp", "block"}
     for i in range(L):
         assert sub[(i, "attn")] + sub[(i, "mlp")] <= sub[(i, "block")]
@@ -235,11 +237,11 @@ def test_kv_cache_bytes_counts_only_updated_layers():
 
     m = tiny_llama()
     cache = DynamicCache(config=m.config)
-    assert P.kv_cache_bytes(cache) == 0
+    assert T.kv_cache_bytes(cache) == 0
     with torch.inference_mode():
         m(input_ids=torch.randint(3, 96, (2, 5)), cache=cache, use_cache=True)
     # 6 layers x keys+values x (batch 2, 2 KV heads, 5 tokens, head_dim 8) x 4 bytes
-    assert P.kv_cache_bytes(cache) == L * 2 * (2 * 2 * 5 * 8) * 4
+    assert T.kv_cache_bytes(cache) == L * 2 * (2 * 2 * 5 * 8) * 4
 
 
 # ---------------------------------------------------------------------------- variants
@@ -248,7 +250,7 @@ def test_realised_skip_ratio_equals_forced_decisions(ms):
     rows, cond = P.profile(ms, settings(variants=["dense", "mindskip_forced", "mask", "oracle", "mindskip"],
                                               threshold=0.75), progress=False)
     assert cond["skip_layers"] == SKIP
-    for regime in P.REGIMES:
+    for regime in R.REGIMES:
         for r in by(rows, regime, "mindskip_forced") + by(rows, regime, "mask"):
             assert r["skip_ratio"] == len(SKIP) / len(ROUTED)
         for r in by(rows, regime, "oracle"):
@@ -265,7 +267,7 @@ def test_realised_skip_ratio_equals_forced_decisions(ms):
 def test_kv_memory_of_skipped_layers_is_saved(ms):
     rows, _ = P.profile(ms, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]), progress=False)
     k = len(SKIP)
-    for regime in P.REGIMES:
+    for regime in R.REGIMES:
         for dense in by(rows, regime, "dense"):
             b = dense["batch_size"]
             assert dense["kv_bytes"] > 0
@@ -277,25 +279,25 @@ def test_kv_memory_of_skipped_layers_is_saved(ms):
 @pytest.mark.parametrize("granularity", ["attn", "mlp", "block"])
 def test_oracle_and_forced_skip_give_identical_logits(granularity):
     reference = tiny_llama()  # the same weights, never wrapped
-    ms = P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4, granularity=granularity))
-    variants = {v.name: v for v in P.build_variants(ms, ["mindskip_forced", "oracle", "mask", "dense"], SKIP)}
+    ms = V.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4, granularity=granularity))
+    variants = {v.name: v for v in V.build_variants(ms, ["mindskip_forced", "oracle", "mask", "dense"], SKIP)}
     ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
     steps = torch.randint(3, 96, (2, 3), generator=torch.Generator().manual_seed(2))
 
     def run(v):
         logits = []
         with v.active() as model, torch.inference_mode():
-            cache = P.new_cache(model)
-            logits.append(P.forward_step(model, ids, cache, 0, logits_to_keep=0).logits)
+            cache = T.new_cache(model)
+            logits.append(T.forward_step(model, ids, cache, 0, logits_to_keep=0).logits)
             for i in range(steps.shape[1]):
-                logits.append(P.forward_step(model, steps[:, i:i + 1], cache, ids.shape[1] + i).logits)
+                logits.append(T.forward_step(model, steps[:, i:i + 1], cache, ids.shape[1] + i).logits)
         return torch.cat(logits, 1)
 
     forced, oracle = run(variants["mindskip_forced"]), run(variants["oracle"])
     assert torch.equal(forced, oracle)
     torch.testing.assert_close(run(variants["mask"]), oracle)
     dense = run(variants["dense"])
-    assert torch.equal(dense, run(P.Variant("reference", reference, lambda: None, lambda: None, lambda: 0.0)))
+    assert torch.equal(dense, run(V.Variant("reference", reference, lambda: None, lambda: None, lambda: 0.0)))
     assert not torch.allclose(dense, oracle)  # the skip did change something
     assert untouched(ms)
 
@@ -327,7 +329,7 @@ def test_rows_summarise_the_recorded_rounds(ms):
 
 
 def test_static_drop_removes_attention_whatever_the_routers_gate():
-    ms = P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4, granularity="mlp"))
+    ms = V.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4, granularity="mlp"))
     rows, _ = P.profile(ms, settings(variants=["dense", "oracle", "static_drop"], static_layers=[1, 3],
                                      regimes=["prefill"]), progress=False)
     for dense in by(rows, "prefill", "dense"):
@@ -346,14 +348,14 @@ def test_skip_layers_chosen_from_router_decisions(ms):
         ms.set_threshold(0.5)
     ids = torch.randint(3, 96, (2, 6))
     # ties (all kept): the deepest k
-    assert P.choose_skip_layers(ms, ids, 2) == [3, 4]
+    assert V.choose_skip_layers(ms, ids, 2) == [3, 4]
     ms.set_threshold(0.75)  # every layer skipped for every sequence
-    assert P.choose_skip_layers(ms, ids, None) == ROUTED
+    assert V.choose_skip_layers(ms, ids, None) == ROUTED
 
 
 def test_unrouted_skip_layers_rejected(ms):
     with pytest.raises(ValueError, match="not routed"):
-        P.build_variants(ms, ["oracle"], [5])
+        V.build_variants(ms, ["oracle"], [5])
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -367,7 +369,7 @@ def test_out_of_memory_point_is_skipped_and_the_rest_continues():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (simulated)")
 
     model.model.register_forward_pre_hook(oom_at_batch_2, with_kwargs=True)
-    ms = P.prepare_models(model, config=MindSkipConfig(num_routed_layers=4))
+    ms = V.prepare_models(model, config=MindSkipConfig(num_routed_layers=4))
     rows, _ = P.profile(ms, settings(variants=["dense", "mindskip_forced", "oracle"]), progress=False)
     assert len(rows) == 2 * 2 * 3  # regimes x batch sizes x variants: skipped points keep their rows
     for r in rows:
@@ -437,7 +439,7 @@ def test_run_step_records_the_step_and_returns_the_model_as_it_came(tmp_path):
         before = model(input_ids=ids).logits
     kinds = [type(m).__name__ for m in model.modules()]
     routers = tmp_path / "routers"
-    P.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4)).save_pretrained(routers)
+    V.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4)).save_pretrained(routers)
 
     rows, cond, prof = profile_step.run_step(model, None, tmp_path / "run", settings(variants=["dense", "mindskip"]),
                                              routers=str(routers), text=None, preset_name="smoke",
@@ -458,22 +460,24 @@ def test_run_step_records_the_step_and_returns_the_model_as_it_came(tmp_path):
 
 def test_prompts_are_windows_of_the_given_text():
     text = torch.arange(100, 130)
-    ids = P.grid_tokens(2, 10, vocab=96, tokens=text)
+    ids = T.grid_tokens(2, 10, vocab=96, tokens=text)
     assert ids.tolist() == [list(range(100, 110)), list(range(110, 120))]
-    wrapped = P.grid_tokens(4, 10, vocab=96, tokens=text)  # 40 tokens from 30: rows wrap around
+    wrapped = T.grid_tokens(4, 10, vocab=96, tokens=text)  # 40 tokens from 30: rows wrap around
     assert wrapped.shape == (4, 10) and set(wrapped.flatten().tolist()) <= set(text.tolist())
-    rnd = P.grid_tokens(2, 10, vocab=96, seed=3)
-    assert torch.equal(rnd, P.grid_tokens(2, 10, vocab=96, seed=3)) and int(rnd.max()) < 96
+    rnd = T.grid_tokens(2, 10, vocab=96, seed=3)
+    assert torch.equal(rnd, T.grid_tokens(2, 10, vocab=96, seed=3)) and int(rnd.max()) < 96
 
 
 def test_cli_writes_a_run_on_the_embedded_tiny_model(tmp_path, capsys):
+    from rt_lib.cli.profile import main
+
     out = tmp_path / "runs" / "p1"
-    assert P.main(["--preset", "smoke", "--model", "tiny-random-llama", "--num-routed-layers", "2",
-                   "--static-layers", "3", "--out", str(out), "--text", "none", "--repeats", "1", "--threads", "1",
-                   "--no-progress"]) == 0
+    assert main(["--preset", "smoke", "--model", "tiny-random-llama", "--num-routed-layers", "2",
+                 "--static-layers", "3", "--out", str(out), "--text", "none", "--repeats", "1", "--threads", "1",
+                 "--no-progress"]) == 0
     df = pd.read_csv(out / "profile" / "profile.csv")
     assert list(df.columns) == P.COLUMNS and (df.status == "ok").all()
-    assert set(df.variant) == set(P.VARIANTS)
+    assert set(df.variant) == set(V.VARIANTS)
     run = json.loads((out / "run.json").read_text())
     assert run["steps"]["profile"]["skip_layers"] == [1, 2]
     assert "forced/oracle" in capsys.readouterr().out

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from rt_lib.runs import read as rundir
+from rt_lib.runs import schema
 
 RUNS = Path(__file__).parent / "fixtures" / "runs"
 
@@ -63,7 +64,7 @@ def test_setting_reads_the_mindskip_config_then_each_steps_parameters_in_order(t
     assert rundir.setting(run, "granularity") is None
     assert rundir.setting(run, "granularity", default="attn") == "attn"
     assert rundir.setting(run, "x") == 1
-    assert len(rundir.SETTING_SOURCES) == 2
+    assert len(schema.SETTING_SOURCES) == 2
 
 
 def test_upgrade_moves_older_records_to_the_current_places_without_overriding(tmp_path):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from rt_lib.paper import build as paper
+from rt_lib.runs import read as rundir
+from rt_lib.paper import tidy
 from rt_lib.runs import schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,21 +80,21 @@ def test_committed_json_files_have_the_declared_fields(path, pattern):
 # ---------------------------------------------------------------------------- writers and reader
 def test_writers_write_the_declared_columns():
     from rt_lib.speed import profiling
-    from rt_lib.evaluation import driver as evaluation
+    from rt_lib.evaluation import results as evaluation
 
     written = {kind.path: [c.name for c in kind.columns if c.written] for kind in schema.RUN_FILES}
     assert evaluation.RESULT_COLUMNS == written["eval/results.csv"]
     assert evaluation.PAIRED_COLUMNS == written["eval/paired.csv"]
     assert evaluation.SKIP_COLUMNS == written["eval/skip_stats.csv"]
     assert profiling.COLUMNS == written["profile/profile.csv"]
-    assert paper.TIDY_COLUMNS == schema.TIDY_RUNS.names
+    assert tidy.TIDY_COLUMNS == schema.TIDY_RUNS.names
 
 
 def test_reader_checks_come_from_the_schema():
-    assert paper.REQUIRED_COLUMNS["train/log.csv"] == ["step", "loss", "lm_loss", "reg_loss", "lr", "mean_capacity"]
-    assert "threshold" not in paper.REQUIRED_COLUMNS["eval/paired.csv"]  # added by sweeps only
-    assert "threshold" in paper.NUMERIC_COLUMNS["eval/paired.csv"]
-    assert paper.FRACTION_COLUMNS == {"eval/results.csv": ["value", "skip_ratio"],
+    assert rundir.REQUIRED_COLUMNS["train/log.csv"] == ["step", "loss", "lm_loss", "reg_loss", "lr", "mean_capacity"]
+    assert "threshold" not in rundir.REQUIRED_COLUMNS["eval/paired.csv"]  # added by sweeps only
+    assert "threshold" in rundir.NUMERIC_COLUMNS["eval/paired.csv"]
+    assert rundir.FRACTION_COLUMNS == {"eval/results.csv": ["value", "skip_ratio"],
                                       "eval/skip_stats.csv": ["executed_fraction"],
                                       "profile/profile.csv": ["skip_ratio"]}
 

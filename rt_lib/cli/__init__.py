@@ -12,7 +12,7 @@ import sys
 
 
 def _train(argv):
-    from rt_lib.tuning.train import main
+    from rt_lib.cli.train import main
 
     return main(argv)
 
@@ -24,49 +24,49 @@ def _evaluate(argv):
 
 
 def _profile(argv):
-    from rt_lib.speed.profiling import main
+    from rt_lib.cli.profile import main
 
     return main(argv)
 
 
 def _evidence(argv):
-    from rt_lib.evidence.run import main
+    from rt_lib.cli.evidence import main
 
     return main(argv)
 
 
 def _frontier(argv):
-    from rt_lib.evidence.frontier import main
+    from rt_lib.cli.frontier import main
 
     return main(argv)
 
 
 def _paper(argv):
-    from rt_lib.paper.build import main
+    from rt_lib.cli.paper import main
 
     return main(argv)
 
 
 def _plan(argv):
-    from rt_lib.pipeline.plan import main
+    from rt_lib.cli.plan import main
 
     return main(argv)
 
 
 def _reproduce(argv):
-    from rt_lib.pipeline.reproduce import main
+    from rt_lib.cli.reproduce import main
 
     return main(argv)
 
 
 def _router_study(argv):
-    from rt_lib.tuning.router_study import main
+    from rt_lib.cli.router_study import main
 
     return main(argv)
 
 
 def _schema(argv):
-    from rt_lib.runs.schema import main
+    from rt_lib.cli.schema import main
 
     return main(argv)
 

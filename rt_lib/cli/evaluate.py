@@ -84,7 +84,8 @@ def _main_preset(argv: list[str]) -> int:
         # hand-set routing: the default routed layers (zero-initialised routers keep everything)
         # plus the given ones, whose attention is skipped for every input
         from rt_lib.mindskip.config import MindSkipConfig
-        from rt_lib.mindskip.model import get_mindskip_model, routed_layers_for
+        from rt_lib.mindskip.architecture import routed_layers_for
+        from rt_lib.mindskip.model import get_mindskip_model
 
         skip = sorted({int(x) for x in a.force_skip.split(",") if x.strip()})
         cfg = MindSkipConfig()

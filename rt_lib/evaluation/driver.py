@@ -40,25 +40,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from rt_lib.evaluation.results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS, SKIP_COLUMNS, EvalResults
-from rt_lib.evaluation.tables import (  # noqa: F401 - the tables of an evaluation, importable from here as before
-    CHOICE_FIELDS,
-    _collect,
-    _paired_rows,
-    _paired_table,
-    _results_table,
-    add_macro_paired,
-    add_macro_rows,
-)
+from rt_lib.evaluation.results import SKIP_COLUMNS, EvalResults
+from rt_lib.evaluation.tables import collect_scores, paired_table, results_table, task_paired_rows
 from rt_lib.evaluation.harness import (
-    ALL_TASKS,
     MindSkipLM,
     env_info_once,
     leaf_tasks,
-    load_routers,
     load_task,
     routers_sha256,
-    seed_fewshot_per_document,
     task_manager,
 )
 from rt_lib.mindskip.model import MindSkipModel
@@ -66,15 +55,6 @@ from rt_lib.files import file_sha256
 from rt_lib.evaluation.tasks import PAPER_TASKS, TASK_PRESETS, TaskPreset
 
 log = logging.getLogger(__name__)
-
-# Names that moved to rt_lib.evaluation.harness / rt_lib.evaluation.results, importable from here as before.
-__all__ = [
-    "ALL_TASKS", "DEFAULT_SEEDS", "MACRO", "PAIRED_COLUMNS", "RESULT_COLUMNS", "SKIP_COLUMNS", "EvalResults",
-    "MindSkipLM", "check_request", "evaluate", "load_routers", "load_task", "main", "routers_sha256",
-    "task_manager",
-]
-_seed_fewshot_per_document = seed_fewshot_per_document
-_leaf_tasks = leaf_tasks
 
 DEFAULT_SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 
@@ -223,10 +203,10 @@ def evaluate(
         ref = (runs["dense"].docs if "dense" in runs
                else reference.per_doc["dense"][task] if reference is not None else None)
         if ref is not None and variant != "dense":
-            paired_rows += _paired_rows(variant, task, runs[variant].docs, ref, metrics, confidence, interval, seed)
+            paired_rows += task_paired_rows(variant, task, runs[variant].docs, ref, metrics, confidence, interval, seed)
 
-    table = _results_table(rows, names, task_info, threshold)
-    paired = _paired_table(paired_rows, names, task_info, variant, confidence)
+    table = results_table(rows, names, task_info, threshold)
+    paired = paired_table(paired_rows, names, task_info, variant, confidence)
     skip_frame = pd.DataFrame(skip_rows, columns=SKIP_COLUMNS)
     prov = _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, variant, confidence, interval,
                        task_info)
@@ -338,7 +318,7 @@ def _run_harness(job: _Job, task_obj, shots: int, limit, harness_name: str, metr
             **_seeds(job.seed),
         )
     wall_s = time.perf_counter() - start
-    values, docs, n = _collect(res, harness_name, metrics, {t.task_name: t for t in leaf_tasks(task_obj)})
+    values, docs, n = collect_scores(res, harness_name, metrics, {t.task_name: t for t in leaf_tasks(task_obj)})
     return _HarnessRun(values, n, docs, wall_s, {k: v for k, v in res.items() if k not in ("samples", "config")})
 
 
@@ -409,14 +389,3 @@ def _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, 
             "forced": forced if any(v is not None for v in forced.values()) else None,
         }
     return prov
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m rt_lib evaluate``: the command line of ``rt_lib.cli.evaluate``."""
-    from rt_lib.cli import evaluate as eval_cli
-
-    return eval_cli.main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

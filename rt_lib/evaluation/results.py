@@ -148,8 +148,6 @@ class EvalResults:
         (first); a variant without a macro average in any part gets one over the combined tasks."""
         import pandas as pd
 
-        from rt_lib.evaluation.tables import add_macro_paired, add_macro_rows
-
         if not parts:
             raise ValueError("nothing to combine")
         first = parts[0]
@@ -248,3 +246,56 @@ def _records(frame) -> list[dict]:
     if frame is None or not len(frame):
         return []
     return json.loads(frame.to_json(orient="records"))
+
+
+def add_macro_rows(table, names: list[str], task_info: dict, variants=None):
+    """``table`` (results.csv rows) with, per variant scored on every task of ``names``, the
+    macro average over the tasks' paper metrics (a variant's threshold from its task rows).
+    ``variants``: recompute only these (default: all); the others keep their rows."""
+    from rt_lib.evaluation import stats
+
+    variants = list(dict.fromkeys(table.variant)) if variants is None else list(variants)
+    table = table[(table.task != MACRO) | ~table.variant.isin(variants)].reset_index(drop=True)
+    for label in variants:
+        rows_t = table[(table.variant == label)]
+        threshold = rows_t.threshold.dropna().iloc[0] if rows_t.threshold.notna().any() else None
+        sel = [table[(table.variant == label) & (table.task == t) & (table.metric == task_info[t]["metric"])]
+               for t in names]
+        sel = [s.iloc[0] for s in sel if len(s)]
+        if len(sel) == len(names) and len(names) > 1:
+            skips = [s.skip_ratio for s in sel if s.skip_ratio is not None and s.skip_ratio == s.skip_ratio]
+            table.loc[len(table)] = {
+                "variant": label, "method": sel[0].method, "k": sel[0].k,
+                "task": MACRO, "metric": "paper", "value": sum(s.value for s in sel) / len(sel),
+                "stderr": stats.macro_stderr([s.stderr for s in sel]), "n": int(sum(s.n for s in sel)),
+                "num_fewshot": None, "threshold": threshold if label != "dense" else None,
+                "skip_ratio": (sum(skips) / len(skips)) if skips else None,
+            }
+    return table
+
+
+def add_macro_paired(paired, names: list[str], task_info: dict, variants=None):
+    """``paired`` with, per variant paired on every task of ``names``, the macro-averaged
+    difference over the tasks' paper metrics. ``variants``: recompute only these (default: all)."""
+    from rt_lib.evaluation import stats
+
+    variants = list(dict.fromkeys(paired.variant)) if variants is None else list(variants)
+    paired = paired[(paired.task != MACRO) | ~paired.variant.isin(variants)].reset_index(drop=True)
+    for variant in variants:
+        parts, confidence = [], None
+        for t in names:
+            s = paired[(paired.variant == variant) & (paired.task == t) & (paired.metric == task_info[t]["metric"])]
+            if len(s):
+                r = s.iloc[0]
+                confidence = float(r.confidence)
+                se = r.get("se")
+                if se is None or se != se:  # read back from paired.csv: the t interval's half-width
+                    se = stats.se_from_interval(r.ci_low, r.ci_high, int(r.n), confidence)
+                parts.append(stats.PairedDifference(r["diff"], r.ci_low, r.ci_high, int(r.n), se, confidence,
+                                                    r.get("method", "t")))
+        if len(parts) == len(names) and len(names) > 1:
+            m = stats.macro_difference(parts, confidence)
+            paired.loc[len(paired)] = {"variant": variant, "task": MACRO, "metric": "paper", "diff": m.diff,
+                                       "ci_low": m.ci_low, "ci_high": m.ci_high, "n": m.n, "confidence": confidence,
+                                       "se": m.se, "method": m.method}
+    return paired

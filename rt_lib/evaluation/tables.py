@@ -1,5 +1,5 @@
 """The tables of an evaluation, from the harness's output: results.csv and paired.csv rows with
-their macro averages, and the per-document records (``_collect``) that pairing and
+their macro averages, and the per-document records (``collect_scores``) that pairing and
 ``rt_lib.evaluation.measures`` read. ``rt_lib.evaluation.driver`` runs the harness; this module only turns what
 it returned into the kit's tables (docs/results_format.md)."""
 
@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import pandas as pd
 
 from rt_lib.evaluation import stats
-from rt_lib.evaluation.results import MACRO, PAIRED_COLUMNS, RESULT_COLUMNS
+from rt_lib.evaluation.results import PAIRED_COLUMNS, RESULT_COLUMNS, add_macro_paired, add_macro_rows
 
 
-def _paired_rows(variant: str, task: str, var_docs: dict, ref_docs: dict, metrics: list[str], confidence: float,
+def task_paired_rows(variant: str, task: str, var_docs: dict, ref_docs: dict, metrics: list[str], confidence: float,
                  interval: str, seed: int) -> list[dict]:
     """paired.csv rows of one task: the variant's per-document difference to the dense reference,
     after checking that both saw the same prompt for every document."""
@@ -40,68 +40,19 @@ def _paired_rows(variant: str, task: str, var_docs: dict, ref_docs: dict, metric
     return rows
 
 
-def _results_table(rows: list[dict], names: list[str], task_info: dict, threshold):
+def results_table(rows: list[dict], names: list[str], task_info: dict, threshold):
     """results.csv: the rows, plus per variant the macro average over the tasks' paper metrics
     (when every task has one and there are several tasks)."""
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"n": "Int64", "num_fewshot": "Int64", "k": "Int64"})
     return add_macro_rows(table, names, task_info)
 
 
-def add_macro_rows(table, names: list[str], task_info: dict, variants=None):
-    """``table`` (results.csv rows) with, per variant scored on every task of ``names``, the
-    macro average over the tasks' paper metrics (a variant's threshold from its task rows).
-    ``variants``: recompute only these (default: all); the others keep their rows."""
-    variants = list(dict.fromkeys(table.variant)) if variants is None else list(variants)
-    table = table[(table.task != MACRO) | ~table.variant.isin(variants)].reset_index(drop=True)
-    for label in variants:
-        rows_t = table[(table.variant == label)]
-        threshold = rows_t.threshold.dropna().iloc[0] if rows_t.threshold.notna().any() else None
-        sel = [table[(table.variant == label) & (table.task == t) & (table.metric == task_info[t]["metric"])]
-               for t in names]
-        sel = [s.iloc[0] for s in sel if len(s)]
-        if len(sel) == len(names) and len(names) > 1:
-            skips = [s.skip_ratio for s in sel if s.skip_ratio is not None and s.skip_ratio == s.skip_ratio]
-            table.loc[len(table)] = {
-                "variant": label, "method": sel[0].method, "k": sel[0].k,
-                "task": MACRO, "metric": "paper", "value": sum(s.value for s in sel) / len(sel),
-                "stderr": stats.macro_stderr([s.stderr for s in sel]), "n": int(sum(s.n for s in sel)),
-                "num_fewshot": None, "threshold": threshold if label != "dense" else None,
-                "skip_ratio": (sum(skips) / len(skips)) if skips else None,
-            }
-    return table
-
-
-def _paired_table(paired_rows: list[dict], names: list[str], task_info: dict, variant: str, confidence: float):
+def paired_table(paired_rows: list[dict], names: list[str], task_info: dict, variant: str, confidence: float):
     """paired.csv: the rows, plus the macro-averaged difference over the tasks' paper metrics."""
     paired = pd.DataFrame(paired_rows)
     if not len(paired):
         return pd.DataFrame(columns=PAIRED_COLUMNS)
     return add_macro_paired(paired, names, task_info)
-
-
-def add_macro_paired(paired, names: list[str], task_info: dict, variants=None):
-    """``paired`` with, per variant paired on every task of ``names``, the macro-averaged
-    difference over the tasks' paper metrics. ``variants``: recompute only these (default: all)."""
-    variants = list(dict.fromkeys(paired.variant)) if variants is None else list(variants)
-    paired = paired[(paired.task != MACRO) | ~paired.variant.isin(variants)].reset_index(drop=True)
-    for variant in variants:
-        parts, confidence = [], None
-        for t in names:
-            s = paired[(paired.variant == variant) & (paired.task == t) & (paired.metric == task_info[t]["metric"])]
-            if len(s):
-                r = s.iloc[0]
-                confidence = float(r.confidence)
-                se = r.get("se")
-                if se is None or se != se:  # read back from paired.csv: the t interval's half-width
-                    se = stats.se_from_interval(r.ci_low, r.ci_high, int(r.n), confidence)
-                parts.append(stats.PairedDifference(r["diff"], r.ci_low, r.ci_high, int(r.n), se, confidence,
-                                                    r.get("method", "t")))
-        if len(parts) == len(names) and len(names) > 1:
-            m = stats.macro_difference(parts, confidence)
-            paired.loc[len(paired)] = {"variant": variant, "task": MACRO, "metric": "paper", "diff": m.diff,
-                                       "ci_low": m.ci_low, "ci_high": m.ci_high, "n": m.n, "confidence": confidence,
-                                       "se": m.se, "method": m.method}
-    return paired
 
 
 def _float(x) -> float:
@@ -137,7 +88,7 @@ def _choice_scores(task, sample: dict) -> dict | None:
 CHOICE_FIELDS = ("gold", "pred", "pred_norm", "ll_gold", "ll_gold_norm")
 
 
-def _collect(res: dict, harness_name: str, metrics: Sequence[str], tasks: dict | None = None) -> tuple[dict, dict, int]:
+def collect_scores(res: dict, harness_name: str, metrics: Sequence[str], tasks: dict | None = None) -> tuple[dict, dict, int]:
     """(metric -> (value, stderr), per-doc table, n) of one task/group from harness results.
     With ``tasks`` (leaf name -> harness task) the per-doc table also holds ``CHOICE_FIELDS``."""
     r = res["results"][harness_name]

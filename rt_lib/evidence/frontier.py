@@ -37,7 +37,6 @@ interrupted continues with the first missing part. ``combine`` writes
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -198,7 +197,7 @@ class Frontier:
                                             **score_blocks(self.base, self.blocks()[1], self.pad, self.batch_size)})
 
     def _static(self, family: str, name: str, layers: list[int], extra: dict | None = None) -> dict:
-        from rt_lib.mindskip.model import drop_sublayers
+        from rt_lib.mindskip.removal import drop_sublayers
 
         def make():
             handle = drop_sublayers(self.base, layers, granularity="attn") if layers else None
@@ -221,7 +220,7 @@ class Frontier:
     def greedy(self) -> dict:
         """The greedy static drop's order, up to the largest level."""
         from rt_lib.tuning.baselines import droppable_layers
-        from rt_lib.mindskip.model import drop_sublayers
+        from rt_lib.mindskip.removal import drop_sublayers
 
         def make():
             cal = self.blocks()[0][:self.greedy_blocks]
@@ -449,32 +448,3 @@ def write_frontier(results_root: str | Path, out_tables: str | Path, out_figures
         fig = plot_frontier(csv_path, title=f"Router recipes vs static drops (winner: {win}; paired 95% intervals)")
         out["router_frontier_figure"] = save_figure(fig, Path(out_figures) / "router_frontier", formats=formats)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rt_lib frontier", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="frontier run folder (parts under <out>/frontier/)")
-    p.add_argument("--routers", action="append", default=[], metavar="NAME=FOLDER[@K]",
-                   help="a router set to place on the frontier (repeat); NAME labels its curve; @K (or @K1+K2) "
-                        "places it at those skipped-layer levels only (a set tuned for one operating point)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--levels", default=",".join(map(str, LEVELS)), help="skipped layers to calibrate to")
-    p.add_argument("--combine-only", action="store_true", help="rebuild frontier.csv from the parts")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    routers = {}
-    for item in args.routers:
-        name, sep, path = item.partition("=")
-        if not sep or not name:
-            p.error(f"--routers takes NAME=FOLDER, got {item!r}")
-        routers[name] = path
-    levels = [int(x) for x in args.levels.split(",") if x]
-    fr = Frontier(args.out, routers, model=args.model, dtype=args.dtype, levels=levels)
-    path = fr.combine() if args.combine_only else fr.run()
-    print(f"frontier table: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -29,7 +29,6 @@ blocks (disjoint from the calibration blocks), per block, so differences are pai
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -208,7 +207,7 @@ class Evidence:
             finally:
                 ms.unload()
             for run in self.compare:
-                ms = self._ms(_routers_of(run))
+                ms = self._ms(routers_of(run))
                 try:
                     out["compare"][str(run)] = {
                         "granularity": ms.config.granularity, "route_level": ms.config.route_level,
@@ -351,7 +350,7 @@ class Evidence:
         write("dense", {"method": "dense"}, lambda: (losses_of(self.base), 0.0))
         main = [(v, self.routers, v["threshold"]) for v in self.variants() if v["method"] == "mindskip"]
         comp = [({"variant": f"{c['granularity']}_{c['route_level']}_k{max(self.targets)}", "method": "mindskip",
-                  "threshold": c["threshold"], "k": max(self.targets)}, _routers_of(Path(run)), c["threshold"])
+                  "threshold": c["threshold"], "k": max(self.targets)}, routers_of(Path(run)), c["threshold"])
                 for run, c in cal["compare"].items()]
         for v, routers, tau in main + comp:
             def run(routers=routers, tau=tau):
@@ -454,39 +453,7 @@ def _read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def _routers_of(run: Path) -> Path:
+def routers_of(run: Path) -> Path:
     """A router checkpoint folder, or a run folder holding one under ``train/routers``."""
     run = Path(run)
     return run if (run / "mindskip_config.json").exists() else run / "train" / "routers"
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="run folder (created; an existing one is continued)")
-    ap.add_argument("--routers", required=True, help="router checkpoint folder, or a run folder with train/routers")
-    ap.add_argument("--compare", nargs="*", default=[], help="run folders of other routers for the held-out loss")
-    ap.add_argument("--tasks", default=None, help="comma list (default: all eight)")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--heldout-blocks", type=int, default=HELDOUT_BLOCKS)
-    ap.add_argument("--calibration-blocks", type=int, default=CALIBRATION_BLOCKS)
-    ap.add_argument("--limit", type=int, default=None, help="documents per task (a smoke run)")
-    ap.add_argument("--combine-only", action="store_true",
-                    help="only rebuild eval/ and the measures from the parts written so far")
-    ap.add_argument("--targets", default=",".join(map(str, TARGET_LAYERS)),
-                    help="skipped attention sublayers per sequence, comma list")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    ev = Evidence(a.out, _routers_of(Path(a.routers)), dtype=a.dtype, batch_size=a.batch_size,
-                  tasks=a.tasks.split(",") if a.tasks else None, compare=a.compare,
-                  targets=[int(t) for t in a.targets.split(",")], heldout_blocks=a.heldout_blocks,
-                  calibration_blocks=a.calibration_blocks, limit=a.limit)
-    start = time.perf_counter()
-    table = ev.combine() if a.combine_only else ev.run()
-    print(table.to_string(index=False))
-    print(f"evidence run finished in {time.perf_counter() - start:.0f} s: {a.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

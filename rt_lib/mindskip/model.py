@@ -45,18 +45,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rt_lib.mindskip.architecture import (  # noqa: F401 - part of this module's API
-    REQUIRED_LAYER_PARTS,
-    cache_reference_layers,
-    check_architecture,
-    find_decoder,
-    get_slot,
-    routed_layers_for,
-    set_slot,
-)
+from rt_lib.mindskip.architecture import check_architecture, find_decoder, get_slot, routed_layers_for, set_slot
 from rt_lib.mindskip.config import MindSkipConfig
-from rt_lib.mindskip.gates import ROUTER_PREFIX, MindSkipGate, RoutingContext, SeqGate, TokenGate, make_gate  # noqa: F401
-from rt_lib.mindskip.removal import DroppedLayers, drop_sublayers  # noqa: F401 - part of this module's API
+from rt_lib.mindskip.gates import MindSkipGate, RoutingContext, make_gate
 from rt_lib.files import file_sha256
 
 logger = logging.getLogger(__name__)

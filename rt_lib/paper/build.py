@@ -23,58 +23,14 @@ left out; every other run still builds.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
-# Re-exported so that `from rt_lib import paper` reaches every public name of the parts.
-from rt_lib.paper.claims import build_claims, write_claims  # noqa: F401
-from rt_lib.paper.figures import build_evidence_figures, build_figures, figure2_kit_points, operating_points  # noqa: F401
-from rt_lib.paper.tables import (  # noqa: F401
-    DEFAULT_REFERENCE_DIR,
-    NOT_RUN,
-    REFERENCE_NAMES,
-    build_tables,
-    data_ablation_table,
-    display_table,
-    load_reference,
-    lora_table,
-    main_table,
-    reference_source,
-    to_csv_text,
-    to_latex,
-    to_markdown,
-    write_table,
-)
-from rt_lib.runs.read import (  # noqa: F401
-    FRACTION_COLUMNS,
-    FRACTION_METRICS,
-    MODEL_NAMES,
-    NUMERIC_COLUMNS,
-    OPTIONAL_FILES,
-    REQUIRED_COLUMNS,
-    STEP_FILES,
-    MalformedRun,
-    Run,
-    StaleRun,
-    load_runs,
-    model_name,
-    read_run,
-)
-from rt_lib.paper.tidy import (  # noqa: F401
-    NOT_TASKS,
-    PAPER_METRIC,
-    TASK_ALIASES,
-    TIDY_COLUMNS,
-    PAPER_METHODS,
-    collect_runs,
-    paper_task,
-    pick_metric,
-    profile_speedup,
-    kit_method,
-    tidy_runs,
-)
+from rt_lib.paper.claims import write_claims
+from rt_lib.paper.figures import build_evidence_figures, build_figures
+from rt_lib.paper.tables import DEFAULT_REFERENCE_DIR, build_tables
+from rt_lib.paper.tidy import tidy_runs
+from rt_lib.runs.read import load_runs
 
 log = logging.getLogger(__name__)
 
@@ -109,29 +65,3 @@ def build_all(results_root: str | Path = "results", out_tables: str | Path = "re
         figs.update(frontier_figure)
     log.info("built %d tables and %d figures from %d runs", len(tables), len(figs), len(runs))
     return {"tables": tables, "figures": figs, "problems": problems}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rt_lib paper", description=__doc__.splitlines()[0])
-    p.add_argument("--results", default="results", help="results folder holding runs/ and reference/")
-    p.add_argument("--tables", default=None, help="output folder for tables (default <results>/tables)")
-    p.add_argument("--figures", default=None, help="output folder for figures (default <results>/figures)")
-    p.add_argument("--regime", default="prefill", choices=["prefill", "decode"], help="profile regime for speedups")
-    p.add_argument("--no-figures", action="store_true", help="build the tables only")
-    p.add_argument("--strict", action="store_true", help="exit with status 1 when a run folder was left out")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("rt_lib").setLevel(logging.INFO)
-    root = Path(args.results)
-    out = build_all(root, args.tables or root / "tables", args.figures or root / "figures", regime=args.regime,
-                    figures=not args.no_figures)
-    for kind in ("tables", "figures"):
-        for name, paths in out[kind].items():
-            print(f"{kind[:-1]:6s} {name}: " + ", ".join(str(p) for p in paths))
-    for line in out["problems"]:
-        print(f"left out: {line}", file=sys.stderr)
-    return 1 if args.strict and out["problems"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

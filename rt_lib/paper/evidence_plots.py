@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rt_lib.evaluation.measures import MACRO
-from rt_lib.plots import METHOD_STYLE, OKABE_ITO, _styled, new_figure, percent_axis
+from rt_lib.plots import METHOD_STYLE, OKABE_ITO, styled, new_figure, percent_axis
 
 PUBLISHED = dict(marker="o", markerfacecolor="none", linestyle=":", alpha=0.8)
 GRANULARITY_STYLE = {"attn": OKABE_ITO["blue"], "mlp": OKABE_ITO["green"], "block": OKABE_ITO["purple"]}
@@ -31,7 +31,7 @@ def _errorbars(ax, d: pd.DataFrame, x: str, y: str, lo: str, hi: str, scale: flo
                 linestyle="-" if line and len(d) > 1 else "none")
 
 
-@_styled
+@styled
 def plot_evidence_fig2(measures: pd.DataFrame, published: pd.DataFrame | None = None,
                        title: str = "") -> Figure:
     """Macro accuracy change vs dense (points) against the paper's skip ratio, with intervals."""
@@ -61,7 +61,7 @@ def plot_evidence_fig2(measures: pd.DataFrame, published: pd.DataFrame | None = 
     return fig
 
 
-@_styled
+@styled
 def plot_task_panels(measures: pd.DataFrame, title: str = "") -> Figure:
     """One panel per task: accuracy change vs dense of every variant, with its interval."""
     tasks = [t for t in dict.fromkeys(measures.task) if not str(t).startswith("macro")]
@@ -92,7 +92,7 @@ def plot_task_panels(measures: pd.DataFrame, title: str = "") -> Figure:
     return fig
 
 
-@_styled
+@styled
 def plot_heldout(heldout: pd.DataFrame, title: str = "") -> Figure:
     """Held-out loss change vs dense against skip ratio, by granularity and routing level."""
     fig, axes = new_figure(1, 1, size=(6.4, 4.4))

@@ -20,18 +20,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rt_lib.runs.steps import PRESET_DIR
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
-PRESET_DIR = NOTEBOOK_DIR / "presets"
 NOTEBOOKS = (
     "01_router_tuning",
     "02_evaluation",
     "03_speedup_profiling",
     "04_paper_tables_and_figures",
 )
-RUNNER_PARAMETERS = ("run_dir", "preset")  # set by the runner for every notebook
 # The run-folder step each notebook writes (rt_lib.runs.record.STEPS); 04 only reads.
 NOTEBOOK_STEPS = {"01_router_tuning": "train", "02_evaluation": "eval", "03_speedup_profiling": "profile"}
 
@@ -174,7 +174,7 @@ def _step_inputs(notebook: str, parameters: dict) -> dict[str, Path]:
 def check_run_folder(run_dir: str | Path, notebooks: list[str] | None = None, replace: bool = False) -> None:
     """Raise ``rt_lib.runs.record.ResultsExist`` when running ``notebooks`` into ``run_dir`` would replace
     results of completed steps and ``replace`` is False; nothing is changed. Called before anything
-    executes (by ``run_pipeline`` and, for every run folder of a sweep, by rt_lib.pipeline.reproduce)."""
+    executes (by ``run_pipeline`` and, for every run folder of a sweep, by rt_lib.cli.reproduce)."""
     from rt_lib.runs import record as runs
     from rt_lib.runs import steps as run_steps
 
@@ -193,37 +193,6 @@ def check_run_folder(run_dir: str | Path, notebooks: list[str] | None = None, re
         hint = ("To continue an interrupted run instead, run only the notebooks not completed yet: "
                 f"--notebooks {','.join(nb[:2] for nb in todo)}") if len(todo) < len(selected) and todo else ""
         raise run_steps.ResultsExist(run_dir, list(blocking.items()), hint)
-
-
-def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> str:
-    """The rt_lib.pipeline.reproduce command that reruns ``steps`` (e.g. stale ones) into ``run_dir``: their
-    notebooks with the parameters they last ran with (run.json ``steps.pipeline``) where those
-    differ from the preset's."""
-    import shlex
-
-    from rt_lib.runs import steps as run_steps
-
-    run_dir = Path(run_dir)
-    record = record or {}
-    ran = ((record.get("steps") or {}).get("pipeline") or {})
-    preset = record.get("preset") or ran.get("preset") or "cpu"
-    nbs = [nb for nb in NOTEBOOKS if nb in {run_steps.STEPS[s]["notebook"] for s in steps}]
-    try:
-        sections = load_preset(preset)
-    except (ParameterError, OSError, ValueError):
-        sections = {}
-    extra = []
-    for nb in nbs:
-        used = ((ran.get("notebooks") or {}).get(nb) or {}).get("parameters") or {}
-        for name, value in used.items():
-            if name not in RUNNER_PARAMETERS and sections.get(nb, {}).get(name, _MISSING) != value:
-                extra += ["-p", shlex.quote(f"{nb}.{name}={json.dumps(value)}")]
-    return " ".join(["python -m rt_lib reproduce", "--preset", shlex.quote(preset),
-                     "--out", shlex.quote(str(run_dir.parent)), "--run-id", shlex.quote(run_dir.name),
-                     "--notebooks", ",".join(nb[:2] for nb in nbs), *extra])
-
-
-_MISSING = object()
 
 
 def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | None = None,

@@ -18,8 +18,9 @@ parameter count and the routed layers. Per step of the pipeline the plan prints:
   the harness's own request building on the meta model when the data is here and the preset is
   small, or with ``--eval-tokens yes``; otherwise "needs the task data" and the command);
 - ``profile``: the KV-cache bytes of every point of the profiling grid the preset uses
-  (``kv_cache_bytes``) and which points do not fit the GPU memory (the profiler's own rule:
-  ``rt_lib.speed.roofline.estimate_point_bytes`` against 90% of what the weights leave free).
+  (``rt_lib.speed.roofline.estimate_kv_bytes``) and which points do not fit the GPU memory
+  (the profiler's own rule: ``rt_lib.speed.roofline.estimate_point_bytes`` against
+  ``memory_headroom``, 90%, of what the weights leave free).
 
 A missing asset never stops the plan: it is listed with the command that fetches it, and the
 numbers that need it are printed as unknown. The exit status is 0 whenever a plan was printed
@@ -29,7 +30,6 @@ exist). ``--json FILE`` writes the same plan as JSON (``-`` prints it instead of
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -39,30 +39,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rt_lib.pipeline.plan_assets import (  # noqa: F401 - asset resolution, part of this module's API
-    CONFIG_FILES,
-    PlanInputError,
-    _first_line,
-    _quiet,
-    hub_download_command,
-    resolve_data,
-    resolve_model,
-    resolve_tasks,
-)
-from rt_lib.pipeline.plan_memory import (  # noqa: F401 - memory arithmetic, part of this API
+from rt_lib.pipeline.plan_assets import PlanInputError, first_line, quiet, resolve_data, resolve_model, resolve_tasks
+from rt_lib.pipeline.plan_memory import (
     activation_bytes_per_token,
-    kv_cache_bytes,
+    dtype_bytes,
     loss_bytes_per_token,
     meta_model,
     model_shape,
 )
-from rt_lib.pipeline.plan_report import _gib, fmt_bytes, format_plan  # noqa: F401 - the printed plan
+from rt_lib.pipeline.plan_report import format_plan
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PRESET = "paper"
-HEADROOM = 0.9  # rt_lib.speed.profiling.ProfileSettings.memory_headroom: a point runs below 90% of free memory
-_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
 
@@ -89,13 +78,6 @@ def parse_memory(text: str | int | float) -> int:
     return int(value * _UNITS[unit])
 
 
-def dtype_bytes(name: str) -> int:
-    key = str(name).removeprefix("torch.")
-    if key not in _DTYPE_BYTES:
-        raise PlanInputError(f"unknown dtype {name!r}: use float32, bfloat16 or float16")
-    return _DTYPE_BYTES[key]
-
-
 def resolve_dtype_name(name: str | None, device: str) -> str:
     """A dtype name for ``device``: ``auto`` (or None) is bfloat16 on CUDA and on CPUs with native
     bf16 matrix products, float32 elsewhere (``rt_lib.assets.loading.resolve_dtype``)."""
@@ -115,14 +97,8 @@ def count_eval_tokens(meta, tokenizer, preset_name: str, tasks: list[str] | None
     ``meta``, a model on the meta device: every request is recorded, none is scored."""
     from lm_eval import simple_evaluate
 
-    from rt_lib.evaluation.driver import (
-        DEFAULT_SEEDS,
-        MindSkipLM,
-        check_request,
-        harness_samples,
-        load_task,
-        task_manager,
-    )
+    from rt_lib.evaluation.driver import DEFAULT_SEEDS, check_request, harness_samples
+    from rt_lib.evaluation.harness import MindSkipLM, load_task, task_manager
 
     class _Counter(MindSkipLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
@@ -134,7 +110,7 @@ def count_eval_tokens(meta, tokenizer, preset_name: str, tasks: list[str] | None
     p, names = check_request(preset_name, tasks, limit, batch_size)
     rows = []
     start = time.perf_counter()
-    with _quiet():
+    with quiet():
         tm = task_manager(p.offline)
         lm = _Counter(pretrained=meta, tokenizer=tokenizer, batch_size=batch_size)
         for task in names:
@@ -233,7 +209,7 @@ def make_plan(preset: str = DEFAULT_PRESET, *, model: str | None = None, gpu_mem
             meta = meta_model(config, resolve_dtype_name(cfg.model_dtype, device))
             rec["parameters"] = sum(p.numel() for p in meta.parameters())
         except Exception as e:
-            rec["notes"].append(f"meta-device model: {_first_line(e)}")
+            rec["notes"].append(f"meta-device model: {first_line(e)}")
     if tok is not None:
         rec["tokenizer_tokens"] = len(tok)
         if shape is not None and len(tok) != shape["vocab"]:
@@ -284,13 +260,13 @@ def _train_step(cfg, rec, meta, shape, gpu, processes, device, missing) -> dict:
     try:
         from rt_lib.mindskip.model import get_mindskip_model
 
-        with _quiet():
+        with quiet():
             ms = get_mindskip_model(meta, cfg.mindskip_config())
         routed = list(ms.routed_layers)
         router_params = sum(p.numel() for p in ms.router_parameters())
         ms.unload()
     except Exception as e:
-        step["status"] = f"routers cannot be attached: {_first_line(e)}"
+        step["status"] = f"routers cannot be attached: {first_line(e)}"
         return step
     n_train = router_params
     if cfg.trainable == "full":
@@ -378,14 +354,14 @@ def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, mi
                     step["total_bytes"] = step["weights_bytes"] + act
                     step["fits"] = None if gpu["bytes"] is None else step["total_bytes"] <= gpu["bytes"]
         except Exception as e:
-            step["tokens"] = {"status": f"could not be counted: {_first_line(e)}"}
+            step["tokens"] = {"status": f"could not be counted: {first_line(e)}"}
     return step
 
 
 def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
     from rt_lib.speed.profiling import PROFILE_PRESETS, grid_points
     from rt_lib.speed.profiling import preset as profile_preset
-    from rt_lib.speed.roofline import Shape, estimate_point_bytes
+    from rt_lib.speed.roofline import Shape, estimate_kv_bytes, estimate_point_bytes
 
     name = params.get("profile_preset", "quick")
     if name not in PROFILE_PRESETS:
@@ -396,7 +372,8 @@ def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
     b = dtype_bytes(dtype)
     step: dict[str, Any] = {"profile_preset": name, "dtype": dtype, "new_tokens": settings.new_tokens,
                             "skip_k": settings.skip_k, "warmup": settings.warmup, "repeats": settings.repeats,
-                            "variants": list(params.get("variants") or settings.variants), "headroom": HEADROOM}
+                            "variants": list(params.get("variants") or settings.variants),
+                            "headroom": settings.memory_headroom}
     points = grid_points(settings)
     if shape is None:
         step["points"] = [{"regime": r, "batch_size": bs, "seq_len": sl} for r, bs, sl in points]
@@ -414,23 +391,13 @@ def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
         tokens = batch * (seq + new)
         need = estimate_point_bytes(s, regime, batch, seq, new, b)
         rows.append({"regime": regime, "batch_size": batch, "seq_len": seq, "new_tokens": new, "tokens": tokens,
-                     "kv_bytes": kv_cache_bytes(shape, tokens, b),
-                     "kv_bytes_skip": kv_cache_bytes(shape, tokens, b, shape["layers"] - k) if kv_skips else None,
+                     "kv_bytes": estimate_kv_bytes(s, tokens, b),
+                     "kv_bytes_skip": estimate_kv_bytes(s, tokens, b, shape["layers"] - k) if kv_skips else None,
                      "estimate_bytes": need,
-                     "fits": None if free is None else need <= HEADROOM * free})
+                     "fits": None if free is None else need <= settings.memory_headroom * free})
     step.update(points=rows, weights_bytes=weights,
                 not_fitting=sum(r["fits"] is False for r in rows) if free is not None else None)
     return step
-
-
-# ============================================================================ CLI
-def add_plan_arguments(parser: argparse.ArgumentParser, *, json_flag: str = "--json") -> None:
-    parser.add_argument("--gpu-memory", default=None,
-                        help="memory of the GPU to plan for, e.g. 80GiB or 48GB (default: the visible CUDA device's)")
-    parser.add_argument(json_flag, dest="plan_json", default=None, metavar="FILE",
-                        help="also write the plan as JSON ('-': print the JSON instead of the text)")
-    parser.add_argument("--eval-tokens", default="auto", choices=("auto", "yes", "no"),
-                        help="count evaluation tokens: auto = when the task data is here and the preset is limited")
 
 
 def run(preset: str = DEFAULT_PRESET, *, json_path: str | None = None, stream=None, **kwargs) -> int:
@@ -450,25 +417,3 @@ def run(preset: str = DEFAULT_PRESET, *, json_path: str | None = None, stream=No
             Path(json_path).write_text(json.dumps(plan, indent=1, default=str))
             print(f"\nwrote {json_path}", file=stream)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rt_lib plan", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 2)[2])
-    ap.add_argument("--preset", default=DEFAULT_PRESET, help="smoke | cpu | paper (training and pipeline preset)")
-    ap.add_argument("--model", default=None, help="embedded kit name, local folder, GGUF file or Hugging Face id "
-                                                  "(default: the preset's)")
-    ap.add_argument("--processes", type=int, default=1, help="data-parallel processes of the training run")
-    ap.add_argument("--device", default=None, choices=("cuda", "cpu"),
-                    help="device the run is for (default: cuda when a GPU is visible or --gpu-memory is given, or "
-                         "when the preset's backbone is bfloat16/float16; else cpu)")
-    add_plan_arguments(ap)
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run(a.preset, json_path=a.plan_json, model=a.model, gpu_memory=a.gpu_memory, eval_tokens=a.eval_tokens,
-               processes=a.processes, device=a.device)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

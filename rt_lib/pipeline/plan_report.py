@@ -14,7 +14,7 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n / 1e9:.2f} GB ({n / 2**30:.2f} GiB)"
 
 
-def _gib(n: float | None) -> str:
+def gib(n: float | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f}"
 
 
@@ -80,12 +80,12 @@ def _train_block(plan: dict, w) -> None:
         a = t["activations"]
         w(f"  activations  {fmt_bytes(a['bytes'])} for {bt['micro_batch_size']} x {bt['max_length']} tokens "
           f"({a['bytes_per_token']:,} bytes per token over the {a['layers_keeping']} layers that keep tensors for the "
-          f"backward pass; rt_lib.pipeline.plan.activation_bytes_per_token)")
+          f"backward pass; rt_lib.pipeline.plan_memory.activation_bytes_per_token)")
         w(f"  logits       {fmt_bytes(t['logits_bytes'])} ({bt['micro_batch_size']} x {bt['max_length']} x "
           f"{sh['vocab']:,} x 4 bytes, float32); loss working set up to {fmt_bytes(t['loss_working_set_bytes'])}")
         verdict = "" if t["fits"] is None else ("  -> fits" if t["fits"] else "  -> does NOT fit")
         w(f"  total        about {fmt_bytes(t['total_bytes'])} per process{verdict}"
-          + (f" {_gib(gpu['bytes'])} GiB" if gpu["bytes"] else ""))
+          + (f" {gib(gpu['bytes'])} GiB" if gpu["bytes"] else ""))
     else:
         w(f"  memory       {t.get('status', 'unknown')}")
 
@@ -122,7 +122,7 @@ def _eval_block(plan: dict, w) -> None:
 
 
 def _profile_block(plan: dict, w) -> None:
-    from rt_lib.pipeline.plan import HEADROOM, dtype_bytes
+    from rt_lib.pipeline.plan_memory import dtype_bytes
 
     p, sh, gpu = plan["profile"], plan["model"].get("shape"), plan["gpu_memory"]
     w(f"Step profile  [profile preset {p['profile_preset']}, {p['dtype']}, skip_k {p['skip_k']}, "
@@ -133,7 +133,7 @@ def _profile_block(plan: dict, w) -> None:
         w(f"  KV cache     2 x {sh['layers']} layers x {sh['kv_heads']} KV heads x {sh['head_dim']} x tokens x "
           f"{dtype_bytes(p['dtype'])} bytes; 'estimate' adds activations, scores and logits "
           f"(rt_lib.speed.roofline.estimate_point_bytes); a point fits when its estimate is below "
-          f"{HEADROOM:.0%} of what the weights leave free")
+          f"{p['headroom']:.0%} of what the weights leave free")
         unit, div = ("GiB", 2**30) if max(r["estimate_bytes"] for r in p["points"]) >= 2**30 else ("MiB", 2**20)
 
         def size(n):
@@ -148,7 +148,7 @@ def _profile_block(plan: dict, w) -> None:
             w("  fit          unknown: no GPU memory given (--gpu-memory 80GiB) and no CUDA device visible")
         else:
             w(f"  fit          {p['not_fitting']} of {len(p['points'])} points do not fit "
-              f"{_gib(gpu['bytes'])} GiB next to {fmt_bytes(p['weights_bytes'])} of weights"
+              f"{gib(gpu['bytes'])} GiB next to {fmt_bytes(p['weights_bytes'])} of weights"
               + (" (the profiler reports them as skipped)" if p["not_fitting"] else ""))
 
 

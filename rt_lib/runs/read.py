@@ -9,7 +9,7 @@ results folder and names the ones it left out.
 ``setting`` is the one answer to "what configuration did this run's steps run with": every
 step records its options in run.json ``parameters.<step>`` and training its resolved MindSkip
 config in ``steps.train.config``; ``setting`` returns the first value of a key in those
-sources (``SETTING_SOURCES``, in that order). Older folders are read through ``upgrade``,
+sources (``schema.SETTING_SOURCES``, in that order). Older folders are read through ``upgrade``,
 which moves their records to the same places. It takes a
 ``Run`` or a run folder path, so readers of single files (an evaluation loaded back, a sweep
 table over training runs) ask the same question the same way.
@@ -48,15 +48,6 @@ FRACTION_METRICS = {"acc", "acc_norm", "paper"}  # "paper": rt_lib.evaluation.dr
 STEP_FILES = {"train": "train/summary.json", "eval": "eval/results.csv", "profile": "profile/profile.csv"}
 OPTIONAL_FILES = ("eval/paired.csv", "eval/skip_stats.csv", "train/log.csv", "profile/profile.json")
 
-# Where ``setting`` looks, in order; the first source holding the key (with a value other than
-# None or "") answers. Every step records its options in ``parameters.<step>``; folders written
-# before that are read through ``upgrade`` (below), which moves their older records there.
-SETTING_SOURCES = (
-    ("the MindSkip config: run.json `steps.train.config` (resolved by training), else "
-     "`parameters.eval.mindskip` (the routers an evaluation-only run scored)"),
-    ("run.json `parameters.<step>`: every option the step ran with; steps in the order "
-     "train, eval, profile, pipeline, then any other"),
-)
 STEP_ORDER = ("train", "eval", "profile", "pipeline")
 MODEL_KEYS = ("model", "model_name", "model_id", "base_model")
 DATA_KEYS = ("dataset", "data", "train_data")
@@ -96,7 +87,7 @@ def _dict(value: Any) -> dict:
 
 
 def mindskip_config(meta: dict) -> dict:
-    """The run's MindSkip config: the first source of ``SETTING_SOURCES`` (``{}`` when none).
+    """The run's MindSkip config: the first source of ``schema.SETTING_SOURCES`` (``{}`` when none).
     ``meta``: run.json as ``upgrade`` returns it."""
     for cfg in (_dict(_dict(meta.get("steps")).get("train")).get("config"),
                 _dict(_dict(meta.get("parameters")).get("eval")).get("mindskip")):
@@ -106,7 +97,7 @@ def mindskip_config(meta: dict) -> dict:
 
 
 def lookup(meta: dict, *keys: str) -> Any:
-    """First value of any of ``keys`` in ``SETTING_SOURCES`` order, given run.json (``meta``, as
+    """First value of any of ``keys`` in ``schema.SETTING_SOURCES`` order, given run.json (``meta``, as
     ``upgrade`` returns it); None when no source has one. Within one source, earlier keys win."""
     params = _dict(meta.get("parameters"))
     steps = [*(s for s in STEP_ORDER if s in params), *(s for s in params if s not in STEP_ORDER)]
@@ -179,7 +170,7 @@ def _read_lenient(path: Path) -> Run:
 
 def setting(run: Run | str | Path, *keys: str, default: Any = None) -> Any:
     """What a run's steps ran with: the first value of any of ``keys`` (e.g. ``"threshold"``,
-    ``"model", "model_id"``) in the sources of ``SETTING_SOURCES``, in that order.
+    ``"model", "model_id"``) in the sources of ``schema.SETTING_SOURCES``, in that order.
 
     ``run`` is a ``Run`` or a run folder; a folder is read leniently (run.json,
     train/summary.json, eval/results.json when needed; no staleness or column checks).
@@ -201,11 +192,11 @@ class Run:
 
     @property
     def config(self) -> dict:
-        """The MindSkip config (first source of ``SETTING_SOURCES``)."""
+        """The MindSkip config (first source of ``schema.SETTING_SOURCES``)."""
         return mindskip_config(self.meta)
 
     def lookup(self, *keys: str) -> Any:
-        """First value of ``keys`` in ``SETTING_SOURCES`` order; None when none has one."""
+        """First value of ``keys`` in ``schema.SETTING_SOURCES`` order; None when none has one."""
         return lookup(self.meta, *keys)
 
     @property
@@ -287,7 +278,6 @@ def _read_table(path: Path, rel: str) -> pd.DataFrame:
 def _check_steps(path: Path, meta: dict) -> dict[str, tuple[str, str | None]]:
     """Each step's state (rt_lib.runs.record.step_state); ``StaleRun`` naming the refresh command
     when one is stale."""
-    from rt_lib.pipeline import notebooks as pipeline
     from rt_lib.runs import steps as run_steps
 
     steps = meta.get("steps") or {}
@@ -299,7 +289,7 @@ def _check_steps(path: Path, meta: dict) -> dict[str, tuple[str, str | None]]:
     stale = {s: why for s, (state, why) in states.items() if state == "stale"}
     if stale:
         raise StaleRun("stale results, not used: " + "; ".join(f"{s} ({why})" for s, why in stale.items())
-                       + f". Refresh them with: {pipeline.refresh_command(path, stale, meta)}")
+                       + f". Refresh them with: {run_steps.refresh_command(path, stale, meta)}")
     return states
 
 

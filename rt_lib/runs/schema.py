@@ -17,9 +17,7 @@ out); ``fraction`` columns must lie in [0, 1] (a percent written by mistake must
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -380,10 +378,19 @@ def field_table(path: str) -> str:
     return "\n".join(lines)
 
 
+# Where ``rt_lib.runs.read.setting`` looks, in order; the first source holding the key (with a value
+# other than None or "") answers. Every step records its options in ``parameters.<step>``; folders
+# written before that are read through ``rt_lib.runs.read.upgrade``, which moves their older records there.
+SETTING_SOURCES = (
+    ("the MindSkip config: run.json `steps.train.config` (resolved by training), else "
+     "`parameters.eval.mindskip` (the routers an evaluation-only run scored)"),
+    ("run.json `parameters.<step>`: every option the step ran with; steps in the order "
+     "train, eval, profile, pipeline, then any other"),
+)
+
+
 def setting_sources_list() -> str:
     """Numbered list of the sources ``rt_lib.runs.read.setting`` searches, in order."""
-    from rt_lib.runs.read import SETTING_SOURCES  # rundir reads files through this module
-
     return "\n".join(f"{i}. {source}" for i, source in enumerate(SETTING_SOURCES, 1))
 
 
@@ -412,17 +419,3 @@ def doc_keys(text: str) -> list[str]:
 def render_doc(text: str) -> str:
     """``text`` with every generated block replaced by the current declaration."""
     return _BLOCK.sub(lambda m: generated_block(m.group("key")), text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m rt_lib schema docs/results_format.md  (rewrites its generated tables)", file=sys.stderr)
-        return 2
-    path = Path(args[0])
-    path.write_text(render_doc(path.read_text(encoding="utf-8")), encoding="utf-8")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

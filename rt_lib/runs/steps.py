@@ -4,6 +4,7 @@ results of later steps. Part of ``rt_lib.runs.record`` (importable from there)."
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -31,6 +32,10 @@ STEPS: dict[str, dict[str, Any]] = {
                 "inputs": {"routers": "train/routers/routers.safetensors"}},
 }
 REPLACED_DIR = "replaced"  # <run>/replaced/<step>-<time>/: results moved aside by a rerun
+# The pipeline's presets (rt_lib.pipeline.notebooks runs them) and the parameters its runner sets
+# for every notebook: what the refresh command of a stale step compares and leaves out.
+PRESET_DIR = Path(__file__).resolve().parents[2] / "notebooks" / "presets"
+RUNNER_PARAMETERS = ("run_dir", "preset")
 
 
 class ResultsExist(FileExistsError):
@@ -241,3 +246,33 @@ def stale_steps(run_dir: str | os.PathLike, record: Mapping[str, Any] | None = N
             out[step] = why
     return out
 
+
+def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> str:
+    """The ``python -m rt_lib reproduce`` command that reruns ``steps`` (e.g. stale ones) into
+    ``run_dir``: their notebooks with the parameters they last ran with (run.json
+    ``steps.pipeline``) where those differ from the preset's."""
+    import shlex
+
+    run_dir = Path(run_dir)
+    record = record or {}
+    ran = ((record.get("steps") or {}).get("pipeline") or {})
+    preset = record.get("preset") or ran.get("preset") or "cpu"
+    nbs = [STEPS[s]["notebook"] for s in STEPS if s in set(steps)]
+    try:
+        sections = json.loads((PRESET_DIR / f"{preset}.json").read_text())
+    except (OSError, ValueError):
+        sections = {}
+    if not isinstance(sections, dict):
+        sections = {}
+    extra = []
+    for nb in nbs:
+        used = ((ran.get("notebooks") or {}).get(nb) or {}).get("parameters") or {}
+        for name, value in used.items():
+            if name not in RUNNER_PARAMETERS and sections.get(nb, {}).get(name, _MISSING) != value:
+                extra += ["-p", shlex.quote(f"{nb}.{name}={json.dumps(value)}")]
+    return " ".join(["python -m rt_lib reproduce", "--preset", shlex.quote(preset),
+                     "--out", shlex.quote(str(run_dir.parent)), "--run-id", shlex.quote(run_dir.name),
+                     "--notebooks", ",".join(nb[:2] for nb in nbs), *extra])
+
+
+_MISSING = object()

@@ -134,12 +134,19 @@ def bound_curves(shape: Shape, points, n_routed: int, peak_flops: float, bandwid
     return out
 
 
+def estimate_kv_bytes(shape: Shape, tokens: int, dtype_bytes: int, layers: int | None = None) -> int:
+    """Keys and values of ``tokens`` cached tokens (batch x length summed) in ``layers`` layers
+    (default: all): ``2 x layers x kv_heads x head_dim x tokens x bytes``."""
+    n = shape.num_layers if layers is None else layers
+    return 2 * n * shape.kv_heads * shape.head_dim * tokens * dtype_bytes
+
+
 def estimate_point_bytes(shape: Shape, regime: str, batch: int, seq_len: int, new_tokens: int, dtype_bytes: int) -> int:
     """Upper estimate of what one grid point allocates beyond the weights: the dense KV cache,
     one layer's activations, a fully materialised score matrix and the last-token logits."""
     s = shape
     tokens = seq_len + (new_tokens if regime == "decode" else 0)
-    kv = batch * tokens * 2 * s.kv_heads * s.head_dim * s.num_layers * dtype_bytes
+    kv = estimate_kv_bytes(s, batch * tokens, dtype_bytes)
     act = batch * seq_len * (4 * s.hidden + 3 * s.intermediate + 2 * (s.heads + 2 * s.kv_heads) * s.head_dim) * dtype_bytes
     scores = batch * s.heads * seq_len * tokens * dtype_bytes
     logits = batch * s.vocab * 4

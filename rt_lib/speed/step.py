@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rt_lib.speed.profiling import COLUMNS, ProfileSettings, prepare_models, profile
+from rt_lib.speed.profiling import COLUMNS, ProfileSettings, profile
+from rt_lib.speed.variants import prepare_models
 
 
 def run_step(model, tokenizer, out, settings: ProfileSettings, routers: str | None = None, config=None,

@@ -21,7 +21,6 @@ from rt_lib.speed.roofline import synchronize
 
 if TYPE_CHECKING:
     from rt_lib.speed.variants import Variant
-    from rt_lib.speed.profiling import ProfileSettings
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -129,14 +128,15 @@ def rewind(cache, length: int) -> None:
             layer.values = layer.values[..., :length, :]
 
 
-def measure_point(variants: list[Variant], regime: str, batch: int, seq_len: int, settings: ProfileSettings,
+def measure_point(variants: list[Variant], regime: str, batch: int, seq_len: int, settings,
                   device: torch.device, vocab: int, tokens: torch.Tensor | None = None) -> dict[str, list[dict]]:
     """Time every variant at one grid point, interleaved. Returns, per variant name, one dict
     per timed round: `time_ms` (per forward, or per generated token in decode), `skip_ratio`,
     `skipped` (per layer, the fraction of sublayer executions skipped), `kv_bytes` (after the
     timed call) and `kv_bytes_prefill` (decode: after the prefill). In decode, a variant's
     context is prefilled once and rewound after each round (`Variant.rewindable`), so long
-    contexts cost one prefill per variant, not one per round."""
+    contexts cost one prefill per variant, not one per round. ``settings``: a
+    ``rt_lib.speed.profiling.ProfileSettings``."""
     ids = grid_tokens(batch, seq_len + settings.new_tokens, vocab, settings.seed, tokens).to(device)
     prompt, steps = ids[:, :seq_len], ids[:, seq_len:]  # decode feeds the text's next tokens
     by_name = {v.name: v for v in variants}
@@ -182,13 +182,14 @@ def measure_point(variants: list[Variant], regime: str, batch: int, seq_len: int
         prefilled.clear()
 
 
-def sublayer_ms(dense: Variant, regime: str, batch: int, seq_len: int, settings: ProfileSettings,
+def sublayer_ms(dense: Variant, regime: str, batch: int, seq_len: int, settings,
                 device: torch.device, vocab: int, tokens: torch.Tensor | None = None,
                 rounds: int = 2) -> tuple[float, dict[tuple[int, str], float]]:
     """The dense model's time at one grid point, in total and per sublayer: ``(total_ms,
     {(layer, kind): ms})`` with kind ``attn``, ``mlp`` and ``block`` (the whole layer), per
     forward (prefill) or per generated token (decode), averaged over `rounds` calls timed with
     forward hooks (the decode context is prefilled once, not recorded, and rewound per round).
+    ``settings``: a ``rt_lib.speed.profiling.ProfileSettings``.
     What removing a set of sublayers can at most save is the sum of their times;
     `measured_bound` turns that into a speedup bound."""
     from rt_lib.mindskip.architecture import find_decoder, get_slot

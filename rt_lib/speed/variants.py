@@ -117,7 +117,7 @@ def _mindskip_variant(ms, name, decisions, execution, skip_layers) -> Variant:
 def _plain_variant(ms, name, drop, granularity, skip_ratio: float) -> Variant:
     """The base model on the same weights (gates taken out), with the `granularity` sublayers
     of the layers in `drop` removed."""
-    from rt_lib.mindskip.model import drop_sublayers
+    from rt_lib.mindskip.removal import drop_sublayers
 
     stack = []
 

@@ -51,7 +51,7 @@ def attention_importance(model, tokenizer=None, *, examples: list[dict] | None =
     Calibration: ``examples`` (token sequences from ``rt_lib.tuning.data``) or ``num_samples``
     sequences of ``data`` (default: packed 256-token blocks of the embedded Wikipedia text).
     """
-    from rt_lib.mindskip.model import find_decoder
+    from rt_lib.mindskip.architecture import find_decoder
 
     if examples is None:
         tokenizer = tokenizer or _tokenizer_for(model)
@@ -103,7 +103,7 @@ def attention_importance(model, tokenizer=None, *, examples: list[dict] | None =
 def droppable_layers(model) -> list[int]:
     """Layers whose attention may be removed (Hugging Face reads the cache length from layer 0
     and the first full-attention layer; the core refuses to drop them)."""
-    from rt_lib.mindskip.model import cache_reference_layers, find_decoder
+    from rt_lib.mindskip.architecture import cache_reference_layers, find_decoder
 
     _, layers = find_decoder(model)
     return [i for i in range(len(layers)) if i not in cache_reference_layers(model)]
@@ -154,7 +154,7 @@ def static_attention_drop(model, k: int, tokenizer=None, *, candidates: list[int
     ``scores``: importance scores computed before (``attention_importance``), with
     ``scored_on`` the description of the text they were computed on (recorded with the
     choice). ``out``: a run folder; the result is saved as ``<out>/baselines/static_drop.json``."""
-    from rt_lib.mindskip.model import drop_sublayers
+    from rt_lib.mindskip.removal import drop_sublayers
 
     calib = dict(scored_on) if scored_on is not None else {"source": "<given scores>"}
     if scores is None:

@@ -126,7 +126,7 @@ class RouterTuningRecipe:
 
     def _setup_model(self, model, tokenizer):
         """Load the backbone (unless given) and check the routed layers fit it."""
-        from rt_lib.mindskip.model import routed_layers_for
+        from rt_lib.mindskip.architecture import routed_layers_for
 
         if model is None:
             from rt_lib.assets.loading import load_model

@@ -13,7 +13,6 @@ says ``finished`` is skipped; one with checkpoints resumes from the latest. The 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -108,24 +107,3 @@ def recipe_table(runs_root: str | Path) -> list[dict]:
             "heldout_skip_ratio": s.get("heldout_skip_ratio"),
         })
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rt_lib router-study", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("tune", help="tune every recipe (or --only some) into <out>/recipe-<name>")
-    t.add_argument("--out", default="results/runs")
-    t.add_argument("--only", default=None, help=f"comma-separated recipes (default: all, in the order {', '.join(ORDER)})")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    names = args.only.split(",") if args.only else list(ORDER)
-    unknown = [n for n in names if n not in RECIPES]
-    if unknown:
-        p.error(f"unknown recipes {unknown}; recipes: {', '.join(RECIPES)}")
-    for name in names:
-        tune(name, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -25,7 +25,8 @@ Files are written by the main process only (layout: docs/results_format.md, ``tr
 
 Where things are: ``rt_lib.tuning.config`` (options and presets), ``rt_lib.tuning.recipe`` (setup /
 step / finish), ``rt_lib.tuning.heldout`` (held-out loss and router statistics); this module holds
-the entry points (``run``, ``train_routers``, the CLI) and ``sweep_table``.
+the entry points (``run``, ``train_routers``) and ``sweep_table``; the command line is
+``rt_lib.cli.train``.
 
 Scale-out. The entry point is the same for one or many processes:
 - GPUs, DDP: ``accelerate launch --multi_gpu --num_processes 8 -m rt_lib train --preset paper``.
@@ -53,35 +54,13 @@ Scale-out. The entry point is the same for one or many processes:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
-import logging
 import os
-import sys
-import typing
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from rt_lib.tuning.heldout import heldout_lm_loss
-from rt_lib.tuning.recipe import STATE_NAME, RouterTuningRecipe, TrainResult, save_trained
-from rt_lib.tuning.config import (
-    TRAIN_PRESETS,
-    TRAIN_PRESETS_DIR,
-    RESUME_FREE,
-    TRAINABLE,
-    TrainConfig,
-    check_config,
-    load_preset,
-    make_config,
-)
-
-__all__ = [
-    "TRAIN_PRESETS", "TRAIN_PRESETS_DIR", "RESUME_FREE", "STATE_NAME", "TRAINABLE", "RouterTuningRecipe", "TrainConfig",
-    "TrainResult", "build_parser", "check_config", "heldout_lm_loss", "load_preset", "main", "make_config", "run",
-    "save_trained", "sweep_table", "train_routers",
-]
+from rt_lib.tuning.recipe import RouterTuningRecipe, TrainResult
+from rt_lib.tuning.config import TrainConfig, make_config
 
 
 # =============================================================================== entry points
@@ -164,60 +143,3 @@ def sweep_table(run_dirs, out_csv=None) -> list[dict]:
 
         write_csv(out_csv, rows)
     return rows
-
-
-# =============================================================================== CLI
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per ``TrainConfig`` field (``--max-steps`` or ``--max_steps``), each defaulting to
-    ``None`` so that only the flags given override the preset; ``--preset`` defaults to cpu."""
-    from transformers import HfArgumentParser
-
-    hints = typing.get_type_hints(TrainConfig)
-    # The flags' dataclass: TrainConfig's fields and help texts with None defaults (None = the preset's value).
-    options = dataclasses.make_dataclass("TrainOptions", [
-        (f.name, hints[f.name], dataclasses.field(default="cpu" if f.name == "preset" else None, metadata=f.metadata))
-        for f in fields(TrainConfig)])
-    p = HfArgumentParser(options, prog="python -m rt_lib train", formatter_class=argparse.HelpFormatter,
-                         description="Router-Tuning: train MindSkip routers on a frozen model.",
-                         epilog="--plan [--gpu-memory 80GiB] [--plan-json FILE] [--eval-tokens auto|yes|no]: print "
-                                "what the run needs (assets, memory, KV cache, tokens; rt_lib.pipeline.plan) with these "
-                                "options, load no weights and exit.")
-    # HfArgumentParser adds --no-<flag> only to booleans that default to True; presets switch them either way.
-    for f in fields(TrainConfig):
-        if hints[f.name] is bool:
-            p.add_argument(f"--no-{f.name.replace('_', '-')}", f"--no_{f.name}", dest=f.name, action="store_false",
-                           help=f"Turn --{f.name.replace('_', '-')} off.")
-    return p
-
-
-def main(argv: list[str] | None = None) -> TrainResult | None:
-    from rt_lib.pipeline.plan import add_plan_arguments
-
-    plan_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    plan_flags.add_argument("--plan", action="store_true")
-    add_plan_arguments(plan_flags, json_flag="--plan-json")
-    planning, rest = plan_flags.parse_known_args(argv)
-    args = vars(build_parser().parse_args(rest))
-    preset = args.pop("preset")
-    if planning.plan:
-        from rt_lib.pipeline import plan
-
-        status = plan.run(preset, json_path=planning.plan_json, gpu_memory=planning.gpu_memory,
-                          eval_tokens=planning.eval_tokens, train_overrides=args)
-        if status:
-            raise SystemExit(status)
-        return None
-    if planning.gpu_memory is not None or planning.plan_json is not None:
-        print("error: --gpu-memory and --plan-json go with --plan", file=sys.stderr)
-        raise SystemExit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = make_config(preset, **args)
-    result = run(cfg)
-    s = result.summary
-    print(json.dumps({k: s[k] for k in ("steps", "wall_time_s", "peak_memory_mb", "heldout_lm_loss",
-                                        "heldout_skip_ratio", "final_capacity")}, indent=1))
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -229,9 +229,9 @@ def mmlu_subjects() -> list[str]:
 
 
 def _data_files(benchmark: str, split: str, subset: str | None = None) -> list[str]:
-    from rt_lib.assets import loading as assets
+    from rt_lib.assets.benchmarks import benchmark_files
 
-    files = [str(Path(p).resolve()) for p in assets.benchmark_files(benchmark, split=split, subset=subset)]
+    files = [str(Path(p).resolve()) for p in benchmark_files(benchmark, split=split, subset=subset)]
     # datasets.map() on a load_from_disk copy leaves cache-*.arrow files beside the data; they
     # are not part of the split
     files = [f for f in files if not Path(f).name.startswith("cache-")]

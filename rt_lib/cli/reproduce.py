@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true",
                         help="print what the run needs (assets, memory per step, KV cache, tokens; rt_lib.pipeline.plan) "
                              "without loading weights, and exit")
-    from rt_lib.pipeline.plan import add_plan_arguments
+    from rt_lib.cli.plan import add_plan_arguments
 
     add_plan_arguments(parser, json_flag="--plan-json")
     return parser
@@ -174,6 +174,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  FAILED {run_id}: {why}", file=sys.stderr)
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The evidence run's command line, ``python -m rt_lib evidence`` (the run: ``rt_lib.evidence.run``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from rt_lib.evidence import run as evidence_run
+from rt_lib.evidence.run import CALIBRATION_BLOCKS, HELDOUT_BLOCKS, TARGET_LAYERS, Evidence, routers_of
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=evidence_run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="run folder (created; an existing one is continued)")
+    ap.add_argument("--routers", required=True, help="router checkpoint folder, or a run folder with train/routers")
+    ap.add_argument("--compare", nargs="*", default=[], help="run folders of other routers for the held-out loss")
+    ap.add_argument("--tasks", default=None, help="comma list (default: all eight)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--heldout-blocks", type=int, default=HELDOUT_BLOCKS)
+    ap.add_argument("--calibration-blocks", type=int, default=CALIBRATION_BLOCKS)
+    ap.add_argument("--limit", type=int, default=None, help="documents per task (a smoke run)")
+    ap.add_argument("--combine-only", action="store_true",
+                    help="only rebuild eval/ and the measures from the parts written so far")
+    ap.add_argument("--targets", default=",".join(map(str, TARGET_LAYERS)),
+                    help="skipped attention sublayers per sequence, comma list")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ev = Evidence(a.out, routers_of(Path(a.routers)), dtype=a.dtype, batch_size=a.batch_size,
+                  tasks=a.tasks.split(",") if a.tasks else None, compare=a.compare,
+                  targets=[int(t) for t in a.targets.split(",")], heldout_blocks=a.heldout_blocks,
+                  calibration_blocks=a.calibration_blocks, limit=a.limit)
+    start = time.perf_counter()
+    table = ev.combine() if a.combine_only else ev.run()
+    print(table.to_string(index=False))
+    print(f"evidence run finished in {time.perf_counter() - start:.0f} s: {a.out}")
+    return 0
