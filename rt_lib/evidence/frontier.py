@@ -171,8 +171,8 @@ class Frontier:
         from rt_lib.mindskip.model import read_checkpoint_metadata
 
         plan = {"model": self.model_name, "dtype": self.dtype, "levels": self.levels,
-                "routers": {n: {"path": str(p), "weights_sha256": read_checkpoint_metadata(p).get("weights_sha256")}
-                            for n, p in self.routers.items()},
+                "routers": {n: {"path": str(p), "weights_sha256": read_checkpoint_metadata(p).get("weights_sha256"),
+                                "levels": self.router_levels[n]} for n, p in self.routers.items()},
                 "calibration_blocks": self.calibration_blocks, "heldout_blocks": self.heldout_blocks,
                 "greedy_blocks": self.greedy_blocks, "batch_size": self.batch_size,
                 "num_layers": int(self.base.config.num_hidden_layers)}
@@ -180,7 +180,9 @@ class Frontier:
         if path.exists():
             old = _read_json(path)
             old_routers = old.get("routers", {})
-            clash = sorted(n for n in plan["routers"] if n in old_routers and old_routers[n] != plan["routers"][n])
+            same = ("path", "weights_sha256")
+            clash = sorted(n for n in plan["routers"] if n in old_routers
+                           and any(old_routers[n].get(k) != plan["routers"][n][k] for k in same))
             fixed = [k for k in ("model", "dtype", "calibration_blocks", "heldout_blocks", "greedy_blocks", "num_layers")
                      if old.get(k) != plan[k]]
             if clash or fixed:
@@ -372,6 +374,17 @@ def frontier_table(folder: str | Path, num_layers: int) -> list[dict]:
             "vs_importance_ci_low", "vs_importance_ci_high", "vs_greedy_equal_skip", "vs_greedy_ci_low",
             "vs_greedy_ci_high", "static_layers", "patterns", "layers"]
     return [{c: r.get(c) for c in cols} for r in rows]
+
+
+def missing_points(folder: str | Path) -> list[str]:
+    """Parts the frontier's plan asks for that are not written yet (empty: the frontier is complete)."""
+    folder = Path(folder)
+    plan = _read_json(folder / "plan.json")
+    levels = plan["levels"]
+    want = ["dense", *(f"{fam}__k{k}" for fam in ("static_importance", "static_greedy") for k in levels)]
+    want += [f"mindskip-{name}__{'own' if k is None else f'k{k}'}" for name, r in plan["routers"].items()
+             for k in [*(r.get("levels") or levels), None]]
+    return [w for w in want if not (folder / "parts" / f"{w}.json").exists()]
 
 
 def winning_recipe(rows: list[dict] | "pd.DataFrame") -> str | None:

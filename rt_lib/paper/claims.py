@@ -263,11 +263,11 @@ def _c2_heldout(run: Path, ev: Path, held: pd.DataFrame, paper: dict, gt0: str, 
     """C2 on held-out loss: from the frontier run beside the evidence run when it exists (the
     winning routers against each static drop interpolated to the same realised skip), else from
     the evidence run's own held-out scores (equal-skip rule on the realised skips)."""
-    from rt_lib.evidence.frontier import FRONTIER_CSV, winning_recipe
+    from rt_lib.evidence.frontier import FRONTIER_CSV, missing_points, winning_recipe
 
     path = run.parent / FRONTIER_RUN / "frontier" / FRONTIER_CSV
     rows = []
-    if path.exists():
+    if path.exists() and not missing_points(path.parent):  # a frontier still being measured decides nothing
         fr = pd.read_csv(path)
         win = winning_recipe(fr)
         pts = fr[(fr.family == f"mindskip:{win}") & fr.target_skipped.notna()] if win else fr.iloc[:0]
