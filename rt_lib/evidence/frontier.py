@@ -458,6 +458,8 @@ def write_frontier(results_root: str | Path, out_tables: str | Path, out_figures
         out["router_recipes"] = [files.write_csv(Path(out_tables) / "router_recipes.csv", recipes)]
     if out_figures is not None:
         win = winning_recipe(rows)
-        fig = plot_frontier(csv_path, title=f"Router recipes vs static drops (winner: {win}; paired 95% intervals)")
+        missing = missing_points(folder)
+        state = f"winner: {win}" if not missing else f"incomplete: {len(missing)} points to measure"
+        fig = plot_frontier(csv_path, title=f"Router recipes vs static drops ({state}; paired 95% intervals)")
         out["router_frontier_figure"] = save_figure(fig, Path(out_figures) / "router_frontier", formats=formats)
     return out

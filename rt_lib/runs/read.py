@@ -349,6 +349,8 @@ def load_runs(root: str | Path) -> tuple[list[Run], list[str]]:
     if not folder.is_dir():
         return runs, problems
     for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        if not (path / "run.json").exists() and (path / "frontier" / "plan.json").exists():
+            continue  # a frontier study (rt_lib.evidence.frontier), not a pipeline run: tabled on its own
         try:
             runs.append(read_run(path))
         except MalformedRun as exc:
