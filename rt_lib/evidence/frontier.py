@@ -38,16 +38,15 @@ interrupted continues with the first missing part. ``combine`` writes
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from rt_lib import files
+from rt_lib.evidence.run import ModelHolder, score_blocks
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +57,6 @@ GREEDY_BLOCKS = 16
 BISECTION_STEPS = 14
 STABLE = 0.95  # a layer is "static" for a router set when one decision covers this share of blocks
 FRONTIER_CSV = "frontier.csv"
-
-
-@torch.no_grad()
-def score_blocks(model, blocks: list[dict], pad_id: int, batch_size: int = 8, ms=None) -> dict:
-    """Per-block mean next-token loss, and with ``ms`` (a MindSkipModel under sequence routing)
-    the per-block keep decision of every routed layer (``keep[b][j]`` for ``ms.routed_layers[j]``)."""
-    from rt_lib.tuning.data import IGNORE_INDEX, collate
-
-    losses: list[float] = []
-    keep: list[list[bool]] = []
-    for i in range(0, len(blocks), batch_size):
-        batch = collate(blocks[i:i + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                               reduction="none")
-        n = (labels != IGNORE_INDEX).sum(1).clamp_min(1)
-        losses += (ce.sum(1) / n).tolist()
-        if ms is not None:
-            dec = ms.decisions()
-            cols = [dec[j].reshape(len(ce), -1).all(1) if dec[j] is not None else torch.ones(len(ce), dtype=torch.bool)
-                    for j in ms.routed_layers]
-            keep += torch.stack(cols, 1).tolist()
-    return {"losses": losses, "keep": keep}
 
 
 def skipped_per_block(keep: list[list[bool]]) -> list[int]:
@@ -100,7 +75,7 @@ def input_dependence(keep: list[list[bool]], layers: list[int], stable: float = 
             "patterns": len({tuple(r) for r in arr.tolist()})}
 
 
-class Frontier:
+class Frontier(ModelHolder):
     """One frontier folder; every point is a file, present parts are never recomputed."""
 
     def __init__(self, out: str | os.PathLike, routers: dict[str, str | os.PathLike], *, model: str | None = None,
@@ -127,26 +102,6 @@ class Frontier:
         self.greedy_blocks = min(greedy_blocks, calibration_blocks)
         self.bisection_steps = bisection_steps
         self._base = self._tok = self._blocks = None
-
-    # -- shared state ----------------------------------------------------------------------
-    @property
-    def base(self):
-        if self._base is None:
-            from rt_lib.assets.loading import load_model
-
-            self._base, self._tok = load_model(self.model_name, dtype=self.dtype)
-        return self._base
-
-    @property
-    def tok(self):
-        self.base
-        return self._tok
-
-    @property
-    def pad(self) -> int:
-        from rt_lib.tuning.data import pad_token_id
-
-        return pad_token_id(self.tok)
 
     def blocks(self) -> tuple[list[dict], list[dict]]:
         """(calibration, held-out) blocks: the evidence run's, disjoint."""
@@ -196,7 +151,7 @@ class Frontier:
     # -- points ----------------------------------------------------------------------------
     def dense(self) -> dict:
         return self._part("dense", lambda: {"family": "dense", "k": 0, "layers": [],
-                                            **score_blocks(self.base, self.blocks()[1], self.pad, self.batch_size)})
+                                            **score_blocks(self.base, self.blocks()[1], self.pad_id(), self.batch_size)})
 
     def _static(self, family: str, name: str, layers: list[int], extra: dict | None = None) -> dict:
         from rt_lib.mindskip.removal import drop_sublayers
@@ -204,7 +159,7 @@ class Frontier:
         def make():
             handle = drop_sublayers(self.base, layers, granularity="attn") if layers else None
             try:
-                scored = score_blocks(self.base, self.blocks()[1], self.pad, self.batch_size)
+                scored = score_blocks(self.base, self.blocks()[1], self.pad_id(), self.batch_size)
             finally:
                 if handle is not None:
                     handle.restore()
@@ -235,7 +190,7 @@ class Frontier:
                 for i in [i for i in pool if i not in chosen]:
                     handle = drop_sublayers(self.base, chosen + [i], granularity="attn")
                     try:
-                        loss = float(np.mean(score_blocks(self.base, cal, self.pad, self.batch_size)["losses"]))
+                        loss = float(np.mean(score_blocks(self.base, cal, self.pad_id(), self.batch_size)["losses"]))
                     finally:
                         handle.restore()
                     if best is None or loss < best[1]:
@@ -259,9 +214,9 @@ class Frontier:
                 if k is None:
                     cal = {"threshold": ms.config.threshold}
                 else:
-                    cal = calibrate_threshold(ms, self.blocks()[0], self.pad, k, steps=self.bisection_steps)
+                    cal = calibrate_threshold(ms, self.blocks()[0], self.pad_id(), k, steps=self.bisection_steps)
                     ms.set_threshold(cal["threshold"])
-                scored = score_blocks(ms, self.blocks()[1], self.pad, self.batch_size, ms=ms)
+                scored = score_blocks(ms, self.blocks()[1], self.pad_id(), self.batch_size, ms=ms)
                 layers = list(ms.routed_layers)
             finally:
                 ms.unload()

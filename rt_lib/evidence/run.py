@@ -66,11 +66,13 @@ def wiki_blocks(tokenizer, n: int, skip: int = 0) -> list[dict]:
 
 
 @torch.no_grad()
-def block_losses(model, blocks: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
-    """Mean next-token cross-entropy of each block (the unit of the paired held-out loss)."""
+def score_blocks(model, blocks: list[dict], pad_id: int, batch_size: int = 8, ms=None) -> dict:
+    """Per-block mean next-token loss, and with ``ms`` (a MindSkipModel under sequence routing)
+    the per-block keep decision of every routed layer (``keep[b][j]`` for ``ms.routed_layers[j]``)."""
     from rt_lib.tuning.data import IGNORE_INDEX, collate
 
-    out = []
+    losses: list[float] = []
+    keep: list[list[bool]] = []
     for i in range(0, len(blocks), batch_size):
         batch = collate(blocks[i:i + batch_size], pad_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -78,8 +80,18 @@ def block_losses(model, blocks: list[dict], pad_id: int, batch_size: int = 8) ->
         ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
                                                reduction="none")
         n = (labels != IGNORE_INDEX).sum(1).clamp_min(1)
-        out += (ce.sum(1) / n).tolist()
-    return out
+        losses += (ce.sum(1) / n).tolist()
+        if ms is not None:
+            dec = ms.decisions()
+            cols = [dec[j].reshape(len(ce), -1).all(1) if dec[j] is not None else torch.ones(len(ce), dtype=torch.bool)
+                    for j in ms.routed_layers]
+            keep += torch.stack(cols, 1).tolist()
+    return {"losses": losses, "keep": keep}
+
+
+def block_losses(model, blocks: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
+    """Mean next-token cross-entropy of each block (the unit of the paired held-out loss)."""
+    return score_blocks(model, blocks, pad_id, batch_size)["losses"]
 
 
 @torch.no_grad()
@@ -112,7 +124,33 @@ def calibrate_threshold(ms, blocks: list[dict], pad_id: int, target: float, step
 
 
 # ------------------------------------------------------------------------- the run
-class Evidence:
+class ModelHolder:
+    """The base model and tokenizer of a study, loaded on first use (``model_name``, ``dtype``)."""
+
+    model_name: str
+    dtype: str
+    _base = _tok = None
+
+    @property
+    def base(self):
+        if self._base is None:
+            from rt_lib.assets.loading import load_model
+
+            self._base, self._tok = load_model(self.model_name, dtype=self.dtype)
+        return self._base
+
+    @property
+    def tok(self):
+        self.base
+        return self._tok
+
+    def pad_id(self) -> int:
+        from rt_lib.tuning.data import pad_token_id
+
+        return pad_token_id(self.tok)
+
+
+class Evidence(ModelHolder):
     """One evidence run folder; every step is a file, present parts are never recomputed."""
 
     def __init__(self, out: str | os.PathLike, routers: str | os.PathLike, *, model: str | None = None,
@@ -138,25 +176,6 @@ class Evidence:
         self.limit = limit  # documents per task (a smoke run), None: the preset's
         self.profile_preset = profile_preset  # grid of the speed step (None: no speed step)
         self._base = self._tok = None
-
-    # -- shared state ----------------------------------------------------------------------
-    @property
-    def base(self):
-        if self._base is None:
-            from rt_lib.assets.loading import load_model
-
-            self._base, self._tok = load_model(self.model_name, dtype=self.dtype)
-        return self._base
-
-    @property
-    def tok(self):
-        self.base
-        return self._tok
-
-    def _pad(self) -> int:
-        from rt_lib.tuning.data import pad_token_id
-
-        return pad_token_id(self.tok)
 
     def _json(self, name: str, make):
         """The JSON file ``name`` under the evidence folder, made (and written atomically) once."""
@@ -202,7 +221,7 @@ class Evidence:
             ms = self._ms(self.routers)
             try:
                 for k in self.targets:
-                    out["main"][str(k)] = calibrate_threshold(ms, blocks, self._pad(), k)
+                    out["main"][str(k)] = calibrate_threshold(ms, blocks, self.pad_id(), k)
                     log.info("threshold for %d skipped layers: %s", k, out["main"][str(k)]["threshold"])
             finally:
                 ms.unload()
@@ -211,7 +230,7 @@ class Evidence:
                 try:
                     out["compare"][str(run)] = {
                         "granularity": ms.config.granularity, "route_level": ms.config.route_level,
-                        **calibrate_threshold(ms, blocks, self._pad(), max(self.targets))}
+                        **calibrate_threshold(ms, blocks, self.pad_id(), max(self.targets))}
                 finally:
                     ms.unload()
             return out
@@ -333,7 +352,7 @@ class Evidence:
 
         blocks = wiki_blocks(self.tok, self.heldout_blocks, skip=self.calibration_blocks)
         cal = self.calibration()
-        pad = self._pad()
+        pad = self.pad_id()
 
         def losses_of(model):
             return block_losses(model, blocks, pad, self.batch_size)
