@@ -394,12 +394,15 @@ def _rewrite_weights(path, data):
 
     from safetensors.torch import save_file
 
+    from rt_lib.mindskip.model import config_digest
+
     if isinstance(data, bytes):
         (path / WEIGHTS_NAME).write_bytes(data)
     else:
         save_file(data, str(path / WEIGHTS_NAME))
     meta = json.loads((path / CONFIG_NAME).read_text())
     meta["weights_sha256"] = hashlib.sha256((path / WEIGHTS_NAME).read_bytes()).hexdigest()
+    meta["config_sha256"] = config_digest(meta)
     (path / CONFIG_NAME).write_text(json.dumps(meta))
 
 
@@ -434,7 +437,7 @@ def test_load_refuses_weights_that_do_not_match_the_recorded_digest(tmp_path, ca
     assert not any("mindskip" in n for n, _ in model.named_parameters())
     # a checkpoint written before digests were recorded loads, with a warning
     meta = json.loads((path / CONFIG_NAME).read_text())
-    del meta["weights_sha256"]
+    del meta["weights_sha256"], meta["config_sha256"]
     (path / CONFIG_NAME).write_text(json.dumps(meta))
     MindSkipModel.from_pretrained(model, path).unload()
     assert "loaded unverified" in caplog.text
