@@ -54,3 +54,14 @@ def test_saved_config_is_covered_by_its_digest_and_overrides_stay_explicit(tmp_p
 def test_config_types_are_checked(bad):
     with pytest.raises(ValueError):
         MindSkipConfig(**bad)
+
+
+# ----------------------------------------------------------------------------- figure names
+def test_figure_names_of_run_ids_never_collide():
+    from rt_lib.paper.figures import figure_names
+
+    names = figure_names(["exp 1", "exp:1", "cpu-main", "sweep-cpu-granularity=attn"])
+    assert names["exp 1"] != names["exp:1"] and names["exp 1"].startswith("exp_1-")
+    assert names["cpu-main"] == "cpu-main"  # names without a collision stay as they were
+    assert names["sweep-cpu-granularity=attn"] == "sweep-cpu-granularity_attn"
+    assert len(set(names.values())) == 4

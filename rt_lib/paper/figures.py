@@ -94,6 +94,20 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+def figure_names(run_ids) -> dict[str, str]:
+    """File-name part of each run id: unsafe characters become ``_``; where two run ids would give
+    the same name (``exp 1`` and ``exp:1``), each of them gets the first 8 hex digits of its id's
+    sha256 appended, so no run's figures replace another's."""
+    import hashlib
+
+    safe = {rid: _safe(rid) for rid in run_ids}
+    counts: dict[str, int] = {}
+    for name in safe.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {rid: name if counts[name] == 1 else f"{name}-{hashlib.sha256(rid.encode()).hexdigest()[:8]}"
+            for rid, name in safe.items()}
+
+
 def _skip_stats_for_heatmap(run: Run) -> pd.DataFrame | None:
     ss = run.files.get("eval/skip_stats.csv")
     if ss is None:
@@ -131,8 +145,9 @@ def build_figures(runs: list[Run], tidy: pd.DataFrame, out_figures: str | Path, 
     kit = figure2_kit_points(runs, tidy)
     save("fig2_drop_vs_mindskip", "reference",
          lambda: plots.plot_drop_vs_mindskip(ref, *(kit if kit else (pd.DataFrame(), "rt-kit: not run"))))
+    names = figure_names([run.run_id for run in runs])
     for run in runs:
-        rid, label = _safe(run.run_id), f"{run.model}, run {run.run_id}"
+        rid, label = names[run.run_id], f"{run.model}, run {run.run_id}"
         if "train/log.csv" in run.files:
             save(f"training_curves_{rid}", run.run_id, lambda: plots.plot_training_curves(
                 run.files["train/log.csv"], run.capacity_target, title=f"Router-Tuning, {label}"))
