@@ -335,3 +335,28 @@ def test_new_routers_move_the_evaluation_and_its_baselines_aside(tmp_path, fake_
     assert not (a / "eval").exists() and not (a / "baselines").exists()
     problems = tidy.collect_runs(tmp_path).attrs["problems"]
     assert len(problems) == 2 and all("stale results" in p for p in problems)
+
+
+def test_full_disk_leaves_no_truncated_executed_notebook(tmp_path, monkeypatch, fake_notebooks):
+    """A notebook whose output cannot be written (simulated full disk: the writer leaves a
+    truncated file, then fails) keeps the executed copy of the run before it, complete."""
+    import errno
+    import json
+
+    import papermill
+
+    assert _reproduce(tmp_path, "d", "--notebooks", "01") == 0
+    out = tmp_path / "d" / "notebooks" / "01_router_tuning.ipynb"
+
+    def full_disk(input_path, output_path, **kwargs):
+        from pathlib import Path
+
+        Path(output_path).write_text('{"cells": [{"source": "tru')  # 8 KiB of JSON, cut short
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(papermill, "execute_notebook", full_disk)
+    assert _reproduce(tmp_path, "d", "--notebooks", "01", "--replace") == 1
+    notebooks = tmp_path / "d" / "notebooks"
+    assert not [p.name for p in notebooks.iterdir() if p.name.startswith(".")]  # no partial copy left
+    if out.exists():
+        json.loads(out.read_text())  # whatever is there is a whole notebook

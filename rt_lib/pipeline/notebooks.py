@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,18 +233,24 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
         if step:  # moves replaced / stale results aside, records the step as running with its inputs
             run_steps.start_step(run_dir, step, replace=replace, inputs=_step_inputs(nb, p))
         out_nb = out_dir / f"{nb}.ipynb"
+        # papermill writes its output as it goes: into a temporary file that replaces the executed
+        # copy only once complete, so a full disk or a kill never leaves a truncated notebook
+        partial = out_dir / f".{nb}.ipynb.partial-{os.getpid()}"
         logger.info("[%d/%d] %s", k, len(selected), nb)
         print(f"[{k}/{len(selected)}] {nb} ...", flush=True)
         t0 = time.perf_counter()
         try:
             papermill.execute_notebook(
-                str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(out_nb), parameters=p, kernel_name="python3",
+                str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(partial), parameters=p, kernel_name="python3",
                 progress_bar=progress, cwd=str(ROOT),
             )
-        except PapermillExecutionError as e:
+        except PapermillExecutionError as e:  # a complete notebook that shows the failing cell
+            os.replace(partial, out_nb)
             raise NotebookFailure(nb, e.exec_count, f"{e.ename}: {e.evalue}", out_nb) from None  # cell = In [n]
-        except Exception as e:  # kernel start-up, missing file, ...
+        except Exception as e:  # kernel start-up, missing file, full disk, ...: the partial copy is not kept
+            partial.unlink(missing_ok=True)
             raise NotebookFailure(nb, None, f"{type(e).__name__}: {e}", out_nb) from e
+        os.replace(partial, out_nb)
         times[nb] = time.perf_counter() - t0
         print(f"[{k}/{len(selected)}] {nb} done in {times[nb]:.0f} s", flush=True)
         _record(run_dir, preset, nb, p, times[nb])
