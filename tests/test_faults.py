@@ -65,3 +65,30 @@ def test_figure_names_of_run_ids_never_collide():
     assert names["cpu-main"] == "cpu-main"  # names without a collision stay as they were
     assert names["sweep-cpu-granularity=attn"] == "sweep-cpu-granularity_attn"
     assert len(set(names.values())) == 4
+
+
+# ----------------------------------------------------------------------------- command lines
+@pytest.mark.parametrize("argv", [
+    ["train", "--lr", "-1", "--preset", "smoke"],
+    ["train", "--resume-from", "/nonexistent/ckpt", "--preset", "smoke"],
+    ["evidence", "--out", "{tmp}/ev", "--routers", "/nonexistent/routers"],
+    ["frontier", "--out", "{tmp}/fr", "--routers", "a=/nonexistent/routers"],
+    ["plan", "--preset", "nope"],
+    ["reproduce", "--run-id", "../x", "--preset", "smoke", "--out", "{tmp}"],
+    ["reproduce", "--run-id", "a/b", "--preset", "smoke", "--out", "{tmp}"],
+])
+def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, argv):
+    from rt_lib.cli import main
+
+    rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    # one message line (progress bars of a model load before the error may stand above it)
+    assert rc == 2 and "Traceback (most recent call last)" not in err
+    assert err.splitlines()[-1].startswith("error: ") and sum(line.startswith("error") for line in err.splitlines()) == 1
+
+
+def test_debug_keeps_the_traceback():
+    from rt_lib.cli import main
+
+    with pytest.raises(ValueError, match="lr must be positive"):
+        main(["--debug", "train", "--lr", "-1", "--preset", "smoke"])

@@ -89,12 +89,22 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: python -m rt_lib <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items()]
-    lines += ["", "python -m rt_lib <command> --help shows a command's options."]
+    lines += ["", "python -m rt_lib <command> --help shows a command's options; python -m rt_lib --debug <command> ...",
+              "keeps the traceback of an error."]
     return "\n".join(lines)
 
 
+# What bad input raises (a wrong value, a missing or unreadable file, an unknown name): answered
+# with one line and exit status 2. Anything else is a bug and keeps its traceback.
+INPUT_ERRORS = (ValueError, KeyError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a command; bad input gives one line on stderr and status 2 (``--debug``, before
+    the command name, keeps the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug"
+    argv = argv[1:] if debug else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -102,5 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    result = COMMANDS[name][0](rest)
+    try:
+        result = COMMANDS[name][0](rest)
+    except INPUT_ERRORS as e:
+        if debug:
+            raise
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {' '.join(text.split())} (python -m rt_lib --debug {name} ... shows the traceback)",
+              file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
