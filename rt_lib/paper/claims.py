@@ -142,7 +142,7 @@ def equal_skip(verdict: str, favoured_skip: float, other_skip: float, tol: float
     skip (within ``tol`` layers); else ``holds`` stands only if the favoured variant skips more,
     ``does not hold`` only if it skips less, and anything else is ``inconclusive``."""
     if verdict == OPEN or any(v is None or v != v for v in (favoured_skip, other_skip)):
-        return OPEN if verdict != OPEN else verdict
+        return OPEN
     if abs(favoured_skip - other_skip) <= tol:
         return verdict
     if verdict == HOLDS:
