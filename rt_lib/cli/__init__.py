@@ -8,87 +8,30 @@ it in ``rt_lib.LAYERS``.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 
-def _train(argv):
-    from rt_lib.cli.train import main
-
-    return main(argv)
-
-
-def _evaluate(argv):
-    from rt_lib.cli.evaluate import main
-
-    return main(argv)
-
-
-def _profile(argv):
-    from rt_lib.cli.profile import main
-
-    return main(argv)
-
-
-def _evidence(argv):
-    from rt_lib.cli.evidence import main
-
-    return main(argv)
-
-
-def _frontier(argv):
-    from rt_lib.cli.frontier import main
-
-    return main(argv)
-
-
-def _paper(argv):
-    from rt_lib.cli.paper import main
-
-    return main(argv)
-
-
-def _plan(argv):
-    from rt_lib.cli.plan import main
-
-    return main(argv)
-
-
-def _reproduce(argv):
-    from rt_lib.cli.reproduce import main
-
-    return main(argv)
-
-
-def _router_study(argv):
-    from rt_lib.cli.router_study import main
-
-    return main(argv)
-
-
-def _schema(argv):
-    from rt_lib.cli.schema import main
-
-    return main(argv)
-
-
+# command -> what it does; each command's code is the module rt_lib.cli.<command> (dashes as
+# underscores), imported only when that command runs
 COMMANDS = {
-    "train": (_train, "train MindSkip routers (Router-Tuning) into a run folder"),
-    "evaluate": (_evaluate, "lm-evaluation-harness with the mindskip model and the kit's offline tasks"),
-    "profile": (_profile, "speed and KV-cache memory of MindSkip beside the oracle"),
-    "evidence": (_evidence, "the evidence run that decides the paper's claims"),
-    "frontier": (_frontier, "held-out loss against skipped layers: router recipes vs static drops"),
-    "paper": (_paper, "rebuild the paper's tables, figures and claims from result files"),
-    "plan": (_plan, "what a preset will need (assets, memory, tokens) before loading weights"),
-    "reproduce": (_reproduce, "the whole reproduction: notebooks 01-04 into one run folder"),
-    "router-study": (_router_study, "the router recipe study (tune every recipe, resumable)"),
-    "schema": (_schema, "write or check docs/results_format.md from the file schema"),
+    "train": "train MindSkip routers (Router-Tuning) into a run folder",
+    "evaluate": "lm-evaluation-harness with the mindskip model and the kit's offline tasks",
+    "profile": "speed and KV-cache memory of MindSkip beside the oracle",
+    "evidence": "the evidence run that decides the paper's claims",
+    "frontier": "held-out loss against skipped layers: router recipes vs static drops",
+    "paper": "rebuild the paper's tables, figures and claims from result files",
+    "plan": "what a preset will need (assets, memory, tokens) before loading weights",
+    "reproduce": "the whole reproduction: notebooks 01-04 into one run folder",
+    "router-study": "the router recipe study (tune every recipe, resumable)",
+    "schema": "write or check docs/results_format.md from the file schema",
 }
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: python -m rt_lib <command> [options]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {about}" for name, about in COMMANDS.items()]
     lines += ["", "python -m rt_lib <command> --help shows a command's options; python -m rt_lib --debug <command> ...",
               "keeps the traceback of an error."]
     return "\n".join(lines)
@@ -113,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        result = COMMANDS[name][0](rest)
+        command = importlib.import_module(f"rt_lib.cli.{name.replace('-', '_')}")
+        result = command.main(rest)
     except INPUT_ERRORS as e:
         if debug:
             raise
