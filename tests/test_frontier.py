@@ -59,12 +59,29 @@ def test_frontier_table_pairs_every_point_with_dense_and_with_static_at_equal_sk
     assert winning_recipe(list(rows.values())) == "a"
 
 
-def test_winner_must_cover_every_level():
-    rows = [{"family": "mindskip:a", "target_skipped": 2, "loss_increase": 0.1},
-            {"family": "mindskip:a", "target_skipped": 4, "loss_increase": 0.3},
-            {"family": "mindskip:b", "target_skipped": 2, "loss_increase": 0.05},  # one level only
-            {"family": "static_greedy", "target_skipped": 2, "loss_increase": 0.0}]
-    assert winning_recipe(rows) == "a"
+def test_calibration_stops_within_the_tolerance(monkeypatch):
+    from rt_lib.evidence import run
+
+    class Routers:  # skips 10 * threshold layers
+        def set_threshold(self, t):
+            self.t = t
+
+    monkeypatch.setattr(run, "skipped_layers", lambda ms, blocks, pad_id: 10 * ms.t)
+    exact = run.calibrate_threshold(Routers(), [], 0, 3.0, steps=14)
+    near = run.calibrate_threshold(Routers(), [], 0, 3.0, steps=14, tolerance=0.2)
+    assert len(exact["trace"]) == 14 and exact["skipped"] == pytest.approx(3.0, abs=1e-3)
+    assert len(near["trace"]) < 14 and abs(near["skipped"] - 3.0) <= 0.2
+
+
+def test_winner_must_cover_every_level_and_is_judged_at_equal_skip():
+    rows = [{"family": "mindskip:a", "target_skipped": 2, "loss_increase": 0.1, "vs_greedy_equal_skip": 0.02},
+            {"family": "mindskip:a", "target_skipped": 4, "loss_increase": 0.3, "vs_greedy_equal_skip": 0.04},
+            {"family": "mindskip:b", "target_skipped": 2, "loss_increase": 0.05, "vs_greedy_equal_skip": -0.1},
+            # c: lower loss increases than a, but only because it skipped less than a at each level
+            {"family": "mindskip:c", "target_skipped": 2, "loss_increase": 0.05, "vs_greedy_equal_skip": 0.05},
+            {"family": "mindskip:c", "target_skipped": 4, "loss_increase": 0.2, "vs_greedy_equal_skip": 0.06},
+            {"family": "static_greedy", "target_skipped": 2, "loss_increase": 0.0, "vs_greedy_equal_skip": None}]
+    assert winning_recipe(rows) == "a"  # b: one level only
 
 
 @pytest.mark.parametrize("verdict, fav, other, want", [
@@ -113,14 +130,17 @@ def test_frontier_run_on_a_tiny_model(tmp_path):
     from tests.test_train import tiny_llama
     from tests.tiny_models import random_routers
 
+    import shutil
+
     model, tok = tiny_llama(layers=6)
     ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=4))
     random_routers(ms, seed=1, scale=40.0)
     ms.save_pretrained(tmp_path / "routers")
     ms.unload()
+    shutil.copytree(tmp_path / "routers", tmp_path / "twin")  # another recipe that tuned the same routers
 
-    def frontier():
-        fr = Frontier(tmp_path / "fr", {"r": tmp_path / "routers"}, levels=[1, 2], heldout_blocks=6,
+    def frontier(routers=tmp_path / "routers"):
+        fr = Frontier(tmp_path / "fr", {"r": routers, "t": tmp_path / "twin@2"}, levels=[1, 2], heldout_blocks=6,
                       calibration_blocks=4, greedy_blocks=2, bisection_steps=6, batch_size=3)
         fr._base, fr._tok = model, byte_tokenizer()
         return fr
@@ -128,11 +148,25 @@ def test_frontier_run_on_a_tiny_model(tmp_path):
     frontier().run()
     parts = sorted(p.stem for p in (tmp_path / "fr" / "frontier" / "parts").glob("*.json"))
     assert parts == ["dense", "greedy", "importance", "mindskip-r__k1", "mindskip-r__k2", "mindskip-r__own",
+                     "mindskip-t__k2", "mindskip-t__own",
                      "static_greedy__k1", "static_greedy__k2", "static_importance__k1", "static_importance__k2"]
+    read = lambda p: json.loads((tmp_path / "fr" / "frontier" / "parts" / f"{p}.json").read_text())  # noqa: E731
+    r2, t2 = read("mindskip-r__k2"), read("mindskip-t__k2")
+    assert t2["same_routers_as"] == "r" and t2["losses"] == r2["losses"] and t2["family"] == "mindskip:t"
+    assert r2["calibration_steps"] <= 6 and r2["calibration_tolerance"] == pytest.approx(0.125)
+    # the same routers moved to another folder continue the run; other weights under the name are refused
+    moved = shutil.copytree(tmp_path / "routers", tmp_path / "moved")
+    frontier(moved).run()
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=4))
+    random_routers(ms, seed=2, scale=40.0)
+    ms.save_pretrained(tmp_path / "other")
+    ms.unload()
+    with pytest.raises(ValueError, match="other settings"):
+        frontier(tmp_path / "other").run()
     stamps = {p: (tmp_path / "fr" / "frontier" / "parts" / f"{p}.json").stat().st_mtime_ns for p in parts}
     table = pd.read_csv(frontier().run())
     assert {p: (tmp_path / "fr" / "frontier" / "parts" / f"{p}.json").stat().st_mtime_ns for p in parts} == stamps
-    assert set(table.family) == {"mindskip:r", "static_greedy", "static_importance"}
+    assert set(table.family) == {"mindskip:r", "mindskip:t", "static_greedy", "static_importance"}
     greedy = json.loads((tmp_path / "fr" / "frontier" / "parts" / "greedy.json").read_text())
     assert len(greedy["order"]) == 2 and greedy["order"][:1] == json.loads(
         (tmp_path / "fr" / "frontier" / "parts" / "static_greedy__k1.json").read_text())["layers"]

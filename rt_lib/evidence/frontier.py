@@ -19,7 +19,10 @@ Curves:
   first ``GREEDY_BLOCKS`` calibration blocks (a nested set, each ``k`` extends ``k - 1``). This is
   the bar a router must clear to show that *input-dependent* depth adds anything;
 * ``mindskip:<name>``: each router set at the thresholds that skip ``k`` layers per sequence on
-  the calibration blocks (bisection), and at its own threshold.
+  the calibration blocks (bisection, to within ``CALIBRATION_TOLERANCE`` layers), and at its own
+  threshold. Router sets with the same weights and configuration (two recipes that tuned the same
+  routers) share their points: the later one's part is a copy that names the first
+  (``same_routers_as``), not a second measurement.
 
 For each MindSkip point the table also gives its difference from each static drop at the *same
 realised skip*: per block, the static drop's losses interpolated linearly between the two whole
@@ -37,6 +40,7 @@ interrupted continues with the first missing part. ``combine`` writes
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -55,6 +59,9 @@ CALIBRATION_BLOCKS = 32
 HELDOUT_BLOCKS = 128
 GREEDY_BLOCKS = 16
 BISECTION_STEPS = 14
+# the calibration stops once the calibration blocks skip within this many layers of the target: the
+# comparisons with the static drops are made at the realised skip, so closer only costs time
+CALIBRATION_TOLERANCE = 0.125
 STABLE = 0.95  # a layer is "static" for a router set when one decision covers this share of blocks
 FRONTIER_CSV = "frontier.csv"
 
@@ -81,7 +88,7 @@ class Frontier(ModelHolder):
     def __init__(self, out: str | os.PathLike, routers: dict[str, str | os.PathLike], *, model: str | None = None,
                  dtype: str = "auto", levels=LEVELS, batch_size: int = 8, heldout_blocks: int = HELDOUT_BLOCKS,
                  calibration_blocks: int = CALIBRATION_BLOCKS, greedy_blocks: int = GREEDY_BLOCKS,
-                 bisection_steps: int = BISECTION_STEPS):
+                 bisection_steps: int = BISECTION_STEPS, calibration_tolerance: float = CALIBRATION_TOLERANCE):
         from rt_lib.mindskip.model import read_checkpoint_metadata
 
         self.out = Path(out)
@@ -100,7 +107,7 @@ class Frontier(ModelHolder):
         self.levels = [int(k) for k in levels]
         self.heldout_blocks, self.calibration_blocks = heldout_blocks, calibration_blocks
         self.greedy_blocks = min(greedy_blocks, calibration_blocks)
-        self.bisection_steps = bisection_steps
+        self.bisection_steps, self.calibration_tolerance = bisection_steps, calibration_tolerance
         self._base = self._tok = self._blocks = None
 
     def blocks(self) -> tuple[list[dict], list[dict]]:
@@ -135,9 +142,9 @@ class Frontier(ModelHolder):
         if path.exists():
             old = _read_json(path)
             old_routers = old.get("routers", {})
-            same = ("path", "weights_sha256")
+            # a router set is its weights: the same file under another path (a moved checkout) continues
             clash = sorted(n for n in plan["routers"] if n in old_routers
-                           and any(old_routers[n].get(k) != plan["routers"][n][k] for k in same))
+                           and old_routers[n].get("weights_sha256") != plan["routers"][n]["weights_sha256"])
             fixed = [k for k in ("model", "dtype", "calibration_blocks", "heldout_blocks", "greedy_blocks", "num_layers")
                      if old.get(k) != plan[k]]
             if clash or fixed:
@@ -201,9 +208,27 @@ class Frontier(ModelHolder):
             return {"order": chosen, "trace": trace, "candidates": pool, "calibration_blocks": len(cal)}
         return self._part("greedy", make)
 
+    def _identity(self, routers: Path) -> tuple:
+        from rt_lib.mindskip.model import read_checkpoint_metadata
+
+        meta = read_checkpoint_metadata(routers)
+        return meta.get("weights_sha256"), json.dumps(meta.get("config"), sort_keys=True), meta.get("routed_layers")
+
     def _mindskip(self, name: str, routers: Path, k: int | None) -> dict:
         from rt_lib.runs.checkpoints import attach_routers
         from rt_lib.evidence.run import calibrate_threshold
+
+        point = f"{'own' if k is None else f'k{k}'}"
+        twin = next((other for other, path in self.routers.items() if other != name
+                     and self._identity(path) == self._identity(routers)
+                     and (self.dir / "parts" / f"mindskip-{other}__{point}.json").exists()), None)
+        if twin is not None:
+            def make():
+                first = _read_json(self.dir / "parts" / f"mindskip-{twin}__{point}.json")
+                drop = ("part", "family", "wall_s", "same_routers_as")
+                return {"family": f"mindskip:{name}", **{k_: v for k_, v in first.items() if k_ not in drop},
+                        "same_routers_as": twin}
+            return self._part(f"mindskip-{name}__{point}", make)
 
         def make():
             ms = attach_routers(self.base, routers)
@@ -214,15 +239,18 @@ class Frontier(ModelHolder):
                 if k is None:
                     cal = {"threshold": ms.config.threshold}
                 else:
-                    cal = calibrate_threshold(ms, self.blocks()[0], self.pad_id(), k, steps=self.bisection_steps)
+                    cal = calibrate_threshold(ms, self.blocks()[0], self.pad_id(), k, steps=self.bisection_steps,
+                                              tolerance=self.calibration_tolerance)
                     ms.set_threshold(cal["threshold"])
                 scored = score_blocks(ms, self.blocks()[1], self.pad_id(), self.batch_size, ms=ms)
                 layers = list(ms.routed_layers)
             finally:
                 ms.unload()
             return {"family": f"mindskip:{name}", "k": k, "threshold": cal["threshold"],
-                    "calibration_skipped": cal.get("skipped"), "routed_layers": layers, **scored}
-        return self._part(f"mindskip-{name}__{'own' if k is None else f'k{k}'}", make)
+                    "calibration_skipped": cal.get("skipped"), "calibration_steps": len(cal.get("trace", [])),
+                    "calibration_tolerance": None if k is None else self.calibration_tolerance,
+                    "routed_layers": layers, **scored}
+        return self._part(f"mindskip-{name}__{point}", make)
 
     def run(self) -> Path:
         self.plan()
@@ -343,8 +371,10 @@ def missing_points(folder: str | Path) -> list[str]:
 
 
 def winning_recipe(rows: list[dict] | "pd.DataFrame") -> str | None:
-    """The router set with the lowest mean held-out loss increase over the frontier's levels, among
-    those placed at every level (the rule that names the winner, fixed before any run)."""
+    """The router set whose loss is lowest relative to the greedy static drop *at the same realised
+    skip* (``vs_greedy_equal_skip``), averaged over the frontier's levels, among the sets placed at
+    every level (the rule that names the winner; a set that skips more is not rewarded or punished
+    for it, as the loss increase alone would)."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
@@ -352,10 +382,10 @@ def winning_recipe(rows: list[dict] | "pd.DataFrame") -> str | None:
     if ms.empty:
         return None
     levels = set(ms.target_skipped)
-    full = ms.groupby("family").filter(lambda d: set(d.target_skipped) == levels)
+    full = ms.groupby("family").filter(lambda d: set(d.target_skipped) == levels and d.vs_greedy_equal_skip.notna().all())
     if full.empty:
         return None
-    mean = full.groupby("family").loss_increase.mean().sort_values(kind="stable")
+    mean = full.groupby("family").vs_greedy_equal_skip.mean().sort_values(kind="stable")
     return str(mean.index[0]).split(":", 1)[1]
 
 

@@ -106,9 +106,11 @@ def skipped_layers(ms, blocks: list[dict], pad_id: int, batch_size: int = 8) -> 
     return float(sum(1.0 - c for c in ms.capacities().values()))
 
 
-def calibrate_threshold(ms, blocks: list[dict], pad_id: int, target: float, steps: int = BISECTION_STEPS) -> dict:
+def calibrate_threshold(ms, blocks: list[dict], pad_id: int, target: float, steps: int = BISECTION_STEPS,
+                        tolerance: float = 0.0) -> dict:
     """The threshold at which the routers skip ``target`` sublayers per sequence on ``blocks``:
-    bisection on [0, 1] (more is skipped as the threshold rises), keeping the closest point."""
+    bisection on [0, 1] (more is skipped as the threshold rises), keeping the closest point;
+    it stops early once a point is within ``tolerance`` layers of the target."""
     lo, hi = 0.0, 1.0
     best = None
     trace = []
@@ -119,6 +121,8 @@ def calibrate_threshold(ms, blocks: list[dict], pad_id: int, target: float, step
         trace.append([tau, s])
         if best is None or abs(s - target) < abs(best[1] - target):
             best = (tau, s)
+        if abs(s - target) <= tolerance:
+            break
         lo, hi = (tau, hi) if s < target else (lo, tau)
     return {"target_skipped": target, "threshold": best[0], "skipped": best[1], "trace": trace}
 
