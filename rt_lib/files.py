@@ -1,5 +1,6 @@
 """File primitives of the kit: atomic writes (bytes, text, JSON, CSV, whole folders), the
-sha256 of a file, an exclusive file lock, and the UTC time stamp of records.
+sha256 of a file, an exclusive file lock, a folder held by one process at a time (``hold_folder``),
+and the UTC time stamp of records.
 
 Every step writes its results through these, so an interrupted run never leaves a half-written
 file that a later table or figure would silently read (temporary file in the same folder, then
@@ -96,8 +97,11 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)  # torch.dtype, torch.device, ...
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=to_jsonable, allow_nan=True)
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """``obj`` as JSON, atomically; ``indent=None`` writes it compact (large records, such as
+    per-document scores, take about half the bytes)."""
+    separators = None if indent is not None else (",", ":")
+    text = json.dumps(obj, indent=indent, separators=separators, sort_keys=False, default=to_jsonable, allow_nan=True)
     return atomic_write_text(path, text + "\n")
 
 
@@ -143,6 +147,72 @@ def file_lock(path: str | os.PathLike):
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+LOCK_FILE = ".lock"  # <folder>/.lock: who holds the folder (JSON), locked while they run
+LOCK_HOLDER_ENV = "RT_KIT_LOCK_HOLDER"  # the holder's pid, inherited by the processes it starts
+_held: dict[str, int] = {}  # resolved folder -> open descriptor of its lock file
+
+
+class FolderBusy(OSError):
+    """Another live process holds the folder (``hold_folder``)."""
+
+
+def hold_folder(folder: str | os.PathLike, what: str = "") -> None:
+    """Hold an exclusive lock on ``folder`` for the rest of this process (``release_folder`` ends it
+    earlier), so that two processes never write one run folder at once.
+
+    The lock is an advisory ``flock`` on ``<folder>/.lock``, which the kernel releases when the
+    process ends however it ends (a killed run leaves the file, not the lock). The file says who
+    holds it (pid, host, command, start time); a second process gets ``FolderBusy`` with that
+    text. Re-entrant within a process; a process started by the holder (a notebook kernel of the
+    pipeline: ``RT_KIT_LOCK_HOLDER`` names the holder's pid) works under its parent's lock. A
+    no-op where fcntl is absent (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    import socket
+    import sys
+
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _held:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 65536, 0) or b"{}")
+        except ValueError:
+            holder = {}
+        os.close(fd)
+        if holder.get("pid") is not None and str(holder.get("pid")) == os.environ.get(LOCK_HOLDER_ENV) \
+                and holder.get("host") == socket.gethostname():
+            return  # our parent holds it for us
+        who = (f"process {holder.get('pid')} on {holder.get('host')} ({holder.get('what') or holder.get('command')}), "
+               f"since {holder.get('started')}") if holder else "another process"
+        raise FolderBusy(f"{folder} is in use by {who}: wait for it to finish (or stop it), or choose another "
+                         "folder; two processes writing one run folder would overwrite each other's results") from None
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now(), "what": what,
+            "command": " ".join(sys.argv)[:500]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    _held[key] = fd
+    os.environ[LOCK_HOLDER_ENV] = str(os.getpid())
+
+
+def release_folder(folder: str | os.PathLike) -> None:
+    """Release a lock taken with ``hold_folder`` by this process (no-op if it holds none)."""
+    fd = _held.pop(str(Path(folder).resolve()), None)
+    if fd is not None:
+        import fcntl
+
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

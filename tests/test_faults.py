@@ -92,3 +92,109 @@ def test_debug_keeps_the_traceback():
 
     with pytest.raises(ValueError, match="lr must be positive"):
         main(["--debug", "train", "--lr", "-1", "--preset", "smoke"])
+
+
+# ----------------------------------------------------------------------------- one process per run folder
+def _holder(folder):
+    """A separate process that holds ``folder`` until it is killed; returns once it holds it."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from rt_lib.files import hold_folder; hold_folder(sys.argv[1], 'test holder'); "
+            "print('held', flush=True); time.sleep(120)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RT_KIT_LOCK_HOLDER"}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_folder_another_live_process_holds_is_refused_until_it_ends(tmp_path):
+    from rt_lib import files
+    from rt_lib.runs import record as runs
+    from rt_lib.runs.steps import start_step
+
+    run = runs.new_run(root=tmp_path, run_id="r", preset="smoke")
+    proc = _holder(run)
+    try:
+        with pytest.raises(files.FolderBusy, match=rf"in use by process {proc.pid} .*test holder"):
+            files.hold_folder(run)
+        with pytest.raises(files.FolderBusy):  # a step the other process may be running is not resumed into
+            start_step(run, "train")
+        assert "train" not in runs.load_run(run)["steps"]
+    finally:
+        proc.kill()
+        proc.wait()
+    start_step(run, "train")  # a killed holder leaves no lock
+    assert runs.load_run(run)["steps"]["train"]["status"] == "running"
+    files.release_folder(run)
+
+
+def test_training_into_a_folder_held_by_another_process_is_refused(tmp_path):
+    from rt_lib import files
+    from tests.test_train import run_small
+
+    proc = _holder(tmp_path / "run")
+    try:
+        with pytest.raises(files.FolderBusy):
+            run_small(tmp_path, max_steps=1)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "run" / "train" / "routers").exists()
+
+
+# ----------------------------------------------------------------------------- retraining a folder
+def test_training_over_finished_routers_is_refused_and_replace_moves_them_aside(tmp_path):
+    from rt_lib import files
+    from rt_lib.mindskip.model import WEIGHTS_NAME
+    from rt_lib.runs.steps import ResultsExist
+    from tests.test_train import run_small
+
+    run_small(tmp_path, max_steps=2)
+    first = (tmp_path / "run" / "train" / "routers" / WEIGHTS_NAME).read_bytes()
+    with pytest.raises(ResultsExist, match="train .*completed"):
+        run_small(tmp_path, max_steps=2, lr=5e-2)
+    assert (tmp_path / "run" / "train" / "routers" / WEIGHTS_NAME).read_bytes() == first
+    run_small(tmp_path, max_steps=2, lr=5e-2, replace=True)
+    moved = list((tmp_path / "run" / "replaced").glob("train-*/train/routers/" + WEIGHTS_NAME))
+    assert len(moved) == 1 and moved[0].read_bytes() == first
+    assert (tmp_path / "run" / "train" / "routers" / WEIGHTS_NAME).read_bytes() != first
+    assert json.loads((moved[0].parents[2] / "step.json").read_text())["files"] == ["train"]
+    files.release_folder(tmp_path / "run")
+
+
+def test_an_interrupted_training_is_continued_or_replaced_not_overwritten(tmp_path):
+    from rt_lib import files
+    from rt_lib.runs.steps import ResultsExist
+    from tests.test_train import run_small
+
+    run_small(tmp_path, max_steps=4, save_every=1, stop_after=1)
+    with pytest.raises(ResultsExist, match="(?s)interrupted training.*--resume-from latest"):
+        run_small(tmp_path, max_steps=4, save_every=1)
+    res = run_small(tmp_path, max_steps=4, save_every=1, resume_from="latest")
+    assert res.summary["finished"]
+    files.release_folder(tmp_path / "run")
+
+
+def test_retraining_a_pipeline_run_marks_its_evaluation_stale(tmp_path):
+    from rt_lib import files
+    from rt_lib.runs import record as runs
+    from rt_lib.runs.steps import ResultsExist, finish_step, start_step, step_state
+    from tests.test_train import run_small
+
+    run = runs.new_run(root=tmp_path, run_id="run", preset="smoke")
+    start_step(run, "train")
+    run_small(tmp_path, max_steps=2)
+    finish_step(run, "train")
+    start_step(run, "eval")
+    (run / "eval").mkdir()
+    (run / "eval" / "results.csv").write_text("task,acc\n")
+    finish_step(run, "eval")
+    with pytest.raises(ResultsExist, match="completed"):
+        run_small(tmp_path, max_steps=2)
+    run_small(tmp_path, max_steps=2, replace=True)
+    record = runs.load_run(run)
+    assert step_state(run, record, "eval")[0] == "stale" and not (run / "eval").exists()
+    assert {m["step"] for m in record["replacements"]} == {"train", "eval"}
+    files.release_folder(run)

@@ -230,12 +230,30 @@ def test_sweep_through_the_harness_matches_static_drop_to_skipping_every_routed_
     assert (paired[paired.variant == "mindskip_t0"]["diff"] == 0).all()
 
 
+def test_fresh_routers_are_labelled_and_never_read_as_tuned_mindskip(tiny, tmp_path, fake_evaluate):
+    from rt_lib.mindskip.config import MindSkipConfig
+    from rt_lib.mindskip.model import get_mindskip_model
+
+    model, tok = tiny
+    fake = fake_evaluate({0.5: 0.0, 0.6: 0.0})
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=2))
+    try:
+        parts = sweep._mindskip_parts(ms, tok, [0.5, 0.6], None, dict(preset="quick", tasks=TASKS, limit=4,
+                                                                      batch_size=4), fresh=True)
+    finally:
+        ms.unload()
+    assert [c["variant"] for c in fake.calls] == ["mindskip_fresh_t0.5", "mindskip_fresh_t0.6"]
+    assert set(parts[0].table.method) | set(parts[1].table.method) == {"dense", "mindskip_fresh"}
+
+
 # ------------------------------------------------------------------ checkpoint lookup
 def test_checkpoint_lookup_order(tiny, tmp_path):
     model, _ = tiny
     run = runs.new_run(tmp_path, run_id="r", parameters={"train": {"model": "tuned-model"}})
-    # nothing tuned yet: fresh routers; the model notebook 01 tuned
-    ckpt = resolve_checkpoint(run)
+    # nothing tuned yet: refused, unless fresh routers are asked for; the model notebook 01 tuned
+    with pytest.raises(FileNotFoundError, match="no tuned routers.*fresh_routers=True"):
+        resolve_checkpoint(run)
+    ckpt = resolve_checkpoint(run, fresh_routers=True)
     assert ckpt == Checkpoint(run_dir=run, model="tuned-model", routers=None)
     assert "(none: fresh zero-init routers)" in str(ckpt)
     # the run's own routers once notebook 01 wrote them; an explicit model wins
@@ -245,7 +263,7 @@ def test_checkpoint_lookup_order(tiny, tmp_path):
     # another run's routers: their base model when the run tuned none, else the default
     bare = runs.new_run(tmp_path, run_id="bare")
     assert resolve_checkpoint(bare, routers=str(run / "train" / "routers")).model == "tiny-random-llama"
-    assert resolve_checkpoint(bare) == Checkpoint(run_dir=bare, model=DEFAULT_MODEL, routers=None)
+    assert resolve_checkpoint(bare, fresh_routers=True) == Checkpoint(run_dir=bare, model=DEFAULT_MODEL, routers=None)
     # a routers folder that is named but missing is an error, never fresh routers
     with pytest.raises(FileNotFoundError, match="routers='nowhere/routers' does not exist"):
         resolve_checkpoint(bare, routers="nowhere/routers")
@@ -259,7 +277,7 @@ def test_checkpoint_without_run_folder_makes_a_new_run(tmp_path, monkeypatch):
         return real_new_run(tmp_path, run_id="new", preset=preset)
 
     monkeypatch.setattr(runs, "new_run", new_run)
-    ckpt = resolve_checkpoint("", preset="smoke")
+    ckpt = resolve_checkpoint("", preset="smoke", fresh_routers=True)
     assert made == ["smoke"] and ckpt.run_dir == tmp_path / "new" and ckpt.routers is None
 
 

@@ -34,9 +34,14 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------- labels
-def mindskip_variant(threshold: float, n_thresholds: int) -> str:
-    """``mindskip`` when only one threshold is evaluated, else ``mindskip_t<threshold>``."""
-    return "mindskip" if n_thresholds == 1 else f"mindskip_t{threshold:g}"
+FRESH = "mindskip_fresh"  # method and variant name of untrained (zero-initialised) routers
+
+
+def mindskip_variant(threshold: float, n_thresholds: int, fresh: bool = False) -> str:
+    """``mindskip`` when only one threshold is evaluated, else ``mindskip_t<threshold>``;
+    ``mindskip_fresh...`` for untrained routers, which the paper's tables never take for tuned ones."""
+    name = FRESH if fresh else "mindskip"
+    return name if n_thresholds == 1 else f"{name}_t{threshold:g}"
 
 
 def static_drop_variant(k: int) -> str:
@@ -65,7 +70,8 @@ def evaluate_sweep(base, tokenizer, run_dir: str | os.PathLike, *, routers: str 
     ``<run_dir>/eval/`` and ``<run_dir>/baselines/`` and return the combined results.
 
     ``base``: the base model (left as it was: routers and dropped layers are removed again);
-    ``routers``: a router checkpoint folder, None for fresh default routers. ``preset``,
+    ``routers``: a router checkpoint folder, None for fresh default routers (their rows are
+    method ``mindskip_fresh``, so nothing reads them as tuned MindSkip). ``preset``,
     ``tasks``, ``limit``, ``batch_size``: as ``rt_lib.evaluation.driver.evaluate``. ``dense_from``: a
     run folder whose dense scores (same preset, tasks, limit) are reused instead of a dense
     run. ``calibration``: keyword arguments of ``rt_lib.tuning.baselines.attention_importance``
@@ -77,7 +83,7 @@ def evaluate_sweep(base, tokenizer, run_dir: str | os.PathLike, *, routers: str 
     ms = attach_routers(base, routers)
     ms.eval()
     try:
-        parts = _mindskip_parts(ms, tokenizer, thresholds, dense_from, common)
+        parts = _mindskip_parts(ms, tokenizer, thresholds, dense_from, common, fresh=routers is None)
         n_routed, granularity = len(ms.routed_layers), ms.config.granularity
     finally:
         ms.unload()
@@ -98,7 +104,8 @@ def evaluate_sweep(base, tokenizer, run_dir: str | os.PathLike, *, routers: str 
     return results
 
 
-def _mindskip_parts(ms, tokenizer, thresholds: list[float], dense_from, common: dict) -> list[EvalResults]:
+def _mindskip_parts(ms, tokenizer, thresholds: list[float], dense_from, common: dict,
+                    fresh: bool = False) -> list[EvalResults]:
     """The dense reference (reused from ``dense_from``, else run with the first threshold) and
     MindSkip at each threshold, each paired with that dense run."""
     parts = []
@@ -109,8 +116,9 @@ def _mindskip_parts(ms, tokenizer, thresholds: list[float], dense_from, common: 
     for tau in thresholds:
         ms.set_threshold(tau)
         # without dense_from the first call also runs the dense reference (routers forced to keep)
-        parts.append(evaluate(ms, tokenizer, variant=mindskip_variant(tau, len(thresholds)),
-                              dense_reference=parts[0] if parts else None, **common))
+        parts.append(evaluate(ms, tokenizer, variant=mindskip_variant(tau, len(thresholds), fresh),
+                              method=FRESH if fresh else None, dense_reference=parts[0] if parts else None,
+                              **common))
     return parts
 
 

@@ -253,6 +253,7 @@ class Frontier(ModelHolder):
         return self._part(f"mindskip-{name}__{point}", make)
 
     def run(self) -> Path:
+        files.hold_folder(self.out, "frontier")
         self.plan()
         jobs = [("dense", self.dense), ("importance", self.importance), ("greedy", self.greedy)]
         todo = [(n, r, k) for n, r in self.routers.items() for k in [*(self.router_levels[n] or self.levels), None]]

@@ -452,6 +452,7 @@ class Evidence(ModelHolder):
         return table
 
     def run(self):
+        files.hold_folder(self.out, "evidence run")
         self.plan()
         runs.new_run(root=self.out.parent, run_id=self.out.name, preset=TASK_PRESET) if not (
             self.out / runs.RUN_FILE).exists() else None

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rt_lib import files
 from rt_lib.runs.steps import PRESET_DIR
 
 logger = logging.getLogger(__name__)
@@ -219,6 +220,9 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
         if nb not in NOTEBOOKS:
             raise ParameterError(f"unknown notebook {nb!r}; notebooks: {list(NOTEBOOKS)}")
     run_dir = Path(run_dir).resolve()
+    # held until this process ends: a second pipeline (or training) into the folder is refused,
+    # while this one's notebook kernels work under the lock
+    files.hold_folder(run_dir, f"pipeline {preset}")
     check_run_folder(run_dir, selected, replace)
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +236,10 @@ def run_pipeline(preset: str, run_dir: str | Path, overrides: dict[str, dict] | 
         step = NOTEBOOK_STEPS.get(nb)
         if step:  # moves replaced / stale results aside, records the step as running with its inputs
             run_steps.start_step(run_dir, step, replace=replace, inputs=_step_inputs(nb, p))
+        if step == "train" and "train_options" in declared and run_steps.has_checkpoints(run_dir):
+            # an interrupted training (a replaced one was moved aside above) continues where it stopped
+            p["train_options"] = {**(p.get("train_options") or {}), "resume_from": "latest"}
+            print(f"[{k}/{len(selected)}] {nb}: continuing the interrupted training from its latest checkpoint")
         out_nb = out_dir / f"{nb}.ipynb"
         # papermill writes its output as it goes: into a temporary file that replaces the executed
         # copy only once complete, so a full disk or a kill never leaves a truncated notebook

@@ -5,8 +5,9 @@
     ms = ckpt.mindskip(base)          # the routers attached, or fresh ones when there are none
 
 The routers are ``routers`` if given (a missing folder is an error), else the run's own
-``<run>/train/routers`` (notebook 01); when that folder does not exist the step uses fresh
-zero-initialised routers. The base model is
+``<run>/train/routers`` (notebook 01); when that folder does not exist the step is refused
+unless ``fresh_routers=True`` asks for fresh zero-initialised routers (whose results are labelled
+``mindskip_fresh``, never read as tuned MindSkip). The base model is
 ``model`` if given, else the one notebook 01 tuned (``run.json``), else the one the routers were
 saved from (their ``base_model``), else the embedded default.
 """
@@ -47,7 +48,8 @@ def attach_routers(base, routers: str | os.PathLike | None):
 
 
 def resolve_checkpoint(run_dir: str | os.PathLike | None, model: str | None = None,
-                       routers: str | os.PathLike | None = None, preset: str | None = None) -> Checkpoint:
+                       routers: str | os.PathLike | None = None, preset: str | None = None,
+                       fresh_routers: bool = False) -> Checkpoint:
     """The checkpoint a step of ``run_dir`` uses (see the module docstring).
 
     ``run_dir``: the run folder; empty or None creates a new one (``rt_lib.runs.record.new_run``,
@@ -64,6 +66,11 @@ def resolve_checkpoint(run_dir: str | os.PathLike | None, model: str | None = No
             "written by notebook 01 (<run>/train/routers), or leave routers empty to use this run's own")
     folder = Path(routers) if routers else run_dir / "train" / "routers"
     found = folder if folder.exists() else None
+    if found is None and not fresh_routers:
+        raise FileNotFoundError(
+            f"{folder} does not exist: this run has no tuned routers. Run notebook 01 (step 01) into {run_dir} "
+            "first, pass routers=<a router folder>, or set fresh_routers=True to measure untrained "
+            "zero-initialised routers (labelled mindskip_fresh in the results)")
     model = (model or trained.get("model")
              or (read_checkpoint_metadata(found).get("base_model") if found is not None else None)
              or DEFAULT_MODEL)

@@ -163,6 +163,8 @@ def new_run(
             record["preset"] = preset if preset is not None else old.get("preset")
             record["parameters"] = {**old.get("parameters", {}), **record["parameters"]}
             record["steps"] = old.get("steps", {})
+            # anything else the run recorded (replacements, ...) stays
+            record = {**{k: v for k, v in old.items() if k not in record and k != "history"}, **record}
             prev = {k: old.get(k) for k in ("preset", "versions", "git_revision", "git_dirty", "device")}
             record["history"] = [*old.get("history", []), {"replaced": utc_now(), **prev}]
         atomic_write_json(path, record)

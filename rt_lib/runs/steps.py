@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from rt_lib.files import atomic_write_json, file_lock, file_sha256, utc_now
+from rt_lib.files import atomic_write_json, file_lock, file_sha256, hold_folder, utc_now
 from rt_lib.runs.record import RUN_FILE, load_run, update_run
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ def start_step(run_dir: str | os.PathLike, step: str, replace: bool = False,
         raise ValueError(f"unknown step {step!r}; steps: {list(STEPS)}")
     if not (run_dir / RUN_FILE).exists():
         raise FileNotFoundError(f"{run_dir / RUN_FILE} does not exist: create the run with rt_lib.runs.record.new_run first")
+    hold_folder(run_dir, f"step {step}")  # a step another live process runs is never resumed into
     wanted = {name: run_dir / rel for name, rel in STEPS[step]["inputs"].items()}
     wanted.update({name: Path(p) for name, p in (inputs or {}).items()})
     with file_lock(run_dir):
@@ -228,6 +229,45 @@ def start_step(run_dir: str | os.PathLike, step: str, replace: bool = False,
         steps[step] = entry
         atomic_write_json(run_dir / RUN_FILE, record)
     return record
+
+
+def prepare_training(run_dir: str | os.PathLike, *, replace: bool = False, resuming: bool = False) -> None:
+    """Claim ``run_dir`` for a training that writes ``train/`` there, the same rule wherever it is
+    started (the pipeline, ``python -m rt_lib train --out``, notebook 01 run by hand).
+
+    The folder is held for the rest of the process (``rt_lib.files.hold_folder``). Unless
+    ``resuming`` (continuing from ``train/checkpoints``): in a run folder (``run.json``) the step
+    starts with ``start_step``, so completed routers, or later steps made with them, are refused
+    unless ``replace``, which moves them to ``replaced/`` and marks the later steps stale; and a
+    ``train/`` that still has files (an interrupted training, or one of a folder without
+    ``run.json``) is refused unless ``replace`` (moved to ``replaced/train-<time>/``)."""
+    run_dir = Path(run_dir)
+    hold_folder(run_dir, "training")
+    if resuming:
+        return
+    if (run_dir / RUN_FILE).exists():
+        start_step(run_dir, "train", replace=replace)
+    train = run_dir / "train"
+    if not (train.is_dir() and any(train.iterdir())):
+        return
+    summary = train / "summary.json"
+    try:
+        done = bool(json.loads(summary.read_text()).get("finished")) if summary.is_file() else False
+    except ValueError:
+        done = False
+    if not replace:
+        what = "a finished training (routers in train/routers)" if done else \
+            "an interrupted training (checkpoints in train/checkpoints)"
+        raise ResultsExist(run_dir, [("train", f"holds {what}")],
+                           hint="To continue an interrupted training instead, pass --resume-from latest "
+                                "(resume_from='latest').")
+    moved = _move_aside(run_dir, "train", time.strftime("%Y%m%d-%H%M%S"), None, None, "rerun with replace")
+    log.warning("folder %s: the previous training moved to %s", run_dir, moved)
+
+
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether ``<run_dir>/train/checkpoints`` holds a checkpoint to resume from."""
+    return any((Path(run_dir) / "train" / "checkpoints").glob("step-*"))
 
 
 def finish_step(run_dir: str | os.PathLike, step: str) -> dict[str, Any]:

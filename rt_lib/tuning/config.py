@@ -17,7 +17,7 @@ TRAIN_PRESETS = ("smoke", "cpu", "paper")
 TRAINABLE = ("routers", "full", "lora")
 
 # Options that may differ between a run and its resumption (they do not change the numbers).
-RESUME_FREE = frozenset({"out", "save_every", "resume_from", "stop_after", "progress", "threads", "eval_batch_size"})
+RESUME_FREE = frozenset({"out", "replace", "save_every", "resume_from", "stop_after", "progress", "threads", "eval_batch_size"})
 
 
 @dataclass
@@ -84,6 +84,8 @@ class TrainConfig:
     out: str | None = field(default=None, metadata={"help": "Run folder results/runs/<id>; train/ is written inside. None = write nothing."})
     save_every: int | None = field(default=None, metadata={"help": "Checkpoint every K steps (train/checkpoints/step-K); the end is always saved."})
     resume_from: str | None = field(default=None, metadata={"help": "Checkpoint folder to resume from, or 'latest' (newest in train/checkpoints)."})
+    replace: bool = field(default=False, metadata={"help": "Move a previous training in --out (and later steps made with "
+                                                                "it) to <out>/replaced/ first; without it such a folder is refused."})
     stop_after: int | None = field(default=None,
                                    metadata={"help": "Stop (with a checkpoint) after this global step, keeping the schedule of the full run."})
     eval_batch_size: int = field(default=8, metadata={"help": "Batch size of the held-out evaluation."})

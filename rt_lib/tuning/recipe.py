@@ -117,6 +117,10 @@ class RouterTuningRecipe:
             torch.set_num_threads(cfg.threads)
         if self.main:
             _check_out_dir(cfg.out)
+        if self.main and cfg.out:
+            from rt_lib.runs.steps import prepare_training
+
+            prepare_training(cfg.out, replace=cfg.replace, resuming=cfg.resume_from is not None)
         if cfg.batch_size % (cfg.micro_batch_size * self.world):
             raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size x processes "
                              f"= {cfg.micro_batch_size} x {self.world}")
@@ -340,7 +344,7 @@ class RouterTuningRecipe:
                 save_trained(self.run_dir / "train", self.ms, self.module, self.cfg)
             atomic_write_json(self.run_dir / "train" / "summary.json", summary)
             update_run(self.run_dir, "train", {
-                "file": "train/summary.json",
+                "file": "train/summary.json", **({"status": "completed"} if finished else {}),
                 **{k: summary[k] for k in ("config", "finished", "steps", "wall_time_s", "peak_memory_mb",
                                            "heldout_lm_loss", "heldout_skip_ratio", "final_capacity")}},
                 parameters=jsonable_config(self.cfg))
