@@ -16,7 +16,7 @@ consecutive windows of the embedded Wikipedia text:
    of at most B (`rt_lib.speed.batching.generate_grouped`, policies `pattern` and `cluster`), wall
    time per round (prefill included), tokens/s, and whether the token ids equal plain batching.
 
-Writes batching.csv (part 1), batching.json (conditions, both parts) and batching.png/.pdf
+Writes batching.csv (part 1), batching.json (conditions, both parts) and batching.png
 (speedup against batch size, and agreement) into --out.
 
     python benchmarks/batching.py --out results/runs/<id>/batching
@@ -245,7 +245,7 @@ def _ints(text):
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for batching.csv / .json / .png / .pdf")
+    p.add_argument("--out", required=True, help="folder for batching.csv / .json / .png")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--routers", default=DEFAULT_ROUTERS, help="router checkpoint folder (seq routing)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")

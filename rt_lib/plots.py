@@ -120,8 +120,12 @@ def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0,
     return fig, axes
 
 
-def save_figure(fig: Figure, path_without_ext: str | os.PathLike, formats: Iterable[str] = ("png", "pdf")) -> list[Path]:
-    """Write ``fig`` as ``<path>.png`` and ``<path>.pdf`` (folders created); return the paths.
+FORMATS = ("png",)  # what every figure is saved as; PDF on request (``formats=("png", "pdf")``, ``paper --pdf``)
+
+
+def save_figure(fig: Figure, path_without_ext: str | os.PathLike, formats: Iterable[str] = FORMATS) -> list[Path]:
+    """Write ``fig`` as ``<path>.png`` (and ``<path>.pdf`` when ``formats`` asks for it; folders
+    created); return the paths.
 
     PDFs carry no creation date so that rebuilding an unchanged figure gives the same file.
     """

@@ -146,9 +146,9 @@ def test_build_all_writes_every_table_and_figure(built):
     }
     assert expected <= set(written["figures"])
     for name in expected:
-        png, pdf = (out / "figures" / f"{name}.{ext}" for ext in ("png", "pdf"))
+        png = out / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-        assert pdf.read_bytes()[:5] == b"%PDF-", name
+        assert not (out / "figures" / f"{name}.pdf").exists(), "PDF only on request"
 
 
 @pytest.mark.parametrize("name", ["main_table", "lora_table", "data_ablation"])
@@ -410,3 +410,17 @@ def test_runs_with_stale_steps_are_left_out_naming_the_refresh_command(tmp_path)
     assert set(tidy["run_id"]) == {"fixture-lora"}  # no row of a stale run
     with pytest.raises(rundir.StaleRun):
         rundir.read_run(marked)
+
+
+def test_notebook_04_shows_the_headline_figures_and_this_runs_and_lists_the_rest():
+    from pathlib import Path
+
+    from rt_lib.paper.build import figures_to_show
+
+    names = ["fig2_drop_vs_mindskip", "router_frontier", "evidence_tasks", "capacity_heatmap_run-a",
+             "capacity_heatmap_run-b", "training_curves_run-a"]
+    built = {"figures": {n: [Path(f"/f/{n}.png"), Path(f"/f/{n}.pdf")] for n in names}}
+    shown, listed = figures_to_show(built, "run-a")
+    assert [p.stem for p in shown] == ["evidence_tasks", "fig2_drop_vs_mindskip", "router_frontier",
+                                       "capacity_heatmap_run-a", "training_curves_run-a"]
+    assert [p.name for p in listed] == ["capacity_heatmap_run-b.png"]

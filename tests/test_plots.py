@@ -48,15 +48,16 @@ def test_style_context_restores_rcparams():
     assert matplotlib.rcParams["font.size"] == old
 
 
-def test_save_figure_writes_png_and_pdf(tmp_path):
+def test_save_figure_writes_png_and_pdf_on_request(tmp_path):
     fig = Figure()
     fig.subplots().plot([0, 1], [1, 0])
-    paths = plots.save_figure(fig, tmp_path / "sub" / "figure")
+    assert [p.name for p in plots.save_figure(fig, tmp_path / "png" / "figure")] == ["figure.png"]
+    paths = plots.save_figure(fig, tmp_path / "sub" / "figure", formats=("png", "pdf"))
     assert [p.name for p in paths] == ["figure.png", "figure.pdf"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths[1].read_bytes()[:5] == b"%PDF-"
     again = tmp_path / "again"
-    plots.save_figure(fig, again)
+    plots.save_figure(fig, again, formats=("pdf",))
     assert (tmp_path / "again.pdf").read_bytes() == paths[1].read_bytes()  # no timestamp inside
 
 

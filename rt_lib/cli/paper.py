@@ -18,13 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figures", default=None, help="output folder for figures (default <results>/figures)")
     p.add_argument("--regime", default="prefill", choices=["prefill", "decode"], help="profile regime for speedups")
     p.add_argument("--no-figures", action="store_true", help="build the tables only")
+    p.add_argument("--pdf", action="store_true", help="also save every figure as PDF (default: PNG only)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a run folder was left out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rt_lib").setLevel(logging.INFO)
     root = Path(args.results)
     out = build_all(root, args.tables or root / "tables", args.figures or root / "figures", regime=args.regime,
-                    figures=not args.no_figures)
+                    figures=not args.no_figures, pdf=args.pdf)
     for kind in ("tables", "figures"):
         for name, paths in out[kind].items():
             print(f"{kind[:-1]:6s} {name}: " + ", ".join(str(p) for p in paths))

@@ -95,7 +95,7 @@ class EvalResults:
         files.write_csv(eval_dir / "results.csv", self.table, RESULT_COLUMNS)
         files.write_csv(eval_dir / "paired.csv", self.paired, PAIRED_COLUMNS)
         files.write_csv(eval_dir / "skip_stats.csv", self.skip_stats, SKIP_COLUMNS)
-        files.atomic_write_json(eval_dir / "results.json", self.to_json())
+        files.atomic_write_json(eval_dir / "results.json", self.to_json(), indent=None)  # per-document records: compact
         runs.update_run(run_dir, "eval", {
             "variants": sorted(set(self.table.variant)) if len(self.table) else [],
             "wall_time_s": {v: round(sum(t.values()), 2) for v, t in self.wall_time_s.items()},

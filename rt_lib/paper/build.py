@@ -37,14 +37,15 @@ log = logging.getLogger(__name__)
 
 def build_all(results_root: str | Path = "results", out_tables: str | Path = "results/tables",
               out_figures: str | Path = "results/figures", reference_dir: str | Path | None = None,
-              regime: str = "prefill", figures: bool = True) -> dict:
+              regime: str = "prefill", figures: bool = True, pdf: bool = False) -> dict:
     """Rebuild every table and figure from the files under ``results_root``.
 
     Returns ``{"tables": {name: [paths]}, "figures": {name: [paths]}, "problems": [lines]}``;
     each problem names a run folder left out and why. ``reference_dir`` defaults to
     ``<results_root>/reference`` when it exists, else the kit's ``results/reference``.
-    ``figures=False`` builds the tables only.
+    ``figures=False`` builds the tables only; figures are PNG, and PDF too with ``pdf=True``.
     """
+    formats = ("png", "pdf") if pdf else ("png",)
     if reference_dir is None:
         candidate = Path(results_root) / "reference"
         reference_dir = candidate if (candidate / "main_table.csv").is_file() else DEFAULT_REFERENCE_DIR
@@ -56,12 +57,28 @@ def build_all(results_root: str | Path = "results", out_tables: str | Path = "re
         tables["claims"] = claims_files
     from rt_lib.evidence.frontier import write_frontier
 
-    frontier = write_frontier(results_root, out_tables, out_figures if figures else None)
+    frontier = write_frontier(results_root, out_tables, out_figures if figures else None, formats=formats)
     frontier_figure = {"router_frontier": frontier.pop("router_frontier_figure")} if "router_frontier_figure" in frontier else {}
     tables.update(frontier)
-    figs = build_figures(runs, tidy, out_figures, reference_dir, problems) if figures else {}
+    figs = build_figures(runs, tidy, out_figures, reference_dir, problems, formats) if figures else {}
     if figures:
-        figs.update(build_evidence_figures(results_root, out_figures, reference_dir))
+        figs.update(build_evidence_figures(results_root, out_figures, reference_dir, formats))
         figs.update(frontier_figure)
     log.info("built %d tables and %d figures from %d runs", len(tables), len(figs), len(runs))
     return {"tables": tables, "figures": figs, "problems": problems}
+
+
+HEADLINE_FIGURES = ("fig2", "router_frontier", "evidence")  # shown first by notebook 04
+
+
+def figures_to_show(built: dict, run_id: str | None = None) -> tuple[list[Path], list[Path]]:
+    """``(shown, listed)``: the PNG figures of ``build_all``'s result that notebook 04 displays
+    (the paper's Figure 2, the router frontier, the evidence figures, then the figures of
+    ``run_id``) and the others, which it lists by file so the executed notebook stays small."""
+    from rt_lib.paper.figures import figure_names
+
+    pngs = sorted(p for ps in built.get("figures", {}).values() for p in ps if Path(p).suffix == ".png")
+    own = figure_names([run_id])[run_id] if run_id else None
+    shown = [p for p in pngs if p.name.startswith(HEADLINE_FIGURES)]
+    shown += [p for p in pngs if own and p not in shown and p.stem.endswith(own)]
+    return shown, [p for p in pngs if p not in shown]

@@ -121,7 +121,7 @@ def _skip_stats_for_heatmap(run: Run) -> pd.DataFrame | None:
 
 
 def build_figures(runs: list[Run], tidy: pd.DataFrame, out_figures: str | Path, reference_dir=None,
-                  problems: list[str] | None = None) -> dict:
+                  problems: list[str] | None = None, formats=("png",)) -> dict:
     """Figure 2 and, per run, training curves, capacity heatmap, speedup vs skip ratio and
     accuracy vs speed (each where the run has the files). A figure that fails on a run's
     data is skipped with a warning and a line in ``problems``; the others are still drawn."""
@@ -139,7 +139,7 @@ def build_figures(runs: list[Run], tidy: pd.DataFrame, out_figures: str | Path, 
             log.warning(msg)
             problems.append(msg)
             return
-        written[name] = plots.save_figure(fig, out / name)
+        written[name] = plots.save_figure(fig, out / name, formats)
 
     ref = load_reference("drop_vs_mindskip", reference_dir)
     kit = figure2_kit_points(runs, tidy)
@@ -168,7 +168,8 @@ def build_figures(runs: list[Run], tidy: pd.DataFrame, out_figures: str | Path, 
 
 
 
-def build_evidence_figures(results_root: str | Path, out_figures: str | Path, reference_dir=None) -> dict:
+def build_evidence_figures(results_root: str | Path, out_figures: str | Path, reference_dir=None,
+                           formats=("png",)) -> dict:
     """Figures of the newest evidence run (``rt_lib.evidence.run``), every kit point with its paired
     95% interval: ``fig2_evidence`` (accuracy change vs the paper's skip ratio, with the
     published Figure 2 points), ``evidence_tasks`` (per task) and ``evidence_heldout``."""
@@ -189,10 +190,10 @@ def build_evidence_figures(results_root: str | Path, out_figures: str | Path, re
     n_tasks = int((~measures.task.str.startswith("macro")).sum() / max(measures.variant.nunique(), 1))
     written = {"fig2_evidence": plots.save_figure(plot_evidence_fig2(
         measures, ref, f"rt-kit evidence run {run.name}: macro over {n_tasks} tasks\n"
-                       "(published points: Llama-3-8B, paper Figure 2)"), out / "fig2_evidence")}
+                       "(published points: Llama-3-8B, paper Figure 2)"), out / "fig2_evidence", formats)}
     written["evidence_tasks"] = plots.save_figure(plot_task_panels(
-        measures, f"accuracy change per task, run {run.name}"), out / "evidence_tasks")
+        measures, f"accuracy change per task, run {run.name}"), out / "evidence_tasks", formats)
     if heldout_csv.exists():
         written["evidence_heldout"] = plots.save_figure(plot_heldout(
-            pd.read_csv(heldout_csv), f"held-out Wikipedia loss, run {run.name}"), out / "evidence_heldout")
+            pd.read_csv(heldout_csv), f"held-out Wikipedia loss, run {run.name}"), out / "evidence_heldout", formats)
     return written

@@ -93,7 +93,7 @@ def router_record(path):
 
 
 def write_results(rows, conditions, out_dir):
-    """<out_dir>/profile/{profile.csv, profile.json, speedup_vs_skip.png/.pdf}; returns the folder."""
+    """<out_dir>/profile/{profile.csv, profile.json, speedup_vs_skip.png}; returns the folder."""
     import matplotlib.pyplot as plt
     import pandas as pd
 
