@@ -79,8 +79,10 @@ def loglikelihoods(res, task):
 
 # ------------------------------------------------------------------ identity with HFLM
 def test_dense_model_scores_exactly_as_plain_hflm(tok, tm):
+    """One forward per request (routing_input="context+continuation") is HFLM's computation; the
+    default shared-context scoring is compared with HFLM in tests/test_shared_context.py."""
     model = tiny_llama(tok)
-    ours = MindSkipLM(pretrained=model, tokenizer=tok, batch_size=3)
+    ours = MindSkipLM(pretrained=model, tokenizer=tok, batch_size=3, routing_input="context+continuation")
     theirs = HFLM(pretrained=model, tokenizer=tok, batch_size=3)
     a = run(ours, tm, ["piqa_offline", "arc_challenge_offline"], limit=5, num_fewshot=2)
     b = run(theirs, tm, ["piqa_offline", "arc_challenge_offline"], limit=5, num_fewshot=2)

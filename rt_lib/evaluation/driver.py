@@ -374,6 +374,9 @@ def _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, 
         "variant": variant,
         "confidence": confidence,
         "interval": interval,
+        # what a sequence router decided from (rt_lib.evaluation.harness.ROUTING_INPUTS); records
+        # written before the option existed are "context+continuation"
+        "routing_input": lm.routing_input,
         "fewshot_source": {t: task_info[t]["fewshot_source"] for t in names},
         "parameters": {"tasks": list(names), "limits": limits, "batch_size": batch_size, "seed": seed},
     })

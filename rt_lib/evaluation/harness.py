@@ -78,6 +78,14 @@ def pick_device(device: str | None) -> str:
 
 
 # ------------------------------------------------------------------------- harness model
+# What a sequence router decides from when the harness scores (context, continuation):
+# "context": the context's tokens only, as at a deployed model's prefill; each context is computed
+#   once for all its continuations (rt_lib.evaluation.shared_context);
+# "context+continuation": the whole request, one forward per request (HFLM's computation), so the
+#   continuation being scored can change which layers run.
+ROUTING_INPUTS = ("context", "context+continuation")
+
+
 @register_model("mindskip")
 class MindSkipLM(HFLM):
     """HFLM over a (MindSkip-routed) model loaded or held by the kit.
@@ -87,13 +95,17 @@ class MindSkipLM(HFLM):
     ``routers``: router checkpoint folder, attached with ``MindSkipModel.from_pretrained``
     (which refuses a checkpoint made for another model). ``threshold``: overrides the routers'.
 
-    Two things differ from plain HFLM, both only when routers are attached:
-    - the forward gets an attention mask for the right padding the harness adds to batched
-      log-likelihood requests (HFLM passes none): sequence-level routing pools over real
-      tokens, so a document's routing, and score, do not depend on its batch mates;
-    - skip counts (executed / total routed sublayer units per layer) are kept per task in
-      ``skip_counts``; for that, requests are scored task by task (``skip_stats_per_task``).
-    Without routers (a dense model) every call is HFLM's own, so scores are identical.
+    How log-likelihoods are computed (``routing_input``, ``ROUTING_INPUTS``): by default each
+    context is prefilled once and its continuations scored on its KV cache, so a sequence router
+    decides from the context alone, as a deployed model does at prefill
+    (``rt_lib.evaluation.shared_context``; for a dense model the scores equal HFLM's to float
+    tolerance). ``routing_input="context+continuation"`` is HFLM's computation, one forward per
+    request, where a sequence router pools over the continuation too; there, with routers, the
+    forward gets an attention mask for the right padding the harness adds to a batch (HFLM
+    passes none), so a document's routing does not depend on its batch mates.
+
+    Skip counts (executed / total routed sublayer units per layer) are kept per task in
+    ``skip_counts``; for that, requests are scored task by task (``skip_stats_per_task``).
     """
 
     def __init__(
@@ -106,8 +118,11 @@ class MindSkipLM(HFLM):
         device: str | None = None,
         strict_base: bool = True,
         logits_where_read: bool = True,
+        routing_input: str = "context",
         **kwargs,
     ) -> None:
+        if routing_input not in ROUTING_INPUTS:
+            raise ValueError(f"routing_input must be one of {list(ROUTING_INPUTS)}, got {routing_input!r}")
         ms = None
         self.model_name = None
         accelerator = None
@@ -157,9 +172,40 @@ class MindSkipLM(HFLM):
         # vocabulary logits only from the first continuation position of a batch on (the harness
         # reads no other); False: every position, as HFLM computes them
         self.logits_where_read = bool(logits_where_read)
+        self.routing_input = routing_input
 
-    # -- routing-aware forward -------------------------------------------------------------
+    # -- log-likelihoods -----------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        if self.routing_input == "context+continuation":
+            return self._whole_requests(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        from tqdm.auto import tqdm
+
+        from rt_lib.evaluation.shared_context import score_shared_context
+
+        bs = override_bs or self.batch_size
+        bs = int(bs) if str(bs).isdigit() else 8  # contexts per prefill ("auto": 8)
+        bar = tqdm(total=len(requests), desc="log-likelihoods (shared contexts)",
+                   disable=disable_tqdm or self.rank != 0)
+        try:
+            with float32_logits(self.model):
+                results, rest = score_shared_context(
+                    self.model, [(ctx, cont) for _, ctx, cont in requests], batch_size=bs,
+                    max_length=self.max_length, pad_id=0, device=self.device,
+                    autocast_dtype=self.mixed_precision_dtype,
+                    gates=self.mindskip.gates if self.mindskip is not None else None, on_batch=bar.update)
+        finally:
+            bar.close()
+        if rest:  # too long for max_length: the harness's own truncation, one forward per request
+            for i, r in zip(rest, self._whole_requests([requests[i] for i in rest], disable_tqdm=True,
+                                                       override_bs=override_bs)):
+                results[i] = r
+        for (key, _, _), r in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, r)
+        return results
+
+    # -- routing-aware forward (one forward per request) ------------------------------------------
+    def _whole_requests(self, requests, disable_tqdm: bool = False, override_bs=None):
         # the exact model inputs HFLM will build (context + continuation, minus the last token,
         # truncated from the left) and the continuation length scored on each
         self._cont_lens = {}
@@ -303,6 +349,7 @@ class MindSkipLM(HFLM):
             "model_name": self.model_name,
             "model_num_parameters": sum(p.numel() for p in model.parameters()),
             "model_dtype": str(next(model.parameters()).dtype),
+            "routing_input": self.routing_input,
         }
         ms = self.mindskip
         if ms is not None:
