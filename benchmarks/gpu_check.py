@@ -1,482 +1,1117 @@
-"""One prepared GPU check: the embedded model evaluated on the whole `offline` task preset
-(dense and the committed MindSkip routers) and profiled on the `full` grid with CUDA timings.
+"""GPU check: MindSkip's speed at the paper's scale, on a bare GPU machine.
 
-    bash benchmarks/gpu_check.sh                  # one GPU, no network; sized for about 8 minutes
-    bash benchmarks/gpu_check.sh --smoke          # the same code path on a CPU, tiny limits (~1.5 min)
+    bash benchmarks/gpu_check.sh --prepare                  # here: the wheels to carry and the command
+    python3 benchmarks/gpu_check.py --out $OUT/gpu-check    # there: python3 + CUDA torch + transformers
+    python3 benchmarks/gpu_check.py --estimate              # the plan and its time estimate, nothing run
+    python3 benchmarks/gpu_check.py --dry-run               # the same code path on a CPU, tiny shapes
 
-Everything goes into one run folder (default ``results/runs/gpu-check-<date>``):
+The question: the paper reports 1.21x at about 25% of attention layers skipped. Is that reachable
+on Llama-3-8B, and in which regime (prefill, or decode at which batch and context)? Timing needs no
+trained weights: the routing decisions are forced, and the oracle removes the same layers. The
+model is built from ``tests/fixtures/llama3-8b-config`` (Llama-3-8B's config.json) with random
+bfloat16 weights created directly on the GPU (default dtype bfloat16 under ``torch.device("cuda")``,
+so no float32 copy is ever made; transformers' normal init runs on the GPU in a fraction of a
+second). Attention is SDPA.
 
-- ``eval/``: results.csv, paired.csv, skip_stats.csv, results.json of dense and ``mindskip``
-  (``results/runs/cpu-main/train/routers`` at their threshold) on the `offline` preset's eight
-  tasks with the paper's shots, every document, batch 64 in bfloat16;
-- ``profile/``: profile.csv / profile.json / figure of the profiler (``rt_lib.speed.profiling``) over
-  the `full` grid; points that do not fit the GPU are rows with ``status=skipped`` and the reason;
-- ``gpu_check/``: the settings, one part per (variant, task) evaluation and per profile grid
-  point (each written atomically, with the tokens it ran and its wall time), ``summary.json`` and
-  ``summary.txt`` (what is printed at the end).
+Variants, all on the same weights (``rt_lib.speed.variants``: one MindSkip model, its gates taken
+out for the plain variants; routers on the deeper half, layers L/2-1 .. L-2, i.e. 15..30 of 32):
+- ``dense``: the base model.
+- ``oracle_k``: the attention sublayers of the k skipped layers removed
+  (``rt_lib.mindskip.removal.drop_sublayers``): the best any skipping of them can do.
+- ``mindskip_k``: MindSkip with sequence-level routing, decisions forced (``ms.force``: the k
+  layers skipped, every other routed layer kept), real skip (the skipped layers store no KV).
+- ``mask_k``: the same forced decisions in ``ms.set_execution("mask")``: compute, then multiply
+  by the decision; the compute-then-mask reference, expected at about 1.0x.
+The k skipped layers are the last k before the final layer (L-1-k .. L-2: 27..30 for k=4,
+23..30 for k=8 of 32), deterministic and inside the routed deeper half.
 
-The harness builds the evaluation requests on the CPU (one core per process; MMLU's five-shot
-questions take about 14 ms each), so the (variant, task) parts run in ``--workers`` processes
-(default 4) sharing the GPU, the largest tasks first, each task's MindSkip part as soon as its
-dense part is written. Evaluation batch 64; tokens per second are printed per part.
+Points (one row per variant and point):
+- prefill: one forward of batch x 2048 tokens into a fresh ``DynamicCache`` (the KV cache is
+  written), ``logits_to_keep=1``; batch 1 and 8. Warm-up rounds, then rounds of every variant in
+  alternating order (``rt_lib.speed.timing.interleave``); each forward timed with CUDA events after a
+  synchronize; the median over rounds.
+- decode: batch 1, 16, 64 at context 2048 and 4096. The context is not prefilled batch x context
+  through the model: one row is prefilled into a fresh cache, then expanded to the batch with
+  ``cache.reorder_cache(zeros(batch))`` (MindSkip follows cache reorders for its stored decisions,
+  ``MindSkipModel._follow_reorders``); then warm-up steps and timed single-token steps, each step
+  timed with a chain of CUDA events (no synchronize between steps); the median over the timed
+  steps of every round. Each variant builds its own context in every round, so only one variant's
+  cache is held at a time.
+- speedup: the dense median / the variant's median at the same point. tokens/s: batch x tokens
+  of one forward / its median time.
+- bound: from the dense model's own sublayer times, as the CPU profiler does
+  (``rt_lib.speed.timing.sublayer_ms`` / ``measured_bound``): in a separate pass (so that hooks never
+  slow the timed rounds) every attention sublayer of the dense model is bracketed by CUDA events
+  in forward pre/post hooks; bound = dense time / (dense time - the time of the k removed
+  attention sublayers). The oracle can approach it, not pass it beyond noise.
+- KV bytes: the bytes of the keys and values the cache holds after the prefill (prefill) or at
+  the context (decode, after the expansion), summed over the cache's tensors
+  (``rt_lib.speed.timing.kv_cache_bytes``); a skipped layer stores none, so ``oracle_k`` and
+  ``mindskip_k`` save exactly k/L of the dense bytes. kv_saved = 1 - kv / dense kv.
+- memory: before a point runs, its KV cache (layers x 2 x kv_heads x head_dim x batch x tokens x 2
+  bytes) and activations are estimated against the free GPU memory (the weights are resident);
+  a point that does not fit, or runs out of memory, is a row with status ``skipped`` and the
+  reason, and the check goes on.
 
-The check is resumable: run the same command again and it continues with the first part not
-written yet (a part is a whole (variant, task) evaluation or a whole grid point), then combines
-the parts into ``eval/`` and ``profile/``. A different setting for an existing folder is refused.
+Correctness (tiny random Llama on the same device, seconds; a failure is reported, never stops
+the timing): for SDPA, and flash_attention_2 where ``import flash_attn`` works,
+``skip == mask`` (logits of execution "skip" and "mask" under mixed per-sequence or per-token
+decisions from random routers with large weights, a left-padded batch) and ``cached == uncached``
+(greedy ``generate`` against a recomputation of the whole sequence at every step) under token
+routing, and under sequence routing. Token routing needs eager or SDPA attention
+(``rt_lib.mindskip.architecture``): for other implementations those checks are ``n/a``.
 
-Timing of the profile differs from the `full` preset in its protocol only, to fit the budget:
-1 warm-up and 5 timed rounds (the preset: 3 and 10), 32 generated tokens per decode point (64);
-``--warmup 3 --repeats 10 --new-tokens 64`` runs the preset's protocol.
-Tokens per second are the input tokens the model ran, padding included, per second of wall time
-of each evaluation part (request building and scoring included).
+Time estimate (printed before anything runs; ``--estimate`` prints only it): per forward
+``max(FLOPs / 700e12, bytes / 4.0e12, layers x 0.4 ms)``. Prefill FLOPs = 2 x decoder parameters x
+tokens + 2 x hidden x vocab x batch (the LM head on the last token) + 4 x layers x batch x
+length^2 x hidden / 2 (causal attention scores and values); prefill bytes = the weights read
+once + the KV cache written. A decode step reads the weights and the cache three times
+(transformers' ``DynamicCache`` concatenates: the cache is read and rewritten at every step, then
+read by attention): bytes = weight bytes + 3 x batch x context x (layers x 2 x kv_heads x
+head_dim x 2); FLOPs = 2 x parameters x batch + 4 x layers x batch x context x hidden. 0.4 ms per
+decoder layer is an assumed host floor (Python and kernel launches of eager transformers; it
+dominates decode at small batches). A decode round of one variant costs one 1 x context prefill,
+the expansion copy (2 x the cache bytes / bandwidth) and its steps. Every variant is counted at
+the dense cost (an upper estimate), plus 30 s of setup (imports, CUDA start, building the model)
+and 10 s of correctness checks. ``--budget-s`` (default 420) lowers repeats, then steps and
+rounds, until the estimate fits. The defaults are estimated at 109 s (1.8 minutes) on one
+H100/H200-class GPU; kernels below the peaks or a slower host can double that.
+
+What the GPU machine needs, and why nothing is carried by default: python3 with a CUDA build of
+torch, transformers >= 5.17 (the GPU machine's release, with which the dry run and its checks
+pass; ``rt_lib.mindskip`` needs transformers 5's cache layers, ``cache_utils.DynamicLayer``) and the repository's working tree
+(``rt_lib/`` from source; the script puts the repository root on ``sys.path``). The kit pins
+transformers 5.24.0 (pyproject.toml, environment.yml); its pin exists for the GGUF assets, which
+this check does not use. Carrying it was evaluated first: transformers 5.24.0 is one wheel of
+13.5 MB whose hard requirements (huggingface-hub >= 1.31, tokenizers 0.23, safetensors 0.8,
+numpy, pyyaml, regex, tqdm, packaging, typer) the GPU machine already has in compatible
+versions (``import transformers`` and its Llama import nothing beyond those, torch and the
+standard library, apart from optional packages used when present); but the working tree that
+travels is about 53.7 MB and the limit is 64 MiB (67.1 MB), which leaves 13.4 MB: it does not fit.
+So the check uses the machine's transformers (5.17.0 there), prints the versions it ran with and
+refuses, with what to do, when transformers is missing or older. ``--prepare
+--pinned-transformers`` downloads transformers 5.24.0 into ``.whl/`` anyway and carries it
+whenever the tree is small enough (the size accounting refuses otherwise).
+
+Output, into ``--out`` (default ``gpu-check-out``; three files, rewritten after every point so an
+interrupted run leaves what it measured): ``gpu_check.csv`` (one row per point and variant, and
+one per correctness check), ``gpu_check.json`` (settings, versions, device, the estimate, every
+row, the checks and the claim summary) and ``summary.txt`` (the table printed at the end).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
+import gc
 import json
-import logging
+import math
 import os
+import platform
+import shlex
+import statistics
+import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-MODEL = "smollm2-135m-instruct"
-ROUTERS = "results/runs/cpu-main/train/routers"
-TASK_PRESET = "offline"
-# the offline tasks, longest first: the harness builds MMLU's 14,042 five-shot requests on one CPU
-# core at about 14 ms a question (rt_lib.pipeline.plan's request counter), HellaSwag has most tokens
-TASK_ORDER = ["mmlu", "hellaswag", "arc_challenge", "boolq", "winogrande", "piqa", "openbookqa", "rte"]
-GPU = {"tasks": None, "limit": None, "batch_size": 64, "profile_preset": "full", "warmup": 1, "repeats": 5,
-       "new_tokens": 32, "threads": None, "workers": 4}
-# one CPU thread: on a small shared machine more threads spin against other jobs (rt_lib.speed.profiling)
-SMOKE = {"tasks": ["rte", "winogrande"], "limit": 4, "batch_size": 4, "profile_preset": "smoke", "warmup": None,
-         "repeats": None, "new_tokens": None, "threads": 1, "workers": 1}
+CONFIG = ROOT / "tests" / "fixtures" / "llama3-8b-config" / "config.json"
+WHEEL_DIR = ROOT / ".whl"
+RUN_COMMAND_FILE = "RUN_COMMAND.txt"
+LIMIT_BYTES = 64 * 2**20  # what travels to the GPU machine: the working tree and the carried wheels
+PINNED_TRANSFORMERS = "5.24.0"  # pyproject.toml / environment.yml: transformers>=5.24,<6; the kit's venv
+MIN_TRANSFORMERS = (5, 17, 0)
+PIP_PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
+INSTALL_WHEELS = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
+                  "--target /tmp/site .whl/*.whl")
 
-RESULT_FREE = {"workers"}  # settings a continued check may change: they do not change any number
+PEAK_FLOPS = 700e12      # bf16 dense matmul an H100/H200-class GPU reaches
+BANDWIDTH = 4.0e12       # bytes/s of its HBM
+HOST_MS_PER_LAYER = 0.4  # assumed host floor of one decoder layer of eager transformers
+SETUP_S = 30.0           # assumed: imports, CUDA start, the model built on the GPU
+CHECKS_S = 10.0          # assumed: the correctness checks on a tiny model
+CLAIM_SPEEDUP = 1.21     # the paper's speedup ...
+CLAIM_SKIP = 0.25        # ... at about this fraction of attention layers skipped
 
-log = logging.getLogger("gpu_check")
+FIELDS = ["regime", "batch", "context", "variant", "k", "skipped_layers", "median_ms", "samples", "tokens_per_s",
+          "speedup", "bound", "kv_bytes", "kv_saved", "status", "reason"]
 
 
-_WORKER = {}
+@dataclasses.dataclass
+class Settings:
+    """What one check runs. ``GPU`` is the real check, ``DRY_RUN`` the same code on a CPU."""
+
+    dry_run: bool
+    device: str
+    dtype: str
+    model_overrides: dict
+    prefill_len: int
+    prefill_batches: tuple[int, ...]
+    decode_batches: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    ks: tuple[int, ...]
+    warmup: int          # prefill: untimed rounds of every variant
+    repeats: int         # prefill: timed rounds
+    decode_rounds: int   # decode: rounds, each variant building its context and stepping
+    decode_warmup: int   # decode: untimed steps per round
+    decode_steps: int    # decode: timed steps per round
+    bound_rounds: int    # bound pass: prefill forwards
+    bound_steps: int     # bound pass: decode steps
+    budget_s: float
+    threads: int | None = None
+    seed: int = 0
+    memory_headroom: float = 0.9
 
 
-def _init_worker(kwargs: dict, workers: int) -> None:
-    """A worker process: its own check object (model loaded on first use), quiet harness logs."""
+GPU = Settings(dry_run=False, device="cuda", dtype="bfloat16", model_overrides={}, prefill_len=2048,
+               prefill_batches=(1, 8), decode_batches=(1, 16, 64), decode_contexts=(2048, 4096), ks=(4, 8),
+               warmup=2, repeats=5, decode_rounds=3, decode_warmup=3, decode_steps=16, bound_rounds=2,
+               bound_steps=8, budget_s=420.0)
+TINY = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 256, "bos_token_id": 1,
+        "eos_token_id": 2}
+DRY_RUN = Settings(dry_run=True, device="cpu", dtype="float32", model_overrides=TINY, prefill_len=32,
+                   prefill_batches=(1, 2), decode_batches=(1, 2, 4), decode_contexts=(16, 32), ks=(1, 2),
+                   warmup=1, repeats=2, decode_rounds=2, decode_warmup=1, decode_steps=3, bound_rounds=1,
+                   bound_steps=2, budget_s=420.0, threads=1)
+
+
+# ============================================================================ shapes and the estimate
+@dataclasses.dataclass
+class Shape:
+    """The sizes of the Llama decoder that set its cost (from its config.json)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Shape:
+        heads = d["num_attention_heads"]
+        return cls(layers=d["num_hidden_layers"], hidden=d["hidden_size"], heads=heads,
+                   kv_heads=d.get("num_key_value_heads") or heads,
+                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                   intermediate=d["intermediate_size"], vocab=d["vocab_size"])
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of the decoder layers' matrices (attention q/k/v/o, MLP gate/up/down)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.layers * (self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate)
+
+    @property
+    def params(self) -> int:
+        """Every parameter: decoder layers, embedding, LM head (untied), norms."""
+        return self.layer_params + 2 * self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden
+
+    def kv_bytes(self, tokens: int, dtype_bytes: int = 2, layers: int | None = None) -> int:
+        """Keys and values of ``tokens`` cached tokens (batch x length) in ``layers`` layers."""
+        n = self.layers if layers is None else layers
+        return n * 2 * self.kv_heads * self.head_dim * tokens * dtype_bytes
+
+
+def read_config(overrides: dict | None = None) -> dict:
+    d = json.loads(CONFIG.read_text())
+    d.update(overrides or {})
+    return d
+
+
+def routed_layers(num_layers: int) -> list[int]:
+    """The deeper half, the final layer left dense: L/2-1 .. L-2 (15..30 of 32)."""
+    n = num_layers // 2
+    return list(range(num_layers - 1 - n, num_layers - 1))
+
+
+def skipped_layers(num_layers: int, k: int) -> list[int]:
+    """The k layers skipped (and removed by the oracle): the last k before the final layer."""
+    routed = routed_layers(num_layers)
+    if not 0 < k <= len(routed):
+        raise ValueError(f"k={k}: choose 1..{len(routed)} (the routed layers {routed[0]}..{routed[-1]})")
+    return routed[-k:]
+
+
+def variant_names(ks) -> list[str]:
+    return ["dense"] + [f"{kind}_{k}" for k in ks for kind in ("oracle", "mindskip", "mask")]
+
+
+def points(s: Settings) -> list[tuple[str, int, int]]:
+    """(regime, batch, prefill length or decode context), prefill first."""
+    return ([("prefill", b, s.prefill_len) for b in s.prefill_batches]
+            + [("decode", b, c) for c in s.decode_contexts for b in s.decode_batches])
+
+
+def forward_seconds(shape: Shape, batch: int, new: int, past: int, dtype_bytes: int = 2,
+                    peak_flops: float = PEAK_FLOPS, bandwidth: float = BANDWIDTH,
+                    host_ms_per_layer: float = HOST_MS_PER_LAYER) -> float:
+    """Estimated seconds of one forward of ``new`` tokens per row on ``past`` cached ones (see
+    the module docstring): the slowest of compute, memory traffic and the host floor."""
+    s = shape
+    weights = (s.layer_params + s.vocab * s.hidden) * dtype_bytes  # read once per forward
+    kv_token = s.kv_bytes(1, dtype_bytes)
+    flops = 2 * s.layer_params * batch * new + 2 * s.hidden * s.vocab * batch
+    flops += 4 * s.layers * batch * new * past * s.hidden + 4 * s.layers * batch * new * new * s.hidden / 2
+    # DynamicCache concatenates: each forward reads and rewrites the cache, then attention reads it
+    nbytes = weights + batch * kv_token * (3 * past + 2 * new)
+    return max(flops / peak_flops, nbytes / bandwidth, s.layers * host_ms_per_layer / 1e3)
+
+
+def estimate(shape: Shape, s: Settings, **peaks) -> dict:
+    """The time the check will take: per point, per forward, and in total (seconds)."""
+    n_var = len(variant_names(s.ks))
+    rows = []
+    for regime, batch, length in points(s):
+        if regime == "prefill":
+            fwd = forward_seconds(shape, batch, length, 0, **peaks)
+            forwards = n_var * (s.warmup + s.repeats) + s.bound_rounds
+            secs = forwards * fwd
+        else:
+            context = forward_seconds(shape, 1, length, 0, **peaks)
+            context += 2 * shape.kv_bytes(batch * length) / peaks.get("bandwidth", BANDWIDTH)
+            fwd = forward_seconds(shape, batch, 1, length, **peaks)
+            steps = s.decode_warmup + s.decode_steps
+            forwards = n_var * s.decode_rounds * steps + 1 + s.bound_steps
+            secs = (n_var * s.decode_rounds + 1) * context + forwards * fwd
+        rows.append({"regime": regime, "batch": batch, "context": length, "forward_ms": fwd * 1e3,
+                     "forwards": forwards, "seconds": secs})
+    total = SETUP_S + CHECKS_S + sum(r["seconds"] for r in rows)
+    return {"points": rows, "setup_s": SETUP_S, "checks_s": CHECKS_S, "total_s": total,
+            "method": "max(FLOPs / peak, bytes / bandwidth, layers x host ms) per forward", "peak_flops":
+            peaks.get("peak_flops", PEAK_FLOPS), "bandwidth": peaks.get("bandwidth", BANDWIDTH),
+            "host_ms_per_layer": peaks.get("host_ms_per_layer", HOST_MS_PER_LAYER)}
+
+
+def fit_budget(shape: Shape, s: Settings) -> tuple[Settings, list[str]]:
+    """``s`` with fewer repeats, steps and rounds until the estimate fits ``s.budget_s``."""
+    ladder = [("repeats", 3), ("decode_steps", 8), ("decode_rounds", 2), ("warmup", 1), ("repeats", 2),
+              ("decode_rounds", 1), ("decode_steps", 4), ("bound_steps", 2), ("repeats", 1)]
+    notes = []
+    for name, floor in ladder:
+        if estimate(shape, s)["total_s"] <= s.budget_s:
+            break
+        if getattr(s, name) > floor:
+            notes.append(f"{name} {getattr(s, name)} -> {floor}")
+            s = dataclasses.replace(s, **{name: floor})
+    left = estimate(shape, s)["total_s"]
+    if left > s.budget_s:
+        notes.append(f"still estimated at {left:.0f} s > --budget-s {s.budget_s:.0f}: fewer points would be needed")
+    return s, notes
+
+
+def format_estimate(est: dict) -> str:
+    lines = [f"time estimate ({est['method']}; peak {est['peak_flops'] / 1e12:.0f} TFLOP/s, "
+             f"{est['bandwidth'] / 1e12:.1f} TB/s, {est['host_ms_per_layer']} ms per layer):"]
+    for r in est["points"]:
+        lines.append(f"  {r['regime']:<8} batch {r['batch']:>3} x {r['context']:>5}: {r['forward_ms']:8.2f} ms per "
+                     f"forward, {r['forwards']:>4} forwards -> {r['seconds']:6.1f} s")
+    lines.append(f"  setup {est['setup_s']:.0f} s + correctness checks {est['checks_s']:.0f} s; "
+                 f"total {est['total_s']:.0f} s ({est['total_s'] / 60:.1f} min)")
+    return "\n".join(lines)
+
+
+# ============================================================================ environment
+def _version_tuple(v: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string: "5.17.0" -> (5, 17, 0), "5.24.0.dev0" -> (5, 24, 0)."""
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+
+
+def require_stack() -> dict:
+    """torch and transformers as this check needs them, or SystemExit saying what to do.
+    Returns the versions it runs with."""
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("error: torch is not installed; this check needs python3 with a CUDA build of torch") from None
+    hint = (f"install transformers>={'.'.join(map(str, MIN_TRANSFORMERS))} (the kit pins {PINNED_TRANSFORMERS}), or "
+            "carry it: `bash benchmarks/gpu_check.sh --prepare --pinned-transformers` here, then the command it "
+            "prints on the GPU machine")
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"error: transformers cannot be imported ({e}); {hint}") from None
+    if _version_tuple(transformers.__version__) < MIN_TRANSFORMERS:
+        raise SystemExit(f"error: transformers {transformers.__version__} is older than "
+                         f"{'.'.join(map(str, MIN_TRANSFORMERS))}, which rt_lib.mindskip needs here; {hint}")
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: F401 - rt_lib.mindskip uses them
+    except ImportError as e:
+        raise SystemExit(f"error: transformers {transformers.__version__} lacks the cache layers rt_lib.mindskip "
+                         f"uses ({e}); {hint}") from None
+    return versions()
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "transformers": transformers.__version__, "transformers_path": str(Path(transformers.__file__).parent)}
+    for name in ("huggingface_hub", "tokenizers", "safetensors", "numpy", "flash_attn"):
+        try:
+            out[name] = getattr(__import__(name), "__version__", "?")
+        except Exception:  # noqa: BLE001 - optional; a broken install is as good as absent here
+            out[name] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        out.update(device=torch.cuda.get_device_name(0), capability=f"{props.major}.{props.minor}",
+                   device_memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        out["device"] = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    return out
+
+
+# ============================================================================ the model
+def build_model(config: dict, dtype, device, attn_implementation: str = "sdpa"):
+    """A LlamaForCausalLM of ``config`` with random weights, created directly on ``device`` in
+    ``dtype`` (the default dtype while it is built: no float32 copy)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_dict({k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")})
+    cfg._attn_implementation = attn_implementation
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(before)
+    return model.eval()
+
+
+def make_variants(ms, ks, num_layers: int) -> list:
+    """dense, then oracle_k, mindskip_k, mask_k for each k (``rt_lib.speed.variants`` on one model)."""
+    from rt_lib.speed.variants import build_variants
+
+    out = []
+    for k in ks:
+        dense, mindskip, oracle, mask = build_variants(ms, ["dense", "mindskip_forced", "oracle", "mask"],
+                                                       skipped_layers(num_layers, k))
+        if not out:
+            out.append(dense)
+        out += [dataclasses.replace(oracle, name=f"oracle_{k}"), dataclasses.replace(mindskip, name=f"mindskip_{k}"),
+                dataclasses.replace(mask, name=f"mask_{k}")]
+    return out
+
+
+# ============================================================================ timing
+class Marks:
+    """Time stamps on the device's timeline: CUDA events (no synchronize when taken), or the
+    wall clock on a CPU. ``ms(a, b)`` after ``sync()``."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.cuda = torch, device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = self.torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+
+def random_ids(batch: int, length: int, vocab: int, seed: int, device):
     import torch
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    check = _WORKER["check"] = GpuCheck(**kwargs)
-    torch.set_num_threads(check.settings["threads"] or max(1, (os.cpu_count() or 1) // workers))
+    g = torch.Generator().manual_seed(seed + 7919 * batch + length)
+    return torch.randint(0, vocab, (batch, length), generator=g).to(device)
 
 
-def _worker_part(variant: str, task: str) -> None:
-    _WORKER["check"].eval_part(variant, task)
+def decode_context(model, prompt, batch: int, device):
+    """A cache holding the context ``prompt`` (1 x context) for ``batch`` rows: one row prefilled,
+    then expanded with ``cache.reorder_cache`` (which MindSkip's stored decisions follow)."""
+    import torch
+
+    from rt_lib.speed.timing import forward_step, new_cache
+
+    cache = new_cache(model)
+    forward_step(model, prompt, cache, 0)
+    if batch > 1:
+        cache.reorder_cache(torch.zeros(batch, dtype=torch.long, device=device))
+    return cache
 
 
-def _read(path: Path):
-    return json.loads(Path(path).read_text())
+def timed_steps(model, cache, tokens, start: int, device) -> list[float]:
+    """Milliseconds of each single-token step of ``tokens`` (batch x steps) from position ``start``:
+    a chain of marks, one between consecutive steps, synchronized once at the end."""
+    from rt_lib.speed.timing import forward_step
+
+    marks = Marks(device)
+    marks.sync()
+    stamps = [marks.mark()]
+    for i in range(tokens.shape[1]):
+        forward_step(model, tokens[:, i:i + 1], cache, start + i)
+        stamps.append(marks.mark())
+    marks.sync()
+    return [marks.ms(a, b) for a, b in zip(stamps, stamps[1:])]
 
 
-class TokenCounter:
-    """Counts the rows and input tokens (padding included) of every forward of ``model``."""
+def measure_prefill(variants, batch: int, length: int, s: Settings, device, vocab: int) -> dict[str, dict]:
+    """Per variant: the timed forwards (ms) of a batch x length prompt into a fresh cache, and
+    the KV bytes that cache holds."""
+    import torch
 
-    def __init__(self, model):
-        self.rows = self.tokens = self.calls = 0
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+    from rt_lib.speed.timing import forward_step, interleave, kv_cache_bytes, new_cache, timed_ms
 
-    def _hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None:
-            self.rows += int(ids.shape[0])
-            self.tokens += int(ids.numel())
-            self.calls += 1
+    ids = random_ids(batch, length, vocab, s.seed, device)
+    by_name = {v.name: v for v in variants}
 
-    def close(self):
-        self._handle.remove()
+    def run_once(name):
+        v = by_name[name]
+        with v.active(), torch.inference_mode():
+            cache = new_cache(v.model)
+            t = timed_ms(lambda: forward_step(v.model, ids, cache, 0), device)
+            kv = kv_cache_bytes(cache)
+        return {"ms": [t], "kv": kv}
+
+    runs = interleave(list(by_name), run_once, s.warmup, s.repeats)
+    return {name: {"ms": [t for r in rs for t in r["ms"]], "kv": rs[-1]["kv"]} for name, rs in runs.items()}
 
 
-class GpuCheck:
-    """The run folder of one check; every step is a file, parts present are never recomputed."""
+def measure_decode(variants, batch: int, context: int, s: Settings, device, vocab: int) -> dict[str, dict]:
+    """Per variant: the timed decode steps (ms) of every round from a context built by
+    ``decode_context``, and the KV bytes held at the context."""
+    import torch
 
-    def __init__(self, out: str | os.PathLike, *, smoke: bool = False, device: str | None = None,
-                 batch_size: int | None = None, tasks: list[str] | None = None, limit: int | None = None,
-                 warmup: int | None = None, repeats: int | None = None, new_tokens: int | None = None,
-                 threads: int | None = None, workers: int | None = None, routers: str = ROUTERS,
-                 dtype: str = "auto"):
-        import torch
+    from rt_lib.speed.timing import forward_step, interleave, kv_cache_bytes
 
-        base = dict(SMOKE if smoke else GPU)
-        given = {"batch_size": batch_size, "tasks": tasks, "limit": limit, "warmup": warmup, "repeats": repeats,
-                 "new_tokens": new_tokens, "threads": threads, "workers": workers}
-        base.update({k: v for k, v in given.items() if v is not None})
-        self.settings = {"model": MODEL, "routers": str(routers), "task_preset": TASK_PRESET, "dtype": dtype,
-                         "smoke": smoke, **base}
-        self.init_args = dict(out=str(out), smoke=smoke, device=device, batch_size=batch_size, tasks=tasks, limit=limit,
-                              warmup=warmup, repeats=repeats, new_tokens=new_tokens, threads=threads,
-                              workers=workers, routers=routers, dtype=dtype)
-        self.out = Path(out)
-        self.dir = self.out / "gpu_check"
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.routers = ROOT / routers if not Path(routers).is_absolute() else Path(routers)
-        self._base = self._tok = None
-        self.times: dict[str, float] = {}
+    prompt = random_ids(1, context, vocab, s.seed, device)
+    tokens = random_ids(batch, s.decode_warmup + s.decode_steps, vocab, s.seed + 1, device)
+    by_name = {v.name: v for v in variants}
 
-    # -- shared state ----------------------------------------------------------------------
-    def load(self):
-        if self._base is None:
-            from rt_lib.assets.loading import load_model
+    def run_once(name):
+        v = by_name[name]
+        with v.active(), torch.inference_mode():
+            cache = decode_context(v.model, prompt, batch, device)
+            kv = kv_cache_bytes(cache)
+            for i in range(s.decode_warmup):
+                forward_step(v.model, tokens[:, i:i + 1], cache, context + i)
+            times = timed_steps(v.model, cache, tokens[:, s.decode_warmup:], context + s.decode_warmup, device)
+            del cache
+        return {"ms": times, "kv": kv}
 
-            self._base, self._tok = load_model(MODEL, dtype=self.settings["dtype"], device=self.device)
-        return self._base, self._tok
+    runs = interleave(list(by_name), run_once, 0, s.decode_rounds)
+    return {name: {"ms": [t for r in rs for t in r["ms"]], "kv": rs[-1]["kv"]} for name, rs in runs.items()}
 
-    def tasks(self) -> list[str]:
-        from rt_lib.evaluation.tasks import TASK_PRESETS
 
-        return list(self.settings["tasks"] or TASK_PRESETS[TASK_PRESET].tasks)
+def attention_times(dense, regime: str, batch: int, length: int, s: Settings, device,
+                    vocab: int) -> tuple[float, dict[int, float]]:
+    """The dense model's time per forward (prefill) or per step (decode) and each attention
+    sublayer's share of it, from marks in forward pre/post hooks of every attention module
+    (a pass of its own: the timed rounds run without hooks)."""
+    import torch
 
-    def check_settings(self) -> None:
-        """Write gpu_check/settings.json once; refuse to continue a folder made with other settings."""
-        from rt_lib import files
-        from rt_lib.runs import record as runs
+    from rt_lib.mindskip.architecture import find_decoder, get_slot
+    from rt_lib.speed.timing import forward_step, new_cache
 
-        path = self.dir / "settings.json"
-        if path.exists():
-            old = _read(path)
-            changed = sorted(k for k in self.settings if k not in RESULT_FREE and old.get(k) != self.settings[k])
-            if changed:
-                raise SystemExit(f"error: {self.out} was started with other settings ({', '.join(changed)}: "
-                                 f"{[old.get(k) for k in changed]} -> {[self.settings[k] for k in changed]}); "
-                                 "continue it with the same options or choose another --out")
+    marks = Marks(device)
+    spans: dict[int, list] = {}
+    recording = [False]
+
+    def hooks(module, layer):
+        def pre(*_):
+            if recording[0]:
+                spans.setdefault(layer, []).append([marks.mark(), None])
+
+        def post(*_):
+            if recording[0]:
+                spans[layer][-1][1] = marks.mark()
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    totals = []
+    with dense.active(), torch.inference_mode():
+        _, layers = find_decoder(dense.model)
+        handles = [h for i in range(len(layers)) for h in hooks(get_slot(layers, i, "attn"), i)]
+        try:
+            if regime == "prefill":
+                ids = random_ids(batch, length, vocab, s.seed, device)
+                forward_step(dense.model, ids, new_cache(dense.model), 0)  # warm-up, unrecorded
+                units = s.bound_rounds
+                for _ in range(units):
+                    cache = new_cache(dense.model)
+                    marks.sync()
+                    recording[0] = True
+                    a = marks.mark()
+                    forward_step(dense.model, ids, cache, 0)
+                    totals.append((a, marks.mark()))
+                    recording[0] = False
+                    del cache
+            else:
+                prompt = random_ids(1, length, vocab, s.seed, device)
+                tokens = random_ids(batch, 1 + s.bound_steps, vocab, s.seed + 1, device)
+                cache = decode_context(dense.model, prompt, batch, device)
+                forward_step(dense.model, tokens[:, :1], cache, length)  # warm-up, unrecorded
+                units = s.bound_steps
+                marks.sync()
+                recording[0] = True
+                for i in range(1, 1 + units):
+                    a = marks.mark()
+                    forward_step(dense.model, tokens[:, i:i + 1], cache, length + i)
+                    totals.append((a, marks.mark()))
+                recording[0] = False
+                del cache
+            marks.sync()
+        finally:
+            recording[0] = False
+            for h in handles:
+                h.remove()
+    total = sum(marks.ms(a, b) for a, b in totals) / units
+    per_layer = {i: sum(marks.ms(a, b) for a, b in sp) / units for i, sp in spans.items()}
+    return total, per_layer
+
+
+# ============================================================================ one point
+def point_need_bytes(shape: Shape, regime: str, batch: int, length: int, s: Settings, dtype_bytes: int) -> int:
+    """Bytes a point allocates beyond the resident weights: the dense KV cache, a layer's
+    activations of the largest forward (prefill: batch x length; decode: the 1-row context
+    prefill) and the last-token logits."""
+    rows, tokens = (batch, length) if regime == "prefill" else (1, length)
+    cached = batch * (length + (s.decode_warmup + s.decode_steps + 1 if regime == "decode" else 0))
+    act = rows * tokens * (4 * shape.hidden + 3 * shape.intermediate
+                           + 2 * (shape.heads + 2 * shape.kv_heads) * shape.head_dim) * dtype_bytes
+    return shape.kv_bytes(cached, dtype_bytes) + act + batch * shape.vocab * 4
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def free_memory(device) -> int | None:
+    import torch
+
+    return torch.cuda.mem_get_info()[0] if device.type == "cuda" else None
+
+
+def run_point(variants, regime: str, batch: int, length: int, s: Settings, shape: Shape, device,
+              dtype_bytes: int) -> list[dict]:
+    """The rows of one point: measured, or skipped with the reason (memory) or an error."""
+    import torch
+
+    from rt_lib.speed.timing import measured_bound
+
+    base = {"regime": regime, "batch": batch, "context": length}
+    names = [v.name for v in variants]
+
+    def not_run(status, reason):
+        return [dict(base, variant=n, k=_k(n), skipped_layers=_layers(n, shape.layers), status=status,
+                     reason=reason) for n in names]
+
+    need, free = point_need_bytes(shape, regime, batch, length, s, dtype_bytes), free_memory(device)
+    if free is not None and need > s.memory_headroom * free:
+        return not_run("skipped", f"estimated {need / 2**30:.1f} GiB > {s.memory_headroom:.0%} of "
+                                  f"{free / 2**30:.1f} GiB free")
+    try:
+        measure = measure_prefill if regime == "prefill" else measure_decode
+        results = measure(variants, batch, length, s, device, shape.vocab)
+        total, attn = attention_times(variants[0], regime, batch, length, s, device, shape.vocab)
+    except Exception as exc:  # noqa: BLE001 - one point must not end the check
+        if _is_oom(exc):
+            return not_run("skipped", "out of memory: " + str(exc).strip().splitlines()[0][:160])
+        return not_run("error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc) else ''}")
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    dense_ms = statistics.median(results["dense"]["ms"])
+    dense_kv = results["dense"]["kv"]
+    tokens = batch * (length if regime == "prefill" else 1)
+    rows = []
+    for n in names:
+        med = statistics.median(results[n]["ms"])
+        layers = skipped_layers(shape.layers, _k(n)) if _k(n) else []
+        bound = measured_bound(total, {(i, "attn"): t for i, t in attn.items()}, {i: 1.0 for i in layers}, "attn")
+        kv = results[n]["kv"]
+        rows.append(dict(base, variant=n, k=_k(n), skipped_layers=_layers(n, shape.layers), median_ms=med,
+                         samples=len(results[n]["ms"]), tokens_per_s=tokens * 1e3 / med, speedup=dense_ms / med,
+                         bound=bound, kv_bytes=kv, kv_saved=1 - kv / dense_kv if dense_kv else None, status="ok",
+                         reason=""))
+    rows[0]["reason"] = f"bound pass: dense {total:.3f} ms, attention {sum(attn.values()):.3f} ms"
+    return rows
+
+
+def _k(name: str) -> int:
+    return int(name.rsplit("_", 1)[1]) if "_" in name else 0
+
+
+def _layers(name: str, num_layers: int) -> str:
+    k = _k(name)
+    return " ".join(map(str, skipped_layers(num_layers, k))) if k else ""
+
+
+# ============================================================================ correctness
+def _tiny_llama(device, dtype, impl: str):
+    """The correctness checks' model (no end-of-sequence token: greedy runs never stop early)."""
+    import torch
+
+    torch.manual_seed(0)
+    return build_model({**read_config(), "num_hidden_layers": 6, "hidden_size": 32, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 96,
+                        "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": None},
+                       dtype, device, impl)
+
+
+def _padded(lengths, device, vocab: int = 96, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.zeros(len(lengths), t, dtype=torch.long)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for b, n in enumerate(lengths):  # left padding, as batched generation pads
+        ids[b, t - n:], mask[b, t - n:] = torch.randint(3, vocab, (n,), generator=g), 1
+    return ids.to(device), mask.to(device)
+
+
+def _random_routers(ms, seed: int, scale: float = 4.0) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in ms.routers().values():
+            r.weight.copy_(torch.randn(r.weight.shape, generator=g) * scale / r.weight.shape[1] ** 0.5)
+
+
+def _mixed(decisions) -> bool:
+    return any(d is not None and 0 < int(d.sum()) < d.numel() for d in decisions.values())
+
+
+def check_skip_equals_mask(device, dtype, impl: str, level: str, tol: float) -> tuple[bool, str]:
+    """Logits of execution "skip" and "mask" under the same mixed decisions, at real positions."""
+    import torch
+
+    from rt_lib.mindskip.config import MindSkipConfig
+    from rt_lib.mindskip.model import get_mindskip_model
+
+    model = _tiny_llama(device, dtype, impl)
+    ids, mask = _padded([8, 5, 7], device)
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], route_level=level))
+    ms.eval()
+    with torch.no_grad():
+        for seed in range(10):
+            _random_routers(ms, seed)
+            skip = model(input_ids=ids, attention_mask=mask).logits
+            keep = {i: d.clone() for i, d in ms.decisions().items()}
+            if _mixed(keep):
+                break
+        if not _mixed(keep):
+            return False, "no router seed gave mixed decisions"
+        ms.set_execution("mask")
+        masked = model(input_ids=ids, attention_mask=mask).logits
+    if not all(torch.equal(keep[i], d) for i, d in ms.decisions().items()):
+        return False, "the mask pass took other decisions"
+    real = mask.bool()
+    diff = float((skip[real].float() - masked[real].float()).abs().max())
+    return diff <= tol, f"max |skip - mask| {diff:.2e} (tolerance {tol:.0e})"
+
+
+def check_cached_equals_uncached(device, dtype, impl: str, level: str, tol: float) -> tuple[bool, str]:
+    """Greedy ``generate`` (KV cache) against the whole sequence recomputed without a cache at
+    every step: the logits of each step, and the greedy token each gives."""
+    import torch
+
+    from rt_lib.mindskip.config import MindSkipConfig
+    from rt_lib.mindskip.model import get_mindskip_model
+
+    model = _tiny_llama(device, dtype, impl)
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[2, 3, 4], route_level=level))
+    ms.eval()
+    _random_routers(ms, 5)
+    ids, mask = _padded([9, 5, 7], device, seed=2)
+    steps, t = 6, ids.shape[1]
+    with torch.no_grad():
+        out = ms.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                          output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        if level == "seq":  # the uncached recomputation replays the decisions taken at prefill
+            ms.force({i: d.clone() for i, d in ms.decisions().items()})
+        mixed = _mixed(ms.decisions())
+        full_mask = torch.cat([mask, torch.ones(mask.shape[0], steps, dtype=mask.dtype, device=device)], 1)
+        diff, same_tokens = 0.0, True
+        for i in range(steps):
+            m = full_mask[:, :t + i]
+            pos = (m.cumsum(-1) - 1).clamp_min(0)
+            lg = model(input_ids=out.sequences[:, :t + i], attention_mask=m, position_ids=pos,
+                       use_cache=False).logits[:, -1]
+            diff = max(diff, float((lg.float() - out.scores[i].float()).abs().max()))
+            same_tokens &= bool(torch.equal(lg.argmax(-1), out.sequences[:, t + i]))
+    note = "" if mixed else "; decisions were not mixed"
+    if not same_tokens:
+        return False, f"greedy tokens differ; max |cached - uncached| {diff:.2e}{note}"
+    return diff <= tol, f"same greedy tokens, max |cached - uncached| {diff:.2e} (tolerance {tol:.0e}){note}"
+
+
+def correctness_checks(device) -> list[dict]:
+    """Every check for SDPA, and flash_attention_2 where flash_attn imports (CUDA only)."""
+    import torch
+
+    impls = ["sdpa"]
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            impls.append("flash_attention_2")
+        except Exception:  # noqa: BLE001 - absent or broken: not checked
+            pass
+    checks = [("skip == mask", "seq", check_skip_equals_mask), ("skip == mask", "token", check_skip_equals_mask),
+              ("cached == uncached", "token", check_cached_equals_uncached),
+              ("cached == uncached", "seq", check_cached_equals_uncached)]
+    rows = []
+    for impl in impls:
+        dtype = torch.float32 if impl == "sdpa" else torch.bfloat16
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        for title, level, fn in checks:
+            name = f"{title} ({level} routing, {impl}, {str(dtype).replace('torch.', '')})"
+            t0 = time.perf_counter()
+            if level == "token" and impl not in ("sdpa", "eager"):
+                status, detail = "n/a", "token routing needs eager or sdpa attention (rt_lib.mindskip.architecture)"
+            else:
+                try:
+                    ok, detail = fn(device, dtype, impl, level, tol)
+                    status = "pass" if ok else "fail"
+                except Exception as exc:  # noqa: BLE001 - a check must not stop the timing
+                    status, detail = "fail", f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+            rows.append({"check": name, "status": status, "detail": detail,
+                         "seconds": round(time.perf_counter() - t0, 2)})
+            print(f"  {status:<4} {name}: {detail}", flush=True)
+    return rows
+
+
+# ============================================================================ the report
+def claim_summary(rows: list[dict], num_layers: int, ks) -> list[dict]:
+    """Per regime, at the k closest to the paper's fraction: the best measured MindSkip and
+    oracle speedups, the bound there, and whether the paper's speedup is reached."""
+    k = min(ks, key=lambda x: (abs(x / num_layers - CLAIM_SKIP), x))
+    out = []
+    for regime in ("prefill", "decode"):
+        ok = [r for r in rows if r["regime"] == regime and r["status"] == "ok" and r["k"] == k]
+        if not ok:
+            continue
+        ms = max((r for r in ok if r["variant"] == f"mindskip_{k}"), key=lambda r: r["speedup"])
+        oracle = max((r for r in ok if r["variant"] == f"oracle_{k}"), key=lambda r: r["speedup"])
+        where = f"batch {ms['batch']} x {ms['context']}"
+        if ms["speedup"] >= CLAIM_SPEEDUP:
+            verdict = f"reached by MindSkip ({where})"
+        elif oracle["speedup"] >= CLAIM_SPEEDUP:
+            verdict = f"reached by the oracle only (batch {oracle['batch']} x {oracle['context']})"
+        elif ms["bound"] >= CLAIM_SPEEDUP:
+            verdict = "within the bound only"
         else:
-            files.atomic_write_json(path, self.settings)
-        if not (self.out / runs.RUN_FILE).exists():
-            runs.new_run(root=self.out.parent, run_id=self.out.name, preset="gpu-check",
-                         parameters={"gpu_check": self.settings})
+            verdict = "not reached"
+        out.append({"regime": regime, "k": k, "skip_fraction": k / num_layers, "mindskip_speedup": ms["speedup"],
+                    "mindskip_point": where, "oracle_speedup": oracle["speedup"],
+                    "oracle_point": f"batch {oracle['batch']} x {oracle['context']}", "bound": ms["bound"],
+                    "verdict": verdict})
+    return out
 
-    # -- evaluation -------------------------------------------------------------------------
-    def part_dir(self, variant: str, task: str) -> Path:
-        return self.dir / "eval_parts" / f"{variant}__{task}"
 
-    def _part(self, variant: str, task: str, model, score) -> None:
-        """Score one (variant, task) into its part folder unless it is there already."""
-        from rt_lib import files
+def _f(x, fmt: str, none: str = "-") -> str:
+    return none if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
-        final = self.part_dir(variant, task)
-        if (final / "eval" / "results.json").exists():
-            return
-        counter = TokenCounter(model)
-        start = time.perf_counter()
-        try:
-            with files.atomic_dir(final) as tmp:
-                score(tmp)
-                wall = time.perf_counter() - start
-                files.atomic_write_json(tmp / "throughput.json", {
-                    "variant": variant, "task": task, "wall_s": round(wall, 3), "forward_calls": counter.calls,
-                    "rows": counter.rows, "tokens": counter.tokens, "tokens_per_s": counter.tokens / max(wall, 1e-9),
-                    "batch_size": self.settings["batch_size"], "device": self.device})
-        finally:
-            counter.close()
-        rate = counter.tokens / max(wall, 1e-9)
-        print(f"  {variant:<9} {task:<14} {wall:7.1f} s  {rate:>10,.0f} tokens/s", flush=True)
 
-    def done(self, variant: str, task: str) -> bool:
-        return (self.part_dir(variant, task) / "eval" / "results.json").exists()
+def format_table(report: dict) -> str:
+    v = report["versions"]
+    lines = [f"GPU check on {v.get('device')}: torch {v['torch']} (CUDA {v.get('cuda')}), transformers "
+             f"{v['transformers']}, python {v['python']}; {'DRY RUN (tiny shapes, CPU)' if report['dry_run'] else ''}"
+             .rstrip("; "),
+             f"model: {report['model']}; routed layers {report['routed_layers']}; "
+             f"wall time {report.get('wall_s', 0):.0f} s (estimated {report['estimate']['total_s']:.0f} s)", "",
+             f"{'regime':<8}{'batch':>6}{'ctx':>6}  {'variant':<12}{'median ms':>11}{'tokens/s':>13}{'speedup':>9}"
+             f"{'bound':>8}{'KV MiB':>10}{'KV saved':>9}  status"]
+    for r in report["rows"]:
+        lines.append(f"{r['regime']:<8}{r['batch']:>6}{r['context']:>6}  {r['variant']:<12}"
+                     f"{_f(r.get('median_ms'), '.3f'):>11}{_f(r.get('tokens_per_s'), ',.0f'):>13}"
+                     f"{_f(r.get('speedup'), '.3f'):>9}{_f(r.get('bound'), '.3f'):>8}"
+                     f"{_f(r['kv_bytes'] / 2**20 if r.get('kv_bytes') is not None else None, '.1f'):>10}"
+                     f"{_f(100 * r['kv_saved'] if r.get('kv_saved') is not None else None, '.1f'):>8}%  "
+                     f"{r['status']}{' (' + r['reason'] + ')' if r['status'] != 'ok' and r.get('reason') else ''}")
+    lines += ["", "correctness:"]
+    lines += [f"  {c['status']:<4} {c['check']}: {c['detail']}" for c in report["checks"]]
+    lines += ["", f"claim: {CLAIM_SPEEDUP}x at ~{CLAIM_SKIP:.0%} of attention layers skipped"]
+    for c in report["claim"]:
+        lines.append(f"  {c['regime']:<8} k={c['k']} ({c['skip_fraction']:.0%}): best MindSkip {c['mindskip_speedup']:.3f}x "
+                     f"({c['mindskip_point']}), oracle {c['oracle_speedup']:.3f}x ({c['oracle_point']}), bound there "
+                     f"{c['bound']:.3f}x -> {c['verdict']}")
+    if not report["claim"]:
+        lines.append("  no point measured")
+    return "\n".join(lines)
 
-    def eval_part(self, variant: str, task: str) -> None:
-        """One (variant, task): dense on the base model, MindSkip paired with the dense part."""
-        from rt_lib.runs.checkpoints import attach_routers
-        from rt_lib.evaluation.results import EvalResults
-        from rt_lib.evaluation.driver import evaluate
 
-        if self.done(variant, task):
-            return
-        base, tok = self.load()
-        common = dict(preset=TASK_PRESET, tasks=[task], variant=variant, batch_size=self.settings["batch_size"],
-                      limit=self.settings["limit"], model_name=MODEL)
-        if variant == "dense":
-            self._part(variant, task, base, lambda d: evaluate(base, tok, out_dir=d, **common))
-            return
-        ref = EvalResults.load(self.part_dir("dense", task))
-        ms = attach_routers(base, self.routers)
-        ms.eval()
-        try:
-            self._part(variant, task, base, lambda d: evaluate(ms, tok, dense_reference=ref, out_dir=d, **common))
-        finally:
-            ms.unload()
+def write_outputs(out: Path, report: dict) -> None:
+    """gpu_check.csv, gpu_check.json and summary.txt, each replaced whole."""
+    out.mkdir(parents=True, exist_ok=True)
 
-    def evaluate(self, workers: int = 1) -> None:
-        """Every (variant, task) part, largest tasks first; with ``workers`` > 1 in that many
-        processes sharing the device (the harness builds requests on the CPU, one core per
-        process), a task's MindSkip part starting as soon as its dense part is written."""
-        from rt_lib.evaluation.results import EvalResults
+    def replace(name, text):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
 
-        start = time.perf_counter()
-        order = sorted(self.tasks(), key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER))
-        self.fresh_eval = not any(self.done(v, t) for v in ("dense", "mindskip") for t in order)
-        if workers <= 1:
-            for variant in ("dense", "mindskip"):
-                for task in order:
-                    self.eval_part(variant, task)
-        else:
-            import multiprocessing
-            from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    import io
 
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(self.init_args, workers)) as pool:
-                running = {}
-                for task in order:
-                    variant = "mindskip" if self.done("dense", task) else "dense"
-                    if not self.done(variant, task):
-                        running[pool.submit(_worker_part, variant, task)] = (variant, task)
-                while running:
-                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        variant, task = running.pop(f)
-                        f.result()  # a failed part stops the check here; written parts stay
-                        if variant == "dense" and not self.done("mindskip", task):
-                            running[pool.submit(_worker_part, "mindskip", task)] = ("mindskip", task)
-        parts = [EvalResults.load(self.part_dir(v, t)) for v in ("dense", "mindskip") for t in self.tasks()]
-        EvalResults.combine(parts).save(self.out)
-        self.times["eval_s"] = round(time.perf_counter() - start, 1)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=FIELDS + ["detail"], extrasaction="ignore")
+    w.writeheader()
+    for r in report["rows"]:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+    for c in report["checks"]:
+        w.writerow({"regime": "check", "variant": c["check"], "status": c["status"], "detail": c["detail"]})
+    replace("gpu_check.csv", buf.getvalue())
+    replace("gpu_check.json", json.dumps(_finite(report), indent=1) + "\n")
+    replace("summary.txt", format_table(report) + "\n")
 
-    # -- profile ----------------------------------------------------------------------------
-    def profile_settings(self):
-        from rt_lib.speed.profiling import preset
 
-        s = self.settings
-        over = {k: s[k] for k in ("warmup", "repeats", "new_tokens", "threads") if s.get(k) is not None}
-        return preset(s["profile_preset"], **over)
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
-    def profile(self) -> None:
-        """The grid one point at a time (each point a part), with the layer sets and roofline
-        peaks fixed once for the whole grid, then profile/ as the profiler writes it."""
-        import torch
 
-        from rt_lib.speed import step as profile_step
-        from rt_lib.speed import profiling as P
-        from rt_lib.speed import variants as V
-        from rt_lib import files
-        from rt_lib.speed.roofline import Shape, measure_peaks
+# ============================================================================ the check
+def run_check(s: Settings, out: Path) -> dict:
+    """Correctness checks, then every point; the report is written after each point."""
+    t_start = time.perf_counter()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    vers = require_stack()
+    import torch
+    import transformers
 
-        base, tok = self.load()
-        settings = self.profile_settings()
-        start = time.perf_counter()
-        ms = V.prepare_models(base, str(self.routers))
-        try:
-            tokens = profile_step.text_tokens(tok, "wikipedia-en")
+    if s.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device visible; this check is meant for a GPU "
+                         "(--dry-run runs the same code on a CPU with tiny shapes)")
+    threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    try:
+        return _run(s, out, vers, t_start)
+    finally:  # the caller's settings back (the tests run the dry run in their own process)
+        torch.set_num_threads(threads)
+        transformers.logging.set_verbosity(verbosity)
 
-            def fixed_sets():
-                device = next(base.parameters()).device
-                skip, static = P.layer_sets(ms, settings, Shape.from_config(base.config), device, tokens)
-                flops, bandwidth = measure_peaks(device, next(base.parameters()).dtype)
-                return {"skip_layers": skip, "static_layers": static, "peak_flops": flops, "bandwidth": bandwidth}
 
-            path = self.dir / "profile_fixed.json"
-            if not path.exists():
-                files.atomic_write_json(path, fixed_sets())
-            fixed = _read(path)
-            point_settings = replace(settings, **fixed)
-            parts = []
-            for regime, batch, length in P.grid_points(settings):
-                part = self.dir / "profile_parts" / f"{regime}-b{batch}-s{length}.json"
-                if not part.exists():
-                    grid = ({"prefill_batch_sizes": [batch], "prefill_seq_lens": [length]} if regime == "prefill"
-                            else {"decode_batch_sizes": [batch], "decode_context_lens": [length]})
-                    one = replace(point_settings, regimes=[regime], **grid)
-                    t0 = time.perf_counter()
-                    rows, cond = P.profile(ms, one, tokens, progress=False)
-                    files.atomic_write_json(part, {"rows": rows, "conditions": cond,
-                                                  "wall_s": round(time.perf_counter() - t0, 2)})
-                    status = rows[0]["status"] if rows else "?"
-                    print(f"  {regime:<8} batch {batch:>4} length {length:>5}: {status} "
-                          f"({time.perf_counter() - t0:.1f} s)", flush=True)
-                    if self.device == "cuda":
-                        torch.cuda.empty_cache()
-                parts.append(_read(part))
-            rows = [r for p in parts for r in p["rows"]]
-            conditions = dict(parts[0]["conditions"])
-            for key in ("measurements", "sublayer_times", "bound_curves"):
-                if key in conditions:
-                    conditions[key] = [x for p in parts for x in p["conditions"].get(key, [])]
-            conditions.update(settings=asdict(settings),
-                              grid_parts="one profile() call per grid point, layer sets and peaks fixed once "
-                                         "(gpu_check/profile_fixed.json)")
-            profile_step.describe(conditions, wall_time_s=sum(p["wall_s"] for p in parts),
-                                  preset=settings_name(self.settings), model=MODEL, routers=self.routers,
-                                  text="wikipedia-en")
-            profile_step.record_step(self.out, rows, conditions)
-        finally:
-            ms.unload()
-        self.times["profile_s"] = round(time.perf_counter() - start, 1)
+def _run(s: Settings, out: Path, vers: dict, t_start: float) -> dict:
+    import torch
 
-    # -- summary ----------------------------------------------------------------------------
-    def summary(self) -> dict:
-        import pandas as pd
+    device = torch.device(s.device)
+    dtype = getattr(torch, s.dtype)
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    config = read_config(s.model_overrides)
+    shape = Shape.from_dict(config)
+    s, notes = fit_budget(shape, s)
+    est = estimate(shape, s)
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if k != "transformers_path"), flush=True)
+    print(f"transformers from {vers['transformers_path']}", flush=True)
+    print(f"model: Llama {shape.layers} layers, hidden {shape.hidden}, {shape.params / 1e9:.2f} B parameters, "
+          f"{s.dtype}; points {len(points(s))}, variants {variant_names(s.ks)}", flush=True)
+    print(format_estimate(est), flush=True)
+    for n in notes:
+        print(f"  budget {s.budget_s:.0f} s: {n}", flush=True)
+    source = f"{CONFIG.relative_to(ROOT)}" + (f" with {json.dumps(s.model_overrides)}" if s.model_overrides else "")
+    report: dict[str, Any] = {
+        "dry_run": s.dry_run, "settings": dataclasses.asdict(s), "versions": vers, "budget_notes": notes,
+        "model": f"Llama ({source}), {shape.params:,} parameters, random {s.dtype} weights, sdpa",
+        "routed_layers": f"{routed_layers(shape.layers)[0]}..{routed_layers(shape.layers)[-1]}",
+        "skipped_layers": {k: skipped_layers(shape.layers, k) for k in s.ks},
+        "estimate": est, "rows": [], "checks": [], "claim": [],
+        "protocol": {"timing": "cuda events" if device.type == "cuda" else "perf_counter wall clock",
+                     "prefill": f"{s.warmup} warm-up + {s.repeats} timed rounds, variants interleaved ABC CBA",
+                     "decode": f"{s.decode_rounds} rounds x ({s.decode_warmup} warm-up + {s.decode_steps} timed "
+                               "steps) from a 1-row prefill expanded with reorder_cache",
+                     "bound": f"dense with attention hooks: {s.bound_rounds} prefill forwards / {s.bound_steps} "
+                              "decode steps"}}
 
-        from rt_lib.evaluation.results import MACRO
-        from rt_lib.speed.profiling import summarize
+    print("correctness checks (tiny Llama):", flush=True)
+    report["checks"] = correctness_checks(device)
+    write_outputs(out, report)
 
-        t = pd.read_csv(self.out / "eval" / "results.csv")
-        paired = pd.read_csv(self.out / "eval" / "paired.csv")
-        macro = t[(t.task == MACRO) & (t.metric == "paper")].set_index("variant")
-        pm = paired[(paired.task == MACRO) & (paired.metric == "paper")].set_index("variant")
-        tp = [_read(p / "throughput.json") for p in sorted((self.dir / "eval_parts").iterdir())
-              if (p / "throughput.json").exists()]
-        throughput = {}
-        for v in ("dense", "mindskip"):
-            mine = [x for x in tp if x["variant"] == v]
-            wall = sum(x["wall_s"] for x in mine)
-            throughput[v] = {"tokens": sum(x["tokens"] for x in mine), "wall_s": round(wall, 1),
-                             "tokens_per_s": round(sum(x["tokens"] for x in mine) / max(wall, 1e-9), 1)}
-        if getattr(self, "fresh_eval", False) and self.times.get("eval_s"):
-            tokens = sum(x["tokens"] for x in throughput.values())
-            throughput["all_parts"] = {"tokens": tokens, "wall_s": self.times["eval_s"],
-                                       "tokens_per_s": round(tokens / self.times["eval_s"], 1)}
-        prof = pd.read_csv(self.out / "profile" / "profile.csv")
-        ok = prof[prof.status == "ok"]
-        skipped = prof[prof.status == "skipped"].drop_duplicates(["regime", "batch_size", "seq_len"])
-        lines = summarize(ok.to_dict("records")) if len(ok) else pd.DataFrame()
-        speedups = []  # per regime: the smallest, a middle and the largest measured point
-        if len(lines):
-            lines = lines.assign(tokens=lines.batch_size * lines.seq_len)
-            for regime, sub in lines.groupby("regime", sort=False):
-                sub = sub.sort_values("tokens").reset_index(drop=True)
-                for i in sorted({0, len(sub) // 2, len(sub) - 1}):
-                    r = sub.iloc[i]
-                    speedups.append({"regime": regime, "batch_size": int(r.batch_size), "seq_len": int(r.seq_len),
-                                     **{k: _num(r.get(k)) for k in ("dense_ms", "mindskip_speedup",
-                                                                    "mindskip_forced_speedup", "oracle_speedup")}})
-        device = _read(self.out / "profile" / "profile.json").get("device_name")
-        return {
-            "out": str(self.out), "device": device, "settings": self.settings,
-            "accuracy": {v: {"macro": float(macro.at[v, "value"]), "n": int(macro.at[v, "n"]),
-                             "skip_ratio": _num(macro.at[v, "skip_ratio"])} for v in macro.index},
-            "paired_macro": {v: {"diff": float(pm.at[v, "diff"]), "ci_low": float(pm.at[v, "ci_low"]),
-                                 "ci_high": float(pm.at[v, "ci_high"])} for v in pm.index},
-            "throughput": throughput,
-            "profile": {"points": int(prof.drop_duplicates(["regime", "batch_size", "seq_len"]).shape[0]),
-                        "measured": int(ok.drop_duplicates(["regime", "batch_size", "seq_len"]).shape[0]),
-                        "skipped": [{"regime": r.regime, "batch_size": int(r.batch_size), "seq_len": int(r.seq_len),
-                                     "reason": r.reason} for r in skipped.itertuples()],
-                        "speedups": speedups},
-            "times": self.times,
-        }
+    from rt_lib.mindskip.config import MindSkipConfig
+    from rt_lib.mindskip.model import get_mindskip_model
 
-    def run(self) -> dict:
-        from rt_lib import files
-
-        import torch
-
+    free = free_memory(device)
+    weights = shape.params * dtype_bytes
+    if free is not None and weights > s.memory_headroom * free:
+        raise SystemExit(f"error: the model needs {weights / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free")
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    model = build_model(config, dtype, device)
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=routed_layers(shape.layers)))
+    ms.eval()
+    variants = make_variants(ms, s.ks, shape.layers)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    report["build_s"] = round(time.perf_counter() - t0, 2)
+    print(f"model built in {report['build_s']:.1f} s; timing {len(points(s))} points x {len(variants)} variants",
+          flush=True)
+    for regime, batch, length in points(s):
         t0 = time.perf_counter()
-        if self.settings["threads"] and self.device == "cpu":
-            torch.set_num_threads(self.settings["threads"])
-        self.check_settings()
-        print(f"run folder: {self.out}  (device {self.device}; to continue after an interruption, run the "
-              f"same command again)", flush=True)
-        print(f"evaluation: {TASK_PRESET} preset, {len(self.tasks())} tasks, batch {self.settings['batch_size']}, "
-              f"limit {self.settings['limit']}, {self.settings['workers']} worker process(es)", flush=True)
-        self.evaluate(self.settings["workers"])
-        print(f"profile: {settings_name(self.settings)} grid", flush=True)
-        self.profile()
-        self.times["total_s"] = round(time.perf_counter() - t0, 1)
-        summary = self.summary()
-        text = format_summary(summary)
-        files.atomic_write_json(self.dir / "summary.json", summary)
-        files.atomic_write_text(self.dir / "summary.txt", text + "\n")
-        print()
-        print(text, flush=True)
-        return summary
+        rows = run_point(variants, regime, batch, length, s, shape, device, dtype_bytes)
+        report["rows"] += rows
+        r0 = rows[0]
+        brief = ", ".join(f"{r['variant']} {r['speedup']:.2f}x" for r in rows[1:] if r["status"] == "ok"
+                          and r["variant"].startswith(("oracle", "mindskip")))
+        state = (f"dense {r0['median_ms']:.2f} ms; {brief}" if r0["status"] == "ok"
+                 else f"{r0['status']}: {r0['reason']}")
+        print(f"  {regime:<8} batch {batch:>3} x {length:>5}: {state} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        report["claim"] = claim_summary(report["rows"], shape.layers, s.ks)
+        report["wall_s"] = round(time.perf_counter() - t_start, 1)
+        write_outputs(out, report)
+    ms.unload()
+    report["wall_s"] = round(time.perf_counter() - t_start, 1)
+    write_outputs(out, report)
+    return report
 
 
-def _num(x):
-    import math
-
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 3)
-
-
-def settings_name(settings: dict) -> str:
-    return settings["profile_preset"]
-
-
-def _pp(x):
-    return "n/a" if x is None else f"{100 * x:+.1f}"
-
-
-def _pct(x):
-    return "n/a" if x is None else f"{100 * x:.1f}"
+# ============================================================================ --prepare
+def tree_bytes(root: Path = ROOT) -> int:
+    """Bytes of what travels from the working tree: tracked files and untracked ones git does
+    not ignore (files present on disk; links count as links)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            check=True, capture_output=True).stdout.split(b"\0")
+    total = 0
+    for name in {n for n in listed if n}:
+        try:
+            total += os.lstat(root / os.fsdecode(name)).st_size
+        except FileNotFoundError:  # deleted in the working tree: does not travel
+            pass
+    return total
 
 
-def format_summary(s: dict) -> str:
-    acc, pm, tp = s["accuracy"], s["paired_macro"], s["throughput"]
-    out = [f"GPU check {s['out']} on {s['device']}"]
-    if "dense" in acc and "mindskip" in acc:
-        d = pm.get("mindskip", {})
-        out.append(f"accuracy ({s['settings']['task_preset']}, macro over tasks, n={acc['dense']['n']}): "
-                   f"dense {_pct(acc['dense']['macro'])}, MindSkip {_pct(acc['mindskip']['macro'])} "
-                   f"(skip ratio {_num(acc['mindskip']['skip_ratio'])}; paired {_pp(d.get('diff'))} "
-                   f"[{_pp(d.get('ci_low'))}, {_pp(d.get('ci_high'))}])")
-    out.append("throughput (input tokens incl. padding / wall s of the parts): " + ", ".join(
-        f"{v} {x['tokens_per_s']:,.0f} tokens/s ({x['tokens']:,} tokens in {x['wall_s']:.0f} s)"
-        for v, x in tp.items() if v != "all_parts"))
-    if "all_parts" in tp:
-        x = tp["all_parts"]
-        out.append(f"  all parts of this call, {s['settings']['workers']} process(es): "
-                   f"{x['tokens_per_s']:,.0f} tokens/s ({x['tokens']:,} tokens in {x['wall_s']:.0f} s of evaluation)")
-    p = s["profile"]
-    out.append(f"profile ({s['settings']['profile_preset']} grid): {p['measured']} of {p['points']} points measured, "
-               f"{len(p['skipped'])} skipped" + (": " + "; ".join(
-                   f"{x['regime']} b{x['batch_size']} x {x['seq_len']} ({x['reason']})" for x in p["skipped"][:3])
-                   + (" ..." if len(p["skipped"]) > 3 else "") if p["skipped"] else ""))
-    def x(v, unit="x"):
-        return "n/a" if v is None else f"{v:.2f}{unit}"
-    for r in p["speedups"]:
-        out.append(f"  {r['regime']:<8} b{r['batch_size']:<4} x {r['seq_len']:<5} dense {x(r['dense_ms'], ' ms'):>10}"
-                   f"  MindSkip {x(r['mindskip_speedup'])}  forced {x(r['mindskip_forced_speedup'])}"
-                   f"  oracle {x(r['oracle_speedup'])}")
-    out.append("times: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["times"].items()))
-    return "\n".join(out)
+def wheel_sizes(folder: Path) -> dict[str, int]:
+    """The wheels in ``folder`` and their sizes in bytes."""
+    return {p.name: p.stat().st_size for p in sorted(Path(folder).glob("*.whl"))}
+
+
+def carry_budget(wheels: dict[str, int], tree: int, limit: int = LIMIT_BYTES) -> dict:
+    """What travels (working tree + carried wheels) against ``limit``: totals and whether it fits."""
+    carried = sum(wheels.values())
+    total = tree + carried
+    return {"wheels": dict(wheels), "wheel_bytes": carried, "tree_bytes": tree, "total_bytes": total,
+            "limit_bytes": limit, "fits": total <= limit, "room_bytes": limit - total}
+
+
+def run_command(with_wheels: bool) -> str:
+    """The one line to run on the GPU machine, in the repository root."""
+    check = "PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu-check"
+    if with_wheels:
+        return f"{INSTALL_WHEELS} && export PYTHONPATH=/tmp/site:. && {check}"
+    return f"export PYTHONPATH=. && {check}"
+
+
+def _mb(n: int) -> str:
+    return f"{n:>12,} bytes ({n / 2**20:6.2f} MiB)"
+
+
+def prepare(pinned_transformers: bool = False, whl_dir: Path = WHEEL_DIR, python: str = sys.executable,
+            tree: int | None = None) -> int:
+    """Fill ``whl_dir`` with the wheels to carry (by default none: see the module docstring),
+    print the size accounting and write the command to run there. 0 when it fits, else 1."""
+    whl_dir = Path(whl_dir)
+    whl_dir.mkdir(parents=True, exist_ok=True)
+    for old in whl_dir.glob("*.whl"):  # a stale wheel would travel and be installed
+        old.unlink()
+    wanted = [f"transformers=={PINNED_TRANSFORMERS}"] if pinned_transformers else []
+    for spec in wanted:
+        cmd = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *PIP_PLATFORM, "-d",
+               str(whl_dir), spec]
+        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            print(f"error: pip could not download {spec} (PyPI reachable?)", file=sys.stderr)
+            return 1
+    budget = carry_budget(wheel_sizes(whl_dir), tree_bytes() if tree is None else tree)
+    print("wheels carried in .whl/:" if budget["wheels"] else
+          "wheels carried: none (the GPU machine's transformers runs the check; "
+          "--pinned-transformers carries transformers " + PINNED_TRANSFORMERS + ")")
+    for name, size in budget["wheels"].items():
+        print(f"  {name:<48} {_mb(size)}")
+    print(f"  {'wheels':<48} {_mb(budget['wheel_bytes'])}")
+    print(f"  {'working tree (tracked + untracked, not ignored)':<48} {_mb(budget['tree_bytes'])}")
+    print(f"  {'total':<48} {_mb(budget['total_bytes'])}")
+    verdict = "fits" if budget["fits"] else "does NOT fit"
+    print(f"  {verdict} the {LIMIT_BYTES / 2**20:.0f} MiB limit ({budget['room_bytes'] / 2**20:+.2f} MiB to spare)")
+    cmd_file = whl_dir / RUN_COMMAND_FILE
+    if not budget["fits"]:
+        cmd_file.unlink(missing_ok=True)
+        print("error: what travels is over the limit: carry fewer wheels (drop --pinned-transformers) or make "
+              "the working tree smaller (untracked files count unless ignored)", file=sys.stderr)
+        return 1
+    line = run_command(bool(budget["wheels"]))
+    cmd_file.write_text(line + "\n")
+    print(f"run on the GPU machine, in the repository root{' (carry .whl)' if budget['wheels'] else ''} "
+          f"(also in {cmd_file.relative_to(ROOT) if cmd_file.is_relative_to(ROOT) else cmd_file}):")
+    print(f"  {line}")
+    return 0
+
+
+# ============================================================================ entry
+def settings_from(a: argparse.Namespace) -> Settings:
+    s = DRY_RUN if a.dry_run else GPU
+    over = {k: getattr(a, k) for k in ("warmup", "repeats", "decode_rounds", "decode_steps", "budget_s")
+            if getattr(a, k) is not None}
+    if a.ks:
+        over["ks"] = tuple(int(x) for x in a.ks.split(","))
+    return dataclasses.replace(s, **over)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    doc = __doc__ or ""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None, help="run folder (default results/runs/gpu-check-<date>, "
-                                                "gpu-check-smoke-<date> with --smoke); an existing one is continued")
-    ap.add_argument("--smoke", action="store_true", help="tiny limits, the smoke profile grid: the same code on a CPU")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--batch-size", type=int, default=None, help=f"evaluation batch (default {GPU['batch_size']})")
-    ap.add_argument("--tasks", default=None, help="comma list of tasks (default: all eight)")
-    ap.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    ap.add_argument("--out", default="gpu-check-out", help="output folder (default gpu-check-out)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: the same code path")
+    ap.add_argument("--estimate", action="store_true", help="print the plan and its time estimate, run nothing")
+    ap.add_argument("--prepare", action="store_true", help="here: the wheels to carry, the size accounting and "
+                                                           "the command to run there (.whl/RUN_COMMAND.txt)")
+    ap.add_argument("--pinned-transformers", action="store_true",
+                    help=f"with --prepare: carry transformers {PINNED_TRANSFORMERS} (13.5 MB)")
+    ap.add_argument("--ks", default=None, help="comma list of skipped attention layers counts (default 4,8)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; --smoke: 1)")
-    ap.add_argument("--workers", type=int, default=None,
-                    help=f"evaluation processes sharing the device (default {GPU['workers']}; --smoke: 1)")
-    ap.add_argument("--routers", default=ROUTERS)
+    ap.add_argument("--decode-rounds", type=int, default=None)
+    ap.add_argument("--decode-steps", type=int, default=None)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds the whole check may take by the estimate; repeats are lowered to fit (default 420)")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # one warning per harness call otherwise
-    import torch
-
-    if not a.smoke and (a.device or "cuda") == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device visible; this check is meant for a GPU (--smoke runs the same code on a CPU)",
-              file=sys.stderr)
-        return 2
-    date = time.strftime("%Y%m%d")
-    out = a.out or f"results/runs/gpu-check-{'smoke-' if a.smoke else ''}{date}"
-    check = GpuCheck(out, smoke=a.smoke, device=a.device, batch_size=a.batch_size,
-                     tasks=a.tasks.split(",") if a.tasks else None, limit=a.limit, warmup=a.warmup,
-                     repeats=a.repeats, new_tokens=a.new_tokens, threads=a.threads, workers=a.workers,
-                     routers=a.routers)
-    check.run()
+    if a.prepare:
+        return prepare(pinned_transformers=a.pinned_transformers)
+    s = settings_from(a)
+    if a.estimate:
+        shape = Shape.from_dict(read_config(s.model_overrides))
+        s, notes = fit_budget(shape, s)
+        print(format_estimate(estimate(shape, s)))
+        for n in notes:
+            print(f"  budget {s.budget_s:.0f} s: {n}")
+        return 0
+    report = run_check(s, Path(a.out))
+    print()
+    print(format_table(report), flush=True)
+    print(f"\nwritten: {Path(a.out) / 'gpu_check.csv'}, gpu_check.json, summary.txt", flush=True)
     return 0
 
 
