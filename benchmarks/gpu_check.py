@@ -1053,13 +1053,19 @@ def prepare(pinned_transformers: bool = False, whl_dir: Path = WHEEL_DIR, python
     print(f"  {'wheels':<48} {_mb(budget['wheel_bytes'])}")
     print(f"  {'working tree (tracked + untracked, not ignored)':<48} {_mb(budget['tree_bytes'])}")
     print(f"  {'total':<48} {_mb(budget['total_bytes'])}")
-    verdict = "fits" if budget["fits"] else "does NOT fit"
-    print(f"  {verdict} the {LIMIT_BYTES / 2**20:.0f} MiB limit ({budget['room_bytes'] / 2**20:+.2f} MiB to spare)")
+    room = budget["room_bytes"] / 2**20
+    print(f"  fits the {LIMIT_BYTES / 2**20:.0f} MiB limit ({room:.2f} MiB to spare)" if budget["fits"] else
+          f"  does NOT fit the {LIMIT_BYTES / 2**20:.0f} MiB limit (over by {-room:.2f} MiB)")
     cmd_file = whl_dir / RUN_COMMAND_FILE
     if not budget["fits"]:
         cmd_file.unlink(missing_ok=True)
-        print("error: what travels is over the limit: carry fewer wheels (drop --pinned-transformers) or make "
-              "the working tree smaller (untracked files count unless ignored)", file=sys.stderr)
+        for wheel in whl_dir.glob("*.whl"):  # nothing over the limit is left to travel or be installed
+            wheel.unlink()
+        why = ("the working tree alone is over the limit: make it smaller (untracked files count unless ignored)"
+               if budget["tree_bytes"] > budget["limit_bytes"] else
+               "carry fewer wheels (drop --pinned-transformers) or make the working tree smaller")
+        print(f"error: what travels is over the limit; {why}. The wheels were removed from {whl_dir}.",
+              file=sys.stderr)
         return 1
     line = run_command(bool(budget["wheels"]))
     cmd_file.write_text(line + "\n")

@@ -131,7 +131,9 @@ def test_prepare_without_wheels_writes_the_run_command(gc_mod, tmp_path, capsys)
     # over the limit: refused, and no command is left behind
     assert gc_mod.prepare(whl_dir=whl, tree=65 * 2**20) == 1
     assert not (whl / "RUN_COMMAND.txt").exists()
-    assert "does NOT fit" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "does NOT fit the 64 MiB limit (over by 1.00 MiB)" in captured.out
+    assert "the working tree alone is over the limit" in captured.err
 
 
 def test_run_command_installs_carried_wheels_first(gc_mod):
