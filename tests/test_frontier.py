@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from rt_lib.paper import claims
 from rt_lib.evidence.frontier import Frontier, frontier_table, input_dependence, static_at, winning_recipe
@@ -59,18 +60,29 @@ def test_frontier_table_pairs_every_point_with_dense_and_with_static_at_equal_sk
     assert winning_recipe(list(rows.values())) == "a"
 
 
-def test_calibration_stops_within_the_tolerance(monkeypatch):
+def test_calibration_guided_by_dense_scores_stops_within_the_tolerance():
+    """On a tiny model with random routers: the score-guided search lands within the tolerance in
+    fewer measured points than plain bisection needs, at a threshold that really skips that much."""
     from rt_lib.evidence import run
+    from rt_lib.mindskip.config import MindSkipConfig
+    from rt_lib.mindskip.model import get_mindskip_model
+    from tests.test_train import tiny_llama
+    from tests.tiny_models import random_routers
 
-    class Routers:  # skips 10 * threshold layers
-        def set_threshold(self, t):
-            self.t = t
-
-    monkeypatch.setattr(run, "skipped_layers", lambda ms, blocks, pad_id: 10 * ms.t)
-    exact = run.calibrate_threshold(Routers(), [], 0, 3.0, steps=14)
-    near = run.calibrate_threshold(Routers(), [], 0, 3.0, steps=14, tolerance=0.2)
-    assert len(exact["trace"]) == 14 and exact["skipped"] == pytest.approx(3.0, abs=1e-3)
-    assert len(near["trace"]) < 14 and abs(near["skipped"] - 3.0) <= 0.2
+    model, _ = tiny_llama(layers=6)
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=4))
+    random_routers(ms, seed=3, scale=8.0)
+    g = torch.Generator().manual_seed(0)
+    blocks = [{"input_ids": (ids := torch.randint(3, 250, (24,), generator=g).tolist()), "labels": ids} for _ in range(24)]
+    try:
+        exact = run.calibrate_threshold(ms, blocks, 2, 1.4, steps=14)  # 1.4 x 24 blocks: not reachable exactly
+        near = run.calibrate_threshold(ms, blocks, 2, 1.4, steps=14, tolerance=0.1)
+        assert len(exact["trace"]) == 14
+        assert abs(near["skipped"] - 1.4) <= 0.1 and len(near["trace"]) < 6
+        ms.set_threshold(near["threshold"])
+        assert run.skipped_layers(ms, blocks, 2) == pytest.approx(near["skipped"])
+    finally:
+        ms.unload()
 
 
 def test_winner_must_cover_every_level_and_is_judged_at_equal_skip():
