@@ -110,3 +110,15 @@ def test_header_matches_order_patterns_and_optional_columns():
     assert schema.header_matches("eval/paired.csv", ["variant", "threshold", *paired[1:]])  # a sweep's file
     assert not schema.header_matches("eval/paired.csv", [*paired, "extra"])
     assert not schema.header_matches("eval/paired.csv", paired[:-1])
+
+
+def test_schema_command_has_help_and_rewrites_the_page(tmp_path, capsys):
+    from rt_lib.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["schema", "--help"])
+    assert e.value.code == 0 and "page" in capsys.readouterr().out
+    page = tmp_path / "results_format.md"
+    page.write_text((ROOT / "docs" / "results_format.md").read_text())
+    assert main(["schema", str(page)]) == 0
+    assert page.read_text() == (ROOT / "docs" / "results_format.md").read_text()
