@@ -91,7 +91,8 @@ def attention_importance(model, tokenizer=None, *, examples: list[dict] | None =
             b = {k: v.to(device) for k, v in collate(examples[j:j + batch_size], pad).items()}
             state["mask"] = b["attention_mask"].float()
             count += float(b["attention_mask"].sum())
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            # the scores come from hooks on the layers: no vocabulary logits, no cache
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1, use_cache=False)
     finally:
         for h in handles:
             h.remove()
