@@ -72,6 +72,10 @@ def test_figure_names_of_run_ids_never_collide():
     ["train", "--lr", "-1", "--preset", "smoke"],
     ["train", "--resume-from", "/nonexistent/ckpt", "--preset", "smoke"],
     ["evidence", "--out", "{tmp}/ev", "--routers", "/nonexistent/routers"],
+    ["evidence", "--out", "{tmp}/ev", "--routers", "results/runs/cpu-main", "--combine-only"],  # nothing to combine
+    ["evidence", "--out", "results/runs/evidence-cpu", "--routers", "results/runs/cpu-main", "--combine-only",
+     "--targets", "3"],  # parts scored with other settings
+    ["evidence", "--out", "{tmp}/ev", "--routers", "results/runs/cpu-main", "--routing-input", "answer"],
     ["frontier", "--out", "{tmp}/fr", "--routers", "a=/nonexistent/routers"],
     ["plan", "--preset", "nope"],
     ["reproduce", "--run-id", "../x", "--preset", "smoke", "--out", "{tmp}"],

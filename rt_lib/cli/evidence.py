@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="documents per task (a smoke run)")
     ap.add_argument("--combine-only", action="store_true",
                     help="only rebuild eval/ and the measures from the parts written so far")
+    ap.add_argument("--task-preset", default="evidence", help="evidence (0-shot; a seeded sample of 1,000 documents "
+                    "of larger splits) or evidence-whole (0-shot, whole splits)")
+    ap.add_argument("--routing-input", default="context",
+                    help="context (default) or context+continuation: what a sequence router decides from "
+                         "when a task is scored (docs/method.md)")
     ap.add_argument("--targets", default=",".join(map(str, TARGET_LAYERS)),
                     help="skipped attention sublayers per sequence, comma list")
     a = ap.parse_args(argv)
@@ -31,9 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evidence(a.out, routers_of(Path(a.routers)), dtype=a.dtype, batch_size=a.batch_size,
                   tasks=a.tasks.split(",") if a.tasks else None, compare=a.compare,
                   targets=[int(t) for t in a.targets.split(",")], heldout_blocks=a.heldout_blocks,
-                  calibration_blocks=a.calibration_blocks, limit=a.limit)
+                  calibration_blocks=a.calibration_blocks, limit=a.limit, task_preset=a.task_preset,
+                  routing_input=a.routing_input)
     start = time.perf_counter()
-    table = ev.combine() if a.combine_only else ev.run()
+    if a.combine_only:
+        if not (ev.dir / "plan.json").is_file():
+            raise FileNotFoundError(f"{ev.dir / 'plan.json'} does not exist: there is no evidence run to combine in "
+                                    f"{a.out}; run without --combine-only first")
+        ev.plan()  # the parts are combined only under the settings they were scored with
+        table = ev.combine()
+    else:
+        table = ev.run()
     print(table.to_string(index=False))
     print(f"evidence run finished in {time.perf_counter() - start:.0f} s: {a.out}")
     return 0

@@ -204,7 +204,8 @@ class Evidence(ModelHolder):
                  dtype: str = "auto", tasks: Sequence[str] | None = None, batch_size: int = 8,
                  targets: Sequence[int] = TARGET_LAYERS, compare: Sequence[str | os.PathLike] = (),
                  heldout_blocks: int = HELDOUT_BLOCKS, calibration_blocks: int = CALIBRATION_BLOCKS,
-                 limit: int | None = None, profile_preset: str | None = "quick"):
+                 limit: int | None = None, profile_preset: str | None = "quick", task_preset: str = TASK_PRESET,
+                 routing_input: str = "context"):
         from rt_lib.mindskip.model import read_checkpoint_metadata
         from rt_lib.evaluation.tasks import TASK_PRESETS
 
@@ -216,7 +217,14 @@ class Evidence(ModelHolder):
         if not self.model_name:
             raise ValueError(f"{self.routers} does not name its base model: pass model=")
         self.dtype, self.batch_size = dtype, batch_size
-        self.tasks = list(tasks or TASK_PRESETS[TASK_PRESET].tasks)
+        if task_preset not in TASK_PRESETS:
+            raise ValueError(f"unknown task preset {task_preset!r}; presets: {sorted(TASK_PRESETS)}")
+        from rt_lib.evaluation.harness import ROUTING_INPUTS
+
+        if routing_input not in ROUTING_INPUTS:
+            raise ValueError(f"routing_input must be one of {list(ROUTING_INPUTS)}, got {routing_input!r}")
+        self.task_preset, self.routing_input = task_preset, routing_input
+        self.tasks = list(tasks or TASK_PRESETS[task_preset].tasks)
         self.targets = [int(t) for t in targets]
         self.compare = [Path(c) for c in compare]
         self.heldout_blocks, self.calibration_blocks = heldout_blocks, calibration_blocks
@@ -238,14 +246,16 @@ class Evidence(ModelHolder):
         from rt_lib.mindskip.model import read_checkpoint_metadata
 
         meta = read_checkpoint_metadata(self.routers)
-        plan = {"model": self.model_name, "dtype": self.dtype, "task_preset": TASK_PRESET, "tasks": self.tasks,
+        plan = {"model": self.model_name, "dtype": self.dtype, "task_preset": self.task_preset, "tasks": self.tasks,
+                "routing_input": self.routing_input,
                 "routers": str(self.routers), "routers_weights_sha256": meta.get("weights_sha256"),
                 "routers_config": meta.get("config"), "target_skipped_layers": self.targets,
                 "compare": [str(c) for c in self.compare], "batch_size": self.batch_size,
                 "calibration_blocks": self.calibration_blocks, "heldout_blocks": self.heldout_blocks,
                 "limit": self.limit,
                 "block_tokens": BLOCK_TOKENS}
-        old = self._json("plan.json", lambda: plan)
+        # a run planned before the option existed scored one forward per request
+        old = {"routing_input": "context+continuation", **self._json("plan.json", lambda: plan)}
         changed = {k for k in plan if old.get(k) != plan[k]}
         if changed:
             raise ValueError(f"{self.dir / 'plan.json'} was written with other settings ({sorted(changed)}); "
@@ -318,7 +328,8 @@ class Evidence(ModelHolder):
         targets), ``rest`` (the static drops, then the routers' own threshold) or ``all``."""
         from rt_lib.evaluation.driver import evaluate
 
-        common = dict(preset=TASK_PRESET, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit)
+        common = dict(preset=self.task_preset, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit,
+                      routing_input=self.routing_input)
         variants = self.variants()
         groups = {
             "dense": [v for v in variants if v["method"] == "dense"],
@@ -379,7 +390,8 @@ class Evidence(ModelHolder):
         scores = self._json("static_drop_scores.json", lambda: dict(zip(
             ("scores", "calibration"), attention_importance(self.base, self.tok))))
         scores_by_layer = {int(k): v for k, v in scores["scores"].items()}
-        common = dict(preset=TASK_PRESET, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit)
+        common = dict(preset=self.task_preset, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit,
+                      routing_input=self.routing_input)
         for k in self.static_drop_ks():
             variant = f"static_drop_k{k}"
             drop = static_attention_drop(self.base, k, self.tok, scores=scores_by_layer,
@@ -497,7 +509,7 @@ class Evidence(ModelHolder):
     def run(self):
         files.hold_folder(self.out, "evidence run")
         self.plan()
-        runs.new_run(root=self.out.parent, run_id=self.out.name, preset=TASK_PRESET) if not (
+        runs.new_run(root=self.out.parent, run_id=self.out.name, preset=self.task_preset) if not (
             self.out / runs.RUN_FILE).exists() else None
         self.calibration()
         # run order: the comparisons the claims need first, so that an interrupted run (to be

@@ -181,6 +181,8 @@ TASK_PRESETS: dict[str, TaskPreset] = {
     "evidence": TaskPreset("evidence", True, dict(EVIDENCE_SHOTS), sample=EVIDENCE_SAMPLE,
                        description=f"offline tasks, whole splits up to {EVIDENCE_SAMPLE} documents and a seeded "
                                    f"sample of {EVIDENCE_SAMPLE} of larger ones; 0-shot"),
+    "evidence-whole": TaskPreset("evidence-whole", True, dict(EVIDENCE_SHOTS),
+                             description="offline tasks, whole validation splits (MMLU: test); 0-shot"),
 }
 
 
