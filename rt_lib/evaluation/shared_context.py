@@ -33,7 +33,7 @@ import torch
 
 def plan_groups(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int):
     """``(groups, rest)``: ``groups`` maps each context (a tuple of token ids) to the indices of the
-    requests that share it, longest context first; ``rest`` are the indices of requests too long
+    requests that share it, longest continuation first (then longest context); ``rest`` are the indices of requests too long
     for ``max_length`` (context + continuation - 1 tokens), which need the harness's truncation."""
     groups: dict[tuple[int, ...], list[int]] = {}
     rest = []
@@ -42,7 +42,10 @@ def plan_groups(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_len
             rest.append(i)
             continue
         groups.setdefault(tuple(ctx), []).append(i)
-    order = sorted(groups, key=lambda c: (-len(c), c))
+    # contexts whose continuations have similar lengths share a batch: the continuation pass is
+    # padded to its longest continuation, and continuations are most of the tokens
+    longest = {c: max(len(requests[i][1]) for i in idx) for c, idx in groups.items()}
+    order = sorted(groups, key=lambda c: (-longest[c], -len(c), c))
     return {c: groups[c] for c in order}, rest
 
 
