@@ -1,8 +1,8 @@
 """MindSkip on the sparse MoE blocks of mixture-of-experts models (granularity ``moe``): tiny
 random Mixtral, Qwen2-MoE (with its shared expert), Qwen3-MoE and OLMoE (hidden 32, 4 layers,
 4 experts, top-2). Exactness, real skipping (a skipped token reaches no expert router), cache
-consistency, batch invariance, router logits and the auxiliary loss, save/load, unload and
-Router-Tuning."""
+consistency, batch invariance, router logits and the auxiliary loss, save/load, unload, the
+expert load and Router-Tuning."""
 
 import json
 from pathlib import Path
@@ -15,6 +15,7 @@ from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.mindskip.model import CONFIG_NAME, MindSkipModel, get_mindskip_model
 from rt_lib.mindskip.moe import ExpertCall, block_of, expert_router, is_moe_block, load_balancing_loss, moe_layers
 from rt_lib.mindskip.removal import drop_sublayers
+from rt_lib.speed.moe_load import expert_load, summarise, write_expert_load
 from tiny_models import MOE_ARCHS, padded_batch, random_routers, tiny_model, tiny_moe
 
 ARCHS = sorted(MOE_ARCHS)
@@ -354,6 +355,76 @@ def test_save_load_round_trip_with_digest(tmp_path):
         MindSkipModel.from_pretrained(model, tmp_path / "r")
     with pytest.raises(ValueError, match="does not fit this model"):
         MindSkipModel.from_pretrained(tiny_moe("olmoe"), tmp_path / "r")
+
+
+# ---------------------------------------------------------------------------- expert load
+@pytest.mark.parametrize("arch", ARCHS)
+def test_expert_load_assigned_vs_executed(arch, tmp_path):
+    model, ms = routed_moe(arch, "token")
+    batches = [padded_batch([8, 5, 7], seed=s) for s in (0, 1)]
+    batches = [{"input_ids": i, "attention_mask": m} for i, m in batches]
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    top_k = model.config.num_experts_per_tok
+
+    # nothing skipped: the three counts agree everywhere
+    rows = expert_load(ms, batches)
+    assert {(r["layer"], r["expert"]) for r in rows} == {(i, e) for i in range(4) for e in range(4)}
+    assert all(r["assigned"] == r["executed"] == r["routed_assigned"] for r in rows)
+    assert all(s["assigned"] == top_k * real_tokens for s in summarise(rows))
+
+    mixed_routers(ms, batches[0]["input_ids"], batches[0]["attention_mask"])
+    rows = expert_load(ms, batches)
+    for r in rows:
+        assert r["executed"] <= r["routed_assigned"], r
+        if r["layer"] <= ROUTED[0]:  # nothing skipped before it: the dense bound holds
+            assert r["executed"] <= r["assigned"], r
+        if not r["routed"]:
+            assert r["executed"] == r["routed_assigned"]
+    per_layer = {s["layer"]: s for s in summarise(rows)}
+    for i in ROUTED:
+        s = per_layer[i]
+        assert s["routed_assigned"] == s["assigned"] == top_k * real_tokens
+        assert 0 < s["executed"] < s["assigned"]
+    # executed = top_k x the kept real tokens, batch by batch
+    kept = 0
+    for b in batches:
+        logits(model, b["input_ids"], b["attention_mask"])
+        kept += int(ms.decisions()[ROUTED[1]].sum())
+    assert per_layer[ROUTED[1]]["executed"] == top_k * kept
+    # a layer the routers skip entirely executes nothing
+    ms.force({1: False})
+    rows = expert_load(ms, batches)
+    assert all(r["executed"] == 0 for r in rows if r["layer"] == 1)
+    assert all(r["routed_assigned"] == r["assigned"] for r in rows if r["layer"] == 1)
+    files = write_expert_load(rows, tmp_path / "load")
+    text = files["csv"].read_text().splitlines()
+    assert text[0] == "layer,expert,routed,assigned,routed_assigned,executed" and len(text) == 1 + 16
+    assert files["figure"].stat().st_size > 0
+
+
+def test_expert_load_needs_moe_routing_and_eval_mode():
+    model = tiny_moe("olmoe")
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=ROUTED, granularity="attn"))
+    with pytest.raises(ValueError, match="granularity 'moe'"):
+        expert_load(ms, [torch.ones(1, 4, dtype=torch.long)])
+    ms.unload()
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=ROUTED, granularity="moe"))
+    ms.train()
+    with pytest.raises(ValueError, match="eval"):
+        expert_load(ms, [torch.ones(1, 4, dtype=torch.long)])
+
+
+def test_expert_load_first_routed_layer_never_exceeds_the_dense_assignment():
+    """One routed layer: every layer before it is dense, so executed <= assigned per expert
+    there, and the layers after it see the skip's effect on the hidden states."""
+    model, ms = routed_moe("mixtral", "token", layers=[2])
+    ids, mask = padded_batch([12, 9, 11], seed=4)
+    mixed_routers(ms, ids, mask)
+    rows = expert_load(ms, [{"input_ids": ids, "attention_mask": mask}])
+    at = [r for r in rows if r["layer"] == 2]
+    assert all(r["executed"] <= r["assigned"] == r["routed_assigned"] for r in at)
+    assert sum(r["executed"] for r in at) < sum(r["assigned"] for r in at)
+    assert all(r["executed"] == r["assigned"] for r in rows if r["layer"] < 2)
 
 
 # ---------------------------------------------------------------------------- Router-Tuning
