@@ -2,7 +2,7 @@
 random Mixtral, Qwen2-MoE (with its shared expert), Qwen3-MoE and OLMoE (hidden 32, 4 layers,
 4 experts, top-2). Exactness, real skipping (a skipped token reaches no expert router), cache
 consistency, batch invariance, router logits and the auxiliary loss, save/load, unload, the
-expert load and Router-Tuning."""
+expert load, Router-Tuning and the plan of an MoE config (OLMoE-1B-7B shapes)."""
 
 import json
 from pathlib import Path
@@ -484,3 +484,44 @@ def test_router_tuning_run_on_a_tiny_moe_model(tmp_path):
     saved = Path(res.run_dir) / "train" / "routers"
     ms = MindSkipModel.from_pretrained(model, saved, strict_base=False)
     assert ms.config.granularity == "moe"
+
+
+# ---------------------------------------------------------------------------- plan
+OLMOE = Path(__file__).resolve().parent / "fixtures" / "olmoe-1b-7b-config"
+
+
+def test_plan_counts_total_active_and_router_parameters_of_olmoe():
+    """OLMoE-1B-7B (its public config: 16 layers, hidden 2048, 64 experts of width 1024, top-8,
+    vocabulary 50,304): about 6.9 B parameters, about 1.3 B active per token."""
+    import io
+
+    from rt_lib.pipeline import plan as P
+
+    opts = dict(model=str(OLMOE), gpu_memory="80GiB", eval_tokens="no",
+                train_overrides={"granularity": "moe", "num_routed_layers": 14})
+    plan = P.make_plan("paper", **opts)
+    m, t = plan["model"], plan["train"]
+    assert m["shape"]["architecture"] == "OlmoeForCausalLM"
+    moe = m["moe"]
+    assert moe["experts"] == 64 and moe["top_k"] == 8 and moe["moe_layers"] == 16
+    assert m["parameters"] == 6_919_161_856 and round(m["parameters"] / 1e9, 1) == 6.9
+    assert moe["active_parameters"] == 1_282_017_280 and round(moe["active_parameters"] / 1e9, 1) == 1.3
+    assert moe["expert_parameters"] == 16 * 64 * 3 * 2048 * 1024
+    assert moe["expert_router_parameters"] == 16 * 64 * 2048 and moe["shared_expert_parameters"] == 0
+    assert t["granularity"] == "moe" and t["routed_layers"] == list(range(1, 15))
+    assert t["router_parameters"] == 14 * 2048
+    assert "MoE model" in plan["profile"]["note"]
+    out = io.StringIO()
+    assert P.run("paper", stream=out, **opts) == 0
+    text = out.getvalue()
+    for line in ("parameters   6,919,161,856 (6.92 B)", "16 sparse layers x 64 experts, top-8",
+                 "1,282,017,280 (1.28 B) active per token", "14 layers (1..14) x 2048 = 28,672 parameters"):
+        assert line in text, line
+
+
+def test_roofline_refuses_moe_routing_clearly():
+    from rt_lib.speed.roofline import Shape, regime_time
+
+    shape = Shape(4, 32, 4, 2, 8, 64, 96)
+    with pytest.raises(ValueError, match="does not profile 'moe' routing"):
+        regime_time(shape, "prefill", 1, 16, 1.0, 1e12, 1e11, 2, granularity="moe")

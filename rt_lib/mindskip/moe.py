@@ -152,3 +152,38 @@ def load_balancing_loss(calls: Sequence[ExpertCall], num_experts: int, top_k: in
         rows = rows + w.sum()
     rows = rows.clamp_min(1.0)
     return num_experts * torch.sum((tokens_per_expert / rows) * (prob_sum / rows))
+
+
+def moe_parameters(model: nn.Module, layers: nn.ModuleList) -> dict | None:
+    """Parameter counts of an MoE model (None for a model without sparse MoE blocks); works on
+    the meta device.
+
+    ``active_parameters`` is what one token runs through: every parameter of the model
+    (embeddings and output head included) less, in each sparse block, the experts it does not
+    pick, ``expert parameters x (1 - top_k / num_experts)`` (the experts of a block have equal
+    sizes); the expert router and any shared expert run for every token. ``active_mlp_width``
+    is the width of a SwiGLU MLP with as many parameters as one token's share of a block
+    (``top_k`` experts and the shared expert), the MLP width of the memory and cost estimates.
+    """
+    idx = moe_layers(layers)
+    if not idx:
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    experts = routers = shared = 0
+    inactive = 0.0
+    width = 0.0
+    hidden = None
+    for i in idx:
+        block = block_of(layers, i)
+        router = expert_router(block)
+        n_exp = sum(p.numel() for p in block.experts.parameters())
+        n_router = sum(p.numel() for p in router.parameters())
+        n_shared = sum(p.numel() for p in block.parameters()) - n_exp - n_router
+        experts, routers, shared = experts + n_exp, routers + n_router, shared + n_shared
+        inactive += n_exp * (1.0 - router.top_k / router.num_experts)
+        hidden = router.weight.shape[-1]
+        width += (n_exp * router.top_k / router.num_experts + n_shared) / (3 * hidden)
+    router = expert_router(block_of(layers, idx[-1]))
+    return {"moe_layers": len(idx), "experts": router.num_experts, "top_k": router.top_k,
+            "expert_parameters": experts, "expert_router_parameters": routers, "shared_expert_parameters": shared,
+            "active_parameters": int(round(total - inactive)), "active_mlp_width": int(round(width / len(idx)))}
