@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.mindskip.model import CONFIG_NAME, MindSkipModel, get_mindskip_model
@@ -51,13 +50,17 @@ def mixed_routers(ms, ids, mask, seeds=range(20)):
     raise AssertionError("no router seed mixes the decisions at every routed layer")
 
 
+def find_layers(model):
+    from rt_lib.mindskip.architecture import find_decoder
+
+    return find_decoder(model)[1]
+
+
 class RouterRows:
     """Rows each MoE layer's expert router is given (hooks on the routers of the base blocks)."""
 
     def __init__(self, model):
-        from rt_lib.mindskip.architecture import find_decoder
-
-        _, layers = find_decoder(model)
+        layers = find_layers(model)
         self.rows: dict[int, list[torch.Tensor]] = {}
         self.handles = [expert_router(block_of(layers, i)).register_forward_hook(self._hook(i))
                         for i in moe_layers(layers)]
@@ -76,9 +79,7 @@ class RouterRows:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moe_blocks_are_found_and_only_moe_routes_them(arch):
     model = tiny_moe(arch)
-    from rt_lib.mindskip.architecture import find_decoder
-
-    _, layers = find_decoder(model)
+    layers = find_layers(model)
     assert moe_layers(layers) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="use granularity 'moe'"):
         get_mindskip_model(model, MindSkipConfig(routed_layers=[1], granularity="mlp"))
@@ -130,12 +131,6 @@ def test_zero_init_equals_base_and_unload_restores(arch, level):
     assert not base._forward_hooks and not base._forward_pre_hooks  # the router-logit hooks are gone
     for i in moe_layers(find_layers(base)):
         assert not expert_router(block_of(find_layers(base), i))._forward_hooks
-
-
-def find_layers(model):
-    from rt_lib.mindskip.architecture import find_decoder
-
-    return find_decoder(model)[1]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
