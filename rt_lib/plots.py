@@ -415,3 +415,41 @@ def plot_drop_vs_mindskip(ref_df: pd.DataFrame, kit_df: pd.DataFrame | None = No
             _drop_panel(axes[0, 1], kit_df, kit_title)
             axes[0, 1].set_ylabel("average accuracy (%)")
     return fig
+
+
+# ---------------------------------------------------------------------------- MoE expert load
+@styled
+def plot_expert_load(data, title: str | None = None) -> Figure:
+    """Tokens each expert is assigned vs tokens it executes under MindSkip (the rows of
+    ``rt_lib.speed.moe_load.expert_load``: ``layer, expert, routed, assigned, routed_assigned,
+    executed``), summed over the routed layers (over every MoE layer when none is routed).
+
+    Light bars: assigned in the dense pass; dark bars: executed; ticks: what the expert router
+    assigns on the MindSkip pass's own inputs (skipped tokens included), which bounds the
+    executed count per expert.
+    """
+    df = _read(pd.DataFrame(data) if isinstance(data, list) else data)
+    n_experts = df["expert"].nunique() if not df.empty else 0
+    fig, axes = new_figure(size=(max(6.0, 1.5 + 0.12 * n_experts), 4.0))
+    ax = axes[0, 0]
+    if df.empty:
+        _no_data(ax, "no MoE layer")
+        return fig
+    routed = df[df["routed"].astype(bool)] if df["routed"].astype(bool).any() else df
+    per = routed.groupby("expert")[["assigned", "routed_assigned", "executed"]].sum().sort_index()
+    x = per.index.to_numpy()
+    ax.bar(x, per["assigned"], width=0.85, color=OKABE_ITO["sky_blue"], alpha=0.55, label="assigned (dense pass)")
+    ax.bar(x, per["executed"], width=0.5, color=OKABE_ITO["blue"], label="executed (MindSkip)")
+    ax.scatter(x, per["routed_assigned"], marker="_", s=80, color=OKABE_ITO["black"], zorder=3,
+               label="assigned on MindSkip's inputs")
+    layers = sorted(routed["layer"].unique())
+    span = f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers ({layers[0]}..{layers[-1]})"
+    total_a, total_e = int(per["assigned"].sum()), int(per["executed"].sum())
+    share = f", {total_e / total_a:.0%} executed" if total_a else ""
+    ax.set(xlabel="expert", ylabel="tokens (summed over layers)",
+           title=title or f"expert load, {span}{share}")
+    ax.margins(x=0.01)
+    top = float(per[["assigned", "routed_assigned", "executed"]].to_numpy().max())
+    ax.set_ylim(0, 1.25 * top if top > 0 else 1.0)  # room for the legend above the bars
+    ax.legend(loc="upper center", ncol=3, fontsize="small")
+    return fig

@@ -141,3 +141,17 @@ def test_drop_vs_mindskip_reference_and_kit_panels():
     assert len(two.axes) == 2 and two.axes[1].get_title() == "kit"
     empty = plots.plot_drop_vs_mindskip(ref, kit.iloc[:0])
     assert any("not run" in t.get_text() for t in empty.axes[1].texts)
+
+
+def test_expert_load_sums_the_routed_layers():
+    rows = [{"layer": i, "expert": e, "routed": i > 0, "assigned": 10, "routed_assigned": 9 + (i == 2),
+             "executed": 4 + e} for i in range(3) for e in range(4)]
+    fig = plots.plot_expert_load(rows)
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights[:4] == [20, 20, 20, 20]  # assigned, layers 1 and 2 (layer 0 is not routed)
+    assert heights[4:] == [8, 10, 12, 14]  # executed
+    assert ax.get_title() == "expert load, 2 layers (1..2), 55% executed"
+    empty = plots.plot_expert_load(pd.DataFrame(columns=["layer", "expert", "routed", "assigned",
+                                                         "routed_assigned", "executed"]))
+    assert empty.axes[0].texts[0].get_text() == "no MoE layer"

@@ -61,3 +61,25 @@ def padded_batch(lengths, vocab=96, side="left", seed=0):
         else:
             ids[b, :n], mask[b, :n] = seq, 1
     return ids, mask
+
+
+# Mixture-of-experts families: hidden 32, 4 layers, 4 experts, top-2 (Qwen2-MoE with its shared expert)
+MOE_COMMON = dict(COMMON, num_hidden_layers=4)
+MOE_ARCHS = {
+    "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM,
+                {"intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM,
+                  {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "num_experts": 4,
+                   "num_experts_per_tok": 2}),
+    "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
+                  {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "head_dim": 8}),
+    "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM, {"intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
+def tiny_moe(arch: str = "mixtral", attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    cfg_cls, model_cls, extra = MOE_ARCHS[arch]
+    cfg = cfg_cls(**{**MOE_COMMON, **extra, **overrides})
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return model_cls(cfg).eval()

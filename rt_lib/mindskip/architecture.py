@@ -2,7 +2,9 @@
 may be routed, which module a granularity gates, and each layer's attention window.
 
 Supported: Llama-shaped causal LMs whose decoder layers have `self_attn`, `mlp`,
-`input_layernorm` and `post_attention_layernorm` (Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, ...).
+`input_layernorm` and `post_attention_layernorm` (Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, ...),
+and the mixture-of-experts models shaped the same way, whose `mlp` is a sparse MoE block
+(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; `rt_lib.mindskip.moe`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import logging
 
 from torch import nn
 
-from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.mindskip.config import KV_GRANULARITIES, MindSkipConfig
+from rt_lib.mindskip.moe import moe_layers
 
 logger = logging.getLogger(__name__)
 
@@ -73,31 +76,60 @@ def cache_reference_layers(model: nn.Module) -> set[int]:
     return ref
 
 
+def excluded_layers(model: nn.Module, granularity: str) -> dict[int, str]:
+    """Layers `granularity` cannot route in `model`, each with the reason.
+
+    At `attn`/`block` granularity, the layers Hugging Face reads the cache length from
+    (`cache_reference_layers`). At `moe` granularity, the layers whose MLP slot is not a sparse
+    MoE block (Qwen2/3-MoE's `mlp_only_layers`, a dense model's every layer); at `mlp`
+    granularity, the layers whose MLP slot is one (an MoE block is gated as `moe`).
+    """
+    _, layers = find_decoder(model)
+    out: dict[int, str] = {}
+    if granularity in KV_GRANULARITIES:
+        out.update({i: "Hugging Face reads the cache length from it" for i in cache_reference_layers(model)})
+    if granularity in ("mlp", "moe"):
+        moe = set(moe_layers(layers))
+        for i in range(len(layers)):
+            if granularity == "moe" and i not in moe:
+                out[i] = "its MLP is dense, not a sparse MoE block (use granularity 'mlp' for it)"
+            elif granularity == "mlp" and i in moe:
+                out[i] = "its MLP slot is a sparse MoE block (use granularity 'moe' for it)"
+    return out
+
+
 def routed_layers_for(model: nn.Module, config: MindSkipConfig) -> list[int]:
     """The layers `config` routes in `model`.
 
-    The default range (the `num_routed_layers` deepest layers except the last) leaves out, at
-    `attn`/`block` granularity, the layers Hugging Face reads the cache length from
-    (`cache_reference_layers`) and logs their indices; an explicit `routed_layers` list naming
-    one of them is an error.
+    The default range (the `num_routed_layers` deepest layers except the last) leaves out the
+    layers `excluded_layers` names (at `attn`/`block` granularity the layers Hugging Face reads
+    the cache length from; at `moe` the layers without a sparse MoE block, at `mlp` those with
+    one) and logs their indices; an explicit `routed_layers` list naming one of them is an error.
     """
     _, layers = find_decoder(model)
-    ref = cache_reference_layers(model) if config.granularity != "mlp" else set()
+    excluded = excluded_layers(model, config.granularity)
     if config.routed_layers is not None:
         routed = config.resolve_layers(len(layers))
-        bad = sorted(ref & set(routed))
+        bad = sorted(set(excluded) & set(routed))
         if bad:
-            raise ValueError(
-                f"layers {bad} cannot be routed at {config.granularity!r} granularity: Hugging Face reads the "
-                "cache length from them (layer 0 and the first full-attention layer). Route other layers."
-            )
+            reasons = "; ".join(f"layer {i}: {excluded[i]}" for i in bad)
+            raise ValueError(f"layers {bad} cannot be routed at {config.granularity!r} granularity ({reasons}). "
+                             "Route other layers.")
         return routed
-    routed = config.resolve_layers(len(layers), exclude=ref)
+    if config.granularity == "moe" and len(excluded) == len(layers):
+        raise ValueError(f"{type(model).__name__} has no sparse MoE block (a layer.mlp with an expert router `gate` "
+                         "and `experts`): granularity 'moe' applies to MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, "
+                         "OLMoE); use 'mlp' for a dense model")
+    if config.granularity == "mlp" and len(excluded) == len(layers):
+        raise ValueError(f"every layer of {type(model).__name__} holds a sparse MoE block where a dense model holds "
+                         "its MLP: gate them with granularity 'moe'")
+    routed = config.resolve_layers(len(layers), exclude=excluded)
     full = config.resolve_layers(len(layers))
     left_out = sorted(set(full) - set(routed))
     if left_out:
-        logger.warning("MindSkip: default routed layers leave out %s (Hugging Face reads the cache length from them); "
-                    "routing %d layers: %s", left_out, len(routed), routed)
+        reasons = sorted({excluded[i] for i in left_out})
+        logger.warning("MindSkip: default routed layers leave out %s (%s); routing %d layers: %s", left_out,
+                       "; ".join(reasons), len(routed), routed)
     return routed
 
 
@@ -116,7 +148,7 @@ def sliding_window(layer: nn.Module, layer_idx: int, config) -> int | None:
     return getattr(config, "sliding_window", None) or None
 
 
-_SLOT = {"attn": "self_attn", "mlp": "mlp"}  # block granularity: the decoder layer itself
+_SLOT = {"attn": "self_attn", "mlp": "mlp", "moe": "mlp"}  # block granularity: the decoder layer itself
 
 
 def get_slot(layers: nn.ModuleList, i: int, granularity: str) -> nn.Module:

@@ -7,7 +7,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-GRANULARITIES = ("attn", "mlp", "block")
+GRANULARITIES = ("attn", "mlp", "block", "moe")
+# Granularities whose skipped sublayer stores no keys/values (a skip changes the layer's KV cache);
+# `mlp` and `moe` gate position-wise sublayers that never touch the cache.
+KV_GRANULARITIES = ("attn", "block")
 ROUTE_LEVELS = ("seq", "token")
 ROUTER_DTYPES = ("float32", "bfloat16", "float16")
 REG_FORMS = ("layer", "global")
@@ -25,7 +28,8 @@ class MindSkipConfig:
     )
     granularity: str = field(
         default="attn",
-        metadata={"help": "Which sublayer the router gates: attn (the paper's MindSkip), mlp or block."},
+        metadata={"help": "Which sublayer the router gates: attn (the paper's MindSkip), mlp (a dense MLP), block, "
+                          "or moe (the sparse mixture-of-experts block of an MoE model: router and experts)."},
     )
     route_level: str = field(
         default="seq",

@@ -1,7 +1,9 @@
 """The gates MindSkip puts around routed sublayers, and the routing context they share.
 
 `SeqGate` takes one decision per sequence, `TokenGate` one per token; both derive from
-`MindSkipGate` (router, forced decisions, execution mode, statistics). A gate replaces the gated
+`MindSkipGate` (router, forced decisions, execution mode, statistics). At `mlp` and `moe`
+granularity the gated module is position-wise (a dense MLP, or a sparse MoE block with its
+expert router and experts), so skipping it never touches the KV cache. A gate replaces the gated
 module inside its decoder layer (the original kept as `base_layer`) and is transparent to code
 that reads attributes of that module. `RoutingContext` is filled once per forward pass by a
 pre-hook on the decoder (padding mask, cache, tokens already cached) and read by every gate.
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from rt_lib.mindskip.architecture import sliding_window
-from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.mindskip.config import KV_GRANULARITIES, MindSkipConfig
 
 ROUTER_PREFIX = "mindskip_router"
 
@@ -108,6 +110,7 @@ class MindSkipGate(nn.Module):
         setattr(self, ROUTER_PREFIX, router)
         self.layer_idx = layer_idx
         self.granularity = cfg.granularity
+        self.position_wise = cfg.granularity not in KV_GRANULARITIES  # mlp, moe: no keys/values involved
         self.route_level = cfg.route_level
         self.threshold = cfg.threshold
         self.forced: bool | None = None
@@ -119,6 +122,9 @@ class MindSkipGate(nn.Module):
         self.sliding_window = sliding_window(layer, layer_idx, model_config)
         self.capacity: torch.Tensor | None = None
         self.last_keep: torch.Tensor | None = None
+        # `moe` gates: the (B, T) token positions handed to the MoE block in the last forward pass
+        # (row-major, the order of the expert router's rows); `rt_lib.mindskip.moe.ExpertTrace` reads it
+        self.last_sent: torch.Tensor | None = None
         self.reset_stats()
 
     @property
@@ -173,6 +179,8 @@ class MindSkipGate(nn.Module):
         return False
 
     def _call(self, x, args, kwargs):
+        if self.training and getattr(self.base_layer, "jitter_noise", 0):
+            x = x.clone()  # Mixtral's router jitter scales its input in place; the router's graph keeps x
         out = self.base_layer(x, *args, **kwargs)
         return (out[0] if isinstance(out, tuple) else out), isinstance(out, tuple)
 
@@ -186,6 +194,11 @@ class MindSkipGate(nn.Module):
         """Sublayer output weighted by the decision g (hard 0/1, or straight-through)."""
         g = g.to(out.dtype).view(*g.shape, *([1] * (out.ndim - g.ndim)))
         return x + g * (out - x) if self.granularity == "block" else g * out
+
+    def _sent(self, real: torch.Tensor, sent: torch.Tensor | None) -> None:
+        """Note the (B, T) token positions an `moe` gate hands its block (None: all of them)."""
+        if self.granularity == "moe":
+            self.last_sent = torch.ones_like(real) if sent is None else sent
 
     def _record(self, hard, units):
         """Accumulate executed / total units (sequences or real tokens) without a host sync."""
@@ -222,6 +235,7 @@ class SeqGate(MindSkipGate):
             r = self._scores(self._normed(x), real)
             hard = self._hard(r)
             gate = hard.to(r.dtype) + r - r.detach()  # straight-through estimator
+            self._sent(real, None)
             out, tup = self._call(x, args, kwargs)
             self.capacity = _masked_mean(gate, rows_real)
             self._record(hard, rows_real)
@@ -255,11 +269,14 @@ class SeqGate(MindSkipGate):
         if self.execution == "mask" or (0 < n_keep < bsz and cache is not None
                                          and not _row_subset_cache(cache, self.layer_idx)):
             # compute-then-mask reference; or a preallocated (static) cache with a fixed batch
+            self._sent(real, None)
             out, tup = self._call(x, args, kwargs)
             return self._wrap(self._apply_gate(x, out, hard), tup)
         if n_keep == bsz:
+            self._sent(real, None)
             out, tup = self._call(x, args, kwargs)
             return self._wrap(out, tup)
+        self._sent(real, hard.view(-1, 1).expand_as(real))
         if n_keep == 0:
             return self._wrap(self._skipped_output(x), self.granularity == "attn")
         sub, tup = self._call(x[rows], _take_rows(args, rows, bsz), _take_rows(kwargs, rows, bsz))
@@ -280,7 +297,7 @@ class SeqGate(MindSkipGate):
         self._seq_state = (ref, new_hard, new_rows)
         layer = getattr(cache, "layers", [None] * (self.layer_idx + 1))[self.layer_idx]
         keys = getattr(layer, "keys", None)
-        if self.granularity == "mlp" or not isinstance(keys, torch.Tensor) or keys.shape[0] == hard.shape[0]:
+        if self.position_wise or not isinstance(keys, torch.Tensor) or keys.shape[0] == hard.shape[0]:
             return False  # the layer's cache holds every row (or none): the standard reorder applies
         # the cache holds the kept rows in batch order: old row r sits at slot (number kept before r)
         slot = torch.cumsum(hard.long(), 0) - 1
@@ -326,12 +343,14 @@ class TokenGate(MindSkipGate):
         self.capacity = _masked_mean(gate, real)
         self._record(hard, real)
 
-        if self.granularity == "mlp":  # position-wise: no keys/values involved
+        if self.position_wise:  # mlp, moe: no keys/values involved
             if grad_mode or self.execution == "mask":
+                self._sent(real, None)
                 out, tup = self._call(x, args, kwargs)
                 return self._wrap(self._apply_gate(x, out, gate), tup)
+            self._sent(real, hard)
             out = torch.zeros_like(x)
-            if hard.any():
+            if hard.any():  # the kept tokens of every row as one row: a skipped token reaches no expert
                 out[hard] = self.base_layer(x[hard].unsqueeze(0)).squeeze(0).to(out.dtype)
             return out
 

@@ -7,8 +7,15 @@ layer in place (PEFT style, the original kept as `base_layer`):
 
     granularity  wrapped module         router input                    skipped output
     attn         layer.self_attn        input_layernorm(h) (its input)  zeros  (h unchanged)
-    mlp          layer.mlp              the MLP's own normalised input  zeros  (h unchanged)
+    mlp          layer.mlp (dense)      the MLP's own normalised input  zeros  (h unchanged)
+    moe          layer.mlp (sparse MoE) the block's normalised input    zeros  (h unchanged)
     block        the decoder layer      layer.input_layernorm(h)        h
+
+`moe` is `mlp` on the layers of a mixture-of-experts model whose MLP slot holds a sparse MoE
+block (expert router, experts, any shared expert; `rt_lib.mindskip.moe`): a skipped row or
+token is never given to the block, so its expert router does not see it and no expert runs for
+it. Router logits and the auxiliary loss of such a model cover the tokens that reached each
+block (`_before_model`); `trace_experts` records what reached each expert.
 
 Returning zeros from a skipped attention/MLP is exact for every supported architecture:
 the residual add (Llama, Mistral, Qwen, Phi3) or the post-norm + add (Gemma: RMSNorm(0) = 0)
@@ -48,6 +55,7 @@ from torch import nn
 from rt_lib.mindskip.architecture import check_architecture, find_decoder, get_slot, routed_layers_for, set_slot
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.mindskip.gates import MindSkipGate, RoutingContext, make_gate
+from rt_lib.mindskip.moe import ExpertCall, ExpertTrace, block_of, expert_router, load_balancing_loss, moe_layers
 from rt_lib.files import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -91,6 +99,15 @@ class MindSkipModel(nn.Module):
             gate = make_gate(get_slot(layers, i, config.granularity), layers[i], i, config, model.config, self._ctx)
             set_slot(layers, i, config.granularity, gate)
             self._gates[i] = gate
+        # MoE models: a trace of what reaches each expert router (`moe`), and the model's own
+        # router-logit output and auxiliary loss over it (`_before_model`, `_after_model`)
+        self._trace = ExpertTrace(layers, self._sent_tokens, lambda: self._ctx.real) if (
+            config.granularity == "moe") else None
+        self._aux_sink: list[ExpertCall] | None = None
+        self._model_hooks = []
+        if moe_layers(layers) and config.granularity in ("moe", "block") and hasattr(model, "router_aux_loss_coef"):
+            self._model_hooks = [model.register_forward_pre_hook(self._before_model, with_kwargs=True),
+                                 model.register_forward_hook(self._after_model, with_kwargs=True)]
         self.model.train(model.training)
 
     # -- delegation ------------------------------------------------------------------------
@@ -106,6 +123,69 @@ class MindSkipModel(nn.Module):
         if cache is not None and self._ctx.past_len == 0:
             self._follow_reorders(cache)
         return None
+
+    def _sent_tokens(self, layer: int) -> torch.Tensor | None:
+        """The (B, T) token positions the MoE block of `layer` was given in the current forward
+        pass: what its gate sent it, or None (every position) where no gate is in place."""
+        g = self._gates.get(layer)
+        return g.last_sent if g is not None and get_slot(self._layers, layer, "moe") is g else None
+
+    def _before_model(self, module, args, kwargs):
+        """Forward pre-hook of an MoE causal LM: when router logits are asked for while the gates
+        really skip (eval, `skip` execution), take them and the auxiliary loss over from
+        transformers, whose loss weighs every layer's router rows with the one attention mask of
+        the batch: a routed layer's router saw only the tokens that reached its block."""
+        if self._aux_sink is not None:  # a previous call stopped before its end
+            self._trace.close(self._aux_sink)
+            self._aux_sink = None
+        want = kwargs.get("output_router_logits")
+        if want is None:
+            want = getattr(module.config, "output_router_logits", False)
+        if not want or module.training or all(g.execution == "mask" for g in self._gates.values()):
+            return None  # every token reaches every block: transformers' own output is right
+        if self._trace is None:
+            raise ValueError(
+                "router logits of an MoE model routed at 'block' granularity are not available while the gates skip "
+                "(a skipped layer's expert router runs on part of the batch, with filler tokens under token "
+                "routing): route the MoE blocks with granularity 'moe', call set_execution('mask'), or leave "
+                "output_router_logits off")
+        if kwargs.get("return_dict") is False:
+            raise ValueError("router logits under MindSkip come back in the model's output object: leave return_dict "
+                             "at its default (True) when passing output_router_logits=True")
+        self._aux_sink = self._trace.open()
+        return args, {**kwargs, "output_router_logits": False}
+
+    def _after_model(self, module, args, kwargs, output):
+        """Forward hook of an MoE causal LM: the router logits recorded by the trace (one entry
+        per router call, the rows of the tokens that reached the block) and the auxiliary loss
+        over them (`rt_lib.mindskip.moe.load_balancing_loss`), added to the loss as the model
+        would (`router_aux_loss_coef`) when it computed one."""
+        sink, self._aux_sink = self._aux_sink, None
+        if sink is None:
+            return None
+        self._trace.close(sink)
+        router = expert_router(block_of(self._layers, self._trace.layers[0]))
+        aux = load_balancing_loss(sink, router.num_experts, router.top_k)
+        output["router_logits"] = tuple(c.logits for c in sink)
+        output["aux_loss"] = aux
+        if output.get("loss") is not None:
+            output["loss"] = output["loss"] + module.router_aux_loss_coef * aux.to(output["loss"].device)
+        return output
+
+    @contextlib.contextmanager
+    def trace_experts(self):
+        """Within the block, every call of an MoE layer's expert router is appended to the
+        yielded list as an `ExpertCall` (layer, router logits, chosen experts, the token
+        positions of its rows, which rows are real tokens): what reached each layer's experts.
+        Needs an MoE model routed at `moe` granularity."""
+        if self._trace is None:
+            raise ValueError(f"expert traces need an MoE model routed at granularity 'moe' (this one: "
+                             f"{self.config.granularity!r}{'' if moe_layers(self._layers) else ', no MoE layers'})")
+        sink = self._trace.open()
+        try:
+            yield sink
+        finally:
+            self._trace.close(sink)
 
     def _follow_reorders(self, cache) -> None:
         """Make `cache.reorder_cache` (called by beam search) reorder what the gates store too.
@@ -218,6 +298,12 @@ class MindSkipModel(nn.Module):
         self._hook.remove()
         if self._head_hook is not None:
             self._head_hook.remove()
+        for h in self._model_hooks:
+            h.remove()
+        self._model_hooks = []
+        if self._trace is not None:
+            self._trace.remove()
+            self._trace = None
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
         self._gates = {}

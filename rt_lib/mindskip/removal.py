@@ -2,7 +2,8 @@
 
 `drop_sublayers(model, layers, granularity)` replaces the gated module of each listed layer by
 a stand-in that computes nothing and stores no keys/values (what a skipped sublayer would
-ideally cost); `restore()` puts the originals back.
+ideally cost; at `moe` granularity the whole sparse block, expert router, experts and any shared
+expert, returns zeros); `restore()` puts the originals back.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 
 from rt_lib.mindskip.architecture import cache_reference_layers, check_architecture, find_decoder, get_slot, set_slot
+from rt_lib.mindskip.config import GRANULARITIES, KV_GRANULARITIES
+from rt_lib.mindskip.moe import moe_layers
 
 
 class _Removed(nn.Module):
@@ -56,12 +59,16 @@ def drop_sublayers(model: nn.Module, layers, granularity: str = "attn") -> Dropp
     bad = [i for i in layers if not 0 <= i < len(mlist)]
     if bad:
         raise ValueError(f"layers {bad} do not exist (model has {len(mlist)})")
-    if granularity not in ("attn", "mlp", "block"):
-        raise ValueError(f"granularity must be attn, mlp or block, got {granularity!r}")
-    if granularity != "mlp":
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity in KV_GRANULARITIES:
         ref = sorted(cache_reference_layers(model) & set(layers))
         if ref:
             raise ValueError(f"layers {ref} hold the cache length Hugging Face reads; they cannot be dropped")
+    if granularity == "moe":
+        dense = sorted(set(layers) - set(moe_layers(mlist)))
+        if dense:
+            raise ValueError(f"layers {dense} have no sparse MoE block to drop; drop their dense MLP with granularity 'mlp'")
     originals = {}
     for i in layers:
         originals[i] = get_slot(mlist, i, granularity)

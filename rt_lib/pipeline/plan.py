@@ -210,6 +210,13 @@ def make_plan(preset: str = DEFAULT_PRESET, *, model: str | None = None, gpu_mem
             rec["parameters"] = sum(p.numel() for p in meta.parameters())
         except Exception as e:
             rec["notes"].append(f"meta-device model: {first_line(e)}")
+    if meta is not None:
+        from rt_lib.mindskip.architecture import find_decoder
+        from rt_lib.mindskip.moe import moe_parameters
+
+        moe = moe_parameters(meta, find_decoder(meta)[1])
+        if moe is not None:
+            rec["moe"] = moe
     if tok is not None:
         rec["tokenizer_tokens"] = len(tok)
         if shape is not None and len(tok) != shape["vocab"]:
@@ -275,7 +282,10 @@ def _train_step(cfg, rec, meta, shape, gpu, processes, device, missing) -> dict:
         n_train = router_params + _lora_parameters(meta, cfg)
     state_b = 4 if cfg.trainable == "routers" else nbytes  # routers are float32; others in the model dtype
     tokens = micro * cfg.max_length
-    act = activation_bytes_per_token(shape, routed, cfg.granularity, cfg.route_level, act_b, cfg.trainable,
+    # an MoE layer keeps, per token, what its top-k experts and any shared expert keep: the
+    # activations of a dense MLP of the active width (rt_lib.mindskip.moe.moe_parameters)
+    act_shape = {**shape, "intermediate": rec["moe"]["active_mlp_width"]} if "moe" in rec else shape
+    act = activation_bytes_per_token(act_shape, routed, cfg.granularity, cfg.route_level, act_b, cfg.trainable,
                                      cfg.max_length)
     logits = tokens * shape["vocab"] * 4
     loss = tokens * loss_bytes_per_token(shape["vocab"], act_b)
@@ -397,6 +407,10 @@ def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
                      "fits": None if free is None else need <= settings.memory_headroom * free})
     step.update(points=rows, weights_bytes=weights,
                 not_fitting=sum(r["fits"] is False for r in rows) if free is not None else None)
+    if "moe" in rec:
+        step["note"] = ("MoE model: the keys and values are exact; the profiler's estimates and roofline model a dense "
+                        f"MLP of width {shape['intermediate']}, not the {rec['moe']['experts']} experts a batch "
+                        "reads, so read the memory column as a lower bound")
     return step
 
 

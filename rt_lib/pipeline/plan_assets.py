@@ -175,13 +175,21 @@ def _kit_model_folder(name: str, path: Path, missing: list[dict]) -> Path | None
         return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def _from_folder(name: str, folder: Path, rec: dict, missing: list[dict]) -> tuple[Any, Any]:
     """Config and tokenizer read from a model folder; what the folder lacks goes to ``missing``
     with the command that fetches it (from the hub id its config names, when it names one)."""
     from transformers import AutoConfig, AutoTokenizer
 
     rec["source"] = str(folder.resolve())
-    cfg, tok = (_load_noting(auto, folder, key, rec) for auto, key in ((AutoConfig, "config"), (AutoTokenizer, "tokenizer")))
+    cfg = _load_noting(AutoConfig, folder, "config", rec)
+    if any((folder / f).is_file() for f in TOKENIZER_FILES):
+        tok = _load_noting(AutoTokenizer, folder, "tokenizer", rec)
+    else:  # transformers builds an empty tokenizer from a config alone: not the model's
+        tok = None
+        rec["notes"].append(f"tokenizer: {folder} has no tokenizer file ({', '.join(TOKENIZER_FILES)})")
     if cfg is None:
         missing.append(_missing(f"config.json of {name}", "plan", f"{folder} has no readable config.json",
                                 f"cp <config.json of the model> {shlex.quote(str(folder))}/"))

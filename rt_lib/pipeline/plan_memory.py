@@ -75,7 +75,7 @@ def activation_bytes_per_token(shape: dict, routed: list[int], granularity: str,
     routed_set = set(routed)
     token_in = 4 * h if route_level == "token" else 0
     # a token-routed attention: repeated keys/values, the mask row and the kept-token indices
-    masked_attn = b * (2 * q - 2 * kv) + b * seq_len + 32 if route_level == "token" and granularity != "mlp" else 0
+    masked_attn = b * (2 * q - 2 * kv) + b * seq_len + 32 if route_level == "token" and granularity in ("attn", "block") else 0
     if trainable == "routers":
         first = min(routed)
         for i in range(first, shape["layers"]):

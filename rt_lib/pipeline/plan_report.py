@@ -41,6 +41,13 @@ def _model_block(plan: dict, w) -> None:
         w("  config       missing: parameter count, memory and KV sizes are unknown (see Missing assets)")
     if m.get("parameters"):
         w(f"  parameters   {m['parameters']:,} ({m['parameters'] / 1e9:.2f} B), counted on the meta device")
+    moe = m.get("moe")
+    if moe:
+        w(f"  MoE          {moe['moe_layers']} sparse layers x {moe['experts']} experts, top-{moe['top_k']}: "
+          f"{moe['active_parameters']:,} ({moe['active_parameters'] / 1e9:.2f} B) active per token (embeddings, "
+          f"attention, expert routers{', shared experts' if moe['shared_expert_parameters'] else ''} and "
+          f"{moe['top_k']} experts per layer); experts {moe['expert_parameters']:,}, expert routers "
+          f"{moe['expert_router_parameters']:,} parameters")
     if m.get("weights_bytes"):
         w(f"  weights      {fmt_bytes(m['weights_bytes'])} in {m['dtype']}")
     w(f"  tokenizer    {'%s tokens' % format(m['tokenizer_tokens'], ',') if m.get('tokenizer_tokens') else 'missing'}")
@@ -150,6 +157,8 @@ def _profile_block(plan: dict, w) -> None:
             w(f"  fit          {p['not_fitting']} of {len(p['points'])} points do not fit "
               f"{gib(gpu['bytes'])} GiB next to {fmt_bytes(p['weights_bytes'])} of weights"
               + (" (the profiler reports them as skipped)" if p["not_fitting"] else ""))
+    if p.get("note"):
+        w(f"  note         {p['note']}")
 
 
 def _missing_block(plan: dict, w) -> None:

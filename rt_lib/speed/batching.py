@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from rt_lib.mindskip.config import KV_GRANULARITIES
 from rt_lib.speed.timing import cache_argument, new_cache
 
 POLICIES = ("pattern", "cluster")
@@ -210,7 +211,7 @@ def _group_cache(ms, kv, keep, rows: torch.Tensor, start: int):
     only its kept rows, in batch order: old row r sits at slot (number of kept rows before r)."""
     cache = new_cache(ms.model)
     routed = {layer: j for j, layer in enumerate(ms.routed_layers)}
-    subset = ms.config.granularity != "mlp"
+    subset = ms.config.granularity in KV_GRANULARITIES  # mlp, moe: every layer caches every row
     for i, entry in enumerate(kv):
         if entry is None:
             continue

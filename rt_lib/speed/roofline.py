@@ -91,6 +91,9 @@ def regime_time(shape: Shape, regime: str, batch: int, seq_len: int, removed: fl
     """Roofline seconds of one prefill forward, or per generated token in decode (averaged over
     `new_tokens` steps from a context of `seq_len`), with `removed` sublayers of `granularity`
     gone (attn: attention sublayers, mlp: MLP sublayers, block: whole layers)."""
+    if granularity == "moe":
+        raise ValueError("the roofline models dense Llama-family layers, not the experts of an MoE block: the kit "
+                         "does not profile 'moe' routing (rt_lib.speed.moe_load measures what it skips)")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be attn, mlp or block, got {granularity!r}")
     no_attn = removed if granularity in ("attn", "block") else 0.0

@@ -49,7 +49,7 @@ class TrainConfig:
     # -- MindSkip (rt_lib.mindskip.config.MindSkipConfig)
     num_routed_layers: int = field(default=16, metadata={"help": "Route the n deepest layers except the last."})
     routed_layers: list[int] | None = field(default=None, metadata={"help": "Explicit routed layer indices (override n)."})
-    granularity: str = field(default="attn", metadata={"help": "attn, mlp or block."})
+    granularity: str = field(default="attn", metadata={"help": "attn, mlp, block, or moe (the sparse MoE blocks of an MoE model)."})
     route_level: str = field(default="seq", metadata={"help": "seq or token."})
     threshold: float = field(default=0.5, metadata={"help": "Keep a sublayer when sigmoid(w.x) >= threshold."})
     capacity_target: float = field(default=0.5, metadata={"help": "Target capacity s of ReLU(capacity_l - s)."})
