@@ -36,7 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        readable_by_all(tmp)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -58,6 +58,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def readable_by_all(*paths: str | os.PathLike) -> None:
+    """Give files the mode a plain ``open`` would (0666 less the umask, usually 0644): some writers
+    (``tempfile.mkstemp``, safetensors' ``save_file``) create 0600 files, which other users of a
+    shared results folder or cache could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in paths:
+        os.chmod(p, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike):
     """Yield a new temporary folder beside ``final``; when the block succeeds it replaces
@@ -71,6 +81,7 @@ def atomic_dir(final: str | os.PathLike):
     tmp.mkdir()
     try:
         yield tmp
+        readable_by_all(*(p for p in tmp.rglob("*") if p.is_file()))
         old = final.parent / f".{final.name}.old-{tag}"
         if final.exists():
             os.replace(final, old)

@@ -172,6 +172,13 @@ def test_missing_hub_model_says_how_to_fix():
     assert "HF_HOME" in msg and "local folder" in msg and "smollm2-135m-instruct" in msg
 
 
+@pytest.mark.parametrize("name", ["/nonexistent/model", "./models/mine", "~/no/such/model", "a/b/c"])
+def test_a_path_that_does_not_exist_is_not_taken_for_a_hub_id(name):
+    with pytest.raises(AssetError, match="does not exist") as err:
+        assets.load_model(name)
+    assert "hub" not in str(err.value).split(";")[0]  # said before any hub lookup
+
+
 def test_folder_without_model_is_an_asset_error(tmp_path):
     with pytest.raises(AssetError, match="no loadable causal LM"):
         assets.load_model(str(tmp_path))

@@ -78,6 +78,8 @@ def test_figure_names_of_run_ids_never_collide():
     ["evidence", "--out", "{tmp}/ev", "--routers", "results/runs/cpu-main", "--routing-input", "answer"],
     ["frontier", "--out", "{tmp}/fr", "--routers", "a=/nonexistent/routers"],
     ["plan", "--preset", "nope"],
+    ["evaluate", "preset", "--pretrained", "tiny-random-llama", "--tasks", "nope", "--out", "{tmp}/e"],
+    ["evaluate", "preset", "--pretrained", "tiny-random-llama", "--tasks", "rte", "--limit", "0", "--out", "{tmp}/e"],
     ["reproduce", "--run-id", "../x", "--preset", "smoke", "--out", "{tmp}"],
     ["reproduce", "--run-id", "a/b", "--preset", "smoke", "--out", "{tmp}"],
 ])
@@ -89,6 +91,28 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys, argv):
     # one message line (progress bars of a model load before the error may stand above it)
     assert rc == 2 and "Traceback (most recent call last)" not in err
     assert err.splitlines()[-1].startswith("error: ") and sum(line.startswith("error") for line in err.splitlines()) == 1
+
+
+def test_a_corrupt_run_record_is_named(tmp_path):
+    from rt_lib.runs import record as runs
+
+    run = runs.new_run(root=tmp_path, run_id="r", preset="smoke")
+    (run / "run.json").write_text('{"run_id": "r", "steps": {')
+    with pytest.raises(ValueError, match=r"run\.json is not valid JSON"):
+        runs.load_run(run)
+    (run / "run.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a run record"):
+        runs.load_run(run)
+
+
+@pytest.mark.parametrize("argv", [["train", "--lr", "abc", "--preset", "smoke"], ["frontier", "--levels"]])
+def test_a_malformed_option_gives_usage_and_status_2_without_traceback(capsys, argv):
+    from rt_lib.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error:" in err and "Traceback" not in err
 
 
 def test_debug_keeps_the_traceback():
@@ -202,3 +226,23 @@ def test_retraining_a_pipeline_run_marks_its_evaluation_stale(tmp_path):
     assert step_state(run, record, "eval")[0] == "stale" and not (run / "eval").exists()
     assert {m["step"] for m in record["replacements"]} == {"train", "eval"}
     files.release_folder(run)
+
+
+def test_routers_and_cached_models_are_readable_by_other_users(tmp_path):
+    import os
+    import stat
+
+    from rt_lib import files
+
+    model = tiny_model("llama")
+    ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=2))
+    ms.save_pretrained(tmp_path / "r")
+    ms.unload()
+    umask = os.umask(0)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    for f in (tmp_path / "r").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == want, f
+    with files.atomic_dir(tmp_path / "cache") as d:
+        os.close(os.open(d / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600))
+    assert stat.S_IMODE((tmp_path / "cache" / "model.safetensors").stat().st_mode) == want

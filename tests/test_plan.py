@@ -147,6 +147,16 @@ def test_bad_input_exits_2(capsys):
     assert main(["--model", "./no/such/folder"]) == 2
 
 
+def test_a_skip_count_beyond_the_models_layers_is_refused_not_a_negative_kv(capsys):
+    from rt_lib.cli.reproduce import main
+    from rt_lib.speed.roofline import Shape, estimate_kv_bytes
+
+    assert main(["--preset", "smoke", "--plan", "-p", "03_speedup_profiling.skip_k=9"]) == 2
+    assert "skip_k=9 is not below the model's 4 layers" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="0..4"):
+        estimate_kv_bytes(Shape(4, 64, 4, 2, 16, 128, 512), 10, 2, layers=-5)
+
+
 @pytest.mark.parametrize("text,expected", [("80GiB", 80 * GiB), ("48GB", 48 * 10**9), ("24 GiB", 24 * GiB),
                                            ("80G", 80 * GiB), ("1.5TB", 1_500_000_000_000), ("512MiB", 512 * 2**20)])
 def test_parse_memory(text, expected):

@@ -227,6 +227,11 @@ def load_model(
         folder = gguf_model_dir(path)  # converted once; errors say what is wrong with the file
         model, tok = _load_cached(lambda: gguf_model_dir(path), dtype, attn_implementation, folder)
         model.config.rt_kit_source = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["source"]
+    elif path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name:
+        # a hub id is exactly "org/name": this is a path, and nothing is there
+        raise AssetError(f"model folder {name!r} does not exist ({path.resolve()}); pass an existing folder "
+                         "written by save_pretrained, a .gguf file, a hub id 'org/name', or an embedded name: "
+                         f"{', '.join(sorted(EMBEDDED_MODELS))}")
     elif "/" not in name:
         close = difflib.get_close_matches(name, EMBEDDED_MODELS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""

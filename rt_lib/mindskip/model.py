@@ -56,7 +56,7 @@ from rt_lib.mindskip.architecture import check_architecture, find_decoder, get_s
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.mindskip.gates import MindSkipGate, RoutingContext, make_gate
 from rt_lib.mindskip.moe import ExpertCall, ExpertTrace, block_of, expert_router, load_balancing_loss, moe_layers
-from rt_lib.files import file_sha256
+from rt_lib.files import file_sha256, readable_by_all
 
 logger = logging.getLogger(__name__)
 
@@ -376,6 +376,7 @@ class MindSkipModel(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file(self.router_state_dict(), str(path / WEIGHTS_NAME), metadata={"format": CHECKPOINT_FORMAT})
+        readable_by_all(path / WEIGHTS_NAME)  # save_file writes 0600
         meta = self.checkpoint_metadata()
         meta["weights_sha256"] = file_sha256(path / WEIGHTS_NAME)
         meta["config_sha256"] = config_digest(meta)

@@ -394,6 +394,9 @@ def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
     weights = rec["parameters"] * b if rec.get("parameters") else None
     free = None if gpu["bytes"] is None or weights is None else gpu["bytes"] - weights
     k = settings.skip_k or 0
+    if k >= shape["layers"]:
+        raise PlanInputError(f"skip_k={k} is not below the model's {shape['layers']} layers: the profile skips "
+                             "that many sublayers of the routed layers; pass a smaller 03_speedup_profiling.skip_k")
     kv_skips = cfg.granularity in ("attn", "block")
     rows = []
     for regime, batch, seq in points:

@@ -124,7 +124,14 @@ def _default_run_id(root: Path, preset: str | None) -> str:
 def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / RUN_FILE
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            record = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): restore it from version control or a backup, "
+                             "or move the run folder aside and start a new run") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds {type(record).__name__}, not a run record (a JSON object)")
+    return record
 
 
 def new_run(

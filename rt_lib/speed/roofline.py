@@ -141,6 +141,8 @@ def estimate_kv_bytes(shape: Shape, tokens: int, dtype_bytes: int, layers: int |
     """Keys and values of ``tokens`` cached tokens (batch x length summed) in ``layers`` layers
     (default: all): ``2 x layers x kv_heads x head_dim x tokens x bytes``."""
     n = shape.num_layers if layers is None else layers
+    if not 0 <= n <= shape.num_layers:
+        raise ValueError(f"{n} layers with a KV cache: a model of {shape.num_layers} layers has 0..{shape.num_layers}")
     return 2 * n * shape.kv_heads * shape.head_dim * tokens * dtype_bytes
 
 
