@@ -113,6 +113,16 @@ class _KitFigure(Figure):
         with style():
             return super().draw(renderer)
 
+    def _repr_png_(self) -> bytes:
+        """The figure as a PNG: what a notebook shows for a cell that ends with it or ``display(fig)``
+        (the kit draws on plain Figures, which pyplot's inline backend does not display)."""
+        import io
+
+        buf = io.BytesIO()
+        with style():
+            self.savefig(buf, format="png")
+        return buf.getvalue()
+
 
 def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0), **kw):
     fig = _KitFigure(figsize=size, layout="constrained")

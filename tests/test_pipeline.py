@@ -102,6 +102,9 @@ def test_smoke_pipeline_runs_all_four_notebooks(tmp_path):
     for nb in pipeline.NOTEBOOKS:
         executed = nbformat.read(run / "notebooks" / f"{nb}.ipynb", as_version=4)
         assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+        # every notebook shows the figures it makes
+        assert any("image/png" in o.get("data", {}) for c in executed.cells if c.cell_type == "code"
+                   for o in c.get("outputs", [])), nb
     # 01: routers, log, summary, curves
     assert sorted(p.name for p in (run / "train" / "routers").iterdir()) == ["mindskip_config.json",
                                                                           "routers.safetensors"]

@@ -155,3 +155,9 @@ def test_expert_load_sums_the_routed_layers():
     empty = plots.plot_expert_load(pd.DataFrame(columns=["layer", "expert", "routed", "assigned",
                                                          "routed_assigned", "executed"]))
     assert empty.axes[0].texts[0].get_text() == "no MoE layer"
+
+
+def test_kit_figures_display_as_png_in_a_notebook():
+    fig, axes = plots.new_figure()
+    axes[0, 0].plot([0, 1], [1, 0])
+    assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
