@@ -184,41 +184,53 @@ DRY_RUN = Settings(dry_run=True, device="cpu", dtype="float32", model_overrides=
 
 
 # ============================================================================ shapes and the estimate
-@dataclasses.dataclass
-class Shape:
-    """The sizes of the Llama decoder that set its cost (from its config.json)."""
+_SHAPE = None
 
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Shape:
-        heads = d["num_attention_heads"]
-        return cls(layers=d["num_hidden_layers"], hidden=d["hidden_size"], heads=heads,
-                   kv_heads=d.get("num_key_value_heads") or heads,
-                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                   intermediate=d["intermediate_size"], vocab=d["vocab_size"])
+def _shape_class():
+    """``Shape``, made on first use: it extends ``rt_lib.speed.roofline.Shape``, which imports torch,
+    and ``--prepare`` runs without torch."""
+    global _SHAPE
+    if _SHAPE is None:
+        from types import SimpleNamespace
 
-    @property
-    def layer_params(self) -> int:
-        """Parameters of the decoder layers' matrices (attention q/k/v/o, MLP gate/up/down)."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return self.layers * (self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate)
+        from rt_lib.speed.roofline import Shape as DecoderShape, estimate_kv_bytes
 
-    @property
-    def params(self) -> int:
-        """Every parameter: decoder layers, embedding, LM head (untied), norms."""
-        return self.layer_params + 2 * self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden
+        class Shape(DecoderShape):
+            """The kit's decoder sizes with what the check adds: building them from config.json,
+            the parameter count and KV bytes."""
 
-    def kv_bytes(self, tokens: int, dtype_bytes: int = 2, layers: int | None = None) -> int:
-        """Keys and values of ``tokens`` cached tokens (batch x length) in ``layers`` layers."""
-        n = self.layers if layers is None else layers
-        return n * 2 * self.kv_heads * self.head_dim * tokens * dtype_bytes
+            @classmethod
+            def from_dict(cls, d: dict) -> Shape:
+                return cls.from_config(SimpleNamespace(**d))
+
+            @property
+            def layers(self) -> int:
+                return self.num_layers
+
+            @property
+            def layer_params(self) -> int:
+                """Parameters of the decoder layers' matrices (attention q/k/v/o, MLP gate/up/down)."""
+                q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+                return self.layers * (self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate)
+
+            @property
+            def params(self) -> int:
+                """Every parameter: decoder layers, embedding, LM head (untied), norms."""
+                return self.layer_params + 2 * self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden
+
+            def kv_bytes(self, tokens: int, dtype_bytes: int = 2, layers: int | None = None) -> int:
+                """Keys and values of ``tokens`` cached tokens (batch x length) in ``layers`` layers."""
+                return estimate_kv_bytes(self, tokens, dtype_bytes, layers)
+
+        _SHAPE = Shape
+    return _SHAPE
+
+
+def __getattr__(name: str):
+    if name == "Shape":
+        return _shape_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_config(overrides: dict | None = None) -> dict:
@@ -923,7 +935,7 @@ def _run(s: Settings, out: Path, vers: dict, t_start: float) -> dict:
     dtype = getattr(torch, s.dtype)
     dtype_bytes = torch.finfo(dtype).bits // 8
     config = read_config(s.model_overrides)
-    shape = Shape.from_dict(config)
+    shape = _shape_class().from_dict(config)
     s, notes = fit_budget(shape, s)
     est = estimate(shape, s)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if k != "transformers_path"), flush=True)
@@ -1108,7 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
         return prepare(pinned_transformers=a.pinned_transformers)
     s = settings_from(a)
     if a.estimate:
-        shape = Shape.from_dict(read_config(s.model_overrides))
+        shape = _shape_class().from_dict(read_config(s.model_overrides))
         s, notes = fit_budget(shape, s)
         print(format_estimate(estimate(shape, s)))
         for n in notes:
