@@ -17,14 +17,9 @@ from rt_lib.mindskip.model import (
 )
 from rt_lib.mindskip.removal import drop_sublayers
 from rt_lib.speed.timing import forward_step
-from tiny_models import ARCHS, padded_batch, random_routers, tiny_model
+from tiny_models import ARCHS, greedy_uncached, logits, padded_batch, random_routers, tiny_model
 
 GRANS = ("attn", "mlp", "block")
-
-
-def logits(model, ids, mask=None, **kw):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).logits
 
 
 # ---------------------------------------------------------------------------- config
@@ -262,17 +257,6 @@ def test_batch_invariance(side, level):
 
 
 # ---------------------------------------------------------------------------- cache consistency
-def _greedy_uncached(model, ids, mask, steps):
-    ids, mask = ids.clone(), mask.clone()
-    outs = []
-    for _ in range(steps):
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        lg = logits(model, ids, mask, position_ids=pos, use_cache=False)[:, -1]
-        outs.append(lg)
-        nxt = lg.argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], 1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids, torch.stack(outs, 1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
@@ -291,7 +275,7 @@ def test_cached_generate_equals_uncached_recomputation(arch, level, gran):
         prefill = {i: d.clone() for i, d in ms.decisions().items()}
         assert any(0 < int(d.sum()) < d.numel() for d in prefill.values()), "want mixed decisions in the batch"
         ms.force(prefill)  # replay the prefill decisions in the uncached run
-    ref_ids, ref_logits = _greedy_uncached(model, ids, mask, steps)
+    ref_ids, ref_logits = greedy_uncached(model, ids, mask, steps)
     assert torch.equal(out.sequences, ref_ids)
     torch.testing.assert_close(torch.stack(out.scores, 1), ref_logits, atol=1e-4, rtol=0)
     assert 0.0 < ms.skip_ratio() < 1.0
@@ -553,7 +537,7 @@ def _max_generate_gap(ms, model, ids, mask, steps):
     out = ms.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
                       output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
     assert out.sequences.shape[1] == ids.shape[1] + steps
-    ref_ids, ref_logits = _greedy_uncached(model, ids, mask, steps)
+    ref_ids, ref_logits = greedy_uncached(model, ids, mask, steps)
     gap = float((torch.stack(out.scores, 1) - ref_logits).abs().max())
     return gap, torch.equal(out.sequences, ref_ids)
 

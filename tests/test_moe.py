@@ -15,16 +15,11 @@ from rt_lib.mindskip.model import CONFIG_NAME, MindSkipModel, get_mindskip_model
 from rt_lib.mindskip.moe import ExpertCall, block_of, expert_router, is_moe_block, load_balancing_loss, moe_layers
 from rt_lib.mindskip.removal import drop_sublayers
 from rt_lib.speed.moe_load import expert_load, summarise, write_expert_load
-from tiny_models import MOE_ARCHS, padded_batch, random_routers, tiny_model, tiny_moe
+from tiny_models import MOE_ARCHS, greedy_uncached, logits, padded_batch, random_routers, tiny_model, tiny_moe
 
 ARCHS = sorted(MOE_ARCHS)
 LEVELS = ("seq", "token")
 ROUTED = [1, 2]  # of 4 layers
-
-
-def logits(model, ids, mask=None, **kw):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kw).logits
 
 
 def routed_moe(arch, level="seq", layers=ROUTED, seed=None, **cfg):
@@ -184,17 +179,6 @@ def test_forced_skip_equals_removed_block(arch):
 
 
 # ---------------------------------------------------------------------------- caches
-def _greedy_uncached(model, ids, mask, steps):
-    ids, mask = ids.clone(), mask.clone()
-    outs = []
-    for _ in range(steps):
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        lg = logits(model, ids, mask, position_ids=pos, use_cache=False)[:, -1]
-        outs.append(lg)
-        nxt = lg.argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], 1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids, torch.stack(outs, 1)
 
 
 def _beam(model, ids, mask, steps=4, beams=3, **kw):
@@ -219,7 +203,7 @@ def test_cached_generation_equals_recomputation(arch, level):
     prefill = {i: d.clone() for i, d in ms.decisions().items()}
     if level == "seq":
         ms.force(prefill)
-    ref_ids, ref_logits = _greedy_uncached(model, ids, mask, 5)
+    ref_ids, ref_logits = greedy_uncached(model, ids, mask, 5)
     assert torch.equal(out.sequences, ref_ids)
     torch.testing.assert_close(torch.stack(out.scores, 1), ref_logits, atol=1e-4, rtol=0)
     if level == "seq":  # every beam of a prompt keeps the prompt's decision

@@ -83,3 +83,24 @@ def tiny_moe(arch: str = "mixtral", attn_implementation: str = "sdpa", seed: int
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return model_cls(cfg).eval()
+
+
+def logits(model, ids, mask=None, **kw):
+    """The model's logits, without gradients."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kw).logits
+
+
+def greedy_uncached(model, ids, mask, steps):
+    """Greedy continuation by recomputing the whole (left-padded) sequence at every step, no cache:
+    the reference that cached generation must equal. Returns (ids, per-step last logits)."""
+    ids, mask = ids.clone(), mask.clone()
+    outs = []
+    for _ in range(steps):
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        lg = logits(model, ids, mask, position_ids=pos, use_cache=False)[:, -1]
+        outs.append(lg)
+        nxt = lg.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids, torch.stack(outs, 1)
