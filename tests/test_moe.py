@@ -2,7 +2,8 @@
 random Mixtral, Qwen2-MoE (with its shared expert), Qwen3-MoE and OLMoE (hidden 32, 4 layers,
 4 experts, top-2). Exactness, real skipping (a skipped token reaches no expert router), cache
 consistency, batch invariance, router logits and the auxiliary loss, save/load, unload, the
-expert load, Router-Tuning and the plan of an MoE config (OLMoE-1B-7B shapes)."""
+expert load, Router-Tuning, the cost model of MoE blocks and the plan of an MoE config
+(OLMoE-1B-7B shapes)."""
 
 import json
 from pathlib import Path
@@ -514,9 +515,56 @@ def test_plan_counts_total_active_and_router_parameters_of_olmoe():
         assert line in text, line
 
 
-def test_roofline_refuses_moe_routing_clearly():
-    from rt_lib.speed.roofline import Shape, regime_time
+# ---------------------------------------------------------------------------- profiling
+def moe_hand_shape(sparse_layers=4, shared=0):
+    """hidden 8, 2 heads of 4, 1 KV head, dense MLP 16, vocab 32, 4 layers (tests/test_profiling.py's
+    hand config) with 4 experts of width 8, top-2."""
+    from rt_lib.speed.roofline import Shape
 
-    shape = Shape(4, 32, 4, 2, 8, 64, 96)
-    with pytest.raises(ValueError, match="does not profile 'moe' routing"):
-        regime_time(shape, "prefill", 1, 16, 1.0, 1e12, 1e11, 2, granularity="moe")
+    return Shape(4, 8, 2, 1, 4, 16, 32, experts=4, top_k=2, expert_intermediate=8, shared_intermediate=shared,
+                 sparse_layers=sparse_layers)
+
+
+def test_roofline_costs_moe_blocks_hand_checked():
+    from rt_lib.speed import roofline as R
+
+    shape = moe_hand_shape()
+    # prefill, batch 1, 2 tokens, 2-byte dtype (attention, MLP, head as tests/test_profiling.py)
+    c = R.step_costs(shape, batch=1, new=2, past=0, dtype_bytes=2, head_tokens=1)
+    assert c["attn"] == (864, 704) and c["mlp"] == (1536, 1216) and c["head"] == (512, 592)
+    # flops: router 2*2*8*4 = 128, experts 2*2*2*8*8*3 = 1536; 2 tokens touch 4*(1 - (1/2)^2) = 3
+    # experts: weights 8*4 + 3*3*8*8 = 608; activations 2*2*8 + 2*2*(2*8 + 2*3*8) = 288
+    assert c["moe"] == (1664, pytest.approx(2 * (608 + 288)))
+    # decode, batch 1: one token reads exactly its top-2 experts (weights 32 + 2*192 = 416),
+    # activations 2*8 + 2*(2*8 + 2*3*8) = 144
+    assert R.experts_touched(shape, 1) == pytest.approx(2.0)
+    assert R.step_costs(shape, 1, 1, 5, 2)["moe"] == (832, pytest.approx(2 * (416 + 16 + 128)))
+    assert R.experts_touched(shape, 10_000) == pytest.approx(4.0)
+    args = {"regime": "prefill", "batch": 1, "seq_len": 2, "dtype_bytes": 2, "peak_flops": 1, "bandwidth": 1e30}
+    # compute-bound: 4*864 + 4*1664 + 512 = 10624; two MoE blocks removed: minus 2*1664
+    assert R.bound_speedup(shape, removed=2, granularity="moe", **args) == pytest.approx(10624 / 7296)
+    assert R.bound_speedup(shape, removed=0, granularity="moe", **args) == 1.0
+    # half the layers sparse: a removed layer's MLP slot costs the mean, (1536 + 1664) / 2
+    mixed = moe_hand_shape(sparse_layers=2)
+    assert R.bound_speedup(mixed, removed=2, granularity="block", **args) == \
+        pytest.approx((3456 + 6400 + 512) / (3456 + 6400 + 512 - 2 * 864 - 2 * 1600))
+    assert R.bound_speedup(mixed, removed=1, granularity="mlp", **args) == pytest.approx(10368 / (10368 - 1536))
+    # activations of the memory estimate, per token: 4 router logits + 2 experts x (8 + 3*8)
+    # = 68 in place of a dense MLP's 3*16; decode batch 2, context 3: 2*3*(32 + 68 + 32)*2 bytes
+    assert R.estimate_point_bytes(shape, "decode", 2, 3, 1, 2) == 512 + 1584 + 96 + 256
+    with pytest.raises(ValueError, match="has none"):
+        R.bound_speedup(R.Shape(4, 8, 2, 1, 4, 16, 32), removed=1, granularity="moe", **args)
+    with pytest.raises(ValueError, match="granularity 'moe'"):
+        R.bound_speedup(shape, removed=1, granularity="mlp", **args)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_roofline_shape_reads_the_moe_config(arch):
+    from rt_lib.speed.roofline import Shape
+
+    model = tiny_moe(arch, **({"mlp_only_layers": [2]} if arch == "qwen2_moe" else {}))
+    s = Shape.from_config(model.config)
+    assert (s.experts, s.top_k, s.expert_intermediate) == (4, 2, 32)
+    assert s.shared_intermediate == (48 if arch == "qwen2_moe" else 0)
+    assert s.sparse_layers == len(moe_layers(find_layers(model))) == (3 if arch == "qwen2_moe" else 4)
+    assert Shape.from_config(tiny_model("llama").config).experts == 0
