@@ -2,8 +2,8 @@
 random Mixtral, Qwen2-MoE (with its shared expert), Qwen3-MoE and OLMoE (hidden 32, 4 layers,
 4 experts, top-2). Exactness, real skipping (a skipped token reaches no expert router), cache
 consistency, batch invariance, router logits and the auxiliary loss, save/load, unload, the
-expert load, Router-Tuning, the cost model of MoE blocks and the plan of an MoE config
-(OLMoE-1B-7B shapes)."""
+expert load, Router-Tuning, the profiler's variants and cost model on MoE blocks and the plan of
+an MoE config (OLMoE-1B-7B shapes)."""
 
 import json
 from pathlib import Path
@@ -568,3 +568,133 @@ def test_roofline_shape_reads_the_moe_config(arch):
     assert s.shared_intermediate == (48 if arch == "qwen2_moe" else 0)
     assert s.sparse_layers == len(moe_layers(find_layers(model))) == (3 if arch == "qwen2_moe" else 4)
     assert Shape.from_config(tiny_model("llama").config).experts == 0
+
+
+PROFILE_SKIP = [2]  # of the routed layers [1, 2]
+
+
+def moe_profile(arch="olmoe", level="seq", **kw):
+    from rt_lib.speed import profiling as P
+
+    model, ms = routed_moe(arch, level)
+    settings = P.preset("smoke", **{"skip_layers": PROFILE_SKIP, "prefill_batch_sizes": [2], "decode_batch_sizes": [2],
+                                    "warmup": 0, "repeats": 1, "peak_flops": 1e12, "bandwidth": 1e11, "threads": 1,
+                                    **kw})
+    rows, cond = P.profile(ms, settings, progress=False)
+    return ms, rows, cond
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One CPU thread for every call, the untimed prefill of a decode context included: tiny
+    models gain nothing from more, and threads spinning against other jobs on a busy machine
+    slow them many times."""
+    import contextlib
+
+    from rt_lib.speed import timing
+
+    monkeypatch.setattr(timing, "untimed_threads", lambda device: contextlib.nullcontext())
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("regime", ["prefill", "decode"])
+def test_profiler_times_every_variant_on_an_moe_model(regime, one_thread):
+    """Tiny OLMoE, MoE blocks of layers 1 and 2 routed, layer 2 forced off, batch 2: every
+    variant runs; moe skipping stores every key and value; the realised skip ratio is the forced
+    one; the bound adds up the dense model's hooked time of the skipped MoE block; static drop
+    (an attention drop) is left out with its reason."""
+    ms, rows, cond = moe_profile(threshold=0.75, regimes=[regime], new_tokens=2)
+    variants = ["dense", "mindskip_forced", "mindskip", "oracle", "mask"]
+    assert [(r["regime"], r["variant"], r["batch_size"]) for r in rows] == [(regime, v, 2) for v in variants]
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows)
+    assert "attention" in cond["omitted"]["static_drop"] and cond["static_layers"] is None
+    assert cond["granularity"] == "moe" and cond["skip_layers"] == PROFILE_SKIP
+    half = len(PROFILE_SKIP) / len(ROUTED)
+    at = {r["variant"]: r for r in rows}
+    assert at["dense"]["kv_bytes"] > 0
+    assert {r["kv_bytes"] for r in at.values()} == {at["dense"]["kv_bytes"]}  # no attention skipped
+    assert at["mindskip_forced"]["skip_ratio"] == at["mask"]["skip_ratio"] == at["oracle"]["skip_ratio"] == half
+    assert at["mindskip"]["skip_ratio"] == 1.0  # zero-init routers score 0.5 < 0.75: every block skipped
+    assert at["dense"]["skip_ratio"] == 0.0 and at["dense"]["bound_speedup"] == 1.0
+    sub = next(t for t in cond["sublayer_times"] if t["regime"] == regime)
+    assert {k.split(".")[1] for k in sub["sublayer_ms"]} == {"attn", "moe", "block"}  # no dense MLP here
+    total, times = sub["dense_hooked_ms"], sub["sublayer_ms"]
+    for name in ("mindskip_forced", "oracle", "mask"):
+        assert at[name]["bound_speedup"] == pytest.approx(total / (total - times["2.moe"]))
+    assert at["mindskip"]["bound_speedup"] == pytest.approx(total / (total - times["1.moe"] - times["2.moe"]))
+    assert at["oracle"]["roofline_speedup"] > 1.0
+    curve = next(c for c in cond["bound_curves"] if c["regime"] == regime)
+    assert at["oracle"]["roofline_speedup"] == pytest.approx(curve["bound_speedup"][1])
+    assert all(g.forced is None and g.execution == "skip" for g in ms.gates.values())
+    assert not any(type(m).__name__ == "_Removed" for m in ms.model.modules())
+
+
+def test_profiler_times_static_drop_on_an_moe_model_when_given_layers(one_thread):
+    _, rows, cond = moe_profile("mixtral", "token", variants=["dense", "oracle", "static_drop"], static_layers=[1],
+                                regimes=["prefill"])
+    at = {r["variant"]: r for r in rows}
+    assert cond["omitted"] == {} and cond["static_layers"] == [1]
+    assert at["static_drop"]["kv_bytes"] * 4 == at["dense"]["kv_bytes"] * 3  # attention of 1 of 4 layers removed
+    assert at["oracle"]["kv_bytes"] == at["dense"]["kv_bytes"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_oracle_and_forced_skip_give_identical_logits_on_moe(level):
+    """Prefill and three cached decode steps: the forced skip of layer 2's MoE block equals the
+    model with that block removed; mask computes it and multiplies by 0."""
+    from rt_lib.speed import timing as T
+    from rt_lib.speed import variants as V
+
+    _, ms = routed_moe("qwen2_moe", level)
+    variants = {v.name: v for v in V.build_variants(ms, ["mindskip_forced", "oracle", "mask", "dense"], PROFILE_SKIP)}
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    steps = torch.randint(3, 96, (2, 3), generator=torch.Generator().manual_seed(2))
+
+    def run(v):
+        out = []
+        with v.active() as model, torch.inference_mode():
+            cache = T.new_cache(model)
+            out.append(T.forward_step(model, ids, cache, 0, logits_to_keep=0).logits)
+            for i in range(steps.shape[1]):
+                out.append(T.forward_step(model, steps[:, i:i + 1], cache, ids.shape[1] + i).logits)
+        return torch.cat(out, 1)
+
+    oracle = run(variants["oracle"])
+    torch.testing.assert_close(run(variants["mindskip_forced"]), oracle, atol=1e-6, rtol=0)
+    torch.testing.assert_close(run(variants["mask"]), oracle, atol=1e-6, rtol=0)
+    assert not torch.allclose(run(variants["dense"]), oracle, atol=1e-3)
+
+
+def test_token_routed_moe_decode_rewinds_like_a_fresh_prefill():
+    """Token routing of MoE blocks keeps nothing per cache slot: the profiler rewinds a
+    prefilled context instead of prefilling it again each round, and the rewound decode gives
+    the logits of the first one, after another variant's prefill."""
+    from rt_lib.speed import timing as T
+    from rt_lib.speed import variants as V
+
+    _, ms = routed_moe("olmoe", "token", seed=0)
+    variants = {v.name: v for v in V.build_variants(ms, ["mindskip", "mindskip_forced"], PROFILE_SKIP)}
+    assert variants["mindskip"].rewindable
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    prompt, steps = ids[:, :6], ids[:, 6:]
+
+    def decode(v, cache):
+        return [T.forward_step(v.model, steps[:, i:i + 1], cache, 6 + i).logits for i in range(3)]
+    with torch.inference_mode():
+        with variants["mindskip"].active():
+            cache = T.new_cache(ms.model)
+            T.forward_step(ms.model, prompt, cache, 0)
+            state = variants["mindskip"].save_state()
+            ms.reset_stats()
+            first = decode(variants["mindskip"], cache)
+            assert 0.0 < ms.skip_ratio() < 1.0
+        with variants["mindskip_forced"].active():
+            T.forward_step(ms.model, prompt, T.new_cache(ms.model), 0)
+        with variants["mindskip"].active():
+            T.rewind(cache, 6)
+            variants["mindskip"].restore_state(state)
+            again = decode(variants["mindskip"], cache)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)

@@ -270,6 +270,8 @@ JSON_FIELDS: dict[str, tuple[Field, ...]] = {
         Field("routed_layers", "routed layer indices"),
         Field("skip_layers", "layers skipped by `mindskip_forced`, `oracle` and `mask`"),
         Field("static_layers", "layers removed by `static_drop`"),
+        Field("omitted", "`{variant: reason}`: variants asked for that did not run (`static_drop` for `moe` routers "
+                         "or without a layer list)", always=False),
         Field("prompts", "what the timed prompts were"),
         Field("threshold", "router threshold of the `mindskip` rows"),
         Field("roofline", "peak FLOP/s and bandwidth of the roofline estimate"),
