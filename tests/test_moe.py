@@ -398,6 +398,25 @@ def test_expert_load_assigned_vs_executed(arch, tmp_path):
     assert files["figure"].stat().st_size > 0
 
 
+def test_expert_load_step_of_a_run_folder(tmp_path):
+    """record_step: moe/expert_load.csv and .png in the run folder, the per-layer totals in
+    run.json steps.moe and the measurement's settings in parameters.moe."""
+    from rt_lib.runs.record import load_run, new_run
+    from rt_lib.speed.moe_load import record_step
+
+    model, ms = routed_moe("olmoe", "token", seed=1)
+    ids, mask = padded_batch([8, 5])
+    rows = expert_load(ms, [{"input_ids": ids, "attention_mask": mask}])
+    run = new_run(root=tmp_path, run_id="r")
+    out = record_step(run, rows, {"text": "padded random ids", "batches": 1})
+    assert out == run / "moe" and (out / "expert_load.csv").is_file() and (out / "expert_load.png").stat().st_size > 0
+    meta = load_run(run)
+    assert meta["parameters"]["moe"] == {"text": "padded random ids", "batches": 1}
+    step = meta["steps"]["moe"]
+    assert step["files"] == ["moe/expert_load.csv", "moe/expert_load.png"]
+    assert step["layers"] == json.loads(json.dumps(summarise(rows)))
+
+
 def test_expert_load_needs_moe_routing_and_eval_mode():
     model = tiny_moe("olmoe")
     ms = get_mindskip_model(model, MindSkipConfig(routed_layers=ROUTED, granularity="attn"))
