@@ -2,7 +2,8 @@
 random Mixtral, Qwen2-MoE (with its shared expert), Qwen3-MoE and OLMoE (hidden 32, 4 layers,
 4 experts, top-2). Exactness, real skipping (a skipped token reaches no expert router), cache
 consistency, batch invariance, router logits and the auxiliary loss, save/load, unload, the
-expert load, Router-Tuning and the plan of an MoE config (OLMoE-1B-7B shapes)."""
+expert load, Router-Tuning, the profiler's variants and cost model on MoE blocks and the plan of
+an MoE config (OLMoE-1B-7B shapes)."""
 
 import json
 from pathlib import Path
@@ -381,6 +382,25 @@ def test_expert_load_assigned_vs_executed(arch, tmp_path):
     assert files["figure"].stat().st_size > 0
 
 
+def test_expert_load_step_of_a_run_folder(tmp_path):
+    """record_step: moe/expert_load.csv and .png in the run folder, the per-layer totals in
+    run.json steps.moe and the measurement's settings in parameters.moe."""
+    from rt_lib.runs.record import load_run, new_run
+    from rt_lib.speed.moe_load import record_step
+
+    model, ms = routed_moe("olmoe", "token", seed=1)
+    ids, mask = padded_batch([8, 5])
+    rows = expert_load(ms, [{"input_ids": ids, "attention_mask": mask}])
+    run = new_run(root=tmp_path, run_id="r")
+    out = record_step(run, rows, {"text": "padded random ids", "batches": 1})
+    assert out == run / "moe" and (out / "expert_load.csv").is_file() and (out / "expert_load.png").stat().st_size > 0
+    meta = load_run(run)
+    assert meta["parameters"]["moe"] == {"text": "padded random ids", "batches": 1}
+    step = meta["steps"]["moe"]
+    assert step["files"] == ["moe/expert_load.csv", "moe/expert_load.png"]
+    assert step["layers"] == json.loads(json.dumps(summarise(rows)))
+
+
 def test_expert_load_needs_moe_routing_and_eval_mode():
     model = tiny_moe("olmoe")
     ms = get_mindskip_model(model, MindSkipConfig(routed_layers=ROUTED, granularity="attn"))
@@ -498,9 +518,186 @@ def test_plan_counts_total_active_and_router_parameters_of_olmoe():
         assert line in text, line
 
 
-def test_roofline_refuses_moe_routing_clearly():
-    from rt_lib.speed.roofline import Shape, regime_time
+# ---------------------------------------------------------------------------- profiling
+def moe_hand_shape(sparse_layers=4, shared=0):
+    """hidden 8, 2 heads of 4, 1 KV head, dense MLP 16, vocab 32, 4 layers (tests/test_profiling.py's
+    hand config) with 4 experts of width 8, top-2."""
+    from rt_lib.speed.roofline import Shape
 
-    shape = Shape(4, 32, 4, 2, 8, 64, 96)
-    with pytest.raises(ValueError, match="does not profile 'moe' routing"):
-        regime_time(shape, "prefill", 1, 16, 1.0, 1e12, 1e11, 2, granularity="moe")
+    return Shape(4, 8, 2, 1, 4, 16, 32, experts=4, top_k=2, expert_intermediate=8, shared_intermediate=shared,
+                 sparse_layers=sparse_layers)
+
+
+def test_roofline_costs_moe_blocks_hand_checked():
+    from rt_lib.speed import roofline as R
+
+    shape = moe_hand_shape()
+    # prefill, batch 1, 2 tokens, 2-byte dtype (attention, MLP, head as tests/test_profiling.py)
+    c = R.step_costs(shape, batch=1, new=2, past=0, dtype_bytes=2, head_tokens=1)
+    assert c["attn"] == (864, 704) and c["mlp"] == (1536, 1216) and c["head"] == (512, 592)
+    # flops: router 2*2*8*4 = 128, experts 2*2*2*8*8*3 = 1536; 2 tokens touch 4*(1 - (1/2)^2) = 3
+    # experts: weights 8*4 + 3*3*8*8 = 608; activations 2*2*8 + 2*2*(2*8 + 2*3*8) = 288
+    assert c["moe"] == (1664, pytest.approx(2 * (608 + 288)))
+    # decode, batch 1: one token reads exactly its top-2 experts (weights 32 + 2*192 = 416),
+    # activations 2*8 + 2*(2*8 + 2*3*8) = 144
+    assert R.experts_touched(shape, 1) == pytest.approx(2.0)
+    assert R.step_costs(shape, 1, 1, 5, 2)["moe"] == (832, pytest.approx(2 * (416 + 16 + 128)))
+    assert R.experts_touched(shape, 10_000) == pytest.approx(4.0)
+    args = {"regime": "prefill", "batch": 1, "seq_len": 2, "dtype_bytes": 2, "peak_flops": 1, "bandwidth": 1e30}
+    # compute-bound: 4*864 + 4*1664 + 512 = 10624; two MoE blocks removed: minus 2*1664
+    assert R.bound_speedup(shape, removed=2, granularity="moe", **args) == pytest.approx(10624 / 7296)
+    assert R.bound_speedup(shape, removed=0, granularity="moe", **args) == 1.0
+    # half the layers sparse: a removed layer's MLP slot costs the mean, (1536 + 1664) / 2
+    mixed = moe_hand_shape(sparse_layers=2)
+    assert R.bound_speedup(mixed, removed=2, granularity="block", **args) == \
+        pytest.approx((3456 + 6400 + 512) / (3456 + 6400 + 512 - 2 * 864 - 2 * 1600))
+    assert R.bound_speedup(mixed, removed=1, granularity="mlp", **args) == pytest.approx(10368 / (10368 - 1536))
+    # activations of the memory estimate, per token: 4 router logits + 2 experts x (8 + 3*8)
+    # = 68 in place of a dense MLP's 3*16; decode batch 2, context 3: 2*3*(32 + 68 + 32)*2 bytes
+    assert R.estimate_point_bytes(shape, "decode", 2, 3, 1, 2) == 512 + 1584 + 96 + 256
+    with pytest.raises(ValueError, match="has none"):
+        R.bound_speedup(R.Shape(4, 8, 2, 1, 4, 16, 32), removed=1, granularity="moe", **args)
+    with pytest.raises(ValueError, match="granularity 'moe'"):
+        R.bound_speedup(shape, removed=1, granularity="mlp", **args)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_roofline_shape_reads_the_moe_config(arch):
+    from rt_lib.speed.roofline import Shape
+
+    model = tiny_moe(arch, **({"mlp_only_layers": [2]} if arch == "qwen2_moe" else {}))
+    s = Shape.from_config(model.config)
+    assert (s.experts, s.top_k, s.expert_intermediate) == (4, 2, 32)
+    assert s.shared_intermediate == (48 if arch == "qwen2_moe" else 0)
+    assert s.sparse_layers == len(moe_layers(find_layers(model))) == (3 if arch == "qwen2_moe" else 4)
+    assert Shape.from_config(tiny_model("llama").config).experts == 0
+
+
+PROFILE_SKIP = [2]  # of the routed layers [1, 2]
+
+
+def moe_profile(arch="olmoe", level="seq", **kw):
+    from rt_lib.speed import profiling as P
+
+    model, ms = routed_moe(arch, level)
+    settings = P.preset("smoke", **{"skip_layers": PROFILE_SKIP, "prefill_batch_sizes": [2], "decode_batch_sizes": [2],
+                                    "warmup": 0, "repeats": 1, "peak_flops": 1e12, "bandwidth": 1e11, "threads": 1,
+                                    **kw})
+    rows, cond = P.profile(ms, settings, progress=False)
+    return ms, rows, cond
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One CPU thread for every call, the untimed prefill of a decode context included: tiny
+    models gain nothing from more, and threads spinning against other jobs on a busy machine
+    slow them many times."""
+    import contextlib
+
+    from rt_lib.speed import timing
+
+    monkeypatch.setattr(timing, "untimed_threads", lambda device: contextlib.nullcontext())
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("regime", ["prefill", "decode"])
+def test_profiler_times_every_variant_on_an_moe_model(regime, one_thread):
+    """Tiny OLMoE, MoE blocks of layers 1 and 2 routed, layer 2 forced off, batch 2: every
+    variant runs; moe skipping stores every key and value; the realised skip ratio is the forced
+    one; the bound adds up the dense model's hooked time of the skipped MoE block; static drop
+    (an attention drop) is left out with its reason."""
+    ms, rows, cond = moe_profile(threshold=0.75, regimes=[regime], new_tokens=2)
+    variants = ["dense", "mindskip_forced", "mindskip", "oracle", "mask"]
+    assert [(r["regime"], r["variant"], r["batch_size"]) for r in rows] == [(regime, v, 2) for v in variants]
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows)
+    assert "attention" in cond["omitted"]["static_drop"] and cond["static_layers"] is None
+    assert cond["granularity"] == "moe" and cond["skip_layers"] == PROFILE_SKIP
+    half = len(PROFILE_SKIP) / len(ROUTED)
+    at = {r["variant"]: r for r in rows}
+    assert at["dense"]["kv_bytes"] > 0
+    assert {r["kv_bytes"] for r in at.values()} == {at["dense"]["kv_bytes"]}  # no attention skipped
+    assert at["mindskip_forced"]["skip_ratio"] == at["mask"]["skip_ratio"] == at["oracle"]["skip_ratio"] == half
+    assert at["mindskip"]["skip_ratio"] == 1.0  # zero-init routers score 0.5 < 0.75: every block skipped
+    assert at["dense"]["skip_ratio"] == 0.0 and at["dense"]["bound_speedup"] == 1.0
+    sub = next(t for t in cond["sublayer_times"] if t["regime"] == regime)
+    assert {k.split(".")[1] for k in sub["sublayer_ms"]} == {"attn", "moe", "block"}  # no dense MLP here
+    total, times = sub["dense_hooked_ms"], sub["sublayer_ms"]
+    for name in ("mindskip_forced", "oracle", "mask"):
+        assert at[name]["bound_speedup"] == pytest.approx(total / (total - times["2.moe"]))
+    assert at["mindskip"]["bound_speedup"] == pytest.approx(total / (total - times["1.moe"] - times["2.moe"]))
+    assert at["oracle"]["roofline_speedup"] > 1.0
+    curve = next(c for c in cond["bound_curves"] if c["regime"] == regime)
+    assert at["oracle"]["roofline_speedup"] == pytest.approx(curve["bound_speedup"][1])
+    assert all(g.forced is None and g.execution == "skip" for g in ms.gates.values())
+    assert not any(type(m).__name__ == "_Removed" for m in ms.model.modules())
+
+
+def test_profiler_times_static_drop_on_an_moe_model_when_given_layers(one_thread):
+    _, rows, cond = moe_profile("mixtral", "token", variants=["dense", "oracle", "static_drop"], static_layers=[1],
+                                regimes=["prefill"])
+    at = {r["variant"]: r for r in rows}
+    assert cond["omitted"] == {} and cond["static_layers"] == [1]
+    assert at["static_drop"]["kv_bytes"] * 4 == at["dense"]["kv_bytes"] * 3  # attention of 1 of 4 layers removed
+    assert at["oracle"]["kv_bytes"] == at["dense"]["kv_bytes"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_oracle_and_forced_skip_give_identical_logits_on_moe(level):
+    """Prefill and three cached decode steps: the forced skip of layer 2's MoE block equals the
+    model with that block removed; mask computes it and multiplies by 0."""
+    from rt_lib.speed import timing as T
+    from rt_lib.speed import variants as V
+
+    _, ms = routed_moe("qwen2_moe", level)
+    variants = {v.name: v for v in V.build_variants(ms, ["mindskip_forced", "oracle", "mask", "dense"], PROFILE_SKIP)}
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    steps = torch.randint(3, 96, (2, 3), generator=torch.Generator().manual_seed(2))
+
+    def run(v):
+        out = []
+        with v.active() as model, torch.inference_mode():
+            cache = T.new_cache(model)
+            out.append(T.forward_step(model, ids, cache, 0, logits_to_keep=0).logits)
+            for i in range(steps.shape[1]):
+                out.append(T.forward_step(model, steps[:, i:i + 1], cache, ids.shape[1] + i).logits)
+        return torch.cat(out, 1)
+
+    oracle = run(variants["oracle"])
+    torch.testing.assert_close(run(variants["mindskip_forced"]), oracle, atol=1e-6, rtol=0)
+    torch.testing.assert_close(run(variants["mask"]), oracle, atol=1e-6, rtol=0)
+    assert not torch.allclose(run(variants["dense"]), oracle, atol=1e-3)
+
+
+def test_token_routed_moe_decode_rewinds_like_a_fresh_prefill():
+    """Token routing of MoE blocks keeps nothing per cache slot: the profiler rewinds a
+    prefilled context instead of prefilling it again each round, and the rewound decode gives
+    the logits of the first one, after another variant's prefill."""
+    from rt_lib.speed import timing as T
+    from rt_lib.speed import variants as V
+
+    _, ms = routed_moe("olmoe", "token", seed=0)
+    variants = {v.name: v for v in V.build_variants(ms, ["mindskip", "mindskip_forced"], PROFILE_SKIP)}
+    assert variants["mindskip"].rewindable
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    prompt, steps = ids[:, :6], ids[:, 6:]
+
+    def decode(v, cache):
+        return [T.forward_step(v.model, steps[:, i:i + 1], cache, 6 + i).logits for i in range(3)]
+    with torch.inference_mode():
+        with variants["mindskip"].active():
+            cache = T.new_cache(ms.model)
+            T.forward_step(ms.model, prompt, cache, 0)
+            state = variants["mindskip"].save_state()
+            ms.reset_stats()
+            first = decode(variants["mindskip"], cache)
+            assert 0.0 < ms.skip_ratio() < 1.0
+        with variants["mindskip_forced"].active():
+            T.forward_step(ms.model, prompt, T.new_cache(ms.model), 0)
+        with variants["mindskip"].active():
+            T.rewind(cache, 6)
+            variants["mindskip"].restore_state(state)
+            again = decode(variants["mindskip"], cache)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)

@@ -79,7 +79,7 @@ def test_committed_json_files_have_the_declared_fields(path, pattern):
 
 # ---------------------------------------------------------------------------- writers and reader
 def test_writers_write_the_declared_columns():
-    from rt_lib.speed import profiling
+    from rt_lib.speed import moe_load, profiling
     from rt_lib.evaluation import results as evaluation
 
     written = {kind.path: [c.name for c in kind.columns if c.written] for kind in schema.RUN_FILES}
@@ -87,6 +87,7 @@ def test_writers_write_the_declared_columns():
     assert evaluation.PAIRED_COLUMNS == written["eval/paired.csv"]
     assert evaluation.SKIP_COLUMNS == written["eval/skip_stats.csv"]
     assert profiling.COLUMNS == written["profile/profile.csv"]
+    assert list(moe_load.COLUMNS) == written["moe/expert_load.csv"]
     assert tidy.TIDY_COLUMNS == schema.TIDY_RUNS.names
 
 

@@ -7,6 +7,7 @@ import argparse
 
 import torch
 
+from rt_lib.mindskip.config import GRANULARITIES
 from rt_lib.speed import profiling
 from rt_lib.speed.variants import VARIANTS
 
@@ -24,10 +25,11 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA and on CPUs with native bf16 matrix "
                    "products, else float32) | float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
-    p.add_argument("--skip-layers", type=_ints, default=None, help="comma list of routed layers whose gated sublayers (attention, MLP or whole layers, "
-                        "as the routers gate) are force-skipped, removed and masked")
+    p.add_argument("--skip-layers", type=_ints, default=None, help="comma list of routed layers whose gated sublayers (attention, MLP, sparse MoE blocks or "
+                        "whole layers, as the routers gate) are force-skipped, removed and masked")
     p.add_argument("--skip-k", type=int, default=None, help="number of layers to force-skip (chosen by the routers)")
-    p.add_argument("--static-layers", type=_ints, default=None, help="comma list of layers whose attention static_drop removes")
+    p.add_argument("--static-layers", type=_ints, default=None, help="comma list of layers whose attention static_drop "
+                   "removes (default: chosen by rt_lib.tuning.baselines; none for moe routers, which skip no attention)")
     p.add_argument("--variants", default=None, help=f"comma list from {','.join(VARIANTS)}")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--repeats", type=int, default=None)
@@ -35,11 +37,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--num-routed-layers", type=int, default=None,
                    help="fresh routers only: route the n deepest layers except the last (default 16)")
+    p.add_argument("--granularity", default=None, choices=GRANULARITIES,
+                   help="fresh routers only: the sublayer they gate (default attn; moe: the sparse MoE blocks of "
+                        "an MoE model)")
     p.add_argument("--text", default="wikipedia-en",
                    help="data set (rt_lib.assets.loading.load_dataset, column `text`) the prompts are cut from; "
                         "'none': random token ids")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.routers and a.granularity:
+        p.error("--granularity is for fresh routers; a router checkpoint (--routers) records its own")
 
     given = {"skip_layers": a.skip_layers, "skip_k": a.skip_k, "static_layers": a.static_layers,
              "threshold": a.threshold, "repeats": a.repeats, "warmup": a.warmup, "threads": a.threads}
@@ -58,7 +65,8 @@ def main(argv=None):
     from rt_lib.mindskip.config import MindSkipConfig
 
     model, tokenizer = load_model(a.model, dtype=dtype, device=device, attn_implementation="sdpa")
-    fresh = MindSkipConfig(**({"num_routed_layers": a.num_routed_layers} if a.num_routed_layers else {}))
+    fresh_options = {"num_routed_layers": a.num_routed_layers, "granularity": a.granularity}
+    fresh = MindSkipConfig(**{k: v for k, v in fresh_options.items() if v is not None})
     from rt_lib.speed.step import run_step
 
     rows, _, prof = run_step(model, tokenizer, a.out, settings, routers=a.routers, config=fresh,

@@ -46,6 +46,7 @@ from rt_lib.pipeline.plan_memory import (
     loss_bytes_per_token,
     meta_model,
     model_shape,
+    roofline_shape,
 )
 from rt_lib.pipeline.plan_report import format_plan
 
@@ -351,11 +352,9 @@ def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, mi
             counted = count_eval_tokens(meta, tok, name, tasks, limit, batch)
             step["tokens"] = {"status": "counted", **counted}
             if shape is not None and counted["total"]["max_len"]:
-                from rt_lib.speed.roofline import Shape
-
-                s = Shape(shape["layers"], shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"],
-                          shape["intermediate"], shape["vocab"])
                 from rt_lib.speed.roofline import estimate_point_bytes
+
+                s = roofline_shape(shape)
 
                 b = dtype_bytes(dtype)
                 act = estimate_point_bytes(s, "prefill", batch, counted["total"]["max_len"], 0, b)
@@ -371,7 +370,7 @@ def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, mi
 def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
     from rt_lib.speed.profiling import PROFILE_PRESETS, grid_points
     from rt_lib.speed.profiling import preset as profile_preset
-    from rt_lib.speed.roofline import Shape, estimate_kv_bytes, estimate_point_bytes
+    from rt_lib.speed.roofline import estimate_kv_bytes, estimate_point_bytes
 
     name = params.get("profile_preset", "quick")
     if name not in PROFILE_PRESETS:
@@ -389,8 +388,7 @@ def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
         step["points"] = [{"regime": r, "batch_size": bs, "seq_len": sl} for r, bs, sl in points]
         step["status"] = "needs the model config"
         return step
-    s = Shape(shape["layers"], shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"],
-              shape["intermediate"], shape["vocab"])
+    s = roofline_shape(shape)
     weights = rec["parameters"] * b if rec.get("parameters") else None
     free = None if gpu["bytes"] is None or weights is None else gpu["bytes"] - weights
     k = settings.skip_k or 0
@@ -411,9 +409,10 @@ def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
     step.update(points=rows, weights_bytes=weights,
                 not_fitting=sum(r["fits"] is False for r in rows) if free is not None else None)
     if "moe" in rec:
-        step["note"] = ("MoE model: the keys and values are exact; the profiler's estimates and roofline model a dense "
-                        f"MLP of width {shape['intermediate']}, not the {rec['moe']['experts']} experts a batch "
-                        "reads, so read the memory column as a lower bound")
+        moe = rec["moe"]
+        step["note"] = (f"MoE model ({moe['experts']} experts, top-{moe['top_k']}): the keys and values are exact; a "
+                        "point's activations count, per token, the expert-router logits and the inputs and "
+                        f"intermediates of its {moe['top_k']} experts (rt_lib.speed.roofline.estimate_point_bytes)")
     return step
 
 

@@ -20,14 +20,32 @@ def meta_model(config, dtype: str):
 
 
 def model_shape(config) -> dict:
+    """The sizes of ``config`` the plan reports and estimates from; an MoE config adds its
+    sparse blocks' sizes (``experts``, ``top_k``, ``expert_intermediate``, ``shared_intermediate``,
+    ``sparse_layers``: ``rt_lib.speed.roofline.Shape``)."""
     from rt_lib.speed.roofline import Shape
 
     s = Shape.from_config(config)
-    return {"architecture": (getattr(config, "architectures", None) or [type(config).__name__])[0],
-            "layers": s.num_layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
-            "head_dim": s.head_dim, "intermediate": s.intermediate, "vocab": s.vocab,
-            "max_positions": getattr(config, "max_position_embeddings", None),
-            "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False))}
+    out = {"architecture": (getattr(config, "architectures", None) or [type(config).__name__])[0],
+           "layers": s.num_layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
+           "head_dim": s.head_dim, "intermediate": s.intermediate, "vocab": s.vocab,
+           "max_positions": getattr(config, "max_position_embeddings", None),
+           "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False))}
+    if s.experts:
+        out.update(experts=s.experts, top_k=s.top_k, expert_intermediate=s.expert_intermediate,
+                   shared_intermediate=s.shared_intermediate, sparse_layers=s.sparse_layers)
+    return out
+
+
+def roofline_shape(shape: dict):
+    """The ``rt_lib.speed.roofline.Shape`` of a ``model_shape`` dict (the profiler's cost and
+    memory estimates, MoE blocks included)."""
+    from rt_lib.speed.roofline import Shape
+
+    moe = {k: shape[k] for k in ("experts", "top_k", "expert_intermediate", "shared_intermediate", "sparse_layers")
+           if k in shape}
+    return Shape(shape["layers"], shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"],
+                 shape["intermediate"], shape["vocab"], **moe)
 
 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}

@@ -133,7 +133,17 @@ TRAIN_LOG = FileKind("train/log.csv", "rt_lib.tuning.train", (
     _c("tokens", "tokens seen so far (cumulative)", required=False),
     _c("elapsed_s", "seconds since training started", required=False),
 ))
-RUN_FILES = (EVAL_RESULTS, EVAL_PAIRED, EVAL_SKIP_STATS, PROFILE, TRAIN_LOG)
+EXPERT_LOAD = FileKind("moe/expert_load.csv", "rt_lib.speed.moe_load", (
+    _c("layer", "MoE layer index", numeric=True),
+    _c("expert", "expert index within the layer's sparse block", numeric=True),
+    _c("routed", "whether a MindSkip router gates the layer's block"),
+    _c("assigned", "real tokens the expert router assigns to the expert with nothing skipped (the dense pass; a "
+       "token counts once for each of its top-k experts)", numeric=True),
+    _c("routed_assigned", "what the expert router assigns on the MindSkip pass's own inputs, skipped tokens "
+       "included", numeric=True),
+    _c("executed", "tokens that reach the expert under MindSkip", numeric=True),
+))
+RUN_FILES = (EVAL_RESULTS, EVAL_PAIRED, EVAL_SKIP_STATS, PROFILE, TRAIN_LOG, EXPERT_LOAD)
 
 TIDY_RUNS = FileKind("tables/runs.csv", "rt_lib.paper.build", (
     _c("run_id", "run folder's id (run.json `run_id`)"),
@@ -270,6 +280,8 @@ JSON_FIELDS: dict[str, tuple[Field, ...]] = {
         Field("routed_layers", "routed layer indices"),
         Field("skip_layers", "layers skipped by `mindskip_forced`, `oracle` and `mask`"),
         Field("static_layers", "layers removed by `static_drop`"),
+        Field("omitted", "`{variant: reason}`: variants asked for that did not run (`static_drop` for `moe` routers "
+                         "or without a layer list)", always=False),
         Field("prompts", "what the timed prompts were"),
         Field("threshold", "router threshold of the `mindskip` rows"),
         Field("roofline", "peak FLOP/s and bandwidth of the roofline estimate"),

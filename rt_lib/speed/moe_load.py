@@ -4,6 +4,7 @@ router assigns with nothing skipped, and the tokens that reach the expert once M
     from rt_lib.speed.moe_load import expert_load, write_expert_load
     rows = expert_load(ms, batches)              # ms: a MindSkipModel at granularity 'moe', eval mode
     write_expert_load(rows, "results/moe")       # expert_load.csv and expert_load.png
+    record_step("results/runs/<id>", rows, {"text": "wikipedia-en", ...})  # <run>/moe/ + run.json
 
 Three counts per (layer, expert), over the real (non-padding) tokens of the batches, a token
 counting once for each of its top-k experts:
@@ -132,3 +133,17 @@ def write_expert_load(rows: list[dict], out_dir: str | os.PathLike, title: str |
     fig = plots.plot_expert_load(rows, title=title)
     png = plots.save_figure(fig, out / "expert_load")[0]
     return {"csv": csv_path, "figure": png}
+
+
+def record_step(run_dir: str | os.PathLike, rows: list[dict], parameters: dict, title: str | None = None) -> Path:
+    """The expert-load step of a run folder: ``<run_dir>/moe/`` (``write_expert_load``) and
+    run.json ``steps.moe`` (its files and the per-layer totals of ``summarise``) with
+    ``parameters`` (the held-out text and batches it was measured on) as ``parameters.moe``.
+    The run folder must exist (run.json: ``rt_lib.runs.record.new_run``). Returns the folder."""
+    from rt_lib.runs.record import update_run
+
+    out = Path(run_dir) / "moe"
+    write_expert_load(rows, out, title=title)
+    update_run(run_dir, "moe", {"files": ["moe/expert_load.csv", "moe/expert_load.png"], "layers": summarise(rows)},
+               parameters=parameters)
+    return out

@@ -12,11 +12,12 @@ What is measured, per regime and grid point, for each variant:
 - `kv_bytes`: bytes of keys + values held by the cache after the prefill (prefill rows) or
   after the last generated token (decode rows). A layer never updated holds none.
 - `skip_ratio`: realised fraction of routed sublayer executions skipped during the timed call
-  (`ms.reset_stats()` / `ms.skip_ratio()`), at the routers' granularity (attention, MLP or
-  whole layers); for the variants with sublayers physically removed it is
+  (`ms.reset_stats()` / `ms.skip_ratio()`), at the routers' granularity (attention, MLP, sparse
+  MoE blocks or whole layers); for the variants with sublayers physically removed it is
   `removed / len(routed_layers)`, so every variant sits on the same axis.
 - `bound_speedup`: an upper bound measured at the same grid point: the dense model is run with
-  forward hooks timing every attention sublayer, MLP sublayer and layer; bound = dense time /
+  forward hooks timing every attention sublayer, MLP sublayer (on an MoE model: the sparse MoE
+  block, expert router and experts together) and layer; bound = dense time /
   (dense time - the time of the sublayers the variant skips, each weighted by the fraction of
   its executions skipped). Removing sublayers saves at most their own time, so the oracle can
   approach the bound but not pass it beyond noise. For `mask` it is what skipping the masked
@@ -34,12 +35,15 @@ region):
 - `mindskip_forced`: MindSkip with `ms.force`: the chosen `skip_layers` skipped, every other
   routed layer kept. Gives the clean comparison with the oracle.
 - `mindskip`: MindSkip with its routers at the threshold (decisions may differ per sequence).
-- `oracle`: the base model with the routed sublayers of `skip_layers` (attention, MLP or whole
-  layers, as the routers gate) removed (`drop_sublayers`): the best any skipping of those
-  sublayers can do.
+- `oracle`: the base model with the routed sublayers of `skip_layers` (attention, MLP, sparse
+  MoE blocks or whole layers, as the routers gate) removed (`drop_sublayers`; a removed MoE
+  block leaves the residual unchanged): the best any skipping of those sublayers can do.
 - `mask`: MindSkip computing every routed sublayer then multiplying by the forced decision
   (`ms.set_execution("mask")`), the authors' 2026 behaviour: the lower reference (~1.0x).
 - `static_drop`: the base model with the attention of `static_layers` removed for all inputs.
+  Omitted by default for `moe` routers (an attention drop is no comparison for skipping MoE
+  blocks; given `static_layers` it runs) and wherever no layer list can be had; profile.json
+  `omitted` says why.
 
 Protocol: warm-up calls, then `repeats` rounds in which the variants run interleaved, in
 alternating order (A B C, C B A, ...) so that linear machine drift cancels; median, p10 and
@@ -50,8 +54,10 @@ loop is hand-written on purpose: the interleaving and what is inside the timed r
 the measurement.
 
 The roofline estimate (`roofline_speedup`, `rt_lib.speed.roofline`) is per operation: each
-attention sublayer, MLP sublayer and the LM head costs `max(flops / peak_flops, bytes /
-bandwidth)`; `bound = dense time / time without the removed sublayers`. Peaks are measured on
+attention sublayer, MLP sublayer, sparse MoE block (its expert router, `top_k` experts per
+token, any shared expert; the weights of the experts the tokens touch) and the LM head costs
+`max(flops / peak_flops, bytes / bandwidth)`; `bound = dense time / time without the removed
+sublayers`. Peaks are measured on
 the device at the start of a run (large matmul; large copy) unless given. It ignores
 per-kernel launch and Python overhead, which removing a sublayer also saves, so on a small
 model measured speedups can exceed it.
@@ -73,6 +79,8 @@ import numpy as np
 import psutil
 import torch
 
+from rt_lib.mindskip.architecture import find_decoder
+from rt_lib.mindskip.moe import moe_layers
 from rt_lib.speed.timing import grid_tokens, measure_point, measured_bound, sublayer_ms
 from rt_lib.speed.variants import VARIANTS, baseline_static_layers, build_variants, choose_skip_layers
 from rt_lib.speed.roofline import (
@@ -175,12 +183,14 @@ def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, p
     device = next(ms.model.parameters()).device
     dtype = next(ms.model.parameters()).dtype
     dtype_bytes = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    shape = Shape.from_config(ms.model.config)
+    shape = Shape.from_config(ms.model.config, sparse_layers=len(moe_layers(find_decoder(ms.model)[1])))
     threads, load_before = _set_threads(device, settings)
     ms.eval()
 
     skip_layers, static_layers = layer_sets(ms, settings, shape, device, tokens)
-    variants = build_variants(ms, settings.variants, skip_layers, static_layers, settings.threshold)
+    omitted = omitted_variants(ms, settings, static_layers)
+    names = [n for n in settings.variants if n not in omitted]
+    variants = build_variants(ms, names, skip_layers, static_layers, settings.threshold)
     peak_flops, bandwidth = settings.peak_flops, settings.bandwidth
     if peak_flops is None or bandwidth is None:
         measured = measure_peaks(device, dtype)
@@ -216,6 +226,7 @@ def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, p
         "routed_layers": list(ms.routed_layers),
         "skip_layers": list(skip_layers),
         "static_layers": list(static_layers) if static_layers else None,
+        "omitted": omitted,
         "prompts": "random token ids" if tokens is None else f"windows of {tokens.numel()} given text tokens",
         "threshold": ms.config.threshold,  # in effect for the `mindskip` variant
         "roofline": {"peak_flops": peak_flops, "bandwidth_bytes_per_s": bandwidth, "dtype_bytes": dtype_bytes,
@@ -246,16 +257,33 @@ def _set_threads(device, settings) -> tuple[int, list[float]]:
 
 def layer_sets(ms, settings, shape, device, tokens) -> tuple[list[int], list[int] | None]:
     """The settings' skip and static-drop layer lists, or the ones the routers (on a calibration
-    batch: the largest prefill point) and rt_lib.tuning.baselines choose."""
+    batch: the largest prefill point) and rt_lib.tuning.baselines choose (no static-drop list
+    for `moe` routers unless given: see `omitted_variants`)."""
     skip_layers = settings.skip_layers
     if skip_layers is None:
         calib = grid_tokens(max(settings.prefill_batch_sizes), max(settings.prefill_seq_lens), shape.vocab,
                             settings.seed, tokens).to(device)
         skip_layers = choose_skip_layers(ms, calib, settings.skip_k)
     static_layers = settings.static_layers
-    if static_layers is None and "static_drop" in settings.variants:
+    if static_layers is None and "static_drop" in settings.variants and ms.config.granularity != "moe":
         static_layers = baseline_static_layers(ms, len(skip_layers))
     return skip_layers, static_layers
+
+
+def omitted_variants(ms, settings, static_layers) -> dict[str, str]:
+    """The variants of the settings that will not run, each with the reason (profile.json
+    ``omitted``): ``static_drop`` without a layer list. It removes attention; for `moe`
+    routers, which gate the sparse MoE blocks and skip no attention, no list is chosen unless
+    ``static_layers`` gives one."""
+    if "static_drop" not in settings.variants or static_layers:
+        return {}
+    if ms.config.granularity == "moe":
+        why = ("static_drop removes attention, which routers at granularity 'moe' never skip (they gate the sparse "
+               "MoE blocks): no comparison for them; pass static_layers to time it anyway")
+    else:
+        why = "no layer list (static_layers) and none from rt_lib.tuning.baselines"
+    log.warning("static_drop omitted: %s", why)
+    return {"static_drop": why}
 
 
 def _run_point(variants, base_row, settings, device, shape, dtype_bytes, tokens):

@@ -1,9 +1,10 @@
-"""Analytic cost of a Llama-family decoder: the roofline bound the profiler reports beside its
-measurements, and the memory estimate it uses to skip grid points that cannot fit.
+"""Analytic cost of a Llama-family decoder, dense or with sparse mixture-of-experts (MoE)
+blocks: the roofline estimate the profiler reports beside its measurements, and the memory
+estimate it uses to skip grid points that cannot fit.
 
-Each attention sublayer, MLP sublayer and the LM head of one forward costs
+Each attention sublayer, MLP sublayer, sparse MoE block and the LM head of one forward costs
 `max(flops / peak_flops, bytes / bandwidth)` (a per-operation roofline). Removing sublayers
-of the routers' granularity (attention, MLP or whole layers) removes their terms, so
+of the routers' granularity (attention, MLP, MoE blocks or whole layers) removes their terms, so
 
     bound_speedup = dense time / time without the removed sublayers
 
@@ -22,12 +23,16 @@ from dataclasses import dataclass
 import torch
 
 REGIMES = ("prefill", "decode")
-GRANULARITIES = ("attn", "mlp", "block")
+GRANULARITIES = ("attn", "mlp", "block", "moe")
 
 
 @dataclass
 class Shape:
-    """The sizes of a Llama-family decoder that set its cost."""
+    """The sizes of a Llama-family decoder that set its cost. An MoE model (Mixtral, Qwen2-MoE,
+    Qwen3-MoE, OLMoE) adds the sizes of its sparse blocks: ``experts`` routed experts of width
+    ``expert_intermediate``, ``top_k`` of them per token, a shared expert of width
+    ``shared_intermediate`` (Qwen2-MoE; 0: none), in ``sparse_layers`` of the layers; the
+    other layers hold a dense MLP of width ``intermediate``. A dense model has ``experts=0``."""
     num_layers: int
     hidden: int
     heads: int
@@ -35,24 +40,62 @@ class Shape:
     head_dim: int
     intermediate: int
     vocab: int
+    experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    sparse_layers: int = 0
 
     @classmethod
-    def from_config(cls, config) -> Shape:
+    def from_config(cls, config, sparse_layers: int | None = None) -> Shape:
+        """The shape of ``config``. An MoE config's sparse layers are counted by the families'
+        rule (every ``decoder_sparse_step``-th layer not in ``mlp_only_layers``; every layer of
+        Mixtral and OLMoE) unless ``sparse_layers`` gives the count read off the model."""
         heads = config.num_attention_heads
+        layers = config.num_hidden_layers
+        experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+        moe = {}
+        if experts:
+            if sparse_layers is None:
+                dense_only = set(getattr(config, "mlp_only_layers", None) or [])
+                step = getattr(config, "decoder_sparse_step", None) or 1
+                sparse_layers = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
+            moe = dict(experts=int(experts), top_k=int(config.num_experts_per_tok),
+                       expert_intermediate=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+                       shared_intermediate=getattr(config, "shared_expert_intermediate_size", None) or 0,
+                       sparse_layers=int(sparse_layers))
         return cls(
-            num_layers=config.num_hidden_layers,
+            num_layers=layers,
             hidden=config.hidden_size,
             heads=heads,
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             intermediate=config.intermediate_size,
             vocab=config.vocab_size,
+            **moe,
         )
+
+    @property
+    def dense_layers(self) -> int:
+        """Layers with a dense MLP (every layer of a dense model)."""
+        return self.num_layers - self.sparse_layers
+
+
+def experts_touched(shape: Shape, tokens: int) -> float:
+    """Expected number of distinct experts of one sparse block that ``tokens`` tokens pick, each
+    ``top_k`` of ``experts``, under uniform routing: ``E (1 - (1 - k/E)^n)``. Only these experts'
+    weights need reading (transformers' eager experts loop over the experts hit; its grouped
+    matrix product gives the others empty groups): ``top_k`` for one token, all of them for a
+    long prompt."""
+    if not shape.experts:
+        return 0.0
+    return shape.experts * (1.0 - (1.0 - shape.top_k / shape.experts) ** max(tokens, 0))
 
 
 def step_costs(shape: Shape, batch: int, new: int, past: int, dtype_bytes: int, head_tokens: int | None = None):
-    """(flops, bytes) of one attention sublayer, one MLP sublayer and the LM head for one forward
-    of `new` tokens per sequence on top of `past` cached ones. A multiply-add is 2 flops.
+    """(flops, bytes) of one attention sublayer, one MLP sublayer, one sparse MoE block (MoE
+    shapes only, key ``moe``) and the LM head for one forward of `new` tokens per sequence on top
+    of `past` cached ones. A multiply-add is 2 flops.
 
     Attention: Q/K/V/O projections, scores and values over the causal context (query i sees
     past + i + 1 keys); bytes = weights once + cached keys/values read once + new ones written
@@ -76,7 +119,16 @@ def step_costs(shape: Shape, batch: int, new: int, past: int, dtype_bytes: int, 
     h = t if head_tokens is None else head_tokens
     head_flops = 2 * b * h * s.hidden * s.vocab
     head_bytes = dtype_bytes * (s.hidden * s.vocab + b * h * (s.hidden + s.vocab))
-    return {"attn": (attn_flops, attn_bytes), "mlp": (mlp_flops, mlp_bytes), "head": (head_flops, head_bytes)}
+    out = {"attn": (attn_flops, attn_bytes), "mlp": (mlp_flops, mlp_bytes), "head": (head_flops, head_bytes)}
+    if s.experts:
+        n, k, w, sw = b * t, s.top_k, s.expert_intermediate, s.shared_intermediate
+        shared_flops = 2 * n * s.hidden * (3 * sw + 1) if sw else 0
+        moe_flops = 2 * n * s.hidden * s.experts + 2 * n * k * s.hidden * w * 3 + shared_flops
+        weights = (s.hidden * s.experts + experts_touched(s, n) * 3 * s.hidden * w
+                   + (s.hidden * (3 * sw + 1) if sw else 0))
+        acts = n * 2 * s.hidden + n * k * (2 * s.hidden + 2 * 3 * w) + (n * 2 * 3 * sw if sw else 0)
+        out["moe"] = (moe_flops, dtype_bytes * (weights + acts))
+    return out
 
 
 def op_seconds(cost: tuple[float, float], peak_flops: float, bandwidth: float) -> float:
@@ -90,14 +142,18 @@ def regime_time(shape: Shape, regime: str, batch: int, seq_len: int, removed: fl
                 granularity: str = "attn") -> float:
     """Roofline seconds of one prefill forward, or per generated token in decode (averaged over
     `new_tokens` steps from a context of `seq_len`), with `removed` sublayers of `granularity`
-    gone (attn: attention sublayers, mlp: MLP sublayers, block: whole layers)."""
-    if granularity == "moe":
-        raise ValueError("the roofline models dense Llama-family layers, not the experts of an MoE block: the kit "
-                         "does not profile 'moe' routing (rt_lib.speed.moe_load measures what it skips)")
+    gone (attn: attention sublayers, mlp: dense MLP sublayers, moe: sparse MoE blocks, block:
+    whole layers; on a model with both dense and sparse layers a removed layer's MLP slot costs
+    the mean over its layers)."""
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be attn, mlp or block, got {granularity!r}")
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if granularity == "moe" and not shape.sparse_layers:
+        raise ValueError("granularity 'moe' removes sparse MoE blocks; this shape has none (a dense model, or "
+                         "Shape without its experts: build it with Shape.from_config)")
+    if granularity == "mlp" and not shape.dense_layers:
+        raise ValueError("granularity 'mlp' removes dense MLPs; every layer of this shape holds a sparse MoE block "
+                         "(granularity 'moe')")
     no_attn = removed if granularity in ("attn", "block") else 0.0
-    no_mlp = removed if granularity in ("mlp", "block") else 0.0
     if regime == "prefill":
         steps = [step_costs(shape, batch, seq_len, 0, dtype_bytes, head_tokens=1)]
     elif regime == "decode":
@@ -108,7 +164,11 @@ def regime_time(shape: Shape, regime: str, batch: int, seq_len: int, removed: fl
     for c in steps:
         t_attn = op_seconds(c["attn"], peak_flops, bandwidth)
         t_mlp = op_seconds(c["mlp"], peak_flops, bandwidth)
-        total += (shape.num_layers - no_attn) * t_attn + (shape.num_layers - no_mlp) * t_mlp
+        t_moe = op_seconds(c["moe"], peak_flops, bandwidth) if "moe" in c else 0.0
+        ffn = shape.dense_layers * t_mlp + shape.sparse_layers * t_moe
+        saved = {"attn": 0.0, "mlp": removed * t_mlp, "moe": removed * t_moe,
+                 "block": removed * ffn / shape.num_layers}[granularity]
+        total += (shape.num_layers - no_attn) * t_attn + ffn - saved
         total += op_seconds(c["head"], peak_flops, bandwidth)
     return total / len(steps)
 
@@ -148,11 +208,16 @@ def estimate_kv_bytes(shape: Shape, tokens: int, dtype_bytes: int, layers: int |
 
 def estimate_point_bytes(shape: Shape, regime: str, batch: int, seq_len: int, new_tokens: int, dtype_bytes: int) -> int:
     """Upper estimate of what one grid point allocates beyond the weights: the dense KV cache,
-    one layer's activations, a fully materialised score matrix and the last-token logits."""
+    one layer's activations, a fully materialised score matrix and the last-token logits. An
+    MoE layer's activations per token: its expert-router logits, the gathered input and 3
+    intermediates of each of its `top_k` experts, the shared expert's 3 intermediates."""
     s = shape
     tokens = seq_len + (new_tokens if regime == "decode" else 0)
     kv = estimate_kv_bytes(s, batch * tokens, dtype_bytes)
-    act = batch * seq_len * (4 * s.hidden + 3 * s.intermediate + 2 * (s.heads + 2 * s.kv_heads) * s.head_dim) * dtype_bytes
+    ffn = 3 * s.intermediate if s.dense_layers else 0
+    if s.sparse_layers:
+        ffn = max(ffn, s.experts + s.top_k * (s.hidden + 3 * s.expert_intermediate) + 3 * s.shared_intermediate)
+    act = batch * seq_len * (4 * s.hidden + ffn + 2 * (s.heads + 2 * s.kv_heads) * s.head_dim) * dtype_bytes
     scores = batch * s.heads * seq_len * tokens * dtype_bytes
     logits = batch * s.vocab * 4
     return kv + act + scores + logits

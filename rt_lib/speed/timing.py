@@ -186,13 +186,17 @@ def sublayer_ms(dense: Variant, regime: str, batch: int, seq_len: int, settings,
                 device: torch.device, vocab: int, tokens: torch.Tensor | None = None,
                 rounds: int = 2) -> tuple[float, dict[tuple[int, str], float]]:
     """The dense model's time at one grid point, in total and per sublayer: ``(total_ms,
-    {(layer, kind): ms})`` with kind ``attn``, ``mlp`` and ``block`` (the whole layer), per
-    forward (prefill) or per generated token (decode), averaged over `rounds` calls timed with
-    forward hooks (the decode context is prefilled once, not recorded, and rewound per round).
+    {(layer, kind): ms})`` with kind ``attn``, ``mlp`` (a dense MLP) or ``moe`` (the sparse MoE
+    block in the MLP slot of an MoE layer: expert router, experts, any shared expert) and
+    ``block`` (the whole layer), per forward (prefill) or per generated token (decode), averaged
+    over `rounds` calls timed with forward hooks (the decode context is prefilled once, not
+    recorded, and rewound per round). The kinds are the granularities that gate them, so a
+    variant's skipped sublayers are looked up under its own granularity.
     ``settings``: a ``rt_lib.speed.profiling.ProfileSettings``.
     What removing a set of sublayers can at most save is the sum of their times;
     `measured_bound` turns that into a speedup bound."""
     from rt_lib.mindskip.architecture import find_decoder, get_slot
+    from rt_lib.mindskip.moe import moe_layers
 
     ids = grid_tokens(batch, seq_len + settings.new_tokens, vocab, settings.seed, tokens).to(device)
     prompt, steps = ids[:, :seq_len], ids[:, seq_len:]
@@ -227,7 +231,8 @@ def sublayer_ms(dense: Variant, regime: str, batch: int, seq_len: int, settings,
     total, units = 0.0, 0
     with dense.active(), torch.inference_mode():
         _, layers = find_decoder(dense.model)
-        handles = [h for i in range(len(layers)) for kind in ("attn", "mlp", "block")
+        sparse = set(moe_layers(layers))
+        handles = [h for i in range(len(layers)) for kind in ("attn", "moe" if i in sparse else "mlp", "block")
                    for h in hooks_for(get_slot(layers, i, kind), (i, kind))]
         try:
             context = prefill(dense.model, prompt, device) if regime == "decode" else None

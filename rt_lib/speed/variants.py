@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rt_lib.mindskip.config import KV_GRANULARITIES
+
 log = logging.getLogger(__name__)
 
 VARIANTS = ("dense", "mindskip_forced", "mindskip", "oracle", "mask", "static_drop")
@@ -109,8 +111,13 @@ def _mindskip_variant(ms, name, decisions, execution, skip_layers) -> Variant:
         if decisions is not None:
             return {int(layer): 1.0 for layer in skip_layers}
         return {int(layer): 1.0 - c for layer, c in ms.capacities().items() if c == c}
+    # a rewound cache decodes as a fresh prefill would when the gates keep nothing per cache
+    # position: sequence routing (one decision per row, saved and put back) and token routing of
+    # position-wise sublayers (mlp, moe: every layer caches every token); token routing of
+    # attention keeps a key history per cache slot, which a rewind would leave behind
+    rewindable = ms.config.route_level == "seq" or ms.config.granularity not in KV_GRANULARITIES
     return Variant(name, ms.model, enter, exit, lambda: float(ms.skip_ratio()), ms.reset_stats, skipped,
-                   ms.config.granularity, rewindable=ms.config.route_level == "seq",
+                   ms.config.granularity, rewindable=rewindable,
                    save_state=ms.decode_state, restore_state=ms.restore_decode_state)
 
 
