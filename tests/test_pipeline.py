@@ -363,3 +363,15 @@ def test_full_disk_leaves_no_truncated_executed_notebook(tmp_path, monkeypatch, 
     assert not [p.name for p in notebooks.iterdir() if p.name.startswith(".")]  # no partial copy left
     if out.exists():
         json.loads(out.read_text())  # whatever is there is a whole notebook
+
+
+@pytest.mark.slow
+def test_a_notebook_run_by_hand_refuses_a_parameter_it_does_not_declare(tmp_path):
+    """papermill itself only warns about an undeclared parameter; the notebook stops at once."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    with pytest.raises(PapermillExecutionError, match=r"unknown parameter\(s\) \['regim'\]"):
+        papermill.execute_notebook(str(pipeline.NOTEBOOK_DIR / "04_paper_tables_and_figures.ipynb"),
+                                   str(tmp_path / "out.ipynb"), parameters={"regim": "decode"},
+                                   kernel_name="python3", progress_bar=False, cwd=str(pipeline.ROOT))

@@ -66,6 +66,27 @@ def declared_parameters(notebook: str) -> dict[str, dict]:
     return papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{notebook}.ipynb"))
 
 
+_KERNEL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def refuse_undeclared(namespace: dict, notebook: str) -> None:
+    """Raise ``ParameterError`` if the notebook's namespace holds a parameter its `parameters` cell
+    does not declare: papermill run by hand injects any name it is given with only a warning, and a
+    misspelt parameter would silently run with the default. Called first in each notebook, before
+    its own imports (names of modules, classes and functions are not parameters)."""
+    import inspect
+    import types
+
+    declared = set(declared_parameters(notebook))
+    unknown = sorted(k for k, v in namespace.items()
+                     if k not in declared and not k.startswith("_") and k not in _KERNEL_NAMES
+                     and not isinstance(v, types.ModuleType) and not inspect.isclass(v) and not callable(v)
+                     and type(v).__module__ != "typing")
+    if unknown:
+        valid = ", ".join(sorted(declared))
+        raise ParameterError(f"{notebook}: unknown parameter(s) {unknown}; this notebook declares: {valid}")
+
+
 def _allowed_types(type_name: str) -> tuple[tuple[type, ...], bool] | None:
     """Python types a parameter annotation allows, and whether None is allowed.
 
