@@ -25,6 +25,7 @@ def test_static_at_interpolates_per_block_between_whole_layer_counts():
     assert np.allclose(static_at(parts, 3.0), [4.0, 4.0])
     assert np.allclose(static_at(parts, 2.0), [3.0, 2.0])
     assert static_at(parts, 4.5) is None
+    assert np.allclose(static_at(parts, 4.1), [5.0, 6.0])  # within the calibration tolerance of the top
 
 
 def test_input_dependence_counts_static_layers_and_patterns():

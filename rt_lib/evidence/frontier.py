@@ -300,10 +300,15 @@ def _ci(d: np.ndarray) -> tuple[float, float, float]:
     return p.diff, p.ci_low, p.ci_high
 
 
-def static_at(parts: dict[int, np.ndarray], x: float) -> np.ndarray | None:
+def static_at(parts: dict[int, np.ndarray], x: float, tolerance: float = CALIBRATION_TOLERANCE) -> np.ndarray | None:
     """Per-block losses of a nested static drop at ``x`` layers, interpolated linearly between
-    the whole numbers around it (``parts``: k -> per-block losses, with k = 0 the dense model)."""
+    the whole numbers around it (``parts``: k -> per-block losses, with k = 0 the dense model).
+    Beyond the largest ``k`` by at most ``tolerance`` layers (a point calibrated to that level), the
+    largest ``k``'s losses: equal skip within the calibration's tolerance, and the static drop then
+    skips slightly less, which favours it by no more than that; None further out."""
     ks = sorted(parts)
+    if ks and ks[-1] < x <= ks[-1] + tolerance:
+        return parts[ks[-1]]
     if not ks or x < ks[0] or x > ks[-1]:
         return None
     lo = max(k for k in ks if k <= x)
