@@ -451,6 +451,7 @@ def write_frontier(results_root: str | Path, out_tables: str | Path, out_figures
         win = winning_recipe(rows)
         missing = missing_points(folder)
         state = f"winner: {win}" if not missing else f"incomplete: {len(missing)} points to measure"
-        fig = plot_frontier(csv_path, title=f"Router recipes vs static drops ({state}; paired 95% intervals)")
+        fig = plot_frontier(csv_path,
+                            title=f"Router recipes vs static drops\n({state}; paired 95% intervals over blocks)")
         out["router_frontier_figure"] = save_figure(fig, Path(out_figures) / "router_frontier", formats=formats)
     return out
