@@ -17,7 +17,7 @@ from rt_lib.mindskip.model import (
 )
 from rt_lib.mindskip.removal import drop_sublayers
 from rt_lib.speed.timing import forward_step
-from tiny_models import ARCHS, greedy_uncached, logits, padded_batch, random_routers, tiny_model
+from tiny_models import ARCHS, assert_batch_invariant, greedy_uncached, logits, padded_batch, random_routers, tiny_model
 
 GRANS = ("attn", "mlp", "block")
 
@@ -242,17 +242,7 @@ def test_batch_invariance(side, level):
     ms.eval()
     random_routers(ms, seed=3)
     ids, mask = padded_batch([10, 4, 7], side=side, seed=1)
-    batch_out = logits(model, ids, mask)
-    batch_dec = ms.decisions()
-    for b in range(3):
-        real = mask[b].bool()
-        alone = logits(model, ids[b:b + 1, real], mask[b:b + 1, real])
-        torch.testing.assert_close(batch_out[b, real], alone[0], atol=1e-5, rtol=0)
-        for i, dec in ms.decisions().items():
-            if level == "seq":
-                assert bool(dec[0]) == bool(batch_dec[i][b])
-            else:
-                assert torch.equal(dec[0], batch_dec[i][b, real])
+    assert_batch_invariant(model, ms, ids, mask, level)
     assert 0.0 < ms.skip_ratio() < 1.0  # decisions really were mixed
 
 

@@ -16,7 +16,8 @@ from rt_lib.mindskip.model import CONFIG_NAME, MindSkipModel, get_mindskip_model
 from rt_lib.mindskip.moe import ExpertCall, block_of, expert_router, is_moe_block, load_balancing_loss, moe_layers
 from rt_lib.mindskip.removal import drop_sublayers
 from rt_lib.speed.moe_load import expert_load, summarise, write_expert_load
-from tiny_models import MOE_ARCHS, greedy_uncached, logits, padded_batch, random_routers, tiny_model, tiny_moe
+from tiny_models import (MOE_ARCHS, assert_batch_invariant, greedy_uncached, logits, padded_batch,
+                         prefill_and_decode_logits, random_routers, tiny_model, tiny_moe)
 
 ARCHS = sorted(MOE_ARCHS)
 LEVELS = ("seq", "token")
@@ -222,17 +223,7 @@ def test_batch_invariance_with_padding(arch, level):
     side = "right" if arch == "olmoe" else "left"
     ids, mask = padded_batch([10, 4, 7], side=side, seed=1)
     mixed_routers(ms, ids, mask)
-    batch_out = logits(model, ids, mask)
-    batch_dec = ms.decisions()
-    for b in range(3):
-        real = mask[b].bool()
-        alone = logits(model, ids[b:b + 1, real], mask[b:b + 1, real])
-        torch.testing.assert_close(batch_out[b, real], alone[0], atol=1e-5, rtol=0)
-        for i, dec in ms.decisions().items():
-            if level == "seq":
-                assert bool(dec[0]) == bool(batch_dec[i][b])
-            else:
-                assert torch.equal(dec[0], batch_dec[i][b, real])
+    assert_batch_invariant(model, ms, ids, mask, level)
 
 
 # ---------------------------------------------------------------------------- router logits and aux loss
@@ -656,13 +647,7 @@ def test_oracle_and_forced_skip_give_identical_logits_on_moe(level):
     steps = torch.randint(3, 96, (2, 3), generator=torch.Generator().manual_seed(2))
 
     def run(v):
-        out = []
-        with v.active() as model, torch.inference_mode():
-            cache = T.new_cache(model)
-            out.append(T.forward_step(model, ids, cache, 0, logits_to_keep=0).logits)
-            for i in range(steps.shape[1]):
-                out.append(T.forward_step(model, steps[:, i:i + 1], cache, ids.shape[1] + i).logits)
-        return torch.cat(out, 1)
+        return prefill_and_decode_logits(v, ids, steps)
 
     oracle = run(variants["oracle"])
     torch.testing.assert_close(run(variants["mindskip_forced"]), oracle, atol=1e-6, rtol=0)

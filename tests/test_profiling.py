@@ -16,6 +16,7 @@ from rt_lib.speed import step as profile_step
 from rt_lib.speed import profiling as P
 from rt_lib.speed import timing as T
 from rt_lib.speed import variants as V
+from tests.tiny_models import prefill_and_decode_logits
 from rt_lib.speed import roofline as R
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.mindskip.architecture import get_slot
@@ -285,13 +286,7 @@ def test_oracle_and_forced_skip_give_identical_logits(granularity):
     steps = torch.randint(3, 96, (2, 3), generator=torch.Generator().manual_seed(2))
 
     def run(v):
-        logits = []
-        with v.active() as model, torch.inference_mode():
-            cache = T.new_cache(model)
-            logits.append(T.forward_step(model, ids, cache, 0, logits_to_keep=0).logits)
-            for i in range(steps.shape[1]):
-                logits.append(T.forward_step(model, steps[:, i:i + 1], cache, ids.shape[1] + i).logits)
-        return torch.cat(logits, 1)
+        return prefill_and_decode_logits(v, ids, steps)
 
     forced, oracle = run(variants["mindskip_forced"]), run(variants["oracle"])
     assert torch.equal(forced, oracle)

@@ -104,3 +104,32 @@ def greedy_uncached(model, ids, mask, steps):
         ids = torch.cat([ids, nxt], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
     return ids, torch.stack(outs, 1)
+
+
+def prefill_and_decode_logits(variant, ids, steps):
+    """Logits of a profiler variant (``rt_lib.speed.variants``): a prefill of ``ids`` into a new cache,
+    then one token per step of ``steps`` (B, n), concatenated along the sequence."""
+    from rt_lib.speed import timing
+
+    out = []
+    with variant.active() as model, torch.inference_mode():
+        cache = timing.new_cache(model)
+        out.append(timing.forward_step(model, ids, cache, 0, logits_to_keep=0).logits)
+        for i in range(steps.shape[1]):
+            out.append(timing.forward_step(model, steps[:, i:i + 1], cache, ids.shape[1] + i).logits)
+    return torch.cat(out, 1)
+
+
+def assert_batch_invariant(model, ms, ids, mask, level):
+    """Each row of a padded batch gets the logits and routing decisions it gets alone."""
+    batch_out = logits(model, ids, mask)
+    batch_dec = ms.decisions()
+    for b in range(ids.shape[0]):
+        real = mask[b].bool()
+        alone = logits(model, ids[b:b + 1, real], mask[b:b + 1, real])
+        torch.testing.assert_close(batch_out[b, real], alone[0], atol=1e-5, rtol=0)
+        for i, dec in ms.decisions().items():
+            if level == "seq":
+                assert bool(dec[0]) == bool(batch_dec[i][b])
+            else:
+                assert torch.equal(dec[0], batch_dec[i][b, real])
