@@ -205,6 +205,18 @@ def test_an_interrupted_training_is_continued_or_replaced_not_overwritten(tmp_pa
     files.release_folder(tmp_path / "run")
 
 
+def test_an_attempt_stopped_before_its_first_checkpoint_is_moved_aside_and_started_over(tmp_path):
+    from rt_lib import files
+    from tests.test_train import run_small
+
+    (tmp_path / "run" / "train").mkdir(parents=True)
+    (tmp_path / "run" / "train" / "log.csv").write_text("step,loss\n1,9.0\n")
+    assert run_small(tmp_path, max_steps=2).summary["finished"]
+    kept = list((tmp_path / "run" / "replaced").glob("train-*/train/log.csv"))
+    assert len(kept) == 1 and kept[0].read_text().startswith("step,loss\n1,9.0")
+    files.release_folder(tmp_path / "run")
+
+
 def test_retraining_a_pipeline_run_marks_its_evaluation_stale(tmp_path):
     from rt_lib import files
     from rt_lib.runs import record as runs

@@ -255,6 +255,12 @@ def prepare_training(run_dir: str | os.PathLike, *, replace: bool = False, resum
         done = bool(json.loads(summary.read_text()).get("finished")) if summary.is_file() else False
     except ValueError:
         done = False
+    if not done and not replace and not has_checkpoints(run_dir) and not (train / "routers").exists():
+        # an attempt stopped before its first checkpoint: nothing to continue from, nothing finished
+        moved = _move_aside(run_dir, "train", time.strftime("%Y%m%d-%H%M%S"), None, None,
+                            "an interrupted training without a checkpoint; started over")
+        log.warning("folder %s: an interrupted training without a checkpoint moved to %s", run_dir, moved)
+        return
     if not replace:
         what = "a finished training (routers in train/routers)" if done else \
             "an interrupted training (checkpoints in train/checkpoints)"
