@@ -16,8 +16,8 @@ from rt_lib.mindskip.model import CONFIG_NAME, MindSkipModel, get_mindskip_model
 from rt_lib.mindskip.moe import ExpertCall, block_of, expert_router, is_moe_block, load_balancing_loss, moe_layers
 from rt_lib.mindskip.removal import drop_sublayers
 from rt_lib.speed.moe_load import expert_load, summarise, write_expert_load
-from tiny_models import (MOE_ARCHS, assert_batch_invariant, greedy_uncached, logits, padded_batch,
-                         prefill_and_decode_logits, random_routers, tiny_model, tiny_moe)
+from tiny_models import (MOE_ARCHS, assert_batch_invariant, decode_then_rewound_decode, greedy_uncached, logits,
+                         padded_batch, prefill_and_decode_logits, random_routers, tiny_model, tiny_moe)
 
 ARCHS = sorted(MOE_ARCHS)
 LEVELS = ("seq", "token")
@@ -659,7 +659,6 @@ def test_token_routed_moe_decode_rewinds_like_a_fresh_prefill():
     """Token routing of MoE blocks keeps nothing per cache slot: the profiler rewinds a
     prefilled context instead of prefilling it again each round, and the rewound decode gives
     the logits of the first one, after another variant's prefill."""
-    from rt_lib.speed import timing as T
     from rt_lib.speed import variants as V
 
     _, ms = routed_moe("olmoe", "token", seed=0)
@@ -668,21 +667,7 @@ def test_token_routed_moe_decode_rewinds_like_a_fresh_prefill():
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(5))
     prompt, steps = ids[:, :6], ids[:, 6:]
 
-    def decode(v, cache):
-        return [T.forward_step(v.model, steps[:, i:i + 1], cache, 6 + i).logits for i in range(3)]
-    with torch.inference_mode():
-        with variants["mindskip"].active():
-            cache = T.new_cache(ms.model)
-            T.forward_step(ms.model, prompt, cache, 0)
-            state = variants["mindskip"].save_state()
-            ms.reset_stats()
-            first = decode(variants["mindskip"], cache)
-            assert 0.0 < ms.skip_ratio() < 1.0
-        with variants["mindskip_forced"].active():
-            T.forward_step(ms.model, prompt, T.new_cache(ms.model), 0)
-        with variants["mindskip"].active():
-            T.rewind(cache, 6)
-            variants["mindskip"].restore_state(state)
-            again = decode(variants["mindskip"], cache)
+    first, again, ratio = decode_then_rewound_decode(ms, variants, prompt, steps)
+    assert 0.0 < ratio < 1.0
     for a, b in zip(first, again):
         assert torch.equal(a, b)

@@ -16,7 +16,7 @@ from rt_lib.speed import step as profile_step
 from rt_lib.speed import profiling as P
 from rt_lib.speed import timing as T
 from rt_lib.speed import variants as V
-from tests.tiny_models import prefill_and_decode_logits
+from tests.tiny_models import decode_then_rewound_decode, prefill_and_decode_logits
 from rt_lib.speed import roofline as R
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.mindskip.architecture import get_slot
@@ -192,20 +192,7 @@ def test_rewound_decode_equals_a_fresh_prefill_after_another_variant_ran(ms):
     ids = torch.randint(3, 96, (3, 9), generator=g)
     prompt, steps = ids[:, :6], ids[:, 6:]
 
-    def decode(v, cache):
-        return [T.forward_step(v.model, steps[:, i:i + 1], cache, 6 + i).logits for i in range(3)]
-    with torch.inference_mode():
-        with variants["mindskip"].active():
-            cache = T.new_cache(ms.model)
-            T.forward_step(ms.model, prompt, cache, 0)
-            state = variants["mindskip"].save_state()
-            first = decode(variants["mindskip"], cache)
-        with variants["mindskip_forced"].active():  # replaces the gates' stored decisions
-            T.forward_step(ms.model, prompt, T.new_cache(ms.model), 0)
-        with variants["mindskip"].active():
-            T.rewind(cache, 6)
-            variants["mindskip"].restore_state(state)
-            again = decode(variants["mindskip"], cache)
+    first, again, _ = decode_then_rewound_decode(ms, variants, prompt, steps)
     assert variants["mindskip"].rewindable
     for a, b in zip(first, again):
         assert torch.equal(a, b)

@@ -133,3 +133,31 @@ def assert_batch_invariant(model, ms, ids, mask, level):
                 assert bool(dec[0]) == bool(batch_dec[i][b])
             else:
                 assert torch.equal(dec[0], batch_dec[i][b, real])
+
+
+def decode_then_rewound_decode(ms, variants, prompt, steps):
+    """Profiler rewind check: ``variants["mindskip"]`` prefills ``prompt`` and decodes ``steps`` one
+    token at a time; ``variants["mindskip_forced"]`` then prefills a cache of its own (replacing the
+    gates' stored decisions); the first cache is rewound to the prompt, the saved state put back and
+    the steps decoded again. Returns (first logits, again logits, skip ratio of the first decode)."""
+    from rt_lib.speed import timing
+
+    n = prompt.shape[1]
+
+    def decode(v, cache):
+        return [timing.forward_step(v.model, steps[:, i:i + 1], cache, n + i).logits for i in range(steps.shape[1])]
+    with torch.inference_mode():
+        with variants["mindskip"].active():
+            cache = timing.new_cache(ms.model)
+            timing.forward_step(ms.model, prompt, cache, 0)
+            state = variants["mindskip"].save_state()
+            ms.reset_stats()
+            first = decode(variants["mindskip"], cache)
+            ratio = ms.skip_ratio()
+        with variants["mindskip_forced"].active():
+            timing.forward_step(ms.model, prompt, timing.new_cache(ms.model), 0)
+        with variants["mindskip"].active():
+            timing.rewind(cache, n)
+            variants["mindskip"].restore_state(state)
+            again = decode(variants["mindskip"], cache)
+    return first, again, ratio
