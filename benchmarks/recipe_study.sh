@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The router recipe study end to end, resumable (run it again to continue):
-#   1. tune the quick recipes; 2. place them, the committed cpu-main routers and the static drops on the frontier;
-#   3. tune the paper-budget recipe (the long one, checkpointed); 4. add it to the frontier.
+#   1. tune the quick recipes; 2. place them and the static drops on the frontier;
+#   3. tune the paper-budget recipe (the long one, checkpointed); 4. add it and the committed cpu-main routers.
 # Every finished part is a file; nothing finished is recomputed.
 #   bash benchmarks/recipe_study.sh            # about 4 hours on 2 CPU cores (the paper-budget tuning alone ~1 hour)
 set -euo pipefail
@@ -17,8 +17,7 @@ routers() {  # --routers NAME=FOLDER for every finished recipe in $1
 }
 $PY -m rt_lib router-study tune --out "$OUT" --only "$QUICK"
 # shellcheck disable=SC2046
-$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "gradual,global,cpu") \
-  --routers committed="$OUT/cpu-main/train/routers" $(routers "${QUICK#cpu,global,gradual,}")
+$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "gradual,global,cpu") $(routers "${QUICK#cpu,global,gradual,}")
 $PY -m rt_lib router-study tune --out "$OUT" --only paper-budget
 # shellcheck disable=SC2046
 $PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "gradual,global,cpu,paper-budget") \

@@ -82,6 +82,12 @@ def test_calibration_guided_by_dense_scores_stops_within_the_tolerance():
         assert abs(near["skipped"] - 1.4) <= 0.1 and len(near["trace"]) < 6
         ms.set_threshold(near["threshold"])
         assert run.skipped_layers(ms, blocks, 2) == pytest.approx(near["skipped"])
+        # the count runs the decoder without its LM head: the same decisions as the whole model's
+        assert run._decoder(ms) is ms.model.model
+        ms.reset_stats()
+        with torch.no_grad():
+            ms(input_ids=torch.tensor([b["input_ids"] for b in blocks]))
+        assert sum(1.0 - c for c in ms.capacities().values()) == pytest.approx(near["skipped"])
     finally:
         ms.unload()
 

@@ -101,10 +101,18 @@ def skipped_layers(ms, blocks: list[dict], pad_id: int, batch_size: int = 8) -> 
     from rt_lib.tuning.data import collate
 
     ms.reset_stats()
+    run = _decoder(ms)
     for i in range(0, len(blocks), batch_size):
         batch = collate(blocks[i:i + batch_size], pad_id)
-        ms(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return float(sum(1.0 - c for c in ms.capacities().values()))
+
+
+def _decoder(ms):
+    """The model without its LM head when it has the usual ``<CausalLM>.model`` decoder: router
+    decisions need hidden states only, and the head is ~20% of a small model's compute."""
+    body = getattr(ms.model, "model", None)
+    return body if isinstance(body, torch.nn.Module) and hasattr(body, "layers") else ms
 
 
 def calibrate_threshold(ms, blocks: list[dict], pad_id: int, target: float, steps: int = BISECTION_STEPS,
