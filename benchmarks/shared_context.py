@@ -15,7 +15,16 @@ paired difference, and the realised skip ratio of each.
     python benchmarks/shared_context.py --limit 200 --semantics-limit 500 \\
         --routers results/runs/cpu-main/train/routers --out results/benchmarks/shared-context-cpu
 
-Writes ``speed.csv``, ``semantics.csv`` and ``summary.json`` under ``--out``.
+Part 3, packing (dense model, per task): the shared-context path with each context's
+continuations packed into its row (one custom attention mask) against each continuation in a row
+of its own (its context's cache rows repeated): positions computed by each (padding included),
+positions projected to the vocabulary, wall time of the scoring alone (requests recorded once, the
+two alternating, ``--packing-repeats`` times each), and the documents per hour that follow.
+
+    python benchmarks/shared_context.py --tasks "" --semantics-tasks "" --packing-tasks hellaswag,piqa \
+        --packing-limit 200 --out results/benchmarks/shared-context-packing
+
+Writes ``speed.csv``, ``semantics.csv``, ``packing.csv`` and ``summary.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -92,6 +101,54 @@ def speed(base, tok, task: str, limit, batch_size: int, preset: str) -> dict:
             "max_abs_ll_gold_diff": float(np.max(np.abs(a - b))) if len(a) and len(a) == len(b) else None}
 
 
+def padded_positions(requests, max_length: int, batch_size: int, packed: bool) -> dict:
+    """Positions each continuation pass computes (padding included) and positions projected."""
+    from rt_lib.evaluation.shared_context import plan_groups
+
+    groups, _ = plan_groups(requests, max_length)
+    ctxs = list(groups)
+    prefill = cont = projected = 0
+    for s in range(0, len(ctxs), batch_size):
+        chunk = ctxs[s:s + batch_size]
+        prefill += max(map(len, chunk)) * len(chunk)
+        lens = [[len(requests[i][1]) - 1 for i in groups[c]] for c in chunk]
+        if packed:
+            cont += max(sum(x) for x in lens) * len(chunk)
+            projected += sum(map(sum, lens))
+        else:
+            n = sum(map(len, lens))
+            cont += max(max(x) for x in lens) * n
+            projected += max(max(x) for x in lens) * n
+    return {"prefill": prefill, "continuations": cont, "projected": projected + len(ctxs)}
+
+
+def packing(base, tok, task: str, limit, batch_size: int, preset: str, repeats: int) -> dict:
+    from rt_lib.evaluation.shared_context import score_shared_context
+
+    with Recorder() as rec:
+        res = evaluate(base, tok, preset=preset, tasks=[task], limit=limit, batch_size=batch_size, variant="dense")
+    reqs, docs = rec.requests, len(res.per_doc["dense"][task]["keys"])
+    wall = {False: [], True: []}
+    got = {}
+    for _ in range(repeats):
+        for pack in (False, True):
+            t0 = time.perf_counter()
+            got[pack], _ = score_shared_context(base, reqs, batch_size=batch_size, max_length=rec.max_length,
+                                                pad_id=0, pack=pack)
+            wall[pack].append(time.perf_counter() - t0)
+    diff = max(abs(a[0] - b[0]) for a, b in zip(got[True], got[False]) if a is not None)
+    row = {"task": task, "documents": docs, "requests": len(reqs)}
+    for pack, name in ((False, "repeated"), (True, "packed")):
+        pos = padded_positions(reqs, rec.max_length, batch_size, pack)
+        row.update({f"{name}_positions": pos["prefill"] + pos["continuations"], f"{name}_projected": pos["projected"],
+                    f"{name}_wall_s": round(float(np.median(wall[pack])), 2)})
+    row.update({"positions_ratio": row["repeated_positions"] / row["packed_positions"],
+                "speedup": row["repeated_wall_s"] / row["packed_wall_s"],
+                "packed_docs_per_hour": round(3600 * docs / row["packed_wall_s"]),
+                "max_abs_ll_diff": diff, "repeats": repeats})
+    return row
+
+
 def semantics(ms, tok, task: str, limit, batch_size: int, preset: str) -> dict:
     from rt_lib.evaluation.stats import paired_difference
 
@@ -122,6 +179,9 @@ def main(argv=None) -> int:
     ap.add_argument("--semantics-limit", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--preset", default="evidence", help="task preset (evidence: 0-shot, as the evidence run scores)")
+    ap.add_argument("--packing-tasks", default="", help="tasks for part 3 (packed against repeated continuations)")
+    ap.add_argument("--packing-limit", type=int, default=200)
+    ap.add_argument("--packing-repeats", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     from rt_lib.assets.loading import load_model
@@ -134,6 +194,11 @@ def main(argv=None) -> int:
         rows.append(speed(base, tok, task, 2 if task == "mmlu" else a.limit, a.batch_size, a.preset))
         print(json.dumps(rows[-1]), flush=True)
         files.write_csv(out / "speed.csv", rows)
+    pk = []
+    for task in [t for t in a.packing_tasks.split(",") if t]:
+        pk.append(packing(base, tok, task, a.packing_limit, a.batch_size, a.preset, a.packing_repeats))
+        print(json.dumps(pk[-1]), flush=True)
+        files.write_csv(out / "packing.csv", pk)
     ms = attach_routers(base, a.routers)
     ms.eval()
     sem = []
@@ -147,9 +212,11 @@ def main(argv=None) -> int:
     files.atomic_write_json(out / "summary.json", {
         "preset": a.preset, "threads": __import__("torch").get_num_threads(), "model": a.model, "dtype": str(next(base.parameters()).dtype), "routers": a.routers,
         "threshold": ms.config.threshold, "limit": a.limit, "semantics_limit": a.semantics_limit,
-        "batch_size": a.batch_size, "speed": rows, "semantics": sem,
-        "tokens_ratio_all": sum(r["tokens_per_request"] for r in rows) / max(sum(r["tokens_shared_context"] for r in rows), 1),
-        "wall_ratio_all": sum(r["wall_per_request_s"] for r in rows) / max(sum(r["wall_shared_context_s"] for r in rows), 1e-9)})
+        "batch_size": a.batch_size, "speed": rows, "semantics": sem, "packing": pk,
+        "tokens_ratio_all": (sum(r["tokens_per_request"] for r in rows) / max(sum(r["tokens_shared_context"] for r in rows), 1)
+                             if rows else None),
+        "wall_ratio_all": (sum(r["wall_per_request_s"] for r in rows) / max(sum(r["wall_shared_context_s"] for r in rows), 1e-9)
+                           if rows else None)})
     return 0
 
 

@@ -44,28 +44,41 @@ def test_groups_share_contexts_and_leave_out_what_needs_truncation():
     reqs = [([1, 2], [3]), ([1, 2], [4, 5]), ([7], [8]), ([1] * 10, [2] * 4)]
     groups, rest = plan_groups(reqs, max_length=8)
     assert groups == {(1, 2): [0, 1], (7,): [2]} and rest == [3]
-    assert list(groups) == [(1, 2), (7,)]  # longest continuation first
+    assert list(groups) == [(1, 2), (7,)]  # largest total continuation length first
 
 
-def test_dense_scores_equal_one_forward_per_request(tok):
+@pytest.mark.parametrize("pack", [True, False])
+def test_dense_scores_equal_one_forward_per_request(tok, pack):
+    """Packed (continuations in their context's row, a custom mask) or repeated (a row each)."""
     model = tiny_llama(tok)
     reqs = requests()
     for bs in (1, 3):
-        got, rest = score_shared_context(model, reqs, batch_size=bs, max_length=64, pad_id=0)
+        got, rest = score_shared_context(model, reqs, batch_size=bs, max_length=64, pad_id=0, pack=pack)
         assert rest == []
         for (ctx, cont), (lp, greedy) in zip(reqs, got):
             ref = one_forward(model, ctx, cont)
             assert lp == pytest.approx(ref[0], abs=1e-4) and greedy == ref[1]
 
 
-def test_sequence_routers_decide_from_the_context_alone(tok):
+def test_packing_is_refused_for_token_routing(tok):
+    model = tiny_llama(tok)
+    ms = get_mindskip_model(model, MindSkipConfig(routed_layers=[1], route_level="token"))
+    try:
+        with pytest.raises(ValueError, match="cannot share"):
+            score_shared_context(model, requests(), batch_size=2, max_length=64, pad_id=0, gates=ms.gates, pack=True)
+    finally:
+        ms.unload()
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_sequence_routers_decide_from_the_context_alone(tok, pack):
     """Each request scores as if the routers' decisions on its context alone were forced for the
     whole forward: the continuation never changes which layers run."""
     model = tiny_llama(tok)
     ms = routed(model, layers=(1, 2), scale=40.0)
     reqs = requests(seed=1, n_ctx=8)
     try:
-        got, _ = score_shared_context(model, reqs, batch_size=4, max_length=64, pad_id=0, gates=ms.gates)
+        got, _ = score_shared_context(model, reqs, batch_size=4, max_length=64, pad_id=0, gates=ms.gates, pack=pack)
         decisions = set()
         for (ctx, cont), (lp, greedy) in zip(reqs, got):
             with torch.no_grad():
