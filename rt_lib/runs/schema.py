@@ -265,7 +265,10 @@ JSON_FIELDS: dict[str, tuple[Field, ...]] = {
         Field("paired", "the rows of eval/paired.csv"),
         Field("skip_stats", "the rows of eval/skip_stats.csv"),
         Field("wall_time_s", "`{variant: {task: seconds}}`"),
-        Field("per_doc", "per-document scores, for pairing"),
+        Field("per_doc", "per-document records, for pairing, per variant and task: `keys`, `prompt_hash`, one score "
+                         "list per metric and, for multiple-choice tasks, `gold`, `pred`, `pred_norm`, `ll_gold`, "
+                         "`ll_gold_norm`, `ll_choices` (every choice's log-likelihood, nats) and `choice_chars` (the "
+                         "characters acc_norm divides each by); files written before the last two existed lack them"),
         Field("harness", "the harness's own result objects"),
     ),
     "profile/profile.json": (
