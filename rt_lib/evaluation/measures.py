@@ -160,10 +160,14 @@ def evidence_measures(run_dir: str | Path, confidence: float = 0.95, num_layers:
     run_dir = Path(run_dir)
     res = json.loads((run_dir / "eval" / "results.json").read_text())
     per_doc, tasks = res["per_doc"], res["tasks"]
-    from rt_lib.evaluation.results import with_variant_columns
+    from rt_lib.evaluation.results import routed_count, with_variant_columns
 
-    table = with_variant_columns(pd.DataFrame(res["results"]))
-    num_layers = num_layers or _num_layers(run_dir)
+    from rt_lib.runs.read import skip_ratio_of_all_layers
+
+    num_layers = num_layers or res["provenance"].get("num_layers") or _num_layers(run_dir)
+    table = skip_ratio_of_all_layers(with_variant_columns(pd.DataFrame(res["results"])),
+                                     res["provenance"].get("skip_ratio_of"), num_layers,
+                                     routed_count(res["provenance"]), str(run_dir / "eval" / "results.json"))
     dense = per_doc["dense"]
     rows = []
     for variant in [v for v in per_doc if v != "dense"]:
@@ -173,8 +177,8 @@ def evidence_measures(run_dir: str | Path, confidence: float = 0.95, num_layers:
                 continue
             r = task_measures(per_doc[variant][task], dense[task], tasks[task]["metric"], confidence)
             t = table[(table.variant == variant) & (table.task == task)]
-            routed = float(t.skip_ratio.iloc[0]) if len(t) and pd.notna(t.skip_ratio.iloc[0]) else math.nan
-            r.update(_skip(variant, t.iloc[0] if len(t) else None, routed, res, num_layers))
+            ratio = float(t.skip_ratio.iloc[0]) if len(t) and pd.notna(t.skip_ratio.iloc[0]) else math.nan
+            r.update(_skip(variant, t.iloc[0] if len(t) else None, ratio, res, num_layers))
             lo, _ = wilson(round(r["dense_value"] * r["n"]), r["n"], confidence)
             r["above_chance"] = bool(lo > r.get("majority_rate", math.nan)) if r.get("majority_rate") == r.get(
                 "majority_rate") else True
@@ -204,8 +208,9 @@ def _num_layers(run_dir: Path) -> int | None:
     return int(json.loads(cfg.read_text())["num_layers"]) if cfg.exists() else None
 
 
-def _skip(variant: str, row, routed_ratio: float, res: dict, num_layers: int | None) -> dict:
-    """Skipped layers per sequence, the paper's skip ratio and the routed-layer fraction."""
+def _skip(variant: str, row, ratio: float, res: dict, num_layers: int | None) -> dict:
+    """Skipped layers per sequence, the paper's skip ratio (``ratio``: results.csv's, of all
+    layers) and the fraction of the routed layers' executions skipped."""
     if row is not None and row.method == "static_drop":
         k = int(row.k)
         return {"skipped_layers": float(k), "skip_ratio": k / num_layers if num_layers else math.nan,
@@ -214,9 +219,9 @@ def _skip(variant: str, row, routed_ratio: float, res: dict, num_layers: int | N
     for part in res.get("provenance", {}).get("parts", [res.get("provenance", {})]):
         if part.get("variant") == variant and part.get("mindskip"):
             n_routed = len(part["mindskip"]["routed_layers"])
-    skipped = routed_ratio * n_routed if n_routed else math.nan
-    return {"skipped_layers": skipped, "skip_ratio": skipped / num_layers if num_layers else math.nan,
-            "routed_skip_ratio": routed_ratio}
+    skipped = ratio * num_layers if num_layers else math.nan
+    return {"skipped_layers": skipped, "skip_ratio": ratio,
+            "routed_skip_ratio": skipped / n_routed if n_routed else math.nan}
 
 
 def _variant_fields(variant: str, table: pd.DataFrame) -> dict:
