@@ -247,6 +247,22 @@ def test_at_least_is_non_inferiority_with_a_margin():
     assert claims.at_least(-3.0, -1.2, -1.0) == claims.FAILS
 
 
+def test_the_papers_numbers_in_the_claims_come_from_the_reference_data(tmp_path):
+    """The main table's speedup (and the Figure 2 differences) the claims quote are read from
+    results/reference, not written into the code: a changed reference changes them."""
+    import shutil
+
+    ref = ROOT / "results" / "reference"
+    paper = claims._paper_values(ref)
+    assert paper["speedup"] == 1.21 and paper["c1"][8] == pytest.approx(44.6 - 50.3)
+    copy = tmp_path / "reference"
+    shutil.copytree(ref, copy)
+    table = copy / "main_table.csv"
+    table.write_text(table.read_text().replace("Llama-3-8B,router-tuning,attn,seq,1.21,",
+                                               "Llama-3-8B,router-tuning,attn,seq,1.5,"))
+    assert claims._paper_values(copy)["speedup"] == 1.5
+
+
 def test_speedup_interval_from_paired_rounds():
     sp, lo, hi, n = claims.speedup_interval([120, 120, 120], [100, 100, 100])
     assert (sp, lo, hi, n) == pytest.approx((1.2, 1.2, 1.2, 3))
