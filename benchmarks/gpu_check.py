@@ -137,7 +137,21 @@ BANDWIDTH = 4.0e12       # bytes/s of its HBM
 HOST_MS_PER_LAYER = 0.4  # assumed host floor of one decoder layer of eager transformers
 SETUP_S = 30.0           # assumed: imports, CUDA start, the model built on the GPU
 CHECKS_S = 10.0          # assumed: the correctness checks on a tiny model
-CLAIM_SPEEDUP = 1.21     # the paper's speedup ...
+REFERENCE_MAIN_TABLE = ROOT / "results" / "reference" / "main_table.csv"  # the paper's numbers (rt_lib.paper)
+
+
+def paper_speedup(path: Path = REFERENCE_MAIN_TABLE) -> float:
+    """The paper's main-table speedup of Router-Tuning on Llama-3-8B (attention, sequence routing),
+    read from the reference data the kit's tables and claims read (plain csv: no pandas here)."""
+    with open(path, encoding="utf-8") as f:
+        for row in csv.DictReader(line for line in f if not line.startswith("#")):
+            if (row["model"], row["method"], row["granularity"], row["route_level"]) == (
+                    "Llama-3-8B", "router-tuning", "attn", "seq"):
+                return float(row["speedup"])
+    raise ValueError(f"{path}: no Llama-3-8B router-tuning attn/seq row")
+
+
+CLAIM_SPEEDUP = paper_speedup()  # the paper's speedup ...
 CLAIM_SKIP = 0.25        # ... at about this fraction of attention layers skipped
 
 FIELDS = ["regime", "batch", "context", "variant", "k", "skipped_layers", "median_ms", "samples", "tokens_per_s",

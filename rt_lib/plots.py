@@ -319,7 +319,8 @@ def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accurac
     ``accuracy`` (percent), ``skip_ratio`` and ``speedup`` (may be missing: the point then only
     appears on the left), optional ``threshold`` (labelled). Each method is a curve over its
     operating points; the grey step line is the Pareto front over all methods. Optional
-    ``ci_low``/``ci_high`` (percent) draw each point's paired 95% interval.
+    ``ci_low``/``ci_high`` (percent) draw each point's paired 95% interval: the interval of its
+    difference to dense, drawn around its accuracy (the legend says so).
     """
     df = df.copy()
     for col in ("skip_ratio", "speedup", "threshold"):
@@ -327,7 +328,8 @@ def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accurac
             df[col] = np.nan
     df.loc[df["method"] == "dense", "skip_ratio"] = df.loc[df["method"] == "dense", "skip_ratio"].fillna(0.0)
     fig, axes = new_figure(1, 2, size=(11.0, 4.2), sharey=True)
-    for ax, xcol, xlabel in ((axes[0, 0], "skip_ratio", "realised skip ratio"),
+    bars = False
+    for ax, xcol, xlabel in ((axes[0, 0], "skip_ratio", "realised skip ratio (of all layers)"),
                              (axes[0, 1], "speedup", "measured speedup over dense (×)")):
         d = df.dropna(subset=[xcol, "accuracy"])
         if d.empty:
@@ -339,7 +341,7 @@ def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accurac
             st = METHOD_STYLE.get(method, dict(color=None, marker="o", label=method))
             ax.plot(dm[xcol], dm["accuracy"], color=st["color"], marker=st["marker"], label=st["label"],
                     linestyle="-" if len(dm) > 1 else "none")
-            _paired_bars(ax, dm, xcol, "accuracy", st["color"])
+            bars = _paired_bars(ax, dm, xcol, "accuracy", st["color"]) or bars
             for _, r in dm.iterrows():
                 if pd.notna(r["threshold"]):
                     ax.annotate(f"τ={r['threshold']:g}", (r[xcol], r["accuracy"]), textcoords="offset points",
@@ -358,34 +360,52 @@ def plot_accuracy_vs_speedup(df: pd.DataFrame, title: str | None = None, accurac
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
+    if bars:
+        handles, labels = _with_bars_entry(handles, labels)
     if handles:
-        axes[0, 1].legend(handles, labels, loc="lower left")
+        axes[0, 1].legend(handles, labels, loc="lower left", fontsize="small")
     if title:
         fig.suptitle(title)
     return fig
 
 
-def _paired_bars(ax, d: pd.DataFrame, x: str, y: str, color) -> None:
+# What the whiskers of ``_paired_bars`` are: the interval of a paired difference, not of the score
+PAIRED_BARS_LABEL = "whiskers: 95% CI of the paired difference\nto dense (same documents), around the score"
+
+
+def _paired_bars(ax, d: pd.DataFrame, x: str, y: str, color) -> bool:
     """Whiskers of each point's paired 95% interval (columns ``ci_low``/``ci_high``, in the
-    units of ``y``), where the frame has them; points without one (dense) get none."""
+    units of ``y``: the interval of the point's paired difference to dense, shifted onto its
+    score), where the frame has them; points without one (dense) get none. True when any
+    was drawn: the legend then says what they are (``_with_bars_entry``)."""
     if "ci_low" not in d or "ci_high" not in d:
-        return
+        return False
     d = d.dropna(subset=["ci_low", "ci_high"])
     if len(d):
         ax.errorbar(d[x], d[y], yerr=[d[y] - d["ci_low"], d["ci_high"] - d[y]], fmt="none", ecolor=color,
                     capsize=3, linewidth=1)
+    return bool(len(d))
+
+
+def _with_bars_entry(handles: list, labels: list) -> tuple[list, list]:
+    """Legend entries plus one saying what ``_paired_bars``' whiskers are."""
+    from matplotlib.lines import Line2D
+
+    whisker = Line2D([], [], color="0.35", marker="|", markersize=12, markeredgewidth=1.2, linestyle="none")
+    return [*handles, whisker], [*labels, PAIRED_BARS_LABEL]
 
 
 # ---------------------------------------------------------------------------- Figure 2
 def _drop_panel(ax, df: pd.DataFrame, title: str) -> None:
     base = df[df["method"] == "dense"]
+    bars = False
     for method in ("static_drop", "mindskip"):
         d = pd.concat([base, df[df["method"] == method]]).sort_values("skip_ratio")
         if len(d) == len(base):
             continue
         st = METHOD_STYLE[method]
         ax.plot(d["skip_ratio"], d["performance"], color=st["color"], marker=st["marker"], label=st["label"])
-        _paired_bars(ax, d, "skip_ratio", "performance", st["color"])
+        bars = _paired_bars(ax, d, "skip_ratio", "performance", st["color"]) or bars
         for _, r in d[d["method"] == method].iterrows():
             ax.annotate(f"{r['performance']:.1f}", (r["skip_ratio"], r["performance"]), textcoords="offset points",
                         xytext=(0, 7), ha="center", fontsize=8, color=st["color"])
@@ -397,9 +417,11 @@ def _drop_panel(ax, df: pd.DataFrame, title: str) -> None:
             ax.annotate(f"{r['performance']:.1f}", (r["skip_ratio"], r["performance"]), textcoords="offset points",
                         xytext=(0, 7), ha="center", fontsize=8, color=st["color"])
     percent_axis(ax.xaxis)
-    ax.set(xlabel="skip ratio (routed sublayers)", title=title)
+    ax.set(xlabel="skip ratio (skipped attention sublayers / all layers)", title=title)
     ax.margins(x=0.08, y=0.15)
-    ax.legend(loc="lower left")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(*(_with_bars_entry(handles, labels) if bars else (handles, labels)), loc="lower left",
+              fontsize="small")
 
 
 @styled
@@ -409,9 +431,10 @@ def plot_drop_vs_mindskip(ref_df: pd.DataFrame, kit_df: pd.DataFrame | None = No
 
     Both frames have ``skip_ratio`` (fraction), ``method`` (``dense``, ``static_drop``,
     ``mindskip``; the published frame as ``rt_lib.paper.tables.load_reference`` translates it)
-    and ``performance`` (percent). The panels
-    have separate y axes: the paper's model and task set are not stated, the kit's are in
-    ``kit_title``.
+    and ``performance`` (percent); the skip ratio is of all layers in both (the paper's 12.5% and
+    25%). The panels have separate y axes: the paper's model and task set are not stated, the
+    kit's are in ``kit_title``. The kit's optional ``ci_low``/``ci_high`` are each point's paired
+    95% interval of its difference to dense, drawn around its accuracy (the legend says so).
     """
     n = 1 if kit_df is None else 2
     fig, axes = new_figure(1, n, size=(5.4 * n, 4.0))

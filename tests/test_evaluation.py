@@ -294,7 +294,58 @@ def test_evaluate_tables_paired_and_skip_stats(quick_run):
     assert ms.gates[1].forced is False and ms.gates[2].forced is None
     mrow = t[(t.variant == "mindskip") & (t.task == "piqa")].iloc[0]
     exec2 = s[(s.task == "piqa") & (s.layer == 2)].executed_fraction.iloc[0]
-    assert mrow.skip_ratio == pytest.approx(1 - exec2 / 2)
+    # the paper's skip ratio: layer 1 always skipped, layer 2 sometimes, of the model's 4 layers
+    assert mrow.skip_ratio == pytest.approx((1 + (1 - exec2)) / 4)
+    assert res.provenance["num_layers"] == 4 and res.provenance["skip_ratio_of"] == "all layers"
+
+
+def test_static_drop_and_mindskip_skip_ratios_share_one_definition(tok):
+    """results.csv's skip ratio is of all the model's layers for both methods: MindSkip skipping
+    both its routed layers on every input and a static drop of two layers are 2 of 4 layers; a
+    static drop's k counts against every layer, not against the routed ones."""
+    from rt_lib.mindskip.removal import drop_sublayers
+
+    model = tiny_llama(tok, seed=4)
+    ms = routed(model, layers=(1, 2))
+    ms.force({1: False, 2: False})
+    common = dict(preset="quick", tasks=["rte"], limit=3, batch_size=4, dense_reference=False)
+    a = evaluate(ms, tok, **common)
+    ms.unload()
+    drop = drop_sublayers(model, [1, 2])
+    try:
+        b = evaluate(model, tok, variant="static_drop_k2", method="static_drop", k=2, **common)
+    finally:
+        drop.restore()
+    drop3 = drop_sublayers(model, [1, 2, 3])
+    try:
+        c = evaluate(model, tok, variant="static_drop_k3", method="static_drop", k=3, **common)
+    finally:
+        drop3.restore()
+    assert (a.table[a.table.variant == "mindskip"].skip_ratio == 0.5).all()
+    assert (b.table[b.table.variant == "static_drop_k2"].skip_ratio == 0.5).all()
+    assert (c.table[c.table.variant == "static_drop_k3"].skip_ratio == 0.75).all()  # more layers than are routed
+    assert a.provenance["num_layers"] == b.provenance["num_layers"] == 4
+
+
+def test_skip_ratios_written_of_the_routed_layers_are_read_of_all_layers():
+    """Files written when results.csv's skip ratio was of the routed layers (static drop: k /
+    routed layers): read back of all layers; without the model's layer count, left empty."""
+    import math
+
+    import pandas as pd
+
+    from rt_lib.runs.read import SKIP_RATIO_OF, skip_ratio_of_all_layers
+
+    old = pd.DataFrame({"variant": ["dense", "mindskip", "static_drop_k8", "static_drop"],
+                        "method": ["dense", "mindskip", "static_drop", None], "k": [None, None, 8, None],
+                        "skip_ratio": [None, 0.5, None, 0.25]})
+    new = skip_ratio_of_all_layers(old, None, num_layers=30, n_routed=16)
+    assert math.isnan(new.skip_ratio[0])
+    assert new.skip_ratio[1] == pytest.approx(8 / 30)  # half of 16 routed layers = 8 of 30
+    assert new.skip_ratio[2] == pytest.approx(8 / 30)  # k / all layers, where k is known
+    assert new.skip_ratio[3] == pytest.approx(4 / 30)  # 0.25 of 16 routed layers
+    assert skip_ratio_of_all_layers(old, None, num_layers=None, n_routed=16).skip_ratio.isna().all()
+    assert skip_ratio_of_all_layers(old, SKIP_RATIO_OF, None, None) is old  # written in the current unit
 
 
 def test_dense_reference_forced_keep_is_the_base_model(tok, tm, quick_run):
@@ -322,9 +373,12 @@ def test_result_files_follow_the_format(quick_run):
     assert j["tasks"]["piqa"]["fewshot_source"] == "none (0-shot)" and j["tasks"]["piqa"]["limit"] == 8
     run_json = json.loads((out / "run.json").read_text())
     assert "eval" in run_json["steps"]
+    assert prov["num_layers"] == 4 and prov["skip_ratio_of"] == "all layers"
+    assert run_json["parameters"]["eval"]["skip_ratio_of"] == "all layers"
     # a saved run serves as the dense reference of a later run: same paired numbers
     back = EvalResults.load(out)
     assert back.doc_scores("dense", "piqa", "acc") == res.doc_scores("dense", "piqa", "acc")
+    pd.testing.assert_series_equal(back.table.skip_ratio.astype(float), res.table.skip_ratio.astype(float))
 
 
 def test_saved_dense_reference_pairs_like_a_fresh_one(tok, quick_run):

@@ -64,6 +64,10 @@ def test_choice_records_reproduce_the_harness_scores(tok):
         if "acc_norm" in d:
             assert [float(p == g) for p, g in zip(d["pred_norm"], d["gold"])] == d["acc_norm"], task
         assert all(math.isfinite(x) and x <= 0 for x in d["ll_gold"])
+        # every choice's log-likelihood and the length acc_norm divides it by are kept
+        assert [c[g] for c, g in zip(d["ll_choices"], d["gold"])] == d["ll_gold"]
+        assert [c[g] / n[g] for c, n, g in zip(d["ll_choices"], d["choice_chars"], d["gold"])] == d["ll_gold_norm"]
+        assert [max(range(len(c)), key=c.__getitem__) for c in d["ll_choices"]] == d["pred"]
 
 
 def test_float32_logits_projects_a_bfloat16_model_in_float32(tok):
@@ -145,10 +149,12 @@ def test_combine_refuses_a_task_scored_on_other_documents(tok):
 
 
 # ------------------------------------------------------------------------- measures
-def _docs(keys, gold, pred, ll, acc=None):
+def _docs(keys, gold, pred, ll, acc=None, choices=None):
     acc = acc if acc is not None else [float(p == g) for p, g in zip(pred, gold)]
-    return {"keys": keys, "acc": acc, "gold": gold, "pred": pred, "pred_norm": pred, "ll_gold": ll,
-            "ll_gold_norm": ll}
+    d = {"keys": keys, "acc": acc, "gold": gold, "pred": pred, "pred_norm": pred, "ll_gold": ll, "ll_gold_norm": ll}
+    if choices is not None:
+        d["ll_choices"] = choices
+    return d
 
 
 def test_task_measures_pair_documents_and_count_flips():
@@ -157,10 +163,62 @@ def test_task_measures_pair_documents_and_count_flips():
     var = _docs(keys, [0, 0, 0, 1, 0, 1], [0, 1, 1, 0, 0, 1], [-1.5, -2.5, -3.0, -2.0, -2.0, -1.0])
     m = measures.task_measures(var, dense, "acc")
     assert m["n"] == 6 and m["acc_diff"] == pytest.approx(-2 / 6)
-    assert m["ll_diff"] == pytest.approx(-2.0 / 6)
     assert m["flip_rate"] == pytest.approx(2 / 6)
     assert m["flip_ci_low"] < 2 / 6 < m["flip_ci_high"]
     assert m["majority_rate"] == pytest.approx(4 / 6)
+
+
+def test_gold_logprob_is_the_log_softmax_of_the_choices_at_the_gold_index():
+    # choices of likelihood 0.1 and 0.3 normalise to 1/4 and 3/4; four equal ones to 1/4 each
+    assert measures.gold_logprob([math.log(0.1), math.log(0.3)], 0) == pytest.approx(math.log(0.25))
+    assert measures.gold_logprob([math.log(0.1), math.log(0.3)], 1) == pytest.approx(math.log(0.75))
+    assert measures.gold_logprob([-7.0, -7.0, -7.0, -7.0], 2) == pytest.approx(math.log(0.25))
+
+
+def test_gold_logp_diff_by_hand_on_a_tiny_record_set():
+    """Two documents with hand-computed normalised gold log-probabilities, paired per document."""
+    keys = [["t", 0], ["t", 1]]
+    # dense: doc 0 choices [-1, -1] (gold 0: log 1/2); doc 1 choices [-2, -1, -1-ln 2] (gold 1: 1/(e^-1+1+1/2))
+    dense = _docs(keys, [0, 1], [0, 1], [-1.0, -1.0],
+                  choices=[[-1.0, -1.0], [-2.0, -1.0, -1.0 - math.log(2)]])
+    # variant: doc 0 choices [-1, -1 + ln 3] (gold 0: 1/4); doc 1 unchanged
+    var = _docs(keys, [0, 1], [1, 1], [-1.0, -1.0],
+                choices=[[-1.0, -1.0 + math.log(3)], [-2.0, -1.0, -1.0 - math.log(2)]])
+    d0 = math.log(1 / 4) - math.log(1 / 2)
+    m = measures.task_measures(var, dense, "acc")
+    assert m["gold_logp_diff"] == pytest.approx(d0 / 2)
+    assert m["gold_logp_note"] == ""
+    # the same records under acc_norm: the measure is the same number (one unit for every task)
+    m_norm = measures.task_measures({**var, "acc_norm": var["acc"]}, {**dense, "acc_norm": dense["acc"]}, "acc_norm")
+    assert m_norm["gold_logp_diff"] == pytest.approx(m["gold_logp_diff"])
+
+
+def test_gold_logp_unit_is_the_same_for_acc_and_acc_norm_tasks():
+    """A per-character log-likelihood would differ between an acc task and an acc_norm task with
+    the same choices; the normalised gold log-probability does not depend on the metric."""
+    keys = [["t", 0]]
+    dense = _docs(keys, [0], [0], [-3.0], choices=[[-3.0, -4.0]])
+    var = _docs(keys, [0], [0], [-3.5], choices=[[-3.5, -3.6]])
+    want = measures.gold_logprob([-3.5, -3.6], 0) - measures.gold_logprob([-3.0, -4.0], 0)
+    for metric in ("acc", "acc_norm"):
+        v, d = ({**x, "acc_norm": x["acc"]} for x in (var, dense))
+        assert measures.task_measures(v, d, metric)["gold_logp_diff"] == pytest.approx(want)
+
+
+def test_records_without_per_choice_log_likelihoods_give_no_gold_logp():
+    """Records written before the choices' log-likelihoods were stored: the measure is missing,
+    with the reason, never computed from the gold log-likelihood alone; the macro follows."""
+    keys = [["t", i] for i in range(3)]
+    dense = _docs(keys, [0, 1, 0], [0, 1, 1], [-1.0, -2.0, -3.0])
+    var = _docs(keys, [0, 1, 0], [0, 0, 1], [-1.5, -2.5, -3.0])
+    m = measures.task_measures(var, dense, "acc")
+    assert math.isnan(m["gold_logp_diff"]) and math.isnan(m["gold_logp_ci_low"])
+    assert "no per-choice log-likelihoods" in m["gold_logp_note"]
+    ok = _docs(keys, [0, 1, 0], [0, 1, 1], [-1.0, -2.0, -3.0], choices=[[-1.0, -2.0]] * 3)
+    good = {**measures.task_measures(ok, ok, "acc"), "task": "a"}
+    macro = measures._macro([good, {**m, "task": "b"}], measures.MACRO, 0.95)
+    assert math.isnan(macro["gold_logp_diff"]) and "no per-choice log-likelihoods" in macro["gold_logp_note"]
+    assert macro["acc_diff"] == pytest.approx((0.0 + m["acc_diff"]) / 2)
 
 
 def test_evidence_measures_agree_with_paired_csv(parts_and_whole):
@@ -172,6 +230,8 @@ def test_evidence_measures_agree_with_paired_csv(parts_and_whole):
     macro = table[(table.task == MACRO)].iloc[0]
     assert macro.acc_diff == pytest.approx(paired.loc[("mindskip", MACRO), "diff"])
     assert macro.skip_ratio == pytest.approx(macro.skipped_layers / 4)
+    # records written with every choice's log-likelihood give the normalised gold log-probability
+    assert table.gold_logp_diff.notna().all() and (table.gold_logp_note.fillna("") == "").all()
 
 
 # ------------------------------------------------------------------------- claims
@@ -185,6 +245,22 @@ def test_at_least_is_non_inferiority_with_a_margin():
     assert claims.at_least(-0.9, 0.5, -1.0) == claims.HOLDS
     assert claims.at_least(-1.5, 0.5, -1.0) == claims.OPEN
     assert claims.at_least(-3.0, -1.2, -1.0) == claims.FAILS
+
+
+def test_the_papers_numbers_in_the_claims_come_from_the_reference_data(tmp_path):
+    """The main table's speedup (and the Figure 2 differences) the claims quote are read from
+    results/reference, not written into the code: a changed reference changes them."""
+    import shutil
+
+    ref = ROOT / "results" / "reference"
+    paper = claims._paper_values(ref)
+    assert paper["speedup"] == 1.21 and paper["c1"][8] == pytest.approx(44.6 - 50.3)
+    copy = tmp_path / "reference"
+    shutil.copytree(ref, copy)
+    table = copy / "main_table.csv"
+    table.write_text(table.read_text().replace("Llama-3-8B,router-tuning,attn,seq,1.21,",
+                                               "Llama-3-8B,router-tuning,attn,seq,1.5,"))
+    assert claims._paper_values(copy)["speedup"] == 1.5
 
 
 def test_speedup_interval_from_paired_rounds():

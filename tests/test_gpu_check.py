@@ -56,6 +56,19 @@ def test_dry_run_writes_every_variant_and_point(gc_mod, dry_run):
     assert report["versions"]["transformers"] and report["versions"]["torch"]
 
 
+def test_claimed_speedup_comes_from_the_reference_data(gc_mod, tmp_path):
+    from rt_lib.paper.tables import load_reference
+
+    main = load_reference("main_table")
+    row = main[(main.model == "Llama-3-8B") & (main.method == "mindskip") & (main.granularity == "attn")
+               & (main.route_level == "seq")]
+    assert gc_mod.CLAIM_SPEEDUP == float(row.speedup.iloc[0])
+    changed = tmp_path / "main_table.csv"
+    changed.write_text(gc_mod.REFERENCE_MAIN_TABLE.read_text().replace("Llama-3-8B,router-tuning,attn,seq,1.21,",
+                                                                       "Llama-3-8B,router-tuning,attn,seq,1.5,"))
+    assert gc_mod.paper_speedup(changed) == 1.5
+
+
 def test_dry_run_kv_bytes_drop_by_the_skipped_layers_share(dry_run):
     rows = json.loads((dry_run / "gpu_check.json").read_text())["rows"]
     layers = 4

@@ -99,7 +99,8 @@ def test_collect_runs_maps_fixture_runs():
     ms = a[(a["variant"] == "mindskip") & (a["threshold"] == 0.5) & (a["task"] == "arc_c") & (a["metric"] == "acc_norm")]
     r = ms.iloc[0]
     assert (r["granularity"], r["route_level"], r["method"], r["dataset"]) == ("attn", "seq", "mindskip", "alpaca")
-    assert r["value"] == pytest.approx(0.36) and r["skip_ratio"] == pytest.approx(0.271)
+    # written as a fraction of the 8 routed layers, read as a fraction of the model's 30 (train/routers)
+    assert r["value"] == pytest.approx(0.36) and r["skip_ratio"] == pytest.approx(0.271 * 8 / 30)
     assert r["speedup"] == pytest.approx(np.median([1.05, 1.06]))  # prefill grid points at tau = 0.5
     assert r["diff"] == pytest.approx(-0.01)  # from eval/paired.csv
     # thresholds that were never profiled have no speedup rather than a borrowed one
@@ -109,12 +110,15 @@ def test_collect_runs_maps_fixture_runs():
     assert drop["granularity"].iloc[0] == "attn" and pd.isna(drop["route_level"].iloc[0])
     assert (a.loc[a["variant"] == "dense", "speedup"] == 1.0).all()
     assert a.loc[a["variant"] == "dense", "granularity"].isna().all()
+    assert drop["skip_ratio"].iloc[0] == pytest.approx(2 / 30)  # 2 of 8 routed layers written: 2 of all 30
     b = df[df["run_id"] == "fixture-block-token"]
     assert b["speedup"].isna().all()  # no profile
+    assert b["skip_ratio"].isna().all()  # of the routed layers, and no layer count to convert them with
     assert set(b.loc[b["variant"] == "mindskip", "granularity"]) == {"block"}
     c = df[df["run_id"] == "fixture-lora"]
     assert set(c.loc[c["variant"] == "mindskip", "method"]) == {"lora+mindskip"}  # trainable: lora
     assert c.loc[c["variant"] == "mindskip", "speedup"].iloc[0] == pytest.approx(1.048)  # tau from profile.json
+    assert c.loc[c["variant"] == "mindskip", "skip_ratio"].iloc[0] == pytest.approx(0.07)  # written of all layers
 
 
 def test_decode_regime_speedups():

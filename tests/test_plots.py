@@ -141,6 +141,27 @@ def test_drop_vs_mindskip_reference_and_kit_panels():
     assert len(two.axes) == 2 and two.axes[1].get_title() == "kit"
     empty = plots.plot_drop_vs_mindskip(ref, kit.iloc[:0])
     assert any("not run" in t.get_text() for t in empty.axes[1].texts)
+    # the paper's 12.5% and 25% are of all layers, and so are the kit's skip ratios
+    for ax in two.axes:
+        assert ax.get_xlabel() == "skip ratio (skipped attention sublayers / all layers)"
+
+
+def test_paired_whiskers_are_named_in_the_legend():
+    """Whiskers drawn around a point's score are the interval of its paired difference to dense:
+    the legend says so, on Figure 2's kit panel and on the accuracy-vs-speed figure."""
+    from rt_lib.paper.tables import load_reference
+
+    kit = pd.DataFrame({"skip_ratio": [0.0, 0.27, 0.25], "method": ["dense", "mindskip", "static_drop"],
+                        "performance": [55.9, 55.0, 51.9], "ci_low": [np.nan, 53.8, 50.0],
+                        "ci_high": [np.nan, 56.2, 53.8]})
+    fig = plots.plot_drop_vs_mindskip(load_reference("drop_vs_mindskip"), kit)
+    paper, measured = (ax.get_legend() for ax in fig.axes)
+    assert plots.PAIRED_BARS_LABEL in [t.get_text() for t in measured.get_texts()]
+    assert plots.PAIRED_BARS_LABEL not in [t.get_text() for t in paper.get_texts()]  # no whiskers there
+    pts = kit.rename(columns={"performance": "accuracy"}).assign(speedup=[1.0, 1.05, 1.06])
+    acc = plots.plot_accuracy_vs_speedup(pts)
+    assert plots.PAIRED_BARS_LABEL in [t.get_text() for t in acc.axes[1].get_legend().get_texts()]
+    assert acc.axes[0].get_xlabel() == "realised skip ratio (of all layers)"
 
 
 def test_expert_load_sums_the_routed_layers():

@@ -83,7 +83,8 @@ class FakeEvaluate:
         return EvalResults(preset=preset, table=pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"k": "Int64"}),
                            paired=pd.DataFrame(columns=PAIRED_COLUMNS), skip_stats=pd.DataFrame(columns=SKIP_COLUMNS),
                            per_doc=per_doc, tasks={t: {"limit": limit, "num_fewshot": 0, "metric": "acc"} for t in tasks},
-                           provenance={"variant": variant})
+                           provenance={"variant": variant, "num_layers": len(base.model.layers),
+                                       "skip_ratio_of": "all layers"})
 
 
 @pytest.fixture
@@ -106,8 +107,8 @@ def test_static_drop_is_matched_to_each_distinct_realised_layer_count(tiny, tmp_
     model, tok = tiny
     routers = save_routers(model, tmp_path / "routers")
     before = logits(model, tok)
-    # 2 routed layers: skip ratios 0.5, 1, 0, 0.5 -> k = 1, 2, 0, 1
-    fake = fake_evaluate({0.5: 0.5, 2.0: 1.0, 0.0: 0.0, 0.7: 0.5})
+    # skip ratios of the model's 4 layers 0.25, 0.5, 0, 0.25 -> k = 1, 2, 0, 1
+    fake = fake_evaluate({0.5: 0.25, 2.0: 0.5, 0.0: 0.0, 0.7: 0.25})
     with caplog.at_level(logging.WARNING, logger="rt_lib.evaluation.sweep"):
         res = run_sweep(tiny, tmp_path / "run", routers, [0.5, 2.0, 0.0, 0.7])
     assert "k=0 is the dense model, not run" in caplog.text
@@ -130,9 +131,10 @@ def test_static_drop_is_matched_to_each_distinct_realised_layer_count(tiny, tmp_
     # importance scored once, on the calibration text (not "<given scores>"), for both choices
     assert saved[1]["scores"] == saved[2]["scores"]
     assert saved[1]["calibration"] == saved[2]["calibration"] and saved[2]["calibration"]["source"] != "<given scores>"
-    # static drop's skip ratio: k / routed layers, on every row; MindSkip's are its own
+    # static drop's skip ratio: k / all 4 layers, on every row, MindSkip's definition; MindSkip's are its own
     t = res.table
-    for variant, ratio in {"static_drop_k1": 0.5, "static_drop_k2": 1.0, "mindskip_t0.7": 0.5, "mindskip_t0": 0.0}.items():
+    for variant, ratio in {"static_drop_k1": 0.25, "static_drop_k2": 0.5, "mindskip_t0.7": 0.25,
+                           "mindskip_t0": 0.0}.items():
         assert (t[t.variant == variant].skip_ratio == ratio).all(), variant
     assert t[t.variant == "dense"].skip_ratio.isna().all()
     # written to the run folder, and the base model is left as it was (no routers, nothing removed)
@@ -145,7 +147,7 @@ def test_static_drop_is_matched_to_each_distinct_realised_layer_count(tiny, tmp_
 def test_one_threshold_keeps_the_plain_label_and_dense_scores_can_be_reused(tiny, tmp_path, fake_evaluate):
     model, tok = tiny
     routers = save_routers(model, tmp_path / "routers")
-    fake = fake_evaluate({0.5: 1.0})
+    fake = fake_evaluate({0.5: 0.5})  # 2 of the 4 layers
     first = run_sweep(tiny, tmp_path / "a", routers, [0.5], static_drop=False)
     assert set(first.table.variant) == {"dense", "mindskip"} and not (tmp_path / "a" / "baselines").exists()
     fake.calls.clear()
@@ -217,10 +219,11 @@ def test_sweep_through_the_harness_matches_static_drop_to_skipping_every_routed_
     pd.testing.assert_frame_equal(dense_a, dense_b)  # copied, not re-run
     assert set(ra.variant) == {"dense", "mindskip"}
     macro = b.table[b.table.task == MACRO].set_index("variant")
-    # threshold 0 keeps everything (skip 0, k = 0: no static drop), 2 skips both routed layers
+    # threshold 0 keeps everything (skip 0, k = 0: no static drop), 2 skips both routed layers: 2 of
+    # the model's 4 layers, the same skip ratio as the static drop of 2 layers
     assert set(macro.index) == {"dense", "mindskip_t0", "mindskip_t2", "static_drop_k2"}
-    assert macro.loc["mindskip_t0", "skip_ratio"] == 0 and macro.loc["mindskip_t2", "skip_ratio"] == 1
-    assert macro.loc["static_drop_k2", "skip_ratio"] == 1
+    assert macro.loc["mindskip_t0", "skip_ratio"] == 0 and macro.loc["mindskip_t2", "skip_ratio"] == 0.5
+    assert macro.loc["static_drop_k2", "skip_ratio"] == 0.5
     drop = json.loads((tmp_path / "b" / "baselines" / "static_drop.json").read_text())
     assert drop["k"] == 2
     if drop["layers"] == [1, 2]:  # the routed layers: removing them is what threshold 2 does

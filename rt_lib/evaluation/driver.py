@@ -50,7 +50,9 @@ from rt_lib.evaluation.harness import (
     routers_sha256,
     task_manager,
 )
+from rt_lib.mindskip.architecture import find_decoder
 from rt_lib.mindskip.model import MindSkipModel
+from rt_lib.runs.read import SKIP_RATIO_OF
 from rt_lib.files import file_sha256
 from rt_lib.evaluation.tasks import PAPER_TASKS, TASK_PRESETS, TaskPreset
 
@@ -157,7 +159,10 @@ def evaluate(
     MindSkipModel, ``dense`` otherwise). ``dense_reference``: None -> for a MindSkipModel,
     also run it with every router forced to keep and pair with that; an ``EvalResults`` (or
     its path) from an earlier dense run of the same preset/tasks/limit/seed -> pair with it;
-    False -> no dense run, no pairing. ``interval``: ``t`` or ``bootstrap``. ``method`` and
+    False -> no dense run, no pairing. ``interval``: ``t`` or ``bootstrap``. Skip ratios in the
+    tables are of all the model's layers (``rt_lib.runs.read.SKIP_RATIO_OF``): a MindSkip model's
+    realised skipped executions of its routed sublayers / all layers' executions; a static drop
+    (``method="static_drop"`` with ``k``) ``k`` / layers. ``method`` and
     ``k``: the variant's columns in results.csv (default: ``mindskip`` for a MindSkipModel,
     ``dense`` for the dense label, else the label; ``k``: layers a static drop removes, or the
     skipped-layer target of a MindSkip operating point). Remaining
@@ -180,6 +185,7 @@ def evaluate(
     job = _Job(lm, ms, task_manager(p.offline), batch_size, seed)
     model_name = _same_model(reference, model_name or lm.model_name)
     threshold = ms.config.threshold if ms is not None else None
+    num_layers = len(find_decoder(lm._model)[1])
     task_info: dict[str, dict] = {}
     rows, paired_rows, skip_rows = [], [], []
     per_doc, wall, harness_out = defaultdict(dict), defaultdict(dict), defaultdict(dict)
@@ -195,7 +201,10 @@ def evaluate(
             if ms is not None:
                 skip_rows += [{"variant": variant, "task": task, "layer": layer, "executed_fraction": frac}
                               for layer, frac in lm.capacities().items()]
-                skip_ratio = task_info[task]["skip_ratio"] = lm.skip_ratio()
+                # the paper's skip ratio: skipped executions of the routed sublayers / all layers'
+                skip_ratio = task_info[task]["skip_ratio"] = lm.skip_ratio() * len(ms.routed_layers) / num_layers
+            elif method == "static_drop" and k is not None:
+                skip_ratio = task_info[task]["skip_ratio"] = k / num_layers  # k of the model's layers removed
         for label, run in runs.items():
             per_doc[label][task], wall[label][task], harness_out[label][task] = run.docs, run.wall_s, run.harness
             cols = ("dense", None) if label == "dense" else (method, k)
@@ -210,6 +219,7 @@ def evaluate(
     skip_frame = pd.DataFrame(skip_rows, columns=SKIP_COLUMNS)
     prov = _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, variant, confidence, interval,
                        task_info)
+    prov.update({"num_layers": num_layers, "skip_ratio_of": SKIP_RATIO_OF})
     result = EvalResults(preset, table, paired, skip_frame, dict(per_doc), task_info, prov, dict(wall),
                          dict(harness_out))
     if out_dir is not None:

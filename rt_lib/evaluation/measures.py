@@ -1,15 +1,19 @@
 """Paired measures of an evaluation, beside accuracy: per task and macro-averaged.
 
 For each variant paired with dense on the same documents (``<run>/eval/results.json``, whose
-per-document records hold the harness's gold choice, predicted choice and gold
-log-likelihood, see ``rt_lib.evaluation.driver``):
+per-document records hold the harness's gold choice, predicted choice and every choice's
+log-likelihood, see ``rt_lib.evaluation.tables.collect_scores``):
 
 ``acc_diff``
     paired accuracy difference (the task's paper metric), t interval over documents;
-``ll_diff``
-    paired change of the gold answer's log-likelihood (per character where the metric is
-    ``acc_norm``, the harness's normalisation), t interval; it moves with every document, not
-    only those whose answer flips, so it resolves smaller effects than accuracy;
+``gold_logp_diff``
+    paired change of the gold choice's log-probability normalised over the choices,
+    ``log softmax(ll_choices)[gold]`` (nats; ``ll_choices``: each choice's summed
+    log-likelihood), t interval. The same unit for every task, whether its paper metric is
+    ``acc`` or ``acc_norm``; it moves with every document, not only those whose answer flips,
+    so it resolves smaller effects than accuracy. Records written before the per-choice
+    log-likelihoods were stored cannot give it: then it is NaN and ``gold_logp_note`` says why
+    (it is never computed from something else);
 ``flip_rate``
     share of documents whose predicted answer changed, Wilson interval;
 ``majority_rate``
@@ -20,10 +24,11 @@ log-likelihood, see ``rt_lib.evaluation.driver``):
 
 Skip ratios: ``skip_ratio`` is the paper's (skipped attention executions / all layers'
 executions, i.e. skipped layers / model layers); ``routed_skip_ratio`` the fraction of the
-routed layers' executions that were skipped (the unit of ``results.csv``'s ``skip_ratio``).
+routed layers' executions that were skipped.
 
 Macro rows (``task`` = ``macro_avg`` and ``macro_above_chance``): unweighted means over tasks
-with ``se = sqrt(sum se_t^2) / T`` and a normal interval (``rt_lib.evaluation.stats.macro_difference``).
+with ``se = sqrt(sum se_t^2) / T`` and a normal interval (``rt_lib.evaluation.stats.macro_difference``);
+a measure missing on any of the tasks is missing from the macro row too (with the tasks' note).
 
 Held-out loss (``heldout_table``): the per-block LM loss of each variant on the evidence run's
 Wikipedia validation blocks, paired with dense per block.
@@ -37,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import special as scipy_special
 from scipy import stats as scipy_stats
 
 from rt_lib.evaluation import stats
@@ -45,8 +51,8 @@ MACRO = "macro_avg"
 MACRO_ABOVE_CHANCE = "macro_above_chance"
 MEASURE_COLUMNS = [
     "variant", "method", "threshold", "k", "task", "metric", "n", "majority_rate", "dense_value", "above_chance",
-    "value", "acc_diff", "acc_ci_low", "acc_ci_high", "acc_se", "ll_diff", "ll_ci_low", "ll_ci_high", "ll_se",
-    "flip_rate", "flip_ci_low", "flip_ci_high", "flip_se", "skip_ratio", "routed_skip_ratio", "skipped_layers",
+    "value", "acc_diff", "acc_ci_low", "acc_ci_high", "acc_se", "gold_logp_diff", "gold_logp_ci_low",
+    "gold_logp_ci_high", "gold_logp_se", "gold_logp_note", "flip_rate", "flip_ci_low", "flip_ci_high", "flip_se", "skip_ratio", "routed_skip_ratio", "skipped_layers",
 ]
 HELDOUT_COLUMNS = [
     "variant", "method", "granularity", "route_level", "threshold", "k", "skipped_layers", "skip_ratio", "n_blocks",
@@ -73,6 +79,29 @@ def majority_rate(docs: dict) -> float:
     return max(np.bincount(golds)) / len(golds)
 
 
+NO_CHOICE_LLS = ("the per-document records hold no per-choice log-likelihoods (ll_choices; written before "
+                 "they were stored): not computed")
+
+
+def gold_logprob(ll_choices, gold: int) -> float:
+    """Log-probability of the gold choice normalised over the choices:
+    ``log softmax(ll_choices)[gold] = ll_gold - logsumexp(ll_choices)`` (nats, at most 0)."""
+    lls = np.asarray(ll_choices, dtype=np.float64)
+    return float(lls[int(gold)] - scipy_special.logsumexp(lls))
+
+
+def _gold_logprobs(docs: dict) -> tuple[dict | None, str]:
+    """``({doc key: normalised gold log-probability}, "")``, or ``(None, why)`` when the records
+    lack the choices' log-likelihoods (or a document lacks its gold)."""
+    choices, golds = docs.get("ll_choices"), docs.get("gold")
+    if not choices or len(choices) != len(docs["keys"]):
+        return None, NO_CHOICE_LLS
+    lacking = sum(c is None or g is None for c, g in zip(choices, golds or [None] * len(choices)))
+    if lacking:
+        return None, f"{lacking} of {len(choices)} documents have no choice record: not computed"
+    return {tuple(k): gold_logprob(c, g) for k, c, g in zip(docs["keys"], choices, golds)}, ""
+
+
 def task_measures(var_docs: dict, dense_docs: dict, metric: str, confidence: float = 0.95) -> dict:
     """The paired measures of one variant on one task (see the module docstring)."""
     norm = metric == "acc_norm"
@@ -80,34 +109,49 @@ def task_measures(var_docs: dict, dense_docs: dict, metric: str, confidence: flo
     acc = stats.paired_difference(x, y, confidence=confidence)
     out = {"metric": metric, "n": len(keys), "value": float(x.mean()), "dense_value": float(y.mean()),
            "acc_diff": acc.diff, "acc_ci_low": acc.ci_low, "acc_ci_high": acc.ci_high, "acc_se": acc.se}
-    ll_field, pred_field = ("ll_gold_norm", "pred_norm") if norm else ("ll_gold", "pred")
+    pred_field = "pred_norm" if norm else "pred"
     if "gold" in var_docs and "gold" in dense_docs:
-        _, lx, ly = stats.pair_scores(_by_key(var_docs, ll_field), _by_key(dense_docs, ll_field))
-        ll = stats.paired_difference(lx, ly, confidence=confidence)
+        (lv, why_v), (ld, why_d) = _gold_logprobs(var_docs), _gold_logprobs(dense_docs)
+        if lv is not None and ld is not None:
+            _, lx, ly = stats.pair_scores(lv, ld)
+            lp = stats.paired_difference(lx, ly, confidence=confidence)
+            out.update({"gold_logp_diff": lp.diff, "gold_logp_ci_low": lp.ci_low, "gold_logp_ci_high": lp.ci_high,
+                        "gold_logp_se": lp.se, "gold_logp_note": ""})
+        else:
+            out.update(_missing("gold_logp", why_v or why_d))
         _, px, py = stats.pair_scores(_by_key(var_docs, pred_field), _by_key(dense_docs, pred_field))
         flips = int((px != py).sum())
         lo, hi = wilson(flips, len(px), confidence)
         rate = flips / len(px)
-        out.update({"ll_diff": ll.diff, "ll_ci_low": ll.ci_low, "ll_ci_high": ll.ci_high, "ll_se": ll.se,
-                    "flip_rate": rate, "flip_ci_low": lo, "flip_ci_high": hi,
+        out.update({"flip_rate": rate, "flip_ci_low": lo, "flip_ci_high": hi,
                     "flip_se": math.sqrt(rate * (1 - rate) / len(px)),
                     "majority_rate": majority_rate(dense_docs)})
+    else:
+        out.update(_missing("gold_logp", "the per-document records hold no choice records (gold): not computed"))
     return out
 
 
+def _missing(measure: str, why: str) -> dict:
+    return {f"{measure}_diff": math.nan, f"{measure}_ci_low": math.nan, f"{measure}_ci_high": math.nan,
+            f"{measure}_se": math.nan, f"{measure}_note": why}
+
+
 def _macro(rows: list[dict], label: str, confidence: float) -> dict:
-    """Unweighted mean over task rows, normal interval from the per-task standard errors."""
+    """Unweighted mean over task rows, normal interval from the per-task standard errors; a
+    measure missing on any task is missing here too."""
     z = float(scipy_stats.norm.ppf(0.5 + confidence / 2))
     out = {"task": label, "metric": "paper", "n": int(sum(r["n"] for r in rows))}
     for f in ("value", "dense_value", "majority_rate", "skip_ratio", "routed_skip_ratio", "skipped_layers"):
         vals = [r.get(f) for r in rows]
         out[f] = float(np.mean(vals)) if all(v is not None and v == v for v in vals) else math.nan
-    for m in ("acc", "ll", "flip"):
+    for m in ("acc", "gold_logp", "flip"):
         key = "flip_rate" if m == "flip" else f"{m}_diff"
         vals, ses = [r.get(key, math.nan) for r in rows], [r.get(f"{m}_se", math.nan) for r in rows]
         mean = float(np.mean(vals))
         se = math.sqrt(sum(s * s for s in ses)) / len(ses)
         out.update({key: mean, f"{m}_ci_low": mean - z * se, f"{m}_ci_high": mean + z * se, f"{m}_se": se})
+    notes = sorted({r["gold_logp_note"] for r in rows if r.get("gold_logp_note")})
+    out["gold_logp_note"] = "; ".join(notes)
     return out
 
 
@@ -116,10 +160,14 @@ def evidence_measures(run_dir: str | Path, confidence: float = 0.95, num_layers:
     run_dir = Path(run_dir)
     res = json.loads((run_dir / "eval" / "results.json").read_text())
     per_doc, tasks = res["per_doc"], res["tasks"]
-    from rt_lib.evaluation.results import with_variant_columns
+    from rt_lib.evaluation.results import routed_count, with_variant_columns
 
-    table = with_variant_columns(pd.DataFrame(res["results"]))
-    num_layers = num_layers or _num_layers(run_dir)
+    from rt_lib.runs.read import skip_ratio_of_all_layers
+
+    num_layers = num_layers or res["provenance"].get("num_layers") or _num_layers(run_dir)
+    table = skip_ratio_of_all_layers(with_variant_columns(pd.DataFrame(res["results"])),
+                                     res["provenance"].get("skip_ratio_of"), num_layers,
+                                     routed_count(res["provenance"]), str(run_dir / "eval" / "results.json"))
     dense = per_doc["dense"]
     rows = []
     for variant in [v for v in per_doc if v != "dense"]:
@@ -129,8 +177,8 @@ def evidence_measures(run_dir: str | Path, confidence: float = 0.95, num_layers:
                 continue
             r = task_measures(per_doc[variant][task], dense[task], tasks[task]["metric"], confidence)
             t = table[(table.variant == variant) & (table.task == task)]
-            routed = float(t.skip_ratio.iloc[0]) if len(t) and pd.notna(t.skip_ratio.iloc[0]) else math.nan
-            r.update(_skip(variant, t.iloc[0] if len(t) else None, routed, res, num_layers))
+            ratio = float(t.skip_ratio.iloc[0]) if len(t) and pd.notna(t.skip_ratio.iloc[0]) else math.nan
+            r.update(_skip(variant, t.iloc[0] if len(t) else None, ratio, res, num_layers))
             lo, _ = wilson(round(r["dense_value"] * r["n"]), r["n"], confidence)
             r["above_chance"] = bool(lo > r.get("majority_rate", math.nan)) if r.get("majority_rate") == r.get(
                 "majority_rate") else True
@@ -160,8 +208,9 @@ def _num_layers(run_dir: Path) -> int | None:
     return int(json.loads(cfg.read_text())["num_layers"]) if cfg.exists() else None
 
 
-def _skip(variant: str, row, routed_ratio: float, res: dict, num_layers: int | None) -> dict:
-    """Skipped layers per sequence, the paper's skip ratio and the routed-layer fraction."""
+def _skip(variant: str, row, ratio: float, res: dict, num_layers: int | None) -> dict:
+    """Skipped layers per sequence, the paper's skip ratio (``ratio``: results.csv's, of all
+    layers) and the fraction of the routed layers' executions skipped."""
     if row is not None and row.method == "static_drop":
         k = int(row.k)
         return {"skipped_layers": float(k), "skip_ratio": k / num_layers if num_layers else math.nan,
@@ -170,9 +219,9 @@ def _skip(variant: str, row, routed_ratio: float, res: dict, num_layers: int | N
     for part in res.get("provenance", {}).get("parts", [res.get("provenance", {})]):
         if part.get("variant") == variant and part.get("mindskip"):
             n_routed = len(part["mindskip"]["routed_layers"])
-    skipped = routed_ratio * n_routed if n_routed else math.nan
-    return {"skipped_layers": skipped, "skip_ratio": skipped / num_layers if num_layers else math.nan,
-            "routed_skip_ratio": routed_ratio}
+    skipped = ratio * num_layers if num_layers else math.nan
+    return {"skipped_layers": skipped, "skip_ratio": ratio,
+            "routed_skip_ratio": skipped / n_routed if n_routed else math.nan}
 
 
 def _variant_fields(variant: str, table: pd.DataFrame) -> dict:

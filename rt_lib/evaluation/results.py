@@ -1,6 +1,9 @@
 """``EvalResults``: the tables of one evaluation, their files under ``<run>/eval/`` and back.
 
-``results.csv`` (scores per variant, task and metric, with the macro average ``macro_avg``),
+``results.csv`` (scores per variant, task and metric, with the macro average ``macro_avg``, and
+each routed or static-drop variant's skip ratio: skipped sublayer executions / all layers'
+executions, ``rt_lib.runs.read.SKIP_RATIO_OF``; files written when it was of the routed layers
+are converted on loading),
 ``paired.csv`` (each variant's paired difference to dense on the same documents),
 ``skip_stats.csv`` (executed fraction per routed layer and task) and ``results.json`` (all of
 it plus per-document scores and provenance); columns in docs/results_format.md.
@@ -106,14 +109,16 @@ class EvalResults:
     def options(self) -> dict:
         """What the evaluation ran with, as run.json records it (``parameters.eval``): preset,
         model and its dtype, tasks, per-task document limits, batch size, seed, interval
-        confidence and, when routers were evaluated, their MindSkip config."""
+        confidence, when routers were evaluated their MindSkip config, and the model's layer
+        count with the unit of the skip ratios (``num_layers``, ``skip_ratio_of``)."""
         prov = self.provenance
         called = prov.get("parameters") or {}
         mindskip = next((q["mindskip"]["config"] for q in (prov, *prov.get("parts", ()))
                          if (q.get("mindskip") or {}).get("config")), None)  # combined: any part's routers
         return {"preset": self.preset, "model": prov.get("model"), "model_dtype": prov.get("model_dtype"),
                 "tasks": list(self.tasks), **{k: v for k, v in called.items() if k != "tasks"},
-                "confidence": prov.get("confidence"), **({"mindskip": mindskip} if mindskip else {})}
+                "confidence": prov.get("confidence"), **({"mindskip": mindskip} if mindskip else {}),
+                **{k: prov[k] for k in ("num_layers", "skip_ratio_of") if prov.get(k) is not None}}
 
     def only(self, variants: Sequence[str], tasks: Sequence[str] | None = None) -> "EvalResults":
         """The same result restricted to some variants (and tasks), e.g. a run's dense scores to
@@ -190,27 +195,48 @@ class EvalResults:
                    harness=merged["harness"])
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "EvalResults":
-        """Read ``results.json`` (a run folder, its eval/ folder or the file) back, e.g. as a dense reference."""
+    def load(cls, path: str | os.PathLike, num_layers: int | None = None) -> "EvalResults":
+        """Read ``results.json`` (a run folder, its eval/ folder or the file) back, e.g. as a dense
+        reference. A file written when skip ratios were of the routed layers gets them of all
+        layers (``rt_lib.runs.read.skip_ratio_of_all_layers``), which needs the model's layer
+        count: ``num_layers`` (else the ratios are left empty)."""
         import pandas as pd
+
+        from rt_lib.runs.read import SKIP_RATIO_OF, skip_ratio_of_all_layers
 
         path = Path(path)
         if path.is_dir():
             path = path / "results.json" if (path / "results.json").exists() else path / "eval" / "results.json"
         d = json.loads(path.read_text())
+        prov = d["provenance"]
+        table = with_variant_columns(pd.DataFrame(d["results"], columns=[
+            c for c in RESULT_COLUMNS if c not in ("method", "k") or any(c in r for r in d["results"])])
+        ).reindex(columns=RESULT_COLUMNS)
+        written_of = prov.get("skip_ratio_of")
+        if written_of is None:
+            num_layers = num_layers or prov.get("num_layers")
+            prov = {**prov, "skip_ratio_of": SKIP_RATIO_OF, **({"num_layers": num_layers} if num_layers else {})}
+        table = skip_ratio_of_all_layers(table, written_of, num_layers, routed_count(d["provenance"]), str(path))
         return cls(
             preset=d["preset"],
-            table=with_variant_columns(pd.DataFrame(d["results"], columns=[
-                c for c in RESULT_COLUMNS if c not in ("method", "k") or any(c in r for r in d["results"])])
-            ).reindex(columns=RESULT_COLUMNS),
+            table=table,
             paired=pd.DataFrame(d["paired"], columns=PAIRED_COLUMNS),
             skip_stats=pd.DataFrame(d["skip_stats"], columns=SKIP_COLUMNS),
             per_doc=d["per_doc"],
             tasks=d["tasks"],
-            provenance=d["provenance"],
+            provenance=prov,
             wall_time_s=d.get("wall_time_s", {}),
             harness=d.get("harness", {}),
         )
+
+
+def routed_count(provenance: dict) -> int | None:
+    """Number of routed layers of the routers an evaluation (or any of its parts) scored."""
+    for q in (provenance, *provenance.get("parts", ())):
+        layers = (q.get("mindskip") or {}).get("routed_layers")
+        if layers:
+            return len(layers)
+    return None
 
 
 def legacy_variant_columns(variant: str) -> tuple[str, int | None]:

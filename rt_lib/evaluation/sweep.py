@@ -13,9 +13,11 @@ layer count, ``<run>/baselines/static_drop.json`` (the first threshold's match) 
 ``static_drop_k<k>.json`` (the others').
 
 Static drop removes attention sublayers, so it is matched only to routers of ``attn``
-granularity. ``k`` is MindSkip's macro-averaged realised skip ratio times the number of routed
-layers, rounded; ``k = 0`` is the dense model and is not run. Its skip ratio in the tables is
-``k`` / routed layers, the unit of MindSkip's realised ratio.
+granularity. ``k`` is MindSkip's macro-averaged realised number of skipped layers (its skip
+ratio times the model's layers), rounded; ``k = 0`` is the dense model and is not run. Skip
+ratios in the tables are of all the model's layers for both: MindSkip's realised skipped
+executions / all layers' executions, static drop's ``k`` / layers (it may remove any layer but
+the first, routed or not).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rt_lib.tuning.baselines import STATIC_DROP_FILE, attention_importance, static_attention_drop
+from rt_lib.mindskip.architecture import find_decoder
 from rt_lib.runs.checkpoints import attach_routers
 from rt_lib.evaluation.results import MACRO, EvalResults
 from rt_lib.evaluation.driver import evaluate
@@ -84,22 +87,23 @@ def evaluate_sweep(base, tokenizer, run_dir: str | os.PathLike, *, routers: str 
     ms.eval()
     try:
         parts = _mindskip_parts(ms, tokenizer, thresholds, dense_from, common, fresh=routers is None)
-        n_routed, granularity = len(ms.routed_layers), ms.config.granularity
+        granularity = ms.config.granularity
+        num_layers = len(find_decoder(ms.model)[1])
     finally:
         ms.unload()
     if static_drop and granularity != "attn":
         log.warning("static drop removes attention sublayers; these routers gate %s sublayers, so the matched "
                     "comparison does not apply: not run", granularity)
     elif static_drop:
-        ks = matched_layer_counts(parts, n_routed)
+        ks = matched_layer_counts(parts, num_layers)
         drops = _static_drop_parts(base, tokenizer, run_dir, ks, parts[0], common, calibration or {})
         parts += [part for _, part in drops]
     results = EvalResults.combine(parts)
-    # static drop has no gates to count: its skip ratio is removed layers / routed layers, the same
-    # unit as MindSkip's realised ratio (fraction of routed attention sublayers skipped)
+    # static drop has no gates to count: its skip ratio is removed layers / all layers, the definition
+    # of MindSkip's realised ratio (skipped attention executions / all layers')
     is_drop = results.table.method == "static_drop"
     if is_drop.any():
-        results.table.loc[is_drop, "skip_ratio"] = (results.table.loc[is_drop, "k"].astype(float) / n_routed)
+        results.table.loc[is_drop, "skip_ratio"] = (results.table.loc[is_drop, "k"].astype(float) / num_layers)
     results.save(run_dir)
     return results
 
@@ -122,16 +126,16 @@ def _mindskip_parts(ms, tokenizer, thresholds: list[float], dense_from, common: 
     return parts
 
 
-def matched_layer_counts(parts: Sequence[EvalResults], n_routed: int) -> list[int]:
-    """Static drop's ``k`` per threshold: the realised macro-averaged skip ratio of each routed
-    variant times ``n_routed``, rounded; distinct values in the thresholds' order."""
+def matched_layer_counts(parts: Sequence[EvalResults], num_layers: int) -> list[int]:
+    """Static drop's ``k`` per threshold: the realised macro-averaged skip ratio (of all layers) of
+    each routed variant times ``num_layers``, rounded; distinct values in the thresholds' order."""
     realised = {}
     for part in parts:
         for _, r in part.table.query(f"variant != 'dense' and task == '{MACRO}'").iterrows():
             realised[r.threshold] = r.skip_ratio
-            log.info("threshold %g: realised skip ratio %.3f of %d routed sublayers", r.threshold, r.skip_ratio,
-                     n_routed)
-    return list(dict.fromkeys(int(round(s * n_routed)) for s in realised.values()))
+            log.info("threshold %g: realised skip ratio %.3f (%.2f of %d layers)", r.threshold, r.skip_ratio,
+                     r.skip_ratio * num_layers, num_layers)
+    return list(dict.fromkeys(int(round(s * num_layers)) for s in realised.values()))
 
 
 def _static_drop_parts(base, tokenizer, run_dir: Path, ks: list[int], dense: EvalResults, common: dict,

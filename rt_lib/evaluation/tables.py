@@ -65,8 +65,10 @@ def _float(x) -> float:
 def _choice_scores(task, sample: dict) -> dict | None:
     """Per document, what the harness's multiple-choice scoring decided, from its logged
     sample: the gold choice, the predicted choice (raw and per-character log-likelihood, the
-    ``acc``/``acc_norm`` rules of ``ConfigurableTask.process_results``) and the gold choice's
-    log-likelihood (raw and per character). None for other output types or a gold the
+    ``acc``/``acc_norm`` rules of ``ConfigurableTask.process_results``), the gold choice's
+    log-likelihood (raw and per character), every choice's log-likelihood (``ll_choices``,
+    nats, in the task's choice order) and the length ``acc_norm`` divides each by
+    (``choice_chars``, characters of the choice). None for other output types or a gold the
     harness could not place among the choices."""
     if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice" or getattr(task, "multiple_target", False):
         return None
@@ -82,10 +84,12 @@ def _choice_scores(task, sample: dict) -> dict | None:
     per_char = [ll / n for ll, n in zip(lls, lens)]
     return {"gold": gold, "pred": max(range(len(lls)), key=lls.__getitem__),
             "pred_norm": max(range(len(per_char)), key=per_char.__getitem__),
-            "ll_gold": lls[gold], "ll_gold_norm": per_char[gold]}
+            "ll_gold": lls[gold], "ll_gold_norm": per_char[gold], "ll_choices": lls, "choice_chars": lens}
 
 
-CHOICE_FIELDS = ("gold", "pred", "pred_norm", "ll_gold", "ll_gold_norm")
+# per-document fields of a multiple-choice task (``ll_choices`` and ``choice_chars`` are lists, one
+# value per choice; records written before they were stored lack them)
+CHOICE_FIELDS = ("gold", "pred", "pred_norm", "ll_gold", "ll_gold_norm", "ll_choices", "choice_chars")
 
 
 def collect_scores(res: dict, harness_name: str, metrics: Sequence[str], tasks: dict | None = None) -> tuple[dict, dict, int]:

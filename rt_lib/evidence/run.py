@@ -8,8 +8,8 @@ What it scores (every variant on the same documents and prompts, paired with den
 * ``dense``: the base model;
 * ``mindskip_k4``, ``mindskip_k8``: the routers at the thresholds that skip on average 4 and
   8 attention sublayers per sequence on held-out text: 13.3% and 26.7% of the embedded
-  model's 30 layers, the paper's 12.5% and 25% (4 and 8 of Llama-3-8B's 32) rounded to whole
-  layers. The threshold is found by bisection on ``calibration`` blocks of the Wikipedia
+  model's 30 layers, the paper's 12.5% and 25% of all layers (its Figure 2) rounded to whole
+  layers (on the tasks the realised skip differs: ``measures.csv``). The threshold is found by bisection on ``calibration`` blocks of the Wikipedia
   validation text (no task document, no label), because one tuning then serves every
   operating point and the comparison isolates how many layers are skipped;
 * ``static_drop_k<k>``: static attention drop of ``k`` layers, ``k`` = MindSkip's realised
@@ -375,21 +375,25 @@ class Evidence(ModelHolder):
         bar.close()
 
     def static_drop_ks(self) -> list[int]:
-        """k of each MindSkip target: its realised skipped sublayers, macro over the tasks, rounded."""
+        """k of each MindSkip target: its realised skipped layers (skip ratio of all layers x layers),
+        macro over the tasks, rounded."""
         from rt_lib.evaluation.results import EvalResults
 
-        n_layers = self.base.config.num_hidden_layers
+        n_layers = self.num_layers()
         ks = []
         for k in self.targets:
             ratios = []
             if not all((self.part_dir(f"mindskip_k{k}", t) / "eval" / "results.json").exists() for t in self.tasks):
                 continue  # not scored yet: no matched static drop
             for task in self.tasks:
-                t = EvalResults.load(self.part_dir(f"mindskip_k{k}", task)).table
+                t = EvalResults.load(self.part_dir(f"mindskip_k{k}", task), num_layers=n_layers).table
                 ratios.append(float(t[t.variant == f"mindskip_k{k}"].skip_ratio.iloc[0]))
-            routed = len(_read_json(self.routers / "mindskip_config.json")["routed_layers"])
-            ks.append(int(round(sum(ratios) / len(ratios) * routed)))
+            ks.append(int(round(sum(ratios) / len(ratios) * n_layers)))
         return [k for k in dict.fromkeys(ks) if 0 < k <= n_layers]
+
+    def num_layers(self) -> int:
+        """The model's layer count (the routers' config records it)."""
+        return int(_read_json(self.routers / "mindskip_config.json")["num_layers"])
 
     def score_static_drops(self) -> None:
         from rt_lib.tuning.baselines import attention_importance, static_attention_drop
@@ -494,10 +498,10 @@ class Evidence(ModelHolder):
             log.warning("not combined, some tasks still missing (run the same command again to finish): %s",
                         ", ".join(incomplete))
         parts = [p for v, ps in by_variant.items() if v not in incomplete for p in ps]
-        results = EvalResults.combine([EvalResults.load(p) for p in parts])
-        # static drop has no gates to count: its routed-unit skip ratio is k / routed layers, as
-        # rt_lib.evaluation.sweep writes it (the paper's ratio, k / all layers, is in measures.csv)
-        n_routed = len(_read_json(self.routers / "mindskip_config.json")["routed_layers"])
+        num_layers = self.num_layers()
+        results = EvalResults.combine([EvalResults.load(p, num_layers=num_layers) for p in parts])
+        # static drop has no gates to count: its skip ratio is k / all layers, the definition of
+        # MindSkip's realised ratio (as rt_lib.evaluation.sweep writes it)
         # the variants' columns from this run's plan (the parts' own rows agree with it)
         specs = {v["variant"]: (v["method"], v["k"]) for v in self.variants()}
         specs.update({f"static_drop_k{k}": ("static_drop", k) for k in self.static_drop_ks()})
@@ -506,9 +510,8 @@ class Evidence(ModelHolder):
                                                                                  results.table[col])]
         results.table["k"] = results.table["k"].astype("Int64")
         is_drop = results.table.method == "static_drop"
-        results.table.loc[is_drop, "skip_ratio"] = results.table.loc[is_drop, "k"].astype(float) / n_routed
+        results.table.loc[is_drop, "skip_ratio"] = results.table.loc[is_drop, "k"].astype(float) / num_layers
         results.save(self.out)
-        num_layers = int(_read_json(self.routers / "mindskip_config.json")["num_layers"])
         table = evidence_measures(self.out, num_layers=num_layers)
         files.write_csv(self.dir / "measures.csv", table)
         files.write_csv(self.dir / "heldout.csv", heldout_table(self.dir, num_layers))

@@ -273,7 +273,7 @@ def _c2_heldout(run: Path, ev: Path, held: pd.DataFrame, paper: dict, gt0: str, 
         pts = fr[(fr.family == f"mindskip:{win}") & fr.target_skipped.notna()] if win else fr.iloc[:0]
         for _, p in pts.iterrows():
             k = int(p.target_skipped)
-            if k not in (4, 8):  # the paper's two operating points (12.5% and 25% of 32 layers; here of 30)
+            if k not in (4, 8):  # the paper's two operating points (12.5% and 25% of all layers; here ~4 and 8 of 30)
                 continue
             for short, role, what in (("importance", PRIMARY, "the paper's static attention drop (lowest 1 - cos)"),
                                       ("greedy", SECONDARY, "the best static drop found (greedy on calibration loss)")):

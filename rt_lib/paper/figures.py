@@ -190,7 +190,7 @@ def build_evidence_figures(results_root: str | Path, out_figures: str | Path, re
     n_tasks = int((~measures.task.str.startswith("macro")).sum() / max(measures.variant.nunique(), 1))
     written = {"fig2_evidence": plots.save_figure(plot_evidence_fig2(
         measures, ref, f"rt-kit evidence run {run.name}: macro over {n_tasks} tasks\n"
-                       "(published points: Llama-3-8B, paper Figure 2)"), out / "fig2_evidence", formats)}
+                       "(published points: paper Figure 2)"), out / "fig2_evidence", formats)}
     written["evidence_tasks"] = plots.save_figure(plot_task_panels(
         measures, f"accuracy change per task, run {run.name}"), out / "evidence_tasks", formats)
     if heldout_csv.exists():

@@ -72,7 +72,7 @@ def kit_method(method: str) -> str:
 TIDY_COLUMNS = schema.TIDY_RUNS.names
 
 
-def profile_speedup(run: Run, variant: str, threshold: float | None = None, skip_ratio: float | None = None,
+def profile_speedup(run: Run, variant: str, threshold: float | None = None, k: float | None = None,
                     regime: str = "prefill", method: str | None = None) -> float:
     """Measured speedup of one eval operating point from the same run's profile/profile.csv.
 
@@ -80,9 +80,11 @@ def profile_speedup(run: Run, variant: str, threshold: float | None = None, skip
     rows: ``dense`` -> 1 by definition (when the run was profiled); a routed variant
     (``mindskip``, ``lora+mindskip``, ...) -> rows of that variant at the eval threshold
     (rows without a threshold count as measured at the run's configured threshold);
-    ``static_drop*`` -> static_drop rows with the same skip ratio (+-0.01). A profile row's
-    threshold is its ``threshold`` column, else profile/profile.json ``threshold``, else the
-    run's configured one. NaN when the run has no such measurement.
+    ``static_drop*`` -> the profile's static_drop rows when they removed ``k`` layers (the
+    length of profile/profile.json ``static_layers``; a profile without it: its ``skip_ratio``,
+    removed / routed layers, times its routed layers). A profile row's threshold is its
+    ``threshold`` column, else profile/profile.json ``threshold``, else the run's configured
+    one. NaN when the run has no such measurement.
     """
     prof = run.files.get("profile/profile.csv")
     if prof is None:
@@ -93,8 +95,13 @@ def profile_speedup(run: Run, variant: str, threshold: float | None = None, skip
         return 1.0 if (ok["variant"] == "dense").any() else float("nan")
     if method == "static_drop":
         rows = ok[ok["variant"] == "static_drop"]
-        if skip_ratio is not None and not pd.isna(skip_ratio):
-            rows = rows[(rows["skip_ratio"] - float(skip_ratio)).abs() <= 0.01]
+        info = run.files.get("profile/profile.json") or {}
+        if k is not None and not pd.isna(k):
+            if info.get("static_layers") is not None:
+                rows = rows if len(info["static_layers"]) == int(k) else rows.iloc[:0]
+            else:
+                routed = len(info.get("routed_layers") or [])
+                rows = rows[(rows["skip_ratio"] * routed).round() == int(k)] if routed else rows.iloc[:0]
         elif rows["skip_ratio"].round(3).nunique() > 1:
             return float("nan")
     else:
@@ -149,7 +156,7 @@ def _run_rows(run: Run, regime: str) -> list[dict]:
             "threshold": r.threshold, "task": paper_task(r.task), "task_name": r.task, "metric": r.metric,
             "value": r.value, "stderr": r.stderr, "n": r.n, "num_fewshot": r.num_fewshot,
             "skip_ratio": r.skip_ratio,
-            "speedup": profile_speedup(run, r.variant, r.threshold, r.skip_ratio, regime, r.method),
+            "speedup": profile_speedup(run, r.variant, r.threshold, r.k, regime, r.method),
             "diff": diff[0] if diff else float("nan"), "ci_low": diff[1] if diff else float("nan"),
             "ci_high": diff[2] if diff else float("nan"), "created": run.created,
         })
@@ -175,7 +182,8 @@ def collect_runs(root: str | Path = "results", regime: str = "prefill") -> pd.Da
     - ``task``: the paper's column name (``arc_challenge`` -> ``arc_c``, ``openbookqa`` ->
       ``obqa``), ``task_name`` as written by the harness; ``macro_avg`` rows are kept here
       but tables and figures average the tasks themselves;
-    - ``value``, ``stderr``, ``skip_ratio``: fractions as in eval/results.csv;
+    - ``value``, ``stderr``, ``skip_ratio``: fractions as in eval/results.csv (``skip_ratio`` of
+      all layers, files written when it was of the routed layers converted on reading);
     - ``speedup``: from the run's own profile/profile.csv (``profile_speedup``; ``regime``),
       NaN when the run was not profiled at that operating point;
     - ``diff``, ``ci_low``, ``ci_high``: the paired difference to dense from eval/paired.csv.

@@ -180,6 +180,84 @@ def setting(run: Run | str | Path, *keys: str, default: Any = None) -> Any:
     return default if found is None else found
 
 
+# ---------------------------------------------------------------------------- skip ratios
+# eval/results.csv ``skip_ratio`` is the paper's skip ratio: skipped sublayer executions / all layers'
+# executions, i.e. the mean number of layers skipped per sequence (token routing: per token) over the
+# model's layers, for MindSkip (counted by its gates) and static drop (k / layers) alike. Evaluations
+# record ``skip_ratio_of`` (this value) and ``num_layers`` in results.json ``provenance`` and run.json
+# ``parameters.eval``. Files without them were written when it was the fraction of the *routed*
+# layers' executions (static drop: k / routed layers); they are converted on reading.
+SKIP_RATIO_OF = "all layers"
+
+
+def skip_ratio_of_all_layers(table: pd.DataFrame, written_of: Any, num_layers: int | None,
+                             n_routed: int | None, source: str = "") -> pd.DataFrame:
+    """results.csv rows with ``skip_ratio`` of all layers (a new frame).
+
+    ``written_of``: the file's recorded ``skip_ratio_of``; None for a file written before it was
+    recorded, whose ratios are of the routed layers: each becomes ratio x ``n_routed`` /
+    ``num_layers``, a static drop's ``k`` / ``num_layers`` where ``k`` is known. A ratio that
+    cannot be converted (layer counts unknown) becomes NaN, with a warning naming ``source``;
+    never a number in the other unit."""
+    if written_of == SKIP_RATIO_OF or "skip_ratio" not in table:
+        return table
+    if written_of is not None:
+        raise MalformedRun(f"{source or 'eval/results.csv'}: skip_ratio_of {written_of!r} is not "
+                           f"{SKIP_RATIO_OF!r}, the only unit the kit writes")
+    t = table.copy()
+    ratio = pd.to_numeric(t["skip_ratio"], errors="coerce").astype(float)
+    label = (t["method"].where(t["method"].notna(), t["variant"]) if "method" in t else t["variant"]).astype(str)
+    drop = label.str.startswith("static_drop")
+    k = pd.to_numeric(t["k"], errors="coerce").astype(float) if "k" in t else pd.Series(np.nan, index=t.index)
+    from_label = pd.to_numeric(t["variant"].astype(str).str.extract(r"^static_drop_k(\d+)$", expand=False),
+                               errors="coerce")
+    k = k.fillna(from_label.astype(float))
+    out = ratio * (n_routed / num_layers) if num_layers and n_routed else pd.Series(np.nan, index=t.index)
+    if num_layers:
+        known = drop & k.notna()
+        out[known] = k[known] / num_layers
+    lost = ratio.notna() & out.isna()
+    if lost.any():
+        log.warning("%s: skip ratios written as fractions of the routed layers cannot be given as fractions of "
+                    "all layers (%s unknown): left empty", source or "eval/results.csv",
+                    "the model's layer count" if not num_layers else "the routed layer count")
+    t["skip_ratio"] = out.where(ratio.notna() | (drop & out.notna()))
+    return t
+
+
+def routers_num_layers(run_dir: Path, meta: dict) -> int | None:
+    """The model's layer count of a run: run.json (``num_layers``, recorded by evaluations), else
+    the ``mindskip_config.json`` of the routers the run tuned or evaluated (its ``train/routers``, the
+    evidence plan's routers, a pipeline override's ``routers``); None when none says."""
+    found = lookup(meta, "num_layers")
+    if found is not None:
+        return int(found)
+    candidates = [run_dir / "train" / "routers"]
+    plan = run_dir / "evidence" / "plan.json"
+    if plan.is_file():
+        candidates.append(Path(str(_dict(_read_json(plan)).get("routers", ""))))
+    overrides = _dict(_dict(_dict(meta.get("parameters")).get("pipeline")).get("overrides"))
+    candidates += [Path(str(o["routers"])) for o in overrides.values() if isinstance(o, dict) and o.get("routers")]
+    routers = lookup(meta, "routers")
+    if isinstance(routers, str):
+        candidates.append(Path(routers))
+    kit_root = run_dir.resolve().parents[2] if len(run_dir.resolve().parents) > 2 else run_dir
+    for c in candidates:
+        for folder in (c, kit_root / c):
+            cfg = folder / "mindskip_config.json"
+            if str(c) and cfg.is_file():
+                layers = _dict(_read_json(cfg)).get("num_layers")
+                if layers:
+                    return int(layers)
+    return None
+
+
+def _routed_count(meta: dict) -> int | None:
+    cfg = mindskip_config(meta)
+    n = len(cfg.get("routed_layers") or []) or cfg.get("num_routed_layers")
+    return int(n) if n else None
+
+
 # ---------------------------------------------------------------------------- one run folder
 @dataclass
 class Run:
@@ -332,6 +410,12 @@ def read_run(path: str | Path) -> Run:
         return obj
 
     run.meta = upgrade(meta, run.files, read_eval if results_json.is_file() else None)
+    if "eval/results.csv" in run.files:  # skip ratios of all layers, whenever the file was written
+        written_of = lookup(run.meta, "skip_ratio_of")
+        legacy = written_of is None
+        run.files["eval/results.csv"] = skip_ratio_of_all_layers(
+            run.files["eval/results.csv"], written_of, routers_num_layers(path, run.meta) if legacy else None,
+            _routed_count(run.meta) if legacy else None, f"{path.name}/eval/results.csv")
     return run
 
 

@@ -76,8 +76,10 @@ EVAL_RESULTS = FileKind("eval/results.csv", "rt_lib.evaluation.driver", (
     _c("n", "documents scored"),
     _c("num_fewshot", "few-shot examples per prompt"),
     _c("threshold", "router threshold the variant ran at (empty for variants without routers)", numeric=True),
-    _c("skip_ratio", "realised fraction of routed sublayer executions skipped on the task (empty for `dense`)",
-       numeric=True, fraction=True),
+    _c("skip_ratio", "the paper's skip ratio on the task: skipped sublayer executions / all layers' executions, "
+       "i.e. layers skipped per sequence / the model's layers (MindSkip: realised by its gates; static drop: k / "
+       "layers; empty for `dense`); files written before run.json recorded `skip_ratio_of` hold fractions of "
+       "the routed layers and are converted when read", numeric=True, fraction=True),
 ))
 EVAL_PAIRED = FileKind("eval/paired.csv", "rt_lib.evaluation.driver", (
     _c("variant", "variant compared with `dense`"),
@@ -162,7 +164,7 @@ TIDY_RUNS = FileKind("tables/runs.csv", "rt_lib.paper.build", (
     _c("stderr", "standard error of `value`"),
     _c("n", "documents scored"),
     _c("num_fewshot", "few-shot examples per prompt"),
-    _c("skip_ratio", "realised skip ratio"),
+    _c("skip_ratio", "realised skip ratio, of all layers (eval/results.csv)"),
     _c("speedup", "median speedup over the run's profile grid at this operating point (empty: not profiled)"),
     _c("diff", "paired difference to dense from eval/paired.csv"),
     _c("ci_low", "lower end of the interval of `diff`"),
@@ -259,13 +261,18 @@ JSON_FIELDS: dict[str, tuple[Field, ...]] = {
     "eval/results.json": (
         Field("preset", "evaluation preset"),
         Field("provenance", "model, router checkpoint, harness version, seeds, batch size, fewshot source, "
-                            "`parameters`, `mindskip` (the routers' config)"),
+                            "`parameters`, `mindskip` (the routers' config), `num_layers` (the model's layers) and "
+                            "`skip_ratio_of` (`all layers`: the unit of the skip ratios; absent in files written when "
+                            "they were of the routed layers)"),
         Field("tasks", "the tasks and their settings"),
         Field("results", "the rows of eval/results.csv"),
         Field("paired", "the rows of eval/paired.csv"),
         Field("skip_stats", "the rows of eval/skip_stats.csv"),
         Field("wall_time_s", "`{variant: {task: seconds}}`"),
-        Field("per_doc", "per-document scores, for pairing"),
+        Field("per_doc", "per-document records, for pairing, per variant and task: `keys`, `prompt_hash`, one score "
+                         "list per metric and, for multiple-choice tasks, `gold`, `pred`, `pred_norm`, `ll_gold`, "
+                         "`ll_gold_norm`, `ll_choices` (every choice's log-likelihood, nats) and `choice_chars` (the "
+                         "characters acc_norm divides each by); files written before the last two existed lack them"),
         Field("harness", "the harness's own result objects"),
     ),
     "profile/profile.json": (
