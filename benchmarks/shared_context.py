@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from rt_lib import files  # noqa: E402
+from rt_lib.cli.flags import add_deprecated_alias  # noqa: E402
 from rt_lib.evaluation import harness  # noqa: E402
 from rt_lib.evaluation.driver import evaluate  # noqa: E402
 
@@ -70,12 +71,12 @@ class Recorder:
                 "tokens_shared_context": sum(map(len, contexts)) + sum(len(k) - 1 for _, k in self.requests)}
 
 
-def speed(base, tok, task: str, limit, batch_size: int, preset: str) -> dict:
+def speed(base, tok, task: str, limit, batch_size: int, task_set: str) -> dict:
     out, lls = {}, {}
     for order, routing in enumerate(("context+continuation", "context")):
         with Recorder() as rec:
             t0 = time.perf_counter()
-            res = evaluate(base, tok, preset=preset, tasks=[task], limit=limit, batch_size=batch_size,
+            res = evaluate(base, tok, task_set=task_set, tasks=[task], limit=limit, batch_size=batch_size,
                            variant="dense", routing_input=routing)
             out[routing] = time.perf_counter() - t0
         if routing == "context":
@@ -92,12 +93,12 @@ def speed(base, tok, task: str, limit, batch_size: int, preset: str) -> dict:
             "max_abs_ll_gold_diff": float(np.max(np.abs(a - b))) if len(a) and len(a) == len(b) else None}
 
 
-def semantics(ms, tok, task: str, limit, batch_size: int, preset: str) -> dict:
+def semantics(ms, tok, task: str, limit, batch_size: int, task_set: str) -> dict:
     from rt_lib.evaluation.stats import paired_difference
 
     per = {}
     for routing in ("context", "context+continuation"):
-        res = evaluate(ms, tok, preset=preset, tasks=[task], limit=limit, batch_size=batch_size,
+        res = evaluate(ms, tok, task_set=task_set, tasks=[task], limit=limit, batch_size=batch_size,
                        variant="mindskip", dense_reference=False, routing_input=routing)
         docs = res.per_doc["mindskip"][task]
         row = res.table[(res.table.task == task)].iloc[0]
@@ -121,7 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--semantics-tasks", default="hellaswag,piqa")
     ap.add_argument("--semantics-limit", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--preset", default="evidence", help="task preset (evidence: 0-shot, as the evidence run scores)")
+    ap.add_argument("--task-set", default="evidence", help="task set (evidence: 0-shot, as the evidence run scores)")
+    add_deprecated_alias(ap, "--preset", "--task-set")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     from rt_lib.assets.loading import load_model
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     rows = []
     for task in [t for t in a.tasks.split(",") if t]:
-        rows.append(speed(base, tok, task, 2 if task == "mmlu" else a.limit, a.batch_size, a.preset))
+        rows.append(speed(base, tok, task, 2 if task == "mmlu" else a.limit, a.batch_size, a.task_set))
         print(json.dumps(rows[-1]), flush=True)
         files.write_csv(out / "speed.csv", rows)
     ms = attach_routers(base, a.routers)
@@ -139,13 +141,13 @@ def main(argv=None) -> int:
     sem = []
     try:
         for task in [t for t in a.semantics_tasks.split(",") if t]:
-            sem.append(semantics(ms, tok, task, a.semantics_limit, a.batch_size, a.preset))
+            sem.append(semantics(ms, tok, task, a.semantics_limit, a.batch_size, a.task_set))
             print(json.dumps(sem[-1]), flush=True)
             files.write_csv(out / "semantics.csv", sem)
     finally:
         ms.unload()
     files.atomic_write_json(out / "summary.json", {
-        "preset": a.preset, "threads": __import__("torch").get_num_threads(), "model": a.model, "dtype": str(next(base.parameters()).dtype), "routers": a.routers,
+        "task_set": a.task_set, "threads": __import__("torch").get_num_threads(), "model": a.model, "dtype": str(next(base.parameters()).dtype), "routers": a.routers,
         "threshold": ms.config.threshold, "limit": a.limit, "semantics_limit": a.semantics_limit,
         "batch_size": a.batch_size, "speed": rows, "semantics": sem,
         "tokens_ratio_all": sum(r["tokens_per_request"] for r in rows) / max(sum(r["tokens_shared_context"] for r in rows), 1),
