@@ -1,7 +1,7 @@
 """How far bfloat16 moves the dense model's scores, and how much faster it runs, on this machine.
 
 Scores the embedded model in float32 and in bfloat16 on the same documents (the ``quick``
-preset's tasks and shots, ``--limit`` documents per task) and prints, per task, the accuracy
+task set's tasks and shots, ``--limit`` documents per task) and prints, per task, the accuracy
 of each and the fraction of documents whose prediction (``acc``: the chosen answer is right or
 not) is the same; then the wall time of each evaluation and of a dense forward pass over
 ``--batch x --length`` tokens in each dtype, with the ratio. Comparisons in the kit's tables are
@@ -40,7 +40,7 @@ def forward_seconds(model, batch: int, length: int, repeats: int = 3) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default="all", help="comma list of quick-preset tasks, or all")
+    ap.add_argument("--tasks", default="all", help="comma list of the quick task set's tasks, or all")
     ap.add_argument("--limit", type=int, default=100, help="documents per task (MMLU: per subject)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8, help="forward-pass timing: sequences")
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         model, tok = load_model("smollm2-135m-instruct", dtype=dtype)
         forward[dtype] = forward_seconds(model, args.batch, args.length)
         t0 = time.perf_counter()
-        res = evaluate(model, tok, preset="quick", tasks=tasks, limit=args.limit, batch_size=args.batch_size)
+        res = evaluate(model, tok, task_set="quick", tasks=tasks, limit=args.limit, batch_size=args.batch_size)
         runs[dtype] = (res, time.perf_counter() - t0)
         print(f"{dtype}: evaluation {runs[dtype][1]:.1f} s, forward {args.batch}x{args.length} "
               f"{forward[dtype]:.2f} s", flush=True)

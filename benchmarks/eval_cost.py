@@ -1,15 +1,15 @@
-"""How much work an evaluation preset is, before running it.
+"""How much work an evaluation task set is, before running it.
 
-Builds every request of a task preset exactly as ``rt_lib.evaluation.driver.evaluate`` would (same
+Builds every request of a task set exactly as ``rt_lib.evaluation.driver.evaluate`` would (same
 harness tasks, shots, limits, few-shot sampler, tokenizer and truncation), but scores nothing:
 a counting harness model records the model inputs HFLM would run. It prints, per task, the
 documents, requests, distinct forward passes (HFLM shares one pass among requests whose
 context + continuation[:-1] agree, e.g. MMLU's one-letter answers) and input tokens, plus the
 padded tokens with the given batch size. With ``--measure`` it also times the dense model's
 forward pass on this machine at a few lengths and estimates the wall time of one dense pass
-over the preset (a MindSkip variant costs about as much again, minus what it skips).
+over the task set (a MindSkip variant costs about as much again, minus what it skips).
 
-    python benchmarks/eval_cost.py --preset offline [--tasks hellaswag,piqa] [--measure]
+    python benchmarks/eval_cost.py --task-set offline [--tasks hellaswag,piqa] [--measure]
 
 Writes a JSON summary with ``--out FILE``.
 """
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from rt_lib.cli.flags import add_deprecated_alias  # noqa: E402
 from rt_lib.evaluation.driver import DEFAULT_SEEDS, check_request, harness_samples  # noqa: E402
 from rt_lib.evaluation.harness import MindSkipLM, load_task, task_manager  # noqa: E402
 
@@ -87,9 +88,10 @@ def estimate(batches: list[tuple[int, int]], per_batch: dict[int, float], batch_
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="offline")
+    ap.add_argument("--task-set", default="offline", help="a name of rt_lib.evaluation.tasks.TASK_SETS")
+    add_deprecated_alias(ap, "--preset", "--task-set")
     ap.add_argument("--pretrained", default="smollm2-135m-instruct")
-    ap.add_argument("--tasks", default=None, help="comma list of standard task names (default: the preset's)")
+    ap.add_argument("--tasks", default=None, help="comma list of standard task names (default: the task set's)")
     ap.add_argument("--limit", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--measure", action="store_true", help="time the dense forward pass and estimate wall time")
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     from lm_eval import simple_evaluate
 
     tasks = a.tasks.split(",") if a.tasks else None
-    p, names = check_request(a.preset, tasks, a.limit, a.batch_size)
+    p, names = check_request(a.task_set, tasks, a.limit, a.batch_size)
     tm = task_manager(p.offline)
     lm = CountingLM(pretrained=a.pretrained, batch_size=a.batch_size)
     rows, all_batches = [], []
@@ -133,14 +135,14 @@ def main(argv=None) -> int:
     print(f"{'total':<14}{'':>6}{total['docs']:>8}{total['requests']:>10}{total['forward_passes']:>9}"
           f"{total['input_tokens']:>12,}{total['padded_tokens']:>12,}")
     print(f"(requests built in {build_s:.0f} s)")
-    summary = {"preset": a.preset, "model": a.pretrained, "batch_size": a.batch_size, "tasks": rows, "total": total}
+    summary = {"task_set": a.task_set, "model": a.pretrained, "batch_size": a.batch_size, "tasks": rows, "total": total}
     if a.measure:
         print(f"\ntiming the dense forward pass ({torch.get_num_threads()} threads, os.cpu_count {os.cpu_count()}):")
         per_batch = measure(lm.model, a.batch_size)
         est = estimate(all_batches, per_batch, a.batch_size)
         summary.update({"seconds_per_batch": per_batch, "threads": torch.get_num_threads(),
                         "estimated_dense_seconds": round(est, 1)})
-        print(f"estimated dense pass over the preset: {est:,.0f} s = {est / 3600:.1f} h "
+        print(f"estimated dense pass over the task set: {est:,.0f} s = {est / 3600:.1f} h "
               f"(a MindSkip variant with its dense reference: about twice that)")
     if a.out:
         Path(a.out).write_text(json.dumps(summary, indent=2))

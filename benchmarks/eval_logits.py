@@ -7,7 +7,7 @@ batch. This benchmark evaluates the same documents both ways, alternating the or
 (off, on, on, off, ...), and prints the wall time of each round, the median ratio, and how
 far the per-document log-likelihoods and predictions of the two ways differ.
 
-    python benchmarks/eval_logits.py [--tasks piqa,hellaswag,arc_challenge] [--limit 100] [--rounds 2] [--preset quick]
+    python benchmarks/eval_logits.py [--tasks piqa,hellaswag,arc_challenge] [--limit 100] [--rounds 2] [--task-set quick]
         [--routers results/runs/cpu-main/train/routers] [--dtype float32] [--batch-size 8]
 """
 
@@ -24,13 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from rt_lib.assets.loading import load_model  # noqa: E402
+from rt_lib.cli.flags import add_deprecated_alias  # noqa: E402
 from rt_lib.evaluation.driver import evaluate  # noqa: E402
 from rt_lib.mindskip.model import MindSkipModel  # noqa: E402
 
 
 def one_round(ms, tok, args, where_read: bool):
     t0 = time.perf_counter()
-    res = evaluate(ms, tok, preset=args.preset, tasks=args.tasks.split(","), limit=args.limit,
+    res = evaluate(ms, tok, task_set=args.task_set, tasks=args.tasks.split(","), limit=args.limit,
                    batch_size=args.batch_size, logits_where_read=where_read)
     return time.perf_counter() - t0, res
 
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="piqa,hellaswag,arc_challenge")
     ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--preset", default="quick", help="task preset: quick (0-shot) or offline (the paper's shots)")
+    ap.add_argument("--task-set", default="quick", help="task set: quick (0-shot) or offline (the paper's shots)")
+    add_deprecated_alias(ap, "--preset", "--task-set")
     ap.add_argument("--rounds", type=int, default=2, help="pairs of (off, on) runs, order alternating")
     ap.add_argument("--routers", default="results/runs/cpu-main/train/routers")
     ap.add_argument("--dtype", default="float32")
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
             times[where_read].append(secs)
             results[where_read] = res
             print(f"round {r + 1}: logits {'where read' if where_read else 'everywhere'}: {secs:.1f} s "
-                  f"(dense + MindSkip, {args.preset} {args.tasks}, {args.limit} docs/task)", flush=True)
+                  f"(dense + MindSkip, {args.task_set} {args.tasks}, {args.limit} docs/task)", flush=True)
     off, on = statistics.median(times[False]), statistics.median(times[True])
     worst, agree, n = compare(results[False], results[True])
     print(f"median: everywhere {off:.1f} s, where read {on:.1f} s, ratio {off / on:.2f}x")

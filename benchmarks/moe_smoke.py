@@ -7,7 +7,7 @@ profiler's variants.
 The model is built here, nothing is downloaded: an OLMoE config with 4 layers, hidden 64, 4
 attention heads, 8 experts of width 128, top-2, the kit's byte tokenizer
 (`rt_lib.tuning.data.byte_tokenizer`, 259 ids), random weights (seed 0). What it writes:
-- `train/`: Router-Tuning (`rt_lib.tuning.train`, the `smoke` training preset: packed
+- `train/`: Router-Tuning (`rt_lib.tuning.train`, the `smoke` training recipe: packed
   64-token blocks of wikipedia-en; lr 1e-2, lambda 0.1, target capacity 0.5) of token-level
   routers on the sparse MoE blocks of layers 1 and 2, `--steps` optimiser steps. The routers
   start at score 0.9 (`router_init`), every block kept, and move down to mixed decisions; from
@@ -110,9 +110,9 @@ def main(argv=None) -> int:
     t_load = time.perf_counter() - t0 - t_train
 
     # 3. the profiler's variants on the smoke grid (profile/)
-    settings = profiling.preset("smoke", skip_k=1, threads=a.threads)
+    settings = profiling.grid("smoke", skip_k=1, threads=a.threads)
     prof_rows, cond, _ = run_step(model, tok, out, settings, routers=str(routers), text="wikipedia-en",
-                                  preset_name="smoke", model_name=MODEL_NAME, progress=False)
+                                  grid_name="smoke", model_name=MODEL_NAME, progress=False)
     t_prof = time.perf_counter() - t0 - t_train - t_load
 
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):

@@ -2,7 +2,7 @@
 
     python benchmarks/prefill_threads.py [--batch 8] [--context 1024] [--dtype auto] [--rounds 2]
 
-The profiler times decode steps with the preset's thread count (one on the `quick` preset) but
+The profiler times decode steps with the grid's thread count (one on the `quick` grid) but
 prefills each decode context, which nobody times, with every usable core
 (`rt_lib.speed.timing.prefill`). This prints the prefill time of one `batch x context`
 prompt of the embedded model at one thread and at every usable core, interleaved over

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from rt_lib import files  # noqa: E402
+from rt_lib.cli.flags import add_deprecated_alias  # noqa: E402
 from rt_lib.evaluation import harness  # noqa: E402
 from rt_lib.evaluation.driver import evaluate  # noqa: E402
 
@@ -79,12 +80,12 @@ class Recorder:
                 "tokens_shared_context": sum(map(len, contexts)) + sum(len(k) - 1 for _, k in self.requests)}
 
 
-def speed(base, tok, task: str, limit, batch_size: int, preset: str) -> dict:
+def speed(base, tok, task: str, limit, batch_size: int, task_set: str) -> dict:
     out, lls = {}, {}
     for order, routing in enumerate(("context+continuation", "context")):
         with Recorder() as rec:
             t0 = time.perf_counter()
-            res = evaluate(base, tok, preset=preset, tasks=[task], limit=limit, batch_size=batch_size,
+            res = evaluate(base, tok, task_set=task_set, tasks=[task], limit=limit, batch_size=batch_size,
                            variant="dense", routing_input=routing)
             out[routing] = time.perf_counter() - t0
         if routing == "context":
@@ -122,11 +123,11 @@ def padded_positions(requests, max_length: int, batch_size: int, packed: bool) -
     return {"prefill": prefill, "continuations": cont, "projected": projected + len(ctxs)}
 
 
-def packing(base, tok, task: str, limit, batch_size: int, preset: str, repeats: int) -> dict:
+def packing(base, tok, task: str, limit, batch_size: int, task_set: str, repeats: int) -> dict:
     from rt_lib.evaluation.shared_context import score_shared_context
 
     with Recorder() as rec:
-        res = evaluate(base, tok, preset=preset, tasks=[task], limit=limit, batch_size=batch_size, variant="dense")
+        res = evaluate(base, tok, task_set=task_set, tasks=[task], limit=limit, batch_size=batch_size, variant="dense")
     reqs, docs = rec.requests, len(res.per_doc["dense"][task]["keys"])
     wall = {False: [], True: []}
     got = {}
@@ -149,12 +150,12 @@ def packing(base, tok, task: str, limit, batch_size: int, preset: str, repeats: 
     return row
 
 
-def semantics(ms, tok, task: str, limit, batch_size: int, preset: str) -> dict:
+def semantics(ms, tok, task: str, limit, batch_size: int, task_set: str) -> dict:
     from rt_lib.evaluation.stats import paired_difference
 
     per = {}
     for routing in ("context", "context+continuation"):
-        res = evaluate(ms, tok, preset=preset, tasks=[task], limit=limit, batch_size=batch_size,
+        res = evaluate(ms, tok, task_set=task_set, tasks=[task], limit=limit, batch_size=batch_size,
                        variant="mindskip", dense_reference=False, routing_input=routing)
         docs = res.per_doc["mindskip"][task]
         row = res.table[(res.table.task == task)].iloc[0]
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--semantics-tasks", default="hellaswag,piqa")
     ap.add_argument("--semantics-limit", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--preset", default="evidence", help="task preset (evidence: 0-shot, as the evidence run scores)")
+    ap.add_argument("--task-set", default="evidence", help="task set (evidence: 0-shot, as the evidence run scores)")
+    add_deprecated_alias(ap, "--preset", "--task-set")
     ap.add_argument("--packing-tasks", default="", help="tasks for part 3 (packed against repeated continuations)")
     ap.add_argument("--packing-limit", type=int, default=200)
     ap.add_argument("--packing-repeats", type=int, default=1)
@@ -191,12 +193,12 @@ def main(argv=None) -> int:
     out = Path(a.out)
     rows = []
     for task in [t for t in a.tasks.split(",") if t]:
-        rows.append(speed(base, tok, task, 2 if task == "mmlu" else a.limit, a.batch_size, a.preset))
+        rows.append(speed(base, tok, task, 2 if task == "mmlu" else a.limit, a.batch_size, a.task_set))
         print(json.dumps(rows[-1]), flush=True)
         files.write_csv(out / "speed.csv", rows)
     pk = []
     for task in [t for t in a.packing_tasks.split(",") if t]:
-        pk.append(packing(base, tok, task, a.packing_limit, a.batch_size, a.preset, a.packing_repeats))
+        pk.append(packing(base, tok, task, a.packing_limit, a.batch_size, a.task_set, a.packing_repeats))
         print(json.dumps(pk[-1]), flush=True)
         files.write_csv(out / "packing.csv", pk)
     ms = attach_routers(base, a.routers)
@@ -204,13 +206,13 @@ def main(argv=None) -> int:
     sem = []
     try:
         for task in [t for t in a.semantics_tasks.split(",") if t]:
-            sem.append(semantics(ms, tok, task, a.semantics_limit, a.batch_size, a.preset))
+            sem.append(semantics(ms, tok, task, a.semantics_limit, a.batch_size, a.task_set))
             print(json.dumps(sem[-1]), flush=True)
             files.write_csv(out / "semantics.csv", sem)
     finally:
         ms.unload()
     files.atomic_write_json(out / "summary.json", {
-        "preset": a.preset, "threads": __import__("torch").get_num_threads(), "model": a.model, "dtype": str(next(base.parameters()).dtype), "routers": a.routers,
+        "task_set": a.task_set, "threads": __import__("torch").get_num_threads(), "model": a.model, "dtype": str(next(base.parameters()).dtype), "routers": a.routers,
         "threshold": ms.config.threshold, "limit": a.limit, "semantics_limit": a.semantics_limit,
         "batch_size": a.batch_size, "speed": rows, "semantics": sem, "packing": pk,
         "tokens_ratio_all": (sum(r["tokens_per_request"] for r in rows) / max(sum(r["tokens_shared_context"] for r in rows), 1)

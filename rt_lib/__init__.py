@@ -14,7 +14,7 @@ import, at module level or inside a function):
 ``assets``      asset packages, models, benchmark data, GGUF files, the asset cache
 ``mindskip``    the model core: config, architecture, gates, removal, the MindSkip model
 ``runs``        run folders: run.json records, steps, schema, reading folders, checkpoints
-``tuning``      Router-Tuning: train config and presets, data, recipe, trainer state, held-out
+``tuning``      Router-Tuning: train config and recipes, data, the tuner, trainer state, held-out
                 loss, the training loop, the router study, the baselines
 ``evaluation``  lm-evaluation-harness: harness model, tasks, driver, results, tables,
                 measures, paired statistics, the threshold sweep

@@ -200,7 +200,7 @@ def test_fewshot_examples_do_not_depend_on_process_layout_or_limit(tm):
 
 
 def test_standard_tasks_get_per_document_examples_from_another_split(tm, tmp_path):
-    """The paper preset's path: examples from a train split (the harness passes no eval_doc)."""
+    """The paper task set's path: examples from a train split (the harness passes no eval_doc)."""
     from lm_eval.api.samplers import ContextSampler
 
     from rt_lib.evaluation.harness import seed_fewshot_per_document
@@ -265,7 +265,7 @@ def quick_run(tok, tmp_path_factory):
     ms = routed(model, layers=(1, 2), seed=3)
     ms.force({1: False})  # layer 1 skipped for every input, layer 2 routed
     out = tmp_path_factory.mktemp("run") / "tiny-quick"
-    res = evaluate(ms, tok, preset="quick", tasks=["piqa", "rte"], limit=8, batch_size=4, out_dir=out)
+    res = evaluate(ms, tok, task_set="quick", tasks=["piqa", "rte"], limit=8, batch_size=4, out_dir=out)
     return res, out, ms
 
 
@@ -308,7 +308,7 @@ def test_static_drop_and_mindskip_skip_ratios_share_one_definition(tok):
     model = tiny_llama(tok, seed=4)
     ms = routed(model, layers=(1, 2))
     ms.force({1: False, 2: False})
-    common = dict(preset="quick", tasks=["rte"], limit=3, batch_size=4, dense_reference=False)
+    common = dict(task_set="quick", tasks=["rte"], limit=3, batch_size=4, dense_reference=False)
     a = evaluate(ms, tok, **common)
     ms.unload()
     drop = drop_sublayers(model, [1, 2])
@@ -365,7 +365,8 @@ def test_result_files_follow_the_format(quick_run):
     assert list(pd.read_csv(out / "eval" / "skip_stats.csv").columns) == SKIP_COLUMNS
     j = json.loads((out / "eval" / "results.json").read_text())
     prov = j["provenance"]
-    for key in ("model", "preset", "harness_version", "seeds", "batch_size", "git_revision", "fewshot_source", "versions"):
+    assert j["task_set"] == "quick" and "preset" not in j
+    for key in ("model", "task_set", "harness_version", "seeds", "batch_size", "git_revision", "fewshot_source", "versions"):
         assert key in prov, key
     assert prov["harness_version"] == lm_eval.__version__ and prov["batch_size"] == 4
     assert len(prov["mindskip"]["router_weights_sha256"]) == 64
@@ -383,15 +384,15 @@ def test_result_files_follow_the_format(quick_run):
 
 def test_saved_dense_reference_pairs_like_a_fresh_one(tok, quick_run):
     res, out, ms = quick_run
-    again = evaluate(ms, tok, preset="quick", tasks=["rte"], limit=8, batch_size=2, dense_reference=out)
+    again = evaluate(ms, tok, task_set="quick", tasks=["rte"], limit=8, batch_size=2, dense_reference=out)
     assert "dense" not in set(again.table.variant)
     a = again.paired[again.paired.metric == "acc"].iloc[0]
     b = res.paired[(res.paired.task == "rte") & (res.paired.metric == "acc")].iloc[0]
     assert (a["diff"], a.ci_low, a.ci_high) == pytest.approx((b["diff"], b.ci_low, b.ci_high))
     with pytest.raises(ValueError, match="lacks tasks"):
-        evaluate(ms, tok, preset="quick", tasks=["boolq"], limit=2, dense_reference=out)
+        evaluate(ms, tok, task_set="quick", tasks=["boolq"], limit=2, dense_reference=out)
     with pytest.raises(ValueError, match="same limit"):
-        evaluate(ms, tok, preset="quick", tasks=["rte"], limit=4, dense_reference=out)
+        evaluate(ms, tok, task_set="quick", tasks=["rte"], limit=4, dense_reference=out)
 
 
 def test_reused_dense_scores_combine_with_a_new_variant(tok, quick_run):
@@ -399,7 +400,7 @@ def test_reused_dense_scores_combine_with_a_new_variant(tok, quick_run):
     dense = EvalResults.load(out).only(["dense"], tasks=["rte"])
     assert set(dense.table.variant) == {"dense"} and set(dense.table.task) == {"rte"}
     assert list(dense.per_doc) == ["dense"] and list(dense.tasks) == ["rte"] and len(dense.paired) == 0
-    again = evaluate(ms, tok, preset="quick", tasks=["rte"], limit=8, batch_size=2, variant="again",
+    again = evaluate(ms, tok, task_set="quick", tasks=["rte"], limit=8, batch_size=2, variant="again",
                      dense_reference=dense)
     both = EvalResults.combine([dense, again])
     assert set(both.table.variant) == {"dense", "again"}
@@ -415,7 +416,7 @@ def test_dense_reference_of_another_model_is_refused(tok, quick_run):
     ref = EvalResults.load(out)
     ref.provenance["model"] = "some-other-model"
     with pytest.raises(ValueError, match="same base model"):
-        evaluate(ms, tok, preset="quick", tasks=["rte"], limit=8, batch_size=2, dense_reference=ref)
+        evaluate(ms, tok, task_set="quick", tasks=["rte"], limit=8, batch_size=2, dense_reference=ref)
 
 
 # ------------------------------------------------------------------ bad input, before any work
@@ -438,8 +439,8 @@ def no_harness(monkeypatch):
     ({"limit": 0}, "no documents"),
     ({"limit": -3}, "no documents"),
     ({"batch_size": 0}, "batch_size"),
-    ({"preset": "fast"}, "unknown preset"),
-    ({"preset": "paper"}, "HF_HUB_OFFLINE"),
+    ({"task_set": "fast"}, "unknown task set 'fast'; task sets: paper, offline, quick, evidence, evidence-whole"),
+    ({"task_set": "paper"}, "HF_HUB_OFFLINE"),
     ({"confidence": 95}, "confidence"),
 ])
 def test_bad_input_raises_before_running(tok, no_harness, kwargs, match):
@@ -462,11 +463,32 @@ def test_router_checkpoint_for_another_model_is_refused(tok, tmp_path):
 def test_cli_rejects_bad_input_before_loading_a_model(monkeypatch):
     monkeypatch.setattr(assets, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match="unknown task"):
-        main(["preset", "--tasks", "piqa,nope"])
+        main(["run", "--tasks", "piqa,nope"])
     with pytest.raises(ValueError, match="no documents"):
-        main(["preset", "--limit", "0"])
+        main(["run", "--limit", "0"])
     with pytest.raises(ValueError, match="no documents"):  # the harness CLI path
         main(["--model", "mindskip", "--model_args", "pretrained=tiny-random-llama", "--tasks", "rte_offline", "--limit", "0"])
+
+
+def test_cli_task_set_flag_and_its_deprecated_spellings(monkeypatch, capsys):
+    """``evaluate run --task-set``; the old ``evaluate preset`` and ``--preset`` still work, each
+    with a one-line note, and an unknown task set names the choices."""
+    monkeypatch.setattr(assets, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match="unknown task"):
+        main(["run", "--task-set", "offline", "--tasks", "nope"])
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="for task set 'evidence'"):
+        main(["preset", "--preset", "evidence", "--tasks", "nope"])
+    assert capsys.readouterr().err.splitlines() == ["note: evaluate preset is deprecated, use evaluate run",
+                                                     "note: --preset is deprecated, use --task-set"]
+    with pytest.raises(SystemExit):
+        main(["run", "--task-set", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_evaluate_takes_the_old_preset_keyword_with_a_warning(tok, no_harness):
+    with pytest.warns(DeprecationWarning, match="task_set"), pytest.raises(ValueError, match="unknown task set 'fast'"):
+        evaluate(tiny_llama(tok), tok, preset="fast")
 
 
 @pytest.mark.slow
@@ -531,7 +553,7 @@ def test_eval_cost_counts_the_requests_hflm_would_run(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "cost.json"
-    assert mod.main(["--preset", "quick", "--pretrained", "tiny-random-llama", "--tasks", "piqa,mmlu",
+    assert mod.main(["--task-set", "quick", "--pretrained", "tiny-random-llama", "--tasks", "piqa,mmlu",
                      "--limit", "3", "--out", str(out)]) == 0
     rows = {r["task"]: r for r in json.loads(out.read_text())["tasks"]}
     assert rows["piqa"]["docs"] == 3 and rows["piqa"]["requests"] == 6  # two solutions per question
@@ -571,7 +593,7 @@ def test_offline_tasks_load_without_download_counts_and_leave_the_setting_as_it_
     import datasets.config
 
     from rt_lib.evaluation.harness import load_task, task_manager
-    from rt_lib.evaluation.tasks import TASK_PRESETS
+    from rt_lib.evaluation.tasks import TASK_SETS
 
     seen = []
     tm = task_manager(offline=True)
@@ -579,6 +601,15 @@ def test_offline_tasks_load_without_download_counts_and_leave_the_setting_as_it_
     monkeypatch.setattr(tm, "load", lambda names: seen.append(datasets.config.HF_UPDATE_DOWNLOAD_COUNTS)
                         or real_load(names))
     monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
-    name, task = load_task(tm, TASK_PRESETS["quick"], "rte")
+    name, task = load_task(tm, TASK_SETS["quick"], "rte")
     assert name == "rte_offline" and len(task.eval_docs) > 0
     assert seen == [False] and datasets.config.HF_UPDATE_DOWNLOAD_COUNTS is True
+
+
+def test_results_written_before_the_rename_load_with_their_task_set():
+    """Committed eval/results.json files call the task set ``preset``; loading them (as a dense
+    reference, or to combine the evidence run's parts) reads it as the task set."""
+    old = ROOT / "results" / "runs" / "cpu-main" / "eval" / "results.json"
+    assert json.loads(old.read_text())["preset"] == "quick"
+    res = EvalResults.load(old)
+    assert res.task_set == "quick" and res.options()["task_set"] == "quick"

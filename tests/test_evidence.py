@@ -18,7 +18,7 @@ from rt_lib.assets import loading as assets
 from rt_lib.evaluation.results import MACRO, EvalResults
 from rt_lib.evaluation.driver import evaluate
 from rt_lib.evaluation.harness import float32_logits
-from rt_lib.evaluation.tasks import TASK_PRESETS, sample_documents
+from rt_lib.evaluation.tasks import TASK_SETS, sample_documents
 
 from test_evaluation import routed, tiny_llama
 
@@ -43,20 +43,20 @@ def test_sample_documents_is_a_fixed_draw_of_n_pooled_documents():
         sample_documents(sizes, 0, seed=3)
 
 
-def test_a_sampled_preset_scores_exactly_the_drawn_documents(tok, monkeypatch):
-    monkeypatch.setitem(TASK_PRESETS, "evidence", replace(TASK_PRESETS["evidence"], sample=6))
-    res = evaluate(tiny_llama(tok), tok, preset="evidence", tasks=["rte"], batch_size=4)
+def test_a_sampled_task_set_scores_exactly_the_drawn_documents(tok, monkeypatch):
+    monkeypatch.setitem(TASK_SETS, "evidence", replace(TASK_SETS["evidence"], sample=6))
+    res = evaluate(tiny_llama(tok), tok, task_set="evidence", tasks=["rte"], batch_size=4)
     keys = [tuple(k) for k in res.per_doc["dense"]["rte"]["keys"]]
-    drawn = sample_documents({"rte_offline": 277}, 6, TASK_PRESETS["evidence"].sample_seed)
+    drawn = sample_documents({"rte_offline": 277}, 6, TASK_SETS["evidence"].sample_seed)
     assert keys == [("rte_offline", i) for i in drawn["rte_offline"]]
-    assert res.tasks["rte"]["sample"] == {"n": 6, "seed": TASK_PRESETS["evidence"].sample_seed, "of": 277}
+    assert res.tasks["rte"]["sample"] == {"n": 6, "seed": TASK_SETS["evidence"].sample_seed, "of": 277}
 
 
 # ------------------------------------------------------------------------- choice records
 def test_choice_records_reproduce_the_harness_scores(tok):
     """gold/pred/pred_norm per document give back the harness's acc and acc_norm, for a plain
     task, a length-normalised one and WinoGrande's partial scoring (gold from doc_to_text)."""
-    res = evaluate(tiny_llama(tok), tok, preset="quick", tasks=["arc_challenge", "boolq", "winogrande"], limit=6,
+    res = evaluate(tiny_llama(tok), tok, task_set="quick", tasks=["arc_challenge", "boolq", "winogrande"], limit=6,
                    batch_size=4)
     for task, d in res.per_doc["dense"].items():
         assert len(d["gold"]) == len(d["keys"]) == 6
@@ -115,7 +115,7 @@ def parts_and_whole(tok, tmp_path_factory):
     model = tiny_llama(tok, seed=1)
     ms = routed(model, layers=(1, 2), seed=2)
     ms.eval()
-    tasks, common = ["boolq", "rte"], dict(preset="quick", limit=5, batch_size=4)
+    tasks, common = ["boolq", "rte"], dict(task_set="quick", limit=5, batch_size=4)
     whole = evaluate(ms, tok, tasks=tasks, **common)
     dense = {t: evaluate(ms, tok, tasks=[t], variant="dense", **common) for t in tasks}
     parts = list(dense.values()) + [evaluate(ms, tok, tasks=[t], variant="mindskip", dense_reference=dense[t],
@@ -141,8 +141,8 @@ def test_parts_per_task_combine_to_the_same_tables_as_one_evaluation(parts_and_w
 
 def test_combine_refuses_a_task_scored_on_other_documents(tok):
     model = tiny_llama(tok)
-    a = evaluate(model, tok, preset="quick", tasks=["rte"], limit=3, batch_size=4)
-    b = evaluate(model, tok, preset="quick", tasks=["rte"], limit=4, batch_size=4, variant="other",
+    a = evaluate(model, tok, task_set="quick", tasks=["rte"], limit=3, batch_size=4)
+    b = evaluate(model, tok, task_set="quick", tasks=["rte"], limit=4, batch_size=4, variant="other",
                  dense_reference=False)
     with pytest.raises(ValueError, match="same documents"):
         EvalResults.combine([a, b])
@@ -271,12 +271,32 @@ def test_speedup_interval_from_paired_rounds():
 
 
 # ------------------------------------------------------------------------- the run
+def test_evidence_names_the_task_sets_and_grids_and_reads_an_older_plan(tmp_path):
+    """A wrong task set or grid is refused with the choices before anything runs; a plan.json
+    written when the task set was recorded as ``task_preset`` is continued, not refused."""
+    from rt_lib.evidence.run import Evidence
+
+    routers = ROOT / "results" / "runs" / "cpu-main" / "train" / "routers"
+    with pytest.raises(ValueError, match="unknown task set 'quik'; task sets: paper, offline, quick"):
+        Evidence(tmp_path / "ev", routers, task_set="quik")
+    with pytest.raises(ValueError, match="unknown profile grid 'fast'; grids: smoke, quick, full"):
+        Evidence(tmp_path / "ev", routers, profile_grid="fast")
+    ev = Evidence(tmp_path / "ev", routers, tasks=["rte"], limit=3)
+    plan = ev.plan()
+    assert plan["task_set"] == "evidence"
+    older = {("task_preset" if k == "task_set" else k): v for k, v in plan.items()}
+    (ev.dir / "plan.json").write_text(json.dumps(older))
+    assert Evidence(tmp_path / "ev", routers, tasks=["rte"], limit=3).plan() == plan
+    with pytest.raises(ValueError, match=r"other settings \(\['task_set'\]\)"):
+        Evidence(tmp_path / "ev", routers, tasks=["rte"], limit=3, task_set="evidence-whole").plan()
+
+
 @pytest.mark.slow
 def test_evidence_run_resumes_and_decides_claims(tmp_path):
     from rt_lib.evidence.run import Evidence
 
     out = tmp_path / "ev"
-    kw = dict(tasks=["rte"], limit=3, targets=(4,), calibration_blocks=2, heldout_blocks=3, profile_preset="smoke")
+    kw = dict(tasks=["rte"], limit=3, targets=(4,), calibration_blocks=2, heldout_blocks=3, profile_grid="smoke")
     routers = ROOT / "results" / "runs" / "cpu-main" / "train" / "routers"
     Evidence(out, routers, **kw).run()
     parts = sorted((out / "evidence" / "parts").iterdir())

@@ -69,8 +69,11 @@ def test_figure_names_of_run_ids_never_collide():
 
 # ----------------------------------------------------------------------------- command lines
 @pytest.mark.parametrize("argv", [
-    ["train", "--lr", "-1", "--preset", "smoke"],
-    ["train", "--resume-from", "/nonexistent/ckpt", "--preset", "smoke"],
+    ["train", "--lr", "-1", "--recipe", "smoke"],
+    ["train", "--resume-from", "/nonexistent/ckpt", "--recipe", "smoke"],
+    ["train", "--recipe", "huge"],
+    ["train", "--preset", "huge"],  # the deprecated spelling: a note, then the same error
+    ["evidence", "--out", "{tmp}/ev", "--routers", "results/runs/cpu-main", "--task-set", "nope"],
     ["evidence", "--out", "{tmp}/ev", "--routers", "/nonexistent/routers"],
     ["evidence", "--out", "{tmp}/ev", "--routers", "results/runs/cpu-main", "--combine-only"],  # nothing to combine
     ["evidence", "--out", "results/runs/evidence-cpu", "--routers", "results/runs/cpu-main", "--combine-only",
@@ -78,8 +81,8 @@ def test_figure_names_of_run_ids_never_collide():
     ["evidence", "--out", "{tmp}/ev", "--routers", "results/runs/cpu-main", "--routing-input", "answer"],
     ["frontier", "--out", "{tmp}/fr", "--routers", "a=/nonexistent/routers"],
     ["plan", "--preset", "nope"],
-    ["evaluate", "preset", "--pretrained", "tiny-random-llama", "--tasks", "nope", "--out", "{tmp}/e"],
-    ["evaluate", "preset", "--pretrained", "tiny-random-llama", "--tasks", "rte", "--limit", "0", "--out", "{tmp}/e"],
+    ["evaluate", "run", "--pretrained", "tiny-random-llama", "--tasks", "nope", "--out", "{tmp}/e"],
+    ["evaluate", "run", "--pretrained", "tiny-random-llama", "--tasks", "rte", "--limit", "0", "--out", "{tmp}/e"],
     ["reproduce", "--run-id", "../x", "--preset", "smoke", "--out", "{tmp}"],
     ["reproduce", "--run-id", "a/b", "--preset", "smoke", "--out", "{tmp}"],
 ])
@@ -105,7 +108,8 @@ def test_a_corrupt_run_record_is_named(tmp_path):
         runs.load_run(run)
 
 
-@pytest.mark.parametrize("argv", [["train", "--lr", "abc", "--preset", "smoke"], ["frontier", "--levels"]])
+@pytest.mark.parametrize("argv", [["train", "--lr", "abc", "--recipe", "smoke"], ["frontier", "--levels"],
+                                  ["profile", "--grid", "huge", "--out", "x"]])
 def test_a_malformed_option_gives_usage_and_status_2_without_traceback(capsys, argv):
     from rt_lib.cli import main
 
@@ -119,7 +123,7 @@ def test_debug_keeps_the_traceback():
     from rt_lib.cli import main
 
     with pytest.raises(ValueError, match="lr must be positive"):
-        main(["--debug", "train", "--lr", "-1", "--preset", "smoke"])
+        main(["--debug", "train", "--lr", "-1", "--recipe", "smoke"])
 
 
 # ----------------------------------------------------------------------------- one process per run folder

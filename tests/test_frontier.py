@@ -11,7 +11,7 @@ import torch
 
 from rt_lib.paper import claims
 from rt_lib.evidence.frontier import Frontier, frontier_table, input_dependence, static_at, winning_recipe
-from rt_lib.tuning.router_study import RECIPES, recipe_table
+from rt_lib.tuning.router_study import STUDY_RECIPES, recipe_table
 from rt_lib.tuning.config import make_config
 
 
@@ -135,7 +135,7 @@ def test_recipe_table_flags_a_collapsed_log(tmp_path):
 
 
 def test_every_recipe_is_a_valid_training_configuration():
-    for name, (overrides, what) in RECIPES.items():
+    for name, (overrides, what) in STUDY_RECIPES.items():
         cfg = make_config("cpu", **{k: v for k, v in overrides.items() if k != "save_every"})
         assert what and cfg.mindskip_config()
 

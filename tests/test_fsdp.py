@@ -53,7 +53,7 @@ def test_two_process_fsdp_equals_one_process(tmp_path):
     script.write_text(SCRIPT)
     # `--multi_gpu` starts two processes through torchrun (CPU + gloo on a machine without CUDA);
     # `--use_fsdp` sets ACCELERATE_USE_FSDP, which accelerate honours for GPU processes only: on
-    # CPU processes rt_lib.tuning.recipe shards the frozen backbone itself (FSDP2, routers replicated)
+    # CPU processes rt_lib.tuning.tuner shards the frozen backbone itself (FSDP2, routers replicated)
     proc = launch_two("--use_fsdp", script, tmp_path / "fsdp", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "fsdp/train/summary.json").read_text())

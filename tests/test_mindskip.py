@@ -13,6 +13,7 @@ from rt_lib.mindskip.model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     MindSkipModel,
+    compare_generations,
     get_mindskip_model,
 )
 from rt_lib.mindskip.removal import drop_sublayers
@@ -48,6 +49,58 @@ def test_config_rejects_layers_outside_model():
         MindSkipConfig(num_routed_layers=5).resolve_layers(6)
     with pytest.raises(ValueError, match="unknown MindSkipConfig fields"):
         MindSkipConfig.from_dict({"thresh": 0.5})
+
+
+class _CharTokenizer:
+    """Enough of a tokenizer for ``generate``: one id per character."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, return_tensors="pt"):
+        from transformers import BatchEncoding
+
+        ids = torch.tensor([[3 + ord(c) % 90 for c in text]])
+        return BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids.tolist()))
+
+
+def test_compare_generations_restores_the_forcing_it_found():
+    ms = get_mindskip_model(tiny_model(), MindSkipConfig(num_routed_layers=2))
+    random_routers(ms)
+    ms.eval()
+    layer = ms.routed_layers[0]
+    ms.force({layer: False})
+    before = {i: g.forced for i, g in ms.gates.items()}
+    texts = compare_generations(ms, _CharTokenizer(), "a prompt", max_new_tokens=3)
+    assert set(texts) == {"dense", "mindskip"} and texts["dense"][1] == 0.0
+    assert all(len(text.split()) == 3 for text, _ in texts.values())
+    assert {i: g.forced for i, g in ms.gates.items()} == before
+
+
+@pytest.mark.parametrize("failing", ["dense", "mindskip"])
+def test_an_error_during_generation_leaves_the_model_unforced(monkeypatch, failing):
+    """The dense pass forces every router to keep; an error in either pass must not leave the
+    model forced (it would silently run dense from then on)."""
+    ms = get_mindskip_model(tiny_model(), MindSkipConfig(num_routed_layers=2))
+    ms.eval()
+    real, seen = ms.generate, []
+
+    def generate(**kwargs):
+        seen.append({i: g.forced for i, g in ms.gates.items()})
+        if len(seen) == (1 if failing == "dense" else 2):
+            raise RuntimeError("out of memory")
+        return real(**kwargs)
+
+    monkeypatch.setattr(ms, "generate", generate)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        compare_generations(ms, _CharTokenizer(), "a prompt", max_new_tokens=2)
+    assert set(seen[0].values()) == {True}  # the dense pass ran forced
+    assert all(g.forced is None for g in ms.gates.values())
+    with pytest.raises(ValueError), ms.forced({layer: True for layer in ms.routed_layers}):
+        raise ValueError("inside the block")
+    assert all(g.forced is None for g in ms.gates.values())
 
 
 # ---------------------------------------------------------------------------- exactness

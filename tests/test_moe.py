@@ -447,7 +447,7 @@ def test_training_step_trains_routers_only_and_regularises_moe_capacity(arch, le
 
 
 def test_router_tuning_run_on_a_tiny_moe_model(tmp_path):
-    """The training recipe end to end on a tiny OLMoE: routers move, every backbone tensor
+    """Router-Tuning end to end on a tiny OLMoE: routers move, every backbone tensor
     (expert routers and experts included) stays bit for bit, capacities are logged for the
     `moe` layers and the routers save and load."""
     from test_train import instructions
@@ -571,9 +571,9 @@ def moe_profile(arch="olmoe", level="seq", **kw):
     from rt_lib.speed import profiling as P
 
     model, ms = routed_moe(arch, level)
-    settings = P.preset("smoke", **{"skip_layers": PROFILE_SKIP, "prefill_batch_sizes": [2], "decode_batch_sizes": [2],
-                                    "warmup": 0, "repeats": 1, "peak_flops": 1e12, "bandwidth": 1e11, "threads": 1,
-                                    **kw})
+    settings = P.grid("smoke", **{"skip_layers": PROFILE_SKIP, "prefill_batch_sizes": [2], "decode_batch_sizes": [2],
+                                  "warmup": 0, "repeats": 1, "peak_flops": 1e12, "bandwidth": 1e11, "threads": 1,
+                                  **kw})
     rows, cond = P.profile(ms, settings, progress=False)
     return ms, rows, cond
 

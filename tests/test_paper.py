@@ -428,3 +428,15 @@ def test_notebook_04_shows_the_headline_figures_and_this_runs_and_lists_the_rest
     assert [p.stem for p in shown] == ["evidence_tasks", "fig2_drop_vs_mindskip", "router_frontier",
                                        "capacity_heatmap_run-a", "training_curves_run-a"]
     assert [p.name for p in listed] == ["capacity_heatmap_run-b.png"]
+
+
+def test_output_folders_of_notebook_04():
+    """Notebook 04's parameters: empty folders default to the run folder's, only with a run folder."""
+    assert paper.output_folders() == (Path("results"), Path("results/tables"), Path("results/figures"))
+    run = Path("/r/runs/s")
+    assert paper.output_folders(run, "", "", "") == (Path("/r/runs"), run / "paper" / "tables", run / "paper" / "figures")
+    assert paper.output_folders(run, "res", "t", "") == (Path("res"), Path("t"), run / "paper" / "figures")
+    with pytest.raises(ValueError, match="tables_dir/figures_dir may only be empty together with a run_dir"):
+        paper.output_folders("", "results", "", "f")
+    with pytest.raises(ValueError, match="results_root may only be empty together with a run_dir"):
+        paper.output_folders("", "", "t", "f")

@@ -72,6 +72,34 @@ def test_wrong_types_and_names_fail_before_execution(tmp_path, capsys, override,
     assert expected in capsys.readouterr().err
 
 
+def test_old_parameter_names_still_work_with_a_note(capsys):
+    """`eval_preset` and `profile_preset` are now `task_set` and `profile_grid`: `-p` and `--sweep`
+    take the old names, with a note."""
+    got = pipeline.parse_overrides(["02_evaluation.eval_preset=\"offline\"", "profile_preset=smoke",
+                                    "03.profile_grid=quick"])
+    assert got == {"02_evaluation": {"task_set": "offline"}, "03_speedup_profiling": {"profile_grid": "quick"}}
+    assert capsys.readouterr().err.splitlines() == [
+        "note: parameter 02_evaluation.eval_preset is deprecated, use 02_evaluation.task_set",
+        "note: parameter 03_speedup_profiling.profile_preset is deprecated, use 03_speedup_profiling.profile_grid"]
+    assert pipeline.parse_overrides(["task_set=quick"]) == {"02_evaluation": {"task_set": "quick"}}
+    assert capsys.readouterr().err == ""
+
+
+def test_the_refresh_command_of_a_committed_run_uses_the_parameter_names_of_now():
+    """cpu-main recorded `eval_preset`/`profile_preset` (the cpu preset's values): its refresh
+    command passes no -p at all, instead of names the notebooks no longer declare."""
+    run = pipeline.ROOT / "results" / "runs" / "cpu-main"
+    record = runs.load_run(run)
+    ran = record["steps"]["pipeline"]["notebooks"]
+    assert "eval_preset" in ran["02_evaluation"]["parameters"]
+    assert "profile_preset" in ran["03_speedup_profiling"]["parameters"]
+    cmd = run_steps.refresh_command(run, ["eval", "profile"], record)
+    assert cmd.endswith("--preset cpu --out " + str(run.parent) + " --run-id cpu-main --notebooks 02,03"), cmd
+    changed = json.loads(json.dumps(record))
+    changed["steps"]["pipeline"]["notebooks"]["02_evaluation"]["parameters"]["eval_preset"] = "offline"
+    assert run_steps.refresh_command(run, ["eval"], changed).endswith("-p '02_evaluation.task_set=\"offline\"'")
+
+
 def test_unknown_preset_lists_the_available_ones(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--preset", "gpu"])

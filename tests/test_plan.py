@@ -63,7 +63,7 @@ def test_llama3_parameters_weights_and_routers(llama3_plan):
 
 def test_llama3_kv_bytes_and_full_grid_fit(llama3_plan):
     p = llama3_plan["profile"]
-    assert p["profile_preset"] == "full" and p["dtype"] == "bfloat16"
+    assert p["grid"] == "full" and p["dtype"] == "bfloat16"
     assert len(p["points"]) == 4 * 4 + 4 * 3  # prefill 4 batches x 4 lengths, decode 4 x 3
     point = next(r for r in p["points"] if (r["regime"], r["batch_size"], r["seq_len"]) == ("decode", 8, 2048))
     tokens = 8 * (2048 + 64)
@@ -147,6 +147,18 @@ def test_bad_input_exits_2(capsys):
     assert main(["--model", "./no/such/folder"]) == 2
 
 
+@pytest.mark.parametrize("param,message", [
+    ('02_evaluation.task_set="fast"', "unknown task set 'fast'; task sets: paper, offline, quick"),
+    ('03_speedup_profiling.profile_grid="huge"', "unknown profile grid 'huge'; grids: smoke, quick, full"),
+    ('01_router_tuning.recipe="gpu"', "unknown recipe 'gpu'; recipes: ['cpu', 'paper', 'smoke']"),
+])
+def test_an_unknown_task_set_grid_or_recipe_is_bad_input(capsys, param, message):
+    from rt_lib.cli.reproduce import main
+
+    assert main(["--preset", "smoke", "--plan", "--eval-tokens", "no", "-p", param]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_skip_count_beyond_the_models_layers_is_refused_not_a_negative_kv(capsys):
     from rt_lib.cli.reproduce import main
     from rt_lib.speed.roofline import Shape, estimate_kv_bytes
@@ -174,16 +186,32 @@ def test_train_plan_flag_takes_the_training_options(tmp_path):
     from rt_lib.cli.train import main
 
     out = tmp_path / "plan.json"
-    assert main(["--preset", "paper", "--plan", "--model", str(LLAMA3), "--micro-batch-size", "1",
+    assert main(["--recipe", "paper", "--plan", "--model", str(LLAMA3), "--micro-batch-size", "1",
                  "--gpu-memory", "48GB", "--plan-json", str(out)]) is None
-    t = json.loads(out.read_text())["train"]
+    plan = json.loads(out.read_text())
+    assert (plan["preset"], plan["recipe"]) == ("paper", "paper")  # the pipeline preset that tunes the recipe
+    t = plan["train"]
+    assert t["recipe_file"] == "rt_lib/tuning/recipes/paper.json"
     assert t["batches"]["micro_batch_size"] == 1 and t["batches"]["accumulation"] == 64
     assert t["activations"]["tokens"] == 2048
     assert t["logits_bytes"] == 2048 * 128256 * 4
     assert t["fits"] is True  # about 24.8 GB with one sequence per micro batch
     with pytest.raises(SystemExit) as e:
-        main(["--preset", "paper", "--gpu-memory", "48GB"])  # a plan flag without --plan
+        main(["--recipe", "paper", "--gpu-memory", "48GB"])  # a plan flag without --plan
     assert e.value.code == 2
+
+
+def test_train_plan_of_each_recipe_uses_the_preset_that_tunes_it(capsys):
+    from rt_lib.cli.train import main
+
+    for recipe in ("smoke", "cpu", "paper"):
+        assert P.preset_for_recipe(recipe) == recipe
+    assert main(["--preset", "smoke", "--plan", "--plan-json", "-", "--eval-tokens", "no"]) is None  # the old flag
+    out, err = capsys.readouterr()
+    assert err.strip() == "note: --preset is deprecated, use --recipe"
+    plan = json.loads(out)
+    assert (plan["preset"], plan["recipe"], plan["eval"]["task_set"], plan["profile"]["grid"]) == (
+        "smoke", "smoke", "quick", "smoke")
 
 
 def test_reproduce_plan_flag_takes_notebook_overrides(tmp_path):
@@ -191,14 +219,14 @@ def test_reproduce_plan_flag_takes_notebook_overrides(tmp_path):
 
     out = tmp_path / "plan.json"
     assert main(["--preset", "paper", "--plan", "-p", f'01_router_tuning.model="{LLAMA3}"',
-                 "-p", '03_speedup_profiling.profile_preset="quick"', "--gpu-memory", "80GiB",
+                 "-p", '03_speedup_profiling.profile_grid="quick"', "--gpu-memory", "80GiB",
                  "--plan-json", str(out)]) == 0
     plan = json.loads(out.read_text())
     assert plan["model"]["parameters"] == 8_030_261_248
-    from rt_lib.speed.profiling import grid_points, preset
+    from rt_lib.speed.profiling import grid, grid_points
 
-    quick = grid_points(preset("quick"))
-    assert plan["profile"]["profile_preset"] == "quick"
+    quick = grid_points(grid("quick"))
+    assert plan["profile"]["grid"] == "quick"
     assert [(r["regime"], r["batch_size"], r["seq_len"]) for r in plan["profile"]["points"]] == quick
     assert plan["profile"]["not_fitting"] == 0
     assert not (ROOT / "results" / "runs" / "None").exists()
@@ -272,7 +300,7 @@ def test_loss_working_set():
 
 # ----------------------------------------------------------------------------- evaluation tokens
 def test_eval_tokens_counted_on_the_meta_model(embedded_model):
-    """The cpu preset's quick tasks, cut to RTE's first 4 documents: 0-shot, two one-token
+    """The cpu preset's quick task set, cut to RTE's first 4 documents: 0-shot, two one-token
     choices sharing one forward pass per document; the tokens are those of the prompts."""
     plan = P.make_plan("cpu", notebook_overrides={"02_evaluation": {"tasks": ["rte"], "limit": 4}}, eval_tokens="yes")
     tk = plan["eval"]["tokens"]

@@ -62,8 +62,8 @@ def one_torch_thread():
 
 def settings(**kw):
     # fixed roofline peaks: no device measurement in tests
-    return P.preset("smoke", **{"skip_layers": SKIP, "warmup": 0, "repeats": 2, "peak_flops": 1e12,
-                                "bandwidth": 1e11, "threads": 1, **kw})
+    return P.grid("smoke", **{"skip_layers": SKIP, "warmup": 0, "repeats": 2, "peak_flops": 1e12,
+                              "bandwidth": 1e11, "threads": 1, **kw})
 
 
 def by(rows, regime, variant, batch=None):
@@ -155,8 +155,8 @@ def test_interleave_runs_variants_in_alternating_rounds():
 
 
 def test_grid_points_prefill_first_and_filtered_by_regime():
-    st = P.preset("smoke", prefill_batch_sizes=[1, 4], prefill_seq_lens=[8, 16], decode_batch_sizes=[2],
-                  decode_context_lens=[32])
+    st = P.grid("smoke", prefill_batch_sizes=[1, 4], prefill_seq_lens=[8, 16], decode_batch_sizes=[2],
+                decode_context_lens=[32])
     assert P.grid_points(st) == [("prefill", 1, 8), ("prefill", 1, 16), ("prefill", 4, 8), ("prefill", 4, 16),
                                  ("decode", 2, 32)]
     assert P.grid_points(replace(st, regimes=["decode"])) == [("decode", 2, 32)]
@@ -423,15 +423,16 @@ def test_run_step_records_the_step_and_returns_the_model_as_it_came(tmp_path):
     V.prepare_models(tiny_llama(), config=MindSkipConfig(num_routed_layers=4)).save_pretrained(routers)
 
     rows, cond, prof = profile_step.run_step(model, None, tmp_path / "run", settings(variants=["dense", "mindskip"]),
-                                             routers=str(routers), text=None, preset_name="smoke",
+                                             routers=str(routers), text=None, grid_name="smoke",
                                              model_name="tiny", progress=False)
     assert prof == tmp_path / "run" / "profile" and (prof / "profile.csv").is_file()
     assert {r["variant"] for r in rows} == {"dense", "mindskip"}
-    assert cond["preset"] == "smoke" and cond["model"] == "tiny" and cond["text"] is None
+    assert cond["grid"] == "smoke" and "preset" not in cond and cond["model"] == "tiny" and cond["text"] is None
     assert cond["routers"]["path"] == str(routers) and len(cond["routers"]["weights_sha256"]) == 64
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     params = meta["parameters"]["profile"]
-    assert (params["preset"], params["model"], params["threads"], params["skip_layers"]) == ("smoke", "tiny", 1, SKIP)
+    assert (params["grid"], params["model"], params["threads"], params["skip_layers"]) == ("smoke", "tiny", 1, SKIP)
+    assert meta["preset"] is None  # run.json `preset` is the pipeline preset; this run was made outside it
     assert meta["steps"]["profile"]["routers"] == cond["routers"]
     assert meta["steps"]["profile"]["skip_layers"] == SKIP
     assert [type(m).__name__ for m in model.modules()] == kinds
@@ -449,11 +450,39 @@ def test_prompts_are_windows_of_the_given_text():
     assert torch.equal(rnd, T.grid_tokens(2, 10, vocab=96, seed=3)) and int(rnd.max()) < 96
 
 
+def test_grid_lookup_names_the_grids():
+    assert P.grid("quick", repeats=2).repeats == 2 and P.grid("quick").repeats == P.PROFILE_GRIDS["quick"].repeats
+    with pytest.raises(ValueError, match="unknown profile grid 'huge'; grids: smoke, quick, full"):
+        P.grid("huge")
+
+
+def test_cli_grid_flag_and_its_deprecated_spelling(monkeypatch, capsys):
+    """``--grid``; the old ``--preset`` still works with a one-line note (both checked against the grids)."""
+    from rt_lib.cli.profile import main
+
+    seen = []
+
+    def stop(name, **kw):
+        seen.append(name)
+        raise KeyboardInterrupt  # stop before any model is loaded
+
+    monkeypatch.setattr(P, "grid", stop)
+    for argv, note in ((["--grid", "full"], ""), (["--preset", "smoke"], "note: --preset is deprecated, use --grid\n")):
+        with pytest.raises(KeyboardInterrupt):
+            main([*argv, "--out", "unused"])
+        assert capsys.readouterr().err == note
+    assert seen == ["full", "smoke"]
+    for argv in (["--grid", "huge"], ["--preset", "huge"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--out", "unused"])
+        assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
 def test_cli_writes_a_run_on_the_embedded_tiny_model(tmp_path, capsys):
     from rt_lib.cli.profile import main
 
     out = tmp_path / "runs" / "p1"
-    assert main(["--preset", "smoke", "--model", "tiny-random-llama", "--num-routed-layers", "2",
+    assert main(["--grid", "smoke", "--model", "tiny-random-llama", "--num-routed-layers", "2",
                  "--static-layers", "3", "--out", str(out), "--text", "none", "--repeats", "1", "--threads", "1",
                  "--no-progress"]) == 0
     df = pd.read_csv(out / "profile" / "profile.csv")

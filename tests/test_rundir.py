@@ -76,8 +76,9 @@ def test_upgrade_moves_older_records_to_the_current_places_without_overriding(tm
     assert new["steps"]["train"]["config"] == {"granularity": "summary.config"}
     assert new["parameters"]["train"] == {"granularity": "parameters.train", "lr": 0.001}  # recorded wins
     assert new["parameters"]["pipeline"] == {"granularity": "parameters"}  # old top-level option
-    assert new["parameters"]["eval"] == {"preset": "quick", "model": "org/Other"}  # provenance not read
-    assert new["parameters"]["profile"] == {"preset": "quick", "granularity": "steps.profile.settings"}
+    # provenance not read; the task set and the grid were recorded as `preset`
+    assert new["parameters"]["eval"] == {"task_set": "quick", "model": "org/Other"}
+    assert new["parameters"]["profile"] == {"grid": "quick", "granularity": "steps.profile.settings"}
     assert meta["parameters"] == {"granularity": "parameters", "train": {"granularity": "parameters.train"}}
     assert rundir.setting(run, "granularity") == "summary.config"
     assert rundir.setting(run, "lr") == 0.001
@@ -97,13 +98,26 @@ def test_eval_provenance_is_read_only_when_nothing_else_names_the_model_or_route
     assert calls == []  # model and config recorded
     new = rundir.upgrade({"steps": {"eval": {"preset": "quick"}}}, {}, read_eval)  # an evaluation-only run
     assert calls == [1]
-    assert new["parameters"]["eval"] == {"preset": "quick", "model": "org/Some-1B",
+    assert new["parameters"]["eval"] == {"task_set": "quick", "model": "org/Some-1B",
                                          "mindskip": {"granularity": "provenance"}}
     _write(run / "run.json", {"steps": {"eval": {"preset": "quick"}}})
     _drop(run, "train/summary.json", "config")
     _drop(run, "train/summary.json", "train_config")
     assert rundir.setting(run, "granularity") == "provenance"
     assert rundir.setting(run, *rundir.MODEL_KEYS) == "org/Some-1B"
+
+
+def test_options_recorded_as_preset_are_read_under_their_names_now():
+    """Runs made before the recipe, task set and grid got their names recorded each as `preset`."""
+    meta = {"parameters": {"train": {"preset": "cpu", "lr": 0.001}, "eval": {"preset": "quick"},
+                           "profile": {"preset": "full", "model": "m"}, "pipeline": {"preset": "cpu"}}}
+    new = rundir.upgrade(meta, {"train/summary.json": {"train_config": {"preset": "cpu", "lr": 0.001}}})
+    assert new["parameters"]["train"] == {"recipe": "cpu", "lr": 0.001}
+    assert new["parameters"]["eval"] == {"task_set": "quick"}
+    assert new["parameters"]["profile"] == {"grid": "full", "model": "m"}
+    assert new["parameters"]["pipeline"] == {"preset": "cpu"}  # the pipeline preset keeps its name
+    now = {"parameters": {"train": {"recipe": "smoke"}, "eval": {"task_set": "paper"}, "profile": {"grid": "quick"}}}
+    assert rundir.upgrade(now, {})["parameters"] == now["parameters"]
 
 
 def test_earlier_keys_win_within_one_source_and_empty_values_are_skipped(tmp_path):

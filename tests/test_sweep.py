@@ -62,12 +62,12 @@ class FakeEvaluate:
     def __init__(self, skip: dict[float, float]):
         self.skip, self.calls = skip, []
 
-    def __call__(self, model, tok, *, variant, dense_reference, preset, tasks, limit, batch_size, method=None, k=None):
+    def __call__(self, model, tok, *, variant, dense_reference, task_set, tasks, limit, batch_size, method=None, k=None):
         is_ms = isinstance(model, MindSkipModel)
         base = model.model if is_ms else model
         self.calls.append({"variant": variant, "mindskip": is_ms, "reference": dense_reference,
                            "threshold": model.config.threshold if is_ms else None,
-                           "removed": removed_attention(base), "preset": preset, "limit": limit})
+                           "removed": removed_attention(base), "task_set": task_set, "limit": limit})
         labels = (["dense"] if is_ms and dense_reference is None else []) + [variant]
         rows, per_doc = [], {}
         for label in labels:
@@ -80,7 +80,7 @@ class FakeEvaluate:
                              "value": 0.5, "stderr": 0.1, "n": 4, "num_fewshot": 0,
                              "threshold": model.config.threshold if routed else None, "skip_ratio": ratio})
             per_doc[label] = {t: {"keys": [[t, 0]], "prompt_hash": ["h"], "acc": [1.0]} for t in tasks}
-        return EvalResults(preset=preset, table=pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"k": "Int64"}),
+        return EvalResults(task_set=task_set, table=pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"k": "Int64"}),
                            paired=pd.DataFrame(columns=PAIRED_COLUMNS), skip_stats=pd.DataFrame(columns=SKIP_COLUMNS),
                            per_doc=per_doc, tasks={t: {"limit": limit, "num_fewshot": 0, "metric": "acc"} for t in tasks},
                            provenance={"variant": variant, "num_layers": len(base.model.layers),
@@ -241,7 +241,7 @@ def test_fresh_routers_are_labelled_and_never_read_as_tuned_mindskip(tiny, tmp_p
     fake = fake_evaluate({0.5: 0.0, 0.6: 0.0})
     ms = get_mindskip_model(model, MindSkipConfig(num_routed_layers=2))
     try:
-        parts = sweep._mindskip_parts(ms, tok, [0.5, 0.6], None, dict(preset="quick", tasks=TASKS, limit=4,
+        parts = sweep._mindskip_parts(ms, tok, [0.5, 0.6], None, dict(task_set="quick", tasks=TASKS, limit=4,
                                                                       batch_size=4), fresh=True)
     finally:
         ms.unload()

@@ -1,5 +1,5 @@
-"""Router-Tuning recipe on a tiny random Llama: what trains, pinned losses, resume, regulariser,
-errors before training, files written, CLI."""
+"""Router-Tuning on a tiny random Llama: what trains, pinned losses, resume, regulariser,
+errors before training, files written, recipes, notebook 01's options, CLI."""
 
 import csv
 import json
@@ -13,9 +13,9 @@ from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.tuning.data import build_dataset, byte_tokenizer, collate
 from rt_lib.tuning.heldout import evaluate_heldout, heldout_lm_loss
 from rt_lib.mindskip.model import get_mindskip_model
-from rt_lib.tuning.recipe import RouterTuningRecipe
+from rt_lib.tuning.tuner import RouterTuner
 from rt_lib.cli.train import build_parser, main
-from rt_lib.tuning.config import TrainConfig, make_config
+from rt_lib.tuning.config import TRAIN_RECIPES, TrainConfig, make_config, notebook_config, notebook_options
 from rt_lib.tuning.train import train_routers
 
 
@@ -89,24 +89,24 @@ PINNED = [
 ]
 
 
-# ----------------------------------------------------------------------------- recipe phases
-def test_recipe_phases_give_the_run_of_train_routers(tmp_path):
+# ----------------------------------------------------------------------------- tuner phases
+def test_tuner_phases_give_the_run_of_train_routers(tmp_path):
     """setup / step / record / finish driven by hand: each step returns the row that lands in
     train/log.csv, and the whole gives the log and routers of train_routers."""
     model, tok = tiny_llama()
     cfg = make_config(None, **{**SMALL, "max_steps": 3, "out": str(tmp_path / "manual")})
-    recipe = RouterTuningRecipe(cfg)
-    recipe.setup(model=model, tokenizer=tok, data=instructions())
-    assert list(recipe.steps()) == [0, 1, 2] and recipe.accum == 2  # 8 = micro batch 4 x 2
-    assert recipe.dense_loss is not None  # the dense reference is taken before any update
-    for k in recipe.steps():
-        row = recipe.step(k)
-        recipe.record(row)
+    tuner = RouterTuner(cfg)
+    tuner.setup(model=model, tokenizer=tok, data=instructions())
+    assert list(tuner.steps()) == [0, 1, 2] and tuner.accum == 2  # 8 = micro batch 4 x 2
+    assert tuner.dense_loss is not None  # the dense reference is taken before any update
+    for k in tuner.steps():
+        row = tuner.step(k)
+        tuner.record(row)
         with open(tmp_path / "manual/train/log.csv") as f:
             last = list(csv.DictReader(f))[-1]
         assert int(last["step"]) == k + 1 == row["step"]
         assert float(last["loss"]) == pytest.approx(row["loss"], rel=1e-12)
-    result = recipe.finish()
+    result = tuner.finish()
     assert result.summary["finished"] and (tmp_path / "manual/train/routers/routers.safetensors").is_file()
 
     reference = run_small(max_steps=3)
@@ -171,6 +171,16 @@ def test_resume_refuses_changed_options(tmp_path):
         run_small(tmp_path, "part", resume_from="latest", lr=5e-3)
 
 
+def test_resume_reads_a_checkpoint_that_calls_the_recipe_preset(tmp_path):
+    """Checkpoints of runs made before the rename record the recipe as ``preset``."""
+    run_small(tmp_path, "part", stop_after=2)
+    state = tmp_path / "part/train/checkpoints/step-000002/trainer_state.json"
+    text = state.read_text()
+    assert '"recipe": null' in text
+    state.write_text(text.replace('"recipe": null', '"preset": null'))
+    assert run_small(tmp_path, "part", resume_from="latest", stop_after=3).summary["steps"] == 3
+
+
 # ----------------------------------------------------------------------------- regulariser
 def test_regulariser_drives_capacity_toward_target():
     free = run_small(reg_lambda=0.0, max_steps=12)
@@ -196,7 +206,7 @@ def test_run_folder_files(tmp_path):
     assert list(rows[0]) == cols and len(rows) == 2
     assert json.loads((train / "log.json").read_text())[1]["step"] == 2
     s = json.loads((train / "summary.json").read_text())
-    for key in ("wall_time_s", "peak_memory_mb", "steps", "final_capacity", "heldout_lm_loss", "preset", "config"):
+    for key in ("wall_time_s", "peak_memory_mb", "steps", "final_capacity", "heldout_lm_loss", "recipe", "config"):
         assert key in s
     assert set(s["final_capacity"]) == set(s["heldout_router_margin"]) == {"1", "2", "3", "4"}
     assert all(0 < m < 0.5 for m in s["heldout_router_margin"].values())  # routers left the threshold
@@ -261,39 +271,67 @@ def test_unwritable_output_folder(tmp_path):
         run_small(out=str(blocker / "run"))
 
 
-def test_unknown_option_and_preset():
+def test_unknown_option_and_recipe():
     with pytest.raises(TypeError, match="unknown training options"):
         make_config("smoke", learning_rate=1.0)
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match=r"unknown recipe 'huge'; recipes: \['cpu', 'paper', 'smoke'\]"):
         make_config("huge")
 
 
-# ----------------------------------------------------------------------------- presets and CLI
+# ----------------------------------------------------------------------------- recipes and CLI
 @pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
-def test_presets_load(name):
+def test_recipes_load(name):
+    assert name in TRAIN_RECIPES
     cfg = make_config(name)
-    assert cfg.preset == name and cfg.batch_size % cfg.micro_batch_size == 0
-    assert cfg.reg_lambda > 0  # every preset uses the capacity regulariser
+    assert cfg.recipe == name and cfg.batch_size % cfg.micro_batch_size == 0
+    assert cfg.reg_lambda > 0  # every recipe uses the capacity regulariser
+
+
+def test_notebook_options_are_the_named_parameters_then_train_options():
+    """Notebook 01 (and the plan of a pipeline preset) build the training options with one
+    function: named parameters that are set, then ``train_options``; a wrong field is refused."""
+    params = {"recipe": "smoke", "lr": 0.5, "max_steps": None, "train_options": {"lr": 0.25, "num_samples": 8},
+              "run_dir": "ignored", "sample_prompt": "ignored"}
+    assert notebook_options(params) == {"lr": 0.25, "num_samples": 8}
+    cfg = notebook_config(params, max_steps=2, threads=None)
+    assert (cfg.recipe, cfg.lr, cfg.num_samples, cfg.max_steps) == ("smoke", 0.25, 8, 2)
+    assert notebook_config({}).recipe == "cpu"
+    with pytest.raises(ValueError, match=r"train_options has unknown fields \['learning_rate'\]; valid: "):
+        notebook_options({"train_options": {"learning_rate": 1.0}})
+    with pytest.raises(ValueError, match="the recipe is the notebook's recipe parameter"):
+        notebook_options({"train_options": {"recipe": "paper"}})
+    with pytest.raises(ValueError, match="unknown recipe 'huge'"):
+        notebook_config({"recipe": "huge"})
 
 
 def test_cli_maps_to_config():
     args = vars(build_parser().parse_args(
-        ["--preset", "smoke", "--lr", "0.5", "--routed-layers", "1", "2", "--no-progress", "--adam-betas", "0.8", "0.9"]))
-    preset = args.pop("preset")
-    cfg = make_config(preset, **args)
+        ["--recipe", "smoke", "--lr", "0.5", "--routed-layers", "1", "2", "--no-progress", "--adam-betas", "0.8", "0.9"]))
+    recipe = args.pop("recipe")
+    cfg = make_config(recipe, **args)
     assert (cfg.lr, cfg.routed_layers, cfg.progress, cfg.adam_betas) == (0.5, [1, 2], False, [0.8, 0.9])
-    assert cfg.max_length == make_config("smoke").max_length  # untouched options keep the preset's value
+    assert cfg.max_length == make_config("smoke").max_length  # untouched options keep the recipe's value
     assert set(TrainConfig.help()) == {a.dest for a in build_parser()._actions} - {"help"}
 
 
+def test_cli_old_preset_flag_is_a_hidden_alias_of_recipe(capsys):
+    args = vars(build_parser().parse_args(["--preset", "smoke", "--lr", "0.5"]))
+    assert args["recipe"] == "smoke" and args["lr"] == 0.5
+    assert capsys.readouterr().err.strip() == "note: --preset is deprecated, use --recipe"
+    assert build_parser().parse_args(["--recipe", "paper"]).recipe == "paper"
+    assert capsys.readouterr().err == ""
+    usage = build_parser().format_help()
+    assert "--recipe" in usage and "--preset" not in usage
+
+
 def test_cli_flags_override_only_what_is_given():
-    """Every flag defaults to None (the preset's value); --no-<flag> turns off a boolean a preset
+    """Every flag defaults to None (the recipe's value); --no-<flag> turns off a boolean a recipe
     turned on, and the underscore spelling of a flag is accepted too."""
     args = vars(build_parser().parse_args([]))
-    assert args.pop("preset") == "cpu" and set(args.values()) == {None}
+    assert args.pop("recipe") == "cpu" and set(args.values()) == {None}
     assert make_config("cpu").packing is True
-    args = vars(build_parser().parse_args(["--preset", "cpu", "--no-packing", "--max_steps", "3"]))
-    cfg = make_config(args.pop("preset"), **args)
+    args = vars(build_parser().parse_args(["--recipe", "cpu", "--no-packing", "--max_steps", "3"]))
+    cfg = make_config(args.pop("recipe"), **args)
     assert (cfg.packing, cfg.max_steps, cfg.lr) == (False, 3, make_config("cpu").lr)
     args = vars(build_parser().parse_args(["--packing", "--progress"]))
     assert (args["packing"], args["progress"]) == (True, True)
@@ -305,7 +343,7 @@ def test_cli_end_to_end(tmp_path):
     tok.save_pretrained(tmp_path / "model")
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in instructions()))
-    res = main(["--preset", "smoke", "--model", str(tmp_path / "model"), "--data", str(data), "--data-split", "train",
+    res = main(["--recipe", "smoke", "--model", str(tmp_path / "model"), "--data", str(data), "--data-split", "train",
                 "--heldout-split", "train", "--num-samples", "16", "--max-length", "64", "--packing",
                 "--num-routed-layers", "2", "--max-steps", "2", "--no-progress", "--out", str(tmp_path / "cli")])
     assert (tmp_path / "cli/train/summary.json").is_file()

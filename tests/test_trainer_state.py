@@ -62,7 +62,7 @@ def test_crafted_legacy_pickle_is_refused_and_never_opened(tmp_path):
 
 
 def test_resume_from_crafted_checkpoint_runs_nothing(tmp_path):
-    """End to end through the recipe: --resume-from a folder holding a crafted pickle."""
+    """End to end through the tuner: --resume-from a folder holding a crafted pickle."""
     from tests.test_train import run_small
 
     marker = tmp_path / "pwned"

@@ -100,7 +100,7 @@ def _build_smollm2(folder: Path) -> dict[str, Any]:
 
 
 def _build_tiny_random_llama(folder: Path) -> dict[str, Any]:
-    """A 4-layer random-weight Llama with SmolLM2's tokenizer: the `smoke` preset's model."""
+    """A 4-layer random-weight Llama with SmolLM2's tokenizer: the model of the `smoke` recipe and pipeline preset."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     tok = _smollm2_tokenizer(_gguf_path())

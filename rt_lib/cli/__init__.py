@@ -21,7 +21,7 @@ COMMANDS = {
     "evidence": "the evidence run that decides the paper's claims",
     "frontier": "held-out loss against skipped layers: router recipes vs static drops",
     "paper": "rebuild the paper's tables, figures and claims from result files",
-    "plan": "what a preset will need (assets, memory, tokens) before loading weights",
+    "plan": "what a pipeline preset will need (assets, memory, tokens) before loading weights",
     "reproduce": "the whole reproduction: notebooks 01-04 into one run folder",
     "router-study": "the router recipe study (tune every recipe, resumable)",
     "schema": "write or check docs/results_format.md from the file schema",

@@ -15,10 +15,14 @@ with ``python -m rt_lib evaluate tasks --out DIR`` to use it with a plain ``lm_e
 ``routers`` a folder written by ``MindSkipModel.save_pretrained``; ``threshold`` overrides the
 checkpoint's. Skip statistics per task land in the output JSON under ``config.mindskip``.
 
-The kit's own run, with files per docs/results_format.md::
+The kit's own run of a task set (``rt_lib.evaluation.tasks.TASK_SETS``), with files per
+docs/results_format.md::
 
-    python -m rt_lib evaluate preset --pretrained smollm2-135m-instruct --preset quick \\
+    python -m rt_lib evaluate run --pretrained smollm2-135m-instruct --task-set quick \\
         [--routers DIR | --force-skip 20,22,24,26] --out results/runs/<id>
+
+(``evaluate preset`` and ``--preset`` are the deprecated spellings of ``evaluate run`` and
+``--task-set``: hidden, they print a note.)
 
 Data-parallel evaluation of large models uses the harness's own mechanism, ``accelerate``
 processes that each score every N-th document, results gathered on process 0::
@@ -44,21 +48,24 @@ from pathlib import Path
 
 from rt_lib.evaluation.driver import DEFAULT_SEEDS, check_request, evaluate
 from rt_lib.evaluation.harness import load_routers, pick_device
-from rt_lib.evaluation.tasks import TASK_PRESETS, write_offline_tasks
+from rt_lib.cli.flags import add_deprecated_alias, deprecation_note
+from rt_lib.evaluation.tasks import TASK_SETS, write_offline_tasks
 
 
-def _main_preset(argv: list[str]) -> int:
+def _main_run(argv: list[str]) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m rt_lib evaluate preset",
-                                 description="Run a kit preset and write <out>/eval/ (docs/results_format.md).")
+    ap = argparse.ArgumentParser(prog="python -m rt_lib evaluate run",
+                                 description="Score a kit task set and write <out>/eval/ (docs/results_format.md).")
     ap.add_argument("--pretrained", default="smollm2-135m-instruct")
     ap.add_argument("--routers", default=None, help="router checkpoint folder")
     ap.add_argument("--threshold", type=float, default=None)
     ap.add_argument("--force-skip", default=None,
                     help="comma-separated layers whose attention is skipped for every input, added to the "
                          "default routed layers whose zero-initialised routers keep everything (hand-set routing)")
-    ap.add_argument("--preset", default="quick", choices=list(TASK_PRESETS))
+    ap.add_argument("--task-set", default="quick", choices=list(TASK_SETS),
+                    help="the tasks, shots and documents scored (rt_lib.evaluation.tasks.TASK_SETS)")
+    add_deprecated_alias(ap, "--preset", "--task-set", choices=list(TASK_SETS))
     ap.add_argument("--tasks", default=None)
     ap.add_argument("--limit", type=float, default=None)
     ap.add_argument("--batch-size", default="1")
@@ -69,7 +76,7 @@ def _main_preset(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     limit = None if a.limit is None else (int(a.limit) if float(a.limit).is_integer() else a.limit)
     bs = a.batch_size if a.batch_size.startswith("auto") else int(a.batch_size)
-    check_request(a.preset, a.tasks, limit, bs)
+    check_request(a.task_set, a.tasks, limit, bs)
     if a.routers and a.force_skip:
         raise SystemExit("--routers and --force-skip are exclusive")
     from rt_lib.assets import loading as assets
@@ -93,7 +100,7 @@ def _main_preset(argv: list[str]) -> int:
         target = get_mindskip_model(model, cfg)
         target.force({layer: False for layer in skip})
     t0 = time.perf_counter()
-    res = evaluate(target, tok, preset=a.preset, tasks=a.tasks, limit=limit, batch_size=bs, out_dir=a.out,
+    res = evaluate(target, tok, task_set=a.task_set, tasks=a.tasks, limit=limit, batch_size=bs, out_dir=a.out,
                    seed=a.seed, model_name=a.pretrained)
     import pandas as pd
 
@@ -115,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         print(write_offline_tasks(a.out))
         return 0
     if argv[:1] == ["preset"]:
-        return _main_preset(argv[1:])
+        print(deprecation_note("evaluate preset", "evaluate run"), file=sys.stderr)
+        argv = ["run", *argv[1:]]
+    if argv[:1] == ["run"]:
+        return _main_run(argv[1:])
     # the harness's own CLI, with `mindskip` registered (by this import) and offline tasks included.
     # The harness checks task names before loading the model, but not a limit that scores nothing.
     for i, arg in enumerate(argv):

@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from rt_lib.cli.flags import add_deprecated_alias
 from rt_lib.evidence import run as evidence_run
 from rt_lib.evidence.run import CALIBRATION_BLOCKS, HELDOUT_BLOCKS, TARGET_LAYERS, Evidence, routers_of
 
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="documents per task (a smoke run)")
     ap.add_argument("--combine-only", action="store_true",
                     help="only rebuild eval/ and the measures from the parts written so far")
-    ap.add_argument("--task-preset", default="evidence", help="evidence (0-shot; a seeded sample of 1,000 documents "
-                    "of larger splits) or evidence-whole (0-shot, whole splits)")
+    ap.add_argument("--task-set", default=evidence_run.TASK_SET, help="evidence (0-shot; a seeded sample of 1,000 "
+                    "documents of larger splits) or evidence-whole (0-shot, whole splits); rt_lib.evaluation.tasks")
+    add_deprecated_alias(ap, "--task-preset", "--task-set")
     ap.add_argument("--routing-input", default="context",
                     help="context (default) or context+continuation: what a sequence router decides from "
                          "when a task is scored (docs/method.md)")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evidence(a.out, routers_of(Path(a.routers)), dtype=a.dtype, batch_size=a.batch_size,
                   tasks=a.tasks.split(",") if a.tasks else None, compare=a.compare,
                   targets=[int(t) for t in a.targets.split(",")], heldout_blocks=a.heldout_blocks,
-                  calibration_blocks=a.calibration_blocks, limit=a.limit, task_preset=a.task_preset,
+                  calibration_blocks=a.calibration_blocks, limit=a.limit, task_set=a.task_set,
                   routing_input=a.routing_input)
     start = time.perf_counter()
     if a.combine_only:

@@ -15,20 +15,20 @@ def add_plan_arguments(parser: argparse.ArgumentParser, *, json_flag: str = "--j
     parser.add_argument(json_flag, dest="plan_json", default=None, metavar="FILE",
                         help="also write the plan as JSON ('-': print the JSON instead of the text)")
     parser.add_argument("--eval-tokens", default="auto", choices=("auto", "yes", "no"),
-                        help="count evaluation tokens: auto = when the task data is here and the preset is limited")
+                        help="count evaluation tokens: auto = when the task data is here and the task set is limited")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rt_lib plan", description=plan.__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=plan.__doc__.split("\n\n", 2)[2])
-    ap.add_argument("--preset", default=plan.DEFAULT_PRESET, help="smoke | cpu | paper (training and pipeline preset)")
+    ap.add_argument("--preset", default=plan.DEFAULT_PRESET, help="pipeline preset: smoke | cpu | paper (notebooks/presets/<name>.json)")
     ap.add_argument("--model", default=None, help="embedded kit name, local folder, GGUF file or Hugging Face id "
-                                                  "(default: the preset's)")
+                                                  "(default: the recipe's)")
     ap.add_argument("--processes", type=int, default=1, help="data-parallel processes of the training run")
     ap.add_argument("--device", default=None, choices=("cuda", "cpu"),
                     help="device the run is for (default: cuda when a GPU is visible or --gpu-memory is given, or "
-                         "when the preset's backbone is bfloat16/float16; else cpu)")
+                         "when the recipe's backbone is bfloat16/float16; else cpu)")
     add_plan_arguments(ap)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

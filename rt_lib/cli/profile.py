@@ -7,6 +7,7 @@ import argparse
 
 import torch
 
+from rt_lib.cli.flags import add_deprecated_alias
 from rt_lib.mindskip.config import GRANULARITIES
 from rt_lib.speed import profiling
 from rt_lib.speed.variants import VARIANTS
@@ -18,7 +19,9 @@ def _ints(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m rt_lib profile", description=profiling.__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="quick", choices=sorted(profiling.PROFILE_PRESETS))
+    p.add_argument("--grid", default="quick", choices=list(profiling.PROFILE_GRIDS),
+                   help="the points measured and how often (rt_lib.speed.profiling.PROFILE_GRIDS)")
+    add_deprecated_alias(p, "--preset", "--grid", choices=list(profiling.PROFILE_GRIDS))
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--routers", default=None, help="router checkpoint folder; default: fresh (zero-init) routers")
     p.add_argument("--out", required=True, help="run folder; results go to <out>/profile/")
@@ -53,7 +56,7 @@ def main(argv=None):
     overrides = {k: v for k, v in given.items() if v is not None}
     if a.variants:
         overrides["variants"] = a.variants.split(",")
-    settings = profiling.preset(a.preset, **overrides)
+    settings = profiling.grid(a.grid, **overrides)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from rt_lib.assets.loading import resolve_dtype
 
@@ -70,7 +73,7 @@ def main(argv=None):
     from rt_lib.speed.step import run_step
 
     rows, _, prof = run_step(model, tokenizer, a.out, settings, routers=a.routers, config=fresh,
-                             text=None if a.text.lower() == "none" else a.text, preset_name=a.preset,
+                             text=None if a.text.lower() == "none" else a.text, grid_name=a.grid,
                              model_name=a.model, progress=not a.no_progress)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 3):
         print(pd.DataFrame(rows)[["regime", "variant", "batch_size", "seq_len", "median_ms", "p10_ms", "p90_ms",

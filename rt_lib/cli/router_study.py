@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from rt_lib.tuning import router_study
-from rt_lib.tuning.router_study import ORDER, RECIPES, tune
+from rt_lib.tuning.router_study import ORDER, STUDY_RECIPES, tune
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     names = args.only.split(",") if args.only else list(ORDER)
-    unknown = [n for n in names if n not in RECIPES]
+    unknown = [n for n in names if n not in STUDY_RECIPES]
     if unknown:
-        p.error(f"unknown recipes {unknown}; recipes: {', '.join(RECIPES)}")
+        p.error(f"unknown recipes {unknown}; recipes: {', '.join(STUDY_RECIPES)}")
     for name in names:
         tune(name, args.out)
     return 0

@@ -1,12 +1,12 @@
 """Evaluate dense and MindSkip models with lm-evaluation-harness 0.4.x: the driver.
 
 ``evaluate`` scores a model in memory (a dense HF model or a ``MindSkipModel``) on a task
-preset through the harness model ``MindSkipLM`` (``rt_lib.evaluation.harness``, registered as
+set through the harness model ``MindSkipLM`` (``rt_lib.evaluation.harness``, registered as
 ``mindskip``), pairs it with its dense reference and returns ``EvalResults``
 (``rt_lib.evaluation.results``, the files under ``<run>/eval/``)::
 
     from rt_lib.evaluation.driver import evaluate
-    res = evaluate(ms, tok, preset="quick", out_dir="results/runs/my-run")
+    res = evaluate(ms, tok, task_set="quick", out_dir="results/runs/my-run")
     res.table; res.paired; res.skip_stats          # also written to my-run/eval/
 
 For a ``MindSkipModel`` the dense reference is the same model with every router forced to
@@ -14,7 +14,7 @@ For a ``MindSkipModel`` the dense reference is the same model with every router 
 ``paired`` holds the per-document paired difference with its confidence interval.
 
 Command line (``python -m rt_lib evaluate``: the harness CLI with the kit's model and
-tasks, or a kit preset written as a run folder): ``rt_lib.cli.evaluate``.
+tasks, or a kit task set written as a run folder): ``rt_lib.cli.evaluate``.
 
 Few-shot examples of the kit's offline tasks are drawn per document
 (``rt_lib.evaluation.tasks.samplers.DocSeededSampler``), so scores do not depend on the number of
@@ -23,7 +23,7 @@ whose draws depend on how documents are dealt to processes (``evaluate()`` swaps
 per-document sampler for them too). An in-memory model is always evaluated in one process.
 
 A threshold sweep with static drop matched to each threshold (notebook 02): ``rt_lib.evaluation.sweep``.
-Presets and what differs offline: ``rt_lib.evaluation.tasks``.
+Task sets and what differs offline: ``rt_lib.evaluation.tasks``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from rt_lib.mindskip.architecture import find_decoder
 from rt_lib.mindskip.model import MindSkipModel
 from rt_lib.runs.read import SKIP_RATIO_OF
 from rt_lib.files import file_sha256
-from rt_lib.evaluation.tasks import PAPER_TASKS, TASK_PRESETS, TaskPreset
+from rt_lib.evaluation.tasks import PAPER_TASKS, TaskSet, task_set as lookup_task_set
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,9 @@ def _truthy_env(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def check_request(preset: str, tasks: Sequence[str] | None, limit: Any, batch_size: Any) -> tuple[TaskPreset, list[str]]:
-    """Validate preset/tasks/limit/batch size before anything is loaded or run."""
-    if preset not in TASK_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(TASK_PRESETS)}")
-    p = TASK_PRESETS[preset]
+def check_request(task_set: str, tasks: Sequence[str] | None, limit: Any, batch_size: Any) -> tuple[TaskSet, list[str]]:
+    """Validate task set/tasks/limit/batch size before anything is loaded or run."""
+    p = lookup_task_set(task_set)
     if tasks is None:
         names = p.tasks
     else:
@@ -80,12 +79,12 @@ def check_request(preset: str, tasks: Sequence[str] | None, limit: Any, batch_si
         unknown = [t for t, n in zip(tasks, names) if n not in p.shots]
         if unknown:
             raise ValueError(
-                f"unknown task(s) {unknown} for preset {preset!r}; choose from {', '.join(p.tasks)} "
+                f"unknown task(s) {unknown} for task set {task_set!r}; choose from {', '.join(p.tasks)} "
                 "(the paper's eight benchmarks; other harness tasks: use the lm_eval CLI through "
                 "`python -m rt_lib evaluate`)"
             )
         if not names:
-            raise ValueError("tasks is empty; pass None for all tasks of the preset")
+            raise ValueError("tasks is empty; pass None for all tasks of the task set")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate tasks in {list(tasks)}")
     if limit is not None:
@@ -102,8 +101,8 @@ def check_request(preset: str, tasks: Sequence[str] | None, limit: Any, batch_si
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
     if not p.offline and (_truthy_env("HF_HUB_OFFLINE") or _truthy_env("HF_DATASETS_OFFLINE")):
         raise ValueError(
-            f"preset {preset!r} loads the standard datasets from the Hugging Face hub, but "
-            "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: use preset='offline' (same prompts and "
+            f"task set {task_set!r} loads the standard datasets from the Hugging Face hub, but "
+            "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: use task set 'offline' (same prompts and "
             "metrics over the embedded data) or run where the hub is reachable"
         )
     return p, names
@@ -135,7 +134,7 @@ class _Job:
 def evaluate(
     model_or_ms,
     tokenizer,
-    preset: str = "quick",
+    task_set: str = "quick",
     tasks: Sequence[str] | str | None = None,
     limit: int | float | None = None,
     batch_size: int | str = 1,
@@ -149,16 +148,18 @@ def evaluate(
     model_name: str | None = None,
     method: str | None = None,
     k: int | None = None,
+    preset: str | None = None,
     **lm_kwargs,
 ) -> EvalResults:
-    """Evaluate an in-memory model on a preset's tasks; see the module docstring.
+    """Evaluate an in-memory model on a task set's tasks; see the module docstring.
 
-    ``model_or_ms``: a dense HF causal LM or a ``MindSkipModel``. ``tasks``: a subset of the
-    preset's (standard names). ``limit``: documents per task (MMLU: per subject); default the
-    preset's. ``variant``: label of the model in the tables (default ``mindskip`` for a
+    ``model_or_ms``: a dense HF causal LM or a ``MindSkipModel``. ``task_set``: a name of
+    ``rt_lib.evaluation.tasks.TASK_SETS`` (``preset=`` is its deprecated spelling). ``tasks``: a
+    subset of the task set's (standard names). ``limit``: documents per task (MMLU: per subject);
+    default the task set's. ``variant``: label of the model in the tables (default ``mindskip`` for a
     MindSkipModel, ``dense`` otherwise). ``dense_reference``: None -> for a MindSkipModel,
     also run it with every router forced to keep and pair with that; an ``EvalResults`` (or
-    its path) from an earlier dense run of the same preset/tasks/limit/seed -> pair with it;
+    its path) from an earlier dense run of the same task set/tasks/limit/seed -> pair with it;
     False -> no dense run, no pairing. ``interval``: ``t`` or ``bootstrap``. Skip ratios in the
     tables are of all the model's layers (``rt_lib.runs.read.SKIP_RATIO_OF``): a MindSkip model's
     realised skipped executions of its routed sublayers / all layers' executions; a static drop
@@ -168,14 +169,17 @@ def evaluate(
     skipped-layer target of a MindSkip operating point). Remaining
     keyword arguments go to ``MindSkipLM``/HFLM (e.g. ``max_length``).
     """
+    if preset is not None:
+        warnings.warn("evaluate(preset=...) is deprecated; pass task_set=...", DeprecationWarning, stacklevel=2)
+        task_set = preset
     # every check before the harness starts
-    p, names = check_request(preset, tasks, limit, batch_size)
+    p, names = check_request(task_set, tasks, limit, batch_size)
     _check_options(model_or_ms, tokenizer, confidence, interval)
     ms = model_or_ms if isinstance(model_or_ms, MindSkipModel) else None
     variant = variant or ("mindskip" if ms is not None else "dense")
     method = method or ("dense" if variant == "dense" else "mindskip" if ms is not None else variant)
     limits = {t: (limit if limit is not None else p.limits.get(t)) for t in names}
-    reference = _dense_reference(dense_reference, preset, p, names, limits, seed)
+    reference = _dense_reference(dense_reference, task_set, p, names, limits, seed)
     run_dense = variant == "dense" or (dense_reference is None and ms is not None)
     if variant != "dense" and dense_reference is None and ms is None:
         log.warning("variant %r is a plain model and no dense_reference was given: no paired differences", variant)
@@ -217,17 +221,17 @@ def evaluate(
     table = results_table(rows, names, task_info, threshold)
     paired = paired_table(paired_rows, names, task_info, variant, confidence)
     skip_frame = pd.DataFrame(skip_rows, columns=SKIP_COLUMNS)
-    prov = _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, variant, confidence, interval,
+    prov = _provenance(lm, ms, model_name, task_set, p, names, limits, batch_size, seed, variant, confidence, interval,
                        task_info)
     prov.update({"num_layers": num_layers, "skip_ratio_of": SKIP_RATIO_OF})
-    result = EvalResults(preset, table, paired, skip_frame, dict(per_doc), task_info, prov, dict(wall),
+    result = EvalResults(task_set, table, paired, skip_frame, dict(per_doc), task_info, prov, dict(wall),
                          dict(harness_out))
     if out_dir is not None:
         result.save(out_dir)
     return result
 
 
-def _task_documents(p: TaskPreset, task: str, harness_name: str, obj, limit) -> tuple[dict, dict | None]:
+def _task_documents(p: TaskSet, task: str, harness_name: str, obj, limit) -> tuple[dict, dict | None]:
     """A task's settings record (``EvalResults.tasks``) and the harness's ``samples`` argument."""
     info = _task_info(p, task, harness_name, obj, limit)
     samples = harness_samples(p, obj, limit)
@@ -250,7 +254,7 @@ def _check_options(model_or_ms, tokenizer, confidence: float, interval: str) -> 
         raise ValueError("pass the model's tokenizer")
 
 
-def _dense_reference(dense_reference, preset: str, p: TaskPreset, names: list[str], limits: dict,
+def _dense_reference(dense_reference, task_set: str, p: TaskSet, names: list[str], limits: dict,
                      seed: int) -> EvalResults | None:
     """The earlier dense run to pair with (loaded if given as a path), checked to have scored the
     same documents with the same prompts; None when there is none."""
@@ -261,8 +265,8 @@ def _dense_reference(dense_reference, preset: str, p: TaskPreset, names: list[st
     reference = dense_reference
     if "dense" not in reference.per_doc:
         raise ValueError("dense_reference holds no 'dense' variant")
-    if reference.preset != preset:
-        raise ValueError(f"dense_reference was run with preset {reference.preset!r}, not {preset!r}")
+    if reference.task_set != task_set:
+        raise ValueError(f"dense_reference was run with task set {reference.task_set!r}, not {task_set!r}")
     missing = [t for t in names if t not in reference.per_doc["dense"]]
     if missing:
         raise ValueError(f"dense_reference lacks tasks {missing}; evaluate the dense model on them first")
@@ -289,7 +293,7 @@ def _same_model(reference: EvalResults | None, model_name: str) -> str:
     return model_name
 
 
-def _task_info(p: TaskPreset, task: str, harness_name: str, obj, limit) -> dict:
+def _task_info(p: TaskSet, task: str, harness_name: str, obj, limit) -> dict:
     """What results.json records about how a task was scored."""
     spec = PAPER_TASKS[task]
     shots = p.shots[task]
@@ -304,9 +308,9 @@ def _task_info(p: TaskPreset, task: str, harness_name: str, obj, limit) -> dict:
     }
 
 
-def harness_samples(p: TaskPreset, task_obj, limit) -> dict[str, list[int]] | None:
-    """The harness's ``samples`` argument for a preset that scores a seeded sample (None: the
-    first ``limit`` documents, or all). An explicit limit wins over the preset's sample."""
+def harness_samples(p: TaskSet, task_obj, limit) -> dict[str, list[int]] | None:
+    """The harness's ``samples`` argument for a task set that scores a seeded sample (None: the
+    first ``limit`` documents, or all). An explicit limit wins over the task set's sample."""
     if p.sample is None or limit is not None:
         return None
     from rt_lib.evaluation.tasks import sample_documents
@@ -363,7 +367,7 @@ def _seeds(fewshot_seed: int) -> dict:
     return {**DEFAULT_SEEDS, "fewshot_random_seed": fewshot_seed}
 
 
-def _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, variant, confidence, interval, task_info) -> dict:
+def _provenance(lm, ms, model_name, task_set, p, names, limits, batch_size, seed, variant, confidence, interval, task_info) -> dict:
     import lm_eval
 
     from rt_lib.runs import record as runs
@@ -374,8 +378,8 @@ def _provenance(lm, ms, model_name, preset, p, names, limits, batch_size, seed, 
         "model": model_name,
         "model_source": getattr(model.config, "rt_kit_source", None),
         "model_dtype": str(next(model.parameters()).dtype),
-        "preset": preset,
-        "preset_description": p.description,
+        "task_set": task_set,
+        "task_set_description": p.description,
         "harness": "lm-evaluation-harness",
         "harness_version": getattr(lm_eval, "__version__", None) or runs._version("lm_eval"),
         "seeds": _seeds(seed),

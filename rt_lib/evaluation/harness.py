@@ -40,7 +40,7 @@ from lm_eval.models.huggingface import HFLM
 
 from rt_lib.mindskip.model import MindSkipModel
 from rt_lib.files import file_sha256
-from rt_lib.evaluation.tasks import TaskPreset, write_offline_tasks
+from rt_lib.evaluation.tasks import TaskSet, write_offline_tasks
 
 log = logging.getLogger(__name__)
 
@@ -487,8 +487,8 @@ def leaf_tasks(obj) -> list:
     return list(obj.get_all_tasks()) if isinstance(obj, Group) else [obj]
 
 
-def load_task(tm, p: TaskPreset, task: str) -> tuple[str, Any]:
-    """The harness task (or group) of a preset's standard task name, ready to evaluate: the
+def load_task(tm, p: TaskSet, task: str) -> tuple[str, Any]:
+    """The harness task (or group) of a task set's standard task name, ready to evaluate: the
     standard tasks get the per-document few-shot sampler (the offline ones have it built in)."""
     harness_name = p.harness_task(task)
     import contextlib

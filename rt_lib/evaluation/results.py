@@ -34,7 +34,7 @@ MACRO = "macro_avg"
 class EvalResults:
     """Tables of one evaluation (docs/results_format.md) plus per-document scores."""
 
-    preset: str
+    task_set: str  # the name in rt_lib.evaluation.tasks.TASK_SETS
     table: Any  # pandas DataFrame, results.csv
     paired: Any  # paired.csv
     skip_stats: Any  # skip_stats.csv
@@ -75,7 +75,7 @@ class EvalResults:
 
     def to_json(self) -> dict:
         return {
-            "preset": self.preset,
+            "task_set": self.task_set,
             "provenance": self.provenance,
             "tasks": self.tasks,
             "results": _records(self.table),
@@ -93,7 +93,7 @@ class EvalResults:
 
         run_dir = Path(run_dir)
         if not (run_dir / runs.RUN_FILE).exists():
-            runs.new_run(root=run_dir.parent, run_id=run_dir.name, preset=self.preset)
+            runs.new_run(root=run_dir.parent, run_id=run_dir.name)
         eval_dir = run_dir / "eval"
         files.write_csv(eval_dir / "results.csv", self.table, RESULT_COLUMNS)
         files.write_csv(eval_dir / "paired.csv", self.paired, PAIRED_COLUMNS)
@@ -107,7 +107,7 @@ class EvalResults:
         return eval_dir
 
     def options(self) -> dict:
-        """What the evaluation ran with, as run.json records it (``parameters.eval``): preset,
+        """What the evaluation ran with, as run.json records it (``parameters.eval``): task set,
         model and its dtype, tasks, per-task document limits, batch size, seed, interval
         confidence, when routers were evaluated their MindSkip config, and the model's layer
         count with the unit of the skip ratios (``num_layers``, ``skip_ratio_of``)."""
@@ -115,7 +115,7 @@ class EvalResults:
         called = prov.get("parameters") or {}
         mindskip = next((q["mindskip"]["config"] for q in (prov, *prov.get("parts", ()))
                          if (q.get("mindskip") or {}).get("config")), None)  # combined: any part's routers
-        return {"preset": self.preset, "model": prov.get("model"), "model_dtype": prov.get("model_dtype"),
+        return {"task_set": self.task_set, "model": prov.get("model"), "model_dtype": prov.get("model_dtype"),
                 "tasks": list(self.tasks), **{k: v for k, v in called.items() if k != "tasks"},
                 "confidence": prov.get("confidence"), **({"mindskip": mindskip} if mindskip else {}),
                 **{k: prov[k] for k in ("num_layers", "skip_ratio_of") if prov.get(k) is not None}}
@@ -139,14 +139,14 @@ class EvalResults:
         def sub(d):
             return {v: {t: x for t, x in d[v].items() if t in tasks} for v in variants if v in d}
 
-        return EvalResults(preset=self.preset, table=keep(self.table), paired=keep(self.paired),
+        return EvalResults(task_set=self.task_set, table=keep(self.table), paired=keep(self.paired),
                            skip_stats=keep(self.skip_stats), per_doc=sub(self.per_doc),
                            tasks={t: self.tasks[t] for t in tasks}, provenance=dict(self.provenance),
                            wall_time_s=sub(self.wall_time_s), harness=sub(self.harness))
 
     @classmethod
     def combine(cls, parts: Sequence["EvalResults"]) -> "EvalResults":
-        """One result from evaluations of several variants and tasks of one preset (e.g. MindSkip
+        """One result from evaluations of several variants and tasks of one task set (e.g. MindSkip
         at several thresholds and static drop, each paired with the same dense run; or one part
         per variant and task). A task in several parts must have been scored on the same
         documents in each. Rows of a (variant, task) present in several parts are kept once
@@ -162,8 +162,8 @@ class EvalResults:
 
         tasks: dict = {}
         for p in parts:
-            if p.preset != first.preset:
-                raise ValueError(f"can only combine evaluations of one preset; got {first.preset} and {p.preset}")
+            if p.task_set != first.task_set:
+                raise ValueError(f"can only combine evaluations of one task set; got {first.task_set} and {p.task_set}")
             for t, info in p.tasks.items():
                 if t in tasks and docs(tasks[t]) != docs(info):
                     raise ValueError(f"can only combine evaluations that scored {t} on the same documents "
@@ -190,7 +190,7 @@ class EvalResults:
                         into.setdefault(task, v)
         provenance = dict(first.provenance)
         provenance["parts"] = [p.provenance for p in parts]
-        return cls(preset=first.preset, table=table, paired=paired, skip_stats=skip, per_doc=merged["per_doc"],
+        return cls(task_set=first.task_set, table=table, paired=paired, skip_stats=skip, per_doc=merged["per_doc"],
                    tasks=tasks, provenance=provenance, wall_time_s=merged["wall_time_s"],
                    harness=merged["harness"])
 
@@ -218,7 +218,7 @@ class EvalResults:
             prov = {**prov, "skip_ratio_of": SKIP_RATIO_OF, **({"num_layers": num_layers} if num_layers else {})}
         table = skip_ratio_of_all_layers(table, written_of, num_layers, routed_count(d["provenance"]), str(path))
         return cls(
-            preset=d["preset"],
+            task_set=d["task_set"] if "task_set" in d else d["preset"],  # "preset": files written before the rename
             table=table,
             paired=pd.DataFrame(d["paired"], columns=PAIRED_COLUMNS),
             skip_stats=pd.DataFrame(d["skip_stats"], columns=SKIP_COLUMNS),

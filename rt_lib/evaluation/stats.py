@@ -45,7 +45,7 @@ def pair_scores(
         raise ValueError(
             f"paired comparison needs the same documents: {len(only_v)} scored only by the variant "
             f"(e.g. {sorted(map(str, only_v))[:3]}), {len(only_r)} only by the reference "
-            f"(e.g. {sorted(map(str, only_r))[:3]}); evaluate both with the same preset, tasks and limit"
+            f"(e.g. {sorted(map(str, only_r))[:3]}); evaluate both with the same task set, tasks and limit"
         )
     try:
         keys = sorted(variant)

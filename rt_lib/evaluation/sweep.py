@@ -66,7 +66,7 @@ def check_thresholds(thresholds) -> list[float]:
 
 
 def evaluate_sweep(base, tokenizer, run_dir: str | os.PathLike, *, routers: str | os.PathLike | None = None,
-                   thresholds: Sequence[float] = (0.5,), preset: str = "quick", tasks: Sequence[str] | None = None,
+                   thresholds: Sequence[float] = (0.5,), task_set: str = "quick", tasks: Sequence[str] | None = None,
                    limit: int | float | None = None, batch_size: int | str = 8, static_drop: bool = True,
                    dense_from: str | os.PathLike | None = None, calibration: dict | None = None) -> EvalResults:
     """Evaluate dense, MindSkip at each of ``thresholds`` and the matched static drops; write
@@ -74,15 +74,15 @@ def evaluate_sweep(base, tokenizer, run_dir: str | os.PathLike, *, routers: str 
 
     ``base``: the base model (left as it was: routers and dropped layers are removed again);
     ``routers``: a router checkpoint folder, None for fresh default routers (their rows are
-    method ``mindskip_fresh``, so nothing reads them as tuned MindSkip). ``preset``,
+    method ``mindskip_fresh``, so nothing reads them as tuned MindSkip). ``task_set``,
     ``tasks``, ``limit``, ``batch_size``: as ``rt_lib.evaluation.driver.evaluate``. ``dense_from``: a
-    run folder whose dense scores (same preset, tasks, limit) are reused instead of a dense
+    run folder whose dense scores (same task set, tasks, limit) are reused instead of a dense
     run. ``calibration``: keyword arguments of ``rt_lib.tuning.baselines.attention_importance``
     (default: its calibration text).
     """
     thresholds = check_thresholds(thresholds)
     run_dir = Path(run_dir)
-    common = dict(preset=preset, tasks=tasks, limit=limit, batch_size=batch_size)
+    common = dict(task_set=task_set, tasks=tasks, limit=limit, batch_size=batch_size)
     ms = attach_routers(base, routers)
     ms.eval()
     try:
@@ -114,7 +114,7 @@ def _mindskip_parts(ms, tokenizer, thresholds: list[float], dense_from, common: 
     MindSkip at each threshold, each paired with that dense run."""
     parts = []
     if dense_from:
-        # dense scores of another run on the same documents (checked: preset, tasks, limits, shots, seed, model)
+        # dense scores of another run on the same documents (checked: task set, tasks, limits, shots, seed, model)
         parts.append(EvalResults.load(dense_from).only(["dense"], tasks=common["tasks"]))
         log.info("dense scores reused from %s", dense_from)
     for tau in thresholds:

@@ -24,7 +24,7 @@ def task_paired_rows(variant: str, task: str, var_docs: dict, ref_docs: dict, me
     if bad:
         raise ValueError(
             f"{task}: {len(bad)} documents were shown different prompts to the variant and the dense "
-            f"reference (e.g. {bad[:3]}); re-run the dense reference with the same preset, shots and seed"
+            f"reference (e.g. {bad[:3]}); re-run the dense reference with the same task set, shots and seed"
         )
     rows = []
     for m in metrics:

@@ -14,7 +14,7 @@ What it scores (every variant on the same documents and prompts, paired with den
   operating point and the comparison isolates how many layers are skipped;
 * ``static_drop_k<k>``: static attention drop of ``k`` layers, ``k`` = MindSkip's realised
   skipped layers on the tasks (macro average), rounded, for each MindSkip operating point;
-* ``mindskip_t<τ>``: the routers at their own threshold (the ``cpu`` preset's operating point).
+* ``mindskip_t<τ>``: the routers at their own threshold (the ``cpu`` recipe's operating point).
 
 Each (variant, task) is one part written atomically under ``<out>/evidence/parts/``; a run
 that is interrupted continues with the first missing part (calibration and static-drop
@@ -45,7 +45,7 @@ from rt_lib.runs import record as runs
 log = logging.getLogger(__name__)
 
 TARGET_LAYERS = (4, 8)  # skipped attention sublayers per sequence (of the model's layers)
-TASK_PRESET = "evidence"
+TASK_SET = "evidence"  # rt_lib.evaluation.tasks.TASK_SETS
 CALIBRATION_BLOCKS = 32  # Wikipedia validation blocks for the threshold bisection
 HELDOUT_BLOCKS = 128  # further validation blocks for the paired held-out loss
 BLOCK_TOKENS = 256
@@ -212,10 +212,11 @@ class Evidence(ModelHolder):
                  dtype: str = "auto", tasks: Sequence[str] | None = None, batch_size: int = 8,
                  targets: Sequence[int] = TARGET_LAYERS, compare: Sequence[str | os.PathLike] = (),
                  heldout_blocks: int = HELDOUT_BLOCKS, calibration_blocks: int = CALIBRATION_BLOCKS,
-                 limit: int | None = None, profile_preset: str | None = "quick", task_preset: str = TASK_PRESET,
+                 limit: int | None = None, profile_grid: str | None = "quick", task_set: str = TASK_SET,
                  routing_input: str = "context"):
         from rt_lib.mindskip.model import read_checkpoint_metadata
-        from rt_lib.evaluation.tasks import TASK_PRESETS
+        from rt_lib.evaluation.tasks import task_set as lookup_task_set
+        from rt_lib.speed.profiling import grid
 
         self.out = Path(out)
         self.dir = self.out / "evidence"
@@ -225,19 +226,20 @@ class Evidence(ModelHolder):
         if not self.model_name:
             raise ValueError(f"{self.routers} does not name its base model: pass model=")
         self.dtype, self.batch_size = dtype, batch_size
-        if task_preset not in TASK_PRESETS:
-            raise ValueError(f"unknown task preset {task_preset!r}; presets: {sorted(TASK_PRESETS)}")
+        chosen = lookup_task_set(task_set)  # a clear error for an unknown name, before anything runs
+        if profile_grid is not None:
+            grid(profile_grid)
         from rt_lib.evaluation.harness import ROUTING_INPUTS
 
         if routing_input not in ROUTING_INPUTS:
             raise ValueError(f"routing_input must be one of {list(ROUTING_INPUTS)}, got {routing_input!r}")
-        self.task_preset, self.routing_input = task_preset, routing_input
-        self.tasks = list(tasks or TASK_PRESETS[task_preset].tasks)
+        self.task_set, self.routing_input = task_set, routing_input
+        self.tasks = list(tasks or chosen.tasks)
         self.targets = [int(t) for t in targets]
         self.compare = [Path(c) for c in compare]
         self.heldout_blocks, self.calibration_blocks = heldout_blocks, calibration_blocks
-        self.limit = limit  # documents per task (a smoke run), None: the preset's
-        self.profile_preset = profile_preset  # grid of the speed step (None: no speed step)
+        self.limit = limit  # documents per task (a smoke run), None: the task set's
+        self.profile_grid = profile_grid  # rt_lib.speed.profiling grid of the speed step (None: no speed step)
         self._base = self._tok = None
 
     def _json(self, name: str, make):
@@ -254,7 +256,7 @@ class Evidence(ModelHolder):
         from rt_lib.mindskip.model import read_checkpoint_metadata
 
         meta = read_checkpoint_metadata(self.routers)
-        plan = {"model": self.model_name, "dtype": self.dtype, "task_preset": self.task_preset, "tasks": self.tasks,
+        plan = {"model": self.model_name, "dtype": self.dtype, "task_set": self.task_set, "tasks": self.tasks,
                 "routing_input": self.routing_input,
                 "routers": str(self.routers), "routers_weights_sha256": meta.get("weights_sha256"),
                 "routers_config": meta.get("config"), "target_skipped_layers": self.targets,
@@ -264,6 +266,8 @@ class Evidence(ModelHolder):
                 "block_tokens": BLOCK_TOKENS}
         # a run planned before the option existed scored one forward per request
         old = {"routing_input": "context+continuation", **self._json("plan.json", lambda: plan)}
+        if "task_preset" in old:  # the key's name before the task sets were called so
+            old.setdefault("task_set", old.pop("task_preset"))
         changed = {k for k in plan if old.get(k) != plan[k]}
         if changed:
             raise ValueError(f"{self.dir / 'plan.json'} was written with other settings ({sorted(changed)}); "
@@ -336,7 +340,7 @@ class Evidence(ModelHolder):
         targets), ``rest`` (the static drops, then the routers' own threshold) or ``all``."""
         from rt_lib.evaluation.driver import evaluate
 
-        common = dict(preset=self.task_preset, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit,
+        common = dict(task_set=self.task_set, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit,
                       routing_input=self.routing_input)
         variants = self.variants()
         groups = {
@@ -402,7 +406,7 @@ class Evidence(ModelHolder):
         scores = self._json("static_drop_scores.json", lambda: dict(zip(
             ("scores", "calibration"), attention_importance(self.base, self.tok))))
         scores_by_layer = {int(k): v for k, v in scores["scores"].items()}
-        common = dict(preset=self.task_preset, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit,
+        common = dict(task_set=self.task_set, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit,
                       routing_input=self.routing_input)
         for k in self.static_drop_ks():
             variant = f"static_drop_k{k}"
@@ -475,12 +479,12 @@ class Evidence(ModelHolder):
         from rt_lib.speed import step as profile_step
         from rt_lib.speed import profiling
 
-        if self.profile_preset is None or (self.out / "profile" / "profile.json").exists():
+        if self.profile_grid is None or (self.out / "profile" / "profile.json").exists():
             return
         threshold = self.calibration()["main"][str(max(self.targets))]["threshold"]
-        settings = profiling.preset(self.profile_preset, variants=["dense", "mindskip"], threshold=threshold)
+        settings = profiling.grid(self.profile_grid, variants=["dense", "mindskip"], threshold=threshold)
         profile_step.run_step(self.base, self.tok, self.out, settings, routers=str(self.routers),
-                              preset_name=self.profile_preset, model_name=self.model_name)
+                              grid_name=self.profile_grid, model_name=self.model_name)
 
     def combine(self):
         """``<out>/eval/`` from every part, and the measures table."""
@@ -520,7 +524,7 @@ class Evidence(ModelHolder):
     def run(self):
         files.hold_folder(self.out, "evidence run")
         self.plan()
-        runs.new_run(root=self.out.parent, run_id=self.out.name, preset=self.task_preset) if not (
+        runs.new_run(root=self.out.parent, run_id=self.out.name) if not (
             self.out / runs.RUN_FILE).exists() else None
         self.calibration()
         # run order: the comparisons the claims need first, so that an interrupted run (to be

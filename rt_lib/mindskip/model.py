@@ -244,6 +244,17 @@ class MindSkipModel(nn.Module):
             for g in self._gates.values():
                 g.forced = None if decisions is None else bool(decisions)
 
+    @contextlib.contextmanager
+    def forced(self, decisions=None):
+        """``force(decisions)`` within the block; every gate's previous forcing comes back on exit,
+        also when the block raises."""
+        saved = {i: g.forced for i, g in self._gates.items()}
+        self.force(decisions)
+        try:
+            yield self
+        finally:
+            self.force(saved)
+
     def set_execution(self, mode: str) -> None:
         if mode not in ("skip", "mask"):
             raise ValueError(f"execution mode must be 'skip' or 'mask', got {mode!r}")
@@ -524,6 +535,23 @@ def _read_router_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path / WEIGHTS_NAME} is not a readable safetensors file ({e}); re-save the routers") from e
+
+
+def compare_generations(ms: MindSkipModel, tokenizer, prompt: str, *, max_new_tokens: int = 40) -> dict[str, tuple[str, float]]:
+    """Greedy continuations of ``prompt`` with every router forced to keep (``dense``, the base
+    model) and with the routers deciding (``mindskip``): ``{label: (text, skip ratio)}``. With
+    ``seq`` routing the decision is taken once from the prompt and reused at every decode step.
+    The routers' forcing is what it was before afterwards, also when generation fails."""
+    enc = tokenizer(prompt, return_tensors="pt").to(ms.device)
+    start = enc["input_ids"].shape[1]
+    out = {}
+    for label, decisions in (("dense", True), ("mindskip", None)):
+        with ms.forced(decisions), torch.no_grad():
+            ms.reset_stats()
+            ids = ms.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)
+            out[label] = (tokenizer.decode(ids[0, start:], skip_special_tokens=True), ms.skip_ratio())
+    return out
 
 
 def get_mindskip_model(model: nn.Module, config: MindSkipConfig | None = None) -> MindSkipModel:

@@ -68,6 +68,21 @@ def build_all(results_root: str | Path = "results", out_tables: str | Path = "re
     return {"tables": tables, "figures": figs, "problems": problems}
 
 
+def output_folders(run_dir: str | Path = "", results_root: str | Path = "results",
+                   tables_dir: str | Path = "results/tables",
+                   figures_dir: str | Path = "results/figures") -> tuple[Path, Path, Path]:
+    """Where notebook 04 reads and writes, its parameters' empty values filled in:
+    ``(results_root, tables_dir, figures_dir)``. An empty ``results_root`` is the folder holding
+    ``run_dir``; empty ``tables_dir``/``figures_dir`` are ``<run_dir>/paper/tables`` and
+    ``<run_dir>/paper/figures``. ``ValueError`` when an empty one has no ``run_dir`` to come from."""
+    if not (tables_dir and figures_dir) and not run_dir:
+        raise ValueError("tables_dir/figures_dir may only be empty together with a run_dir")
+    if not results_root and not run_dir:
+        raise ValueError("results_root may only be empty together with a run_dir")
+    return (Path(results_root or Path(run_dir).parent), Path(tables_dir or Path(run_dir) / "paper" / "tables"),
+            Path(figures_dir or Path(run_dir) / "paper" / "figures"))
+
+
 HEADLINE_FIGURES = ("fig2", "router_frontier", "evidence")  # shown first by notebook 04
 
 

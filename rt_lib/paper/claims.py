@@ -324,7 +324,7 @@ def _c5(tuned: Path, routers: Path) -> list[dict]:
     return [_row(
         "C5 router-only tuning takes minutes and trains only router weights",
         "under 30 min on one RTX A6000 for an 8B model",
-        f"tuning wall time, minutes ({s.get('steps')} steps, {s.get('preset')} preset); "
+        f"tuning wall time, minutes ({s.get('steps')} steps, {s.get('recipe', s.get('preset'))} recipe); "
         f"{s.get('trainable_parameters')} trainable parameters = {len(meta['routed_layers'])} routers x "
         f"{meta['hidden_size']}", minutes, math.nan, math.nan, int(s.get("steps", 0)), verdict,
         f"holds if wall time < {TUNING_MINUTES:g} min and the trainable parameters are exactly the routers'; "

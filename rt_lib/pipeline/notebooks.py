@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rt_lib import files
-from rt_lib.runs.steps import PRESET_DIR
+from rt_lib.runs.steps import PRESET_DIR, RENAMED_PARAMETERS
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +139,20 @@ def validate(parameters: dict[str, dict]) -> None:
             _check_type(nb, name, value, declared[name])
 
 
+def _current_name(notebook: str, name: str) -> str:
+    """``name`` under today's name (``RENAMED_PARAMETERS``); an old name prints a one-line note."""
+    new = RENAMED_PARAMETERS.get(notebook, {}).get(name)
+    if new is None:
+        return name
+    print(f"note: parameter {notebook}.{name} is deprecated, use {notebook}.{new}", file=sys.stderr)
+    return new
+
+
 def parse_overrides(items: list[str]) -> dict[str, dict]:
     """`notebook.name=value` or `name=value` (applied to every notebook that declares it).
 
-    Values are JSON (numbers, true/false, lists, quoted strings); anything else is a string."""
+    Values are JSON (numbers, true/false, lists, quoted strings); anything else is a string.
+    A parameter's old name (``RENAMED_PARAMETERS``) still works, with a note on stderr."""
     out: dict[str, dict] = {}
     for item in items:
         if "=" not in item:
@@ -154,13 +165,13 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
         if "." in key:
             nb, name = key.split(".", 1)
             nb = match_notebook(nb)
-            out.setdefault(nb, {})[name] = value
+            out.setdefault(nb, {})[_current_name(nb, name)] = value
         else:
-            targets = [nb for nb in NOTEBOOKS if key in declared_parameters(nb)]
+            targets = [nb for nb in NOTEBOOKS if key in declared_parameters(nb) or key in RENAMED_PARAMETERS.get(nb, {})]
             if not targets:
                 raise ParameterError(f"no notebook declares a parameter {key!r}; see `--list-parameters`")
             for nb in targets:
-                out.setdefault(nb, {})[key] = value
+                out.setdefault(nb, {})[_current_name(nb, key)] = value
     return out
 
 

@@ -1,8 +1,8 @@
-"""What a preset will need, before any weights are loaded: assets, memory, KV cache, tokens.
+"""What a pipeline preset will need, before any weights are loaded: assets, memory, KV cache, tokens.
 
     python -m rt_lib plan --preset paper [--model PATH_OR_ID] [--gpu-memory 80GiB] [--json plan.json]
     python -m rt_lib reproduce --preset paper --plan        # the same, with the pipeline's -p overrides
-    python -m rt_lib train --preset paper --plan            # the same, with the training flags
+    python -m rt_lib train --recipe paper --plan            # the same, with the training flags
 
 Every asset is resolved without downloading weights: the model's config and tokenizer (an
 embedded kit model, a local folder, the Hugging Face cache, or the hub when it is reachable:
@@ -10,13 +10,14 @@ only ``config.json`` and the tokenizer files are fetched), the tuning data and t
 tasks. The model is built on the meta device (no memory, no weights), which gives the exact
 parameter count and the routed layers. Per step of the pipeline the plan prints:
 
-- ``train``: parameters and weight memory in the preset's dtype; the routers' parameters, their
-  gradients and AdamW state; the activation memory of one micro batch
-  (``activation_bytes_per_token``) and the logits (``micro_batch x max_length x vocab x 4``
+- ``train`` (the training recipe the preset's notebook 01 tunes; ``train --recipe X --plan``
+  plans the preset whose notebook 01 tunes X): parameters and weight memory in the recipe's
+  dtype; the routers' parameters, their gradients and AdamW state; the activation memory of one
+  micro batch (``activation_bytes_per_token``) and the logits (``micro_batch x max_length x vocab x 4``
   bytes, float32) with the loss working set around them; the total against the GPU memory;
-- ``eval``: the task preset, whether its data is here, and the evaluation tokens (counted with
-  the harness's own request building on the meta model when the data is here and the preset is
-  small, or with ``--eval-tokens yes``; otherwise "needs the task data" and the command);
+- ``eval``: the task set, whether its data is here, and the evaluation tokens (counted with
+  the harness's own request building on the meta model when the data is here and the task set
+  is small, or with ``--eval-tokens yes``; otherwise "needs the task data" and the command);
 - ``profile``: the KV-cache bytes of every point of the profiling grid the preset uses
   (``rt_lib.speed.roofline.estimate_kv_bytes``) and which points do not fit the GPU memory
   (the profiler's own rule: ``rt_lib.speed.roofline.estimate_point_bytes`` against
@@ -24,8 +25,8 @@ parameter count and the routed layers. Per step of the pipeline the plan prints:
 
 A missing asset never stops the plan: it is listed with the command that fetches it, and the
 numbers that need it are printed as unknown. The exit status is 0 whenever a plan was printed
-and 2 for bad input (unknown preset, unparsable ``--gpu-memory``, a local path that does not
-exist). ``--json FILE`` writes the same plan as JSON (``-`` prints it instead of the text).
+and 2 for bad input (unknown preset, recipe, task set or grid, unparsable ``--gpu-memory``, a
+local path that does not exist). ``--json FILE`` writes the same plan as JSON (``-`` prints it instead of the text).
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def resolve_dtype_name(name: str | None, device: str) -> str:
     return str(name).removeprefix("torch.")
 
 
-def count_eval_tokens(meta, tokenizer, preset_name: str, tasks: list[str] | None, limit, batch_size: int) -> dict:
-    """Documents, forward passes and input tokens of a task preset, from the harness's own request
+def count_eval_tokens(meta, tokenizer, task_set: str, tasks: list[str] | None, limit, batch_size: int) -> dict:
+    """Documents, forward passes and input tokens of a task set, from the harness's own request
     building (same tasks, shots, sampler, truncation as ``rt_lib.evaluation.driver.evaluate``) over
     ``meta``, a model on the meta device: every request is recorded, none is scored."""
     from lm_eval import simple_evaluate
@@ -108,7 +109,7 @@ def count_eval_tokens(meta, tokenizer, preset_name: str, tasks: list[str] | None
             self.n_requests += len(requests)
             return [(-1.0, False)] * len(requests)
 
-    p, names = check_request(preset_name, tasks, limit, batch_size)
+    p, names = check_request(task_set, tasks, limit, batch_size)
     rows = []
     start = time.perf_counter()
     with quiet():
@@ -158,38 +159,42 @@ def pipeline_parameters(preset: str, notebook_overrides: dict | None = None) -> 
     return {nb: {**base.get(nb, {}), **over.get(nb, {})} for nb in pipeline.NOTEBOOKS}
 
 
-def train_options_from_notebook(params: dict) -> dict:
-    """The training options notebook 01 passes on (its named parameters and ``train_options``)."""
-    named = ("model", "data", "granularity", "route_level", "num_routed_layers", "capacity_target", "reg_lambda",
-             "lr", "max_steps")
-    out = {k: params[k] for k in named if params.get(k) is not None}
-    out.update(params.get("train_options") or {})
-    return out
-
-
-def make_plan(preset: str = DEFAULT_PRESET, *, model: str | None = None, gpu_memory: str | int | None = None,
-              train_overrides: dict | None = None, notebook_overrides: dict | None = None,
-              eval_tokens: str = "auto", processes: int = 1, device: str | None = None) -> dict:
-    """The plan as a JSON-able dict (``format_plan`` prints it). Raises ``PlanInputError`` for
-    input no plan can be made for; a missing asset is recorded in ``missing`` instead."""
+def preset_for_recipe(recipe: str) -> str:
+    """The pipeline preset whose notebook 01 tunes the training recipe ``recipe`` (the preset of
+    the same name first), else ``DEFAULT_PRESET``: what ``train --recipe X --plan`` plans the
+    evaluation and profiling steps with."""
     from rt_lib.pipeline import notebooks as pipeline
-    from rt_lib.tuning.config import load_preset, make_config
+    from rt_lib.tuning.config import DEFAULT_RECIPE
+
+    for name in sorted(pipeline.available_presets(), key=lambda n: n != recipe):
+        if (pipeline.load_preset(name).get("01_router_tuning") or {}).get("recipe", DEFAULT_RECIPE) == recipe:
+            return name
+    return DEFAULT_PRESET
+
+
+def make_plan(preset: str = DEFAULT_PRESET, *, recipe: str | None = None, model: str | None = None,
+              gpu_memory: str | int | None = None, train_overrides: dict | None = None,
+              notebook_overrides: dict | None = None, eval_tokens: str = "auto", processes: int = 1,
+              device: str | None = None) -> dict:
+    """The plan as a JSON-able dict (``format_plan`` prints it). ``recipe`` replaces the training
+    recipe notebook 01 of the preset names. Raises ``PlanInputError`` for input no plan can be
+    made for; a missing asset is recorded in ``missing`` instead."""
+    from rt_lib.pipeline import notebooks as pipeline
+    from rt_lib.tuning.config import notebook_config
 
     try:
-        load_preset(preset)
         nb = pipeline_parameters(preset, notebook_overrides)
-    except (ValueError, pipeline.ParameterError) as e:
+    except pipeline.ParameterError as e:
         raise PlanInputError(str(e)) from e
     if eval_tokens not in ("auto", "yes", "no"):
         raise PlanInputError(f"eval_tokens must be auto, yes or no, got {eval_tokens!r}")
     if processes < 1:
         raise PlanInputError(f"processes must be positive, got {processes}")
     gpu = _gpu(gpu_memory)
-    options = {**train_options_from_notebook(nb["01_router_tuning"]), **(train_overrides or {})}
-    if model is not None:
-        options["model"] = model
-    try:
-        cfg = make_config(preset, **options)
+    tuning = {**nb["01_router_tuning"], **({"recipe": recipe} if recipe else {})}
+    overrides = {**(train_overrides or {}), **({"model": model} if model is not None else {})}
+    try:  # the same options, checked the same way, as notebook 01 builds them
+        cfg = notebook_config(tuning, **overrides)
     except (ValueError, TypeError) as e:
         raise PlanInputError(str(e)) from e
     if device is None:
@@ -197,7 +202,7 @@ def make_plan(preset: str = DEFAULT_PRESET, *, model: str | None = None, gpu_mem
     if device not in ("cuda", "cpu"):
         raise PlanInputError(f"device must be cuda or cpu, got {device!r}")
 
-    plan: dict[str, Any] = {"preset": preset, "device": device, "gpu_memory": gpu, "missing": [],
+    plan: dict[str, Any] = {"preset": preset, "recipe": cfg.recipe, "device": device, "gpu_memory": gpu, "missing": [],
                             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     rec, config, tok, missing = resolve_model(cfg.model)
     plan["missing"] += missing
@@ -234,7 +239,7 @@ def make_plan(preset: str = DEFAULT_PRESET, *, model: str | None = None, gpu_mem
 
 
 def _train_step(cfg, rec, meta, shape, gpu, processes, device, missing) -> dict:
-    step: dict[str, Any] = {"preset_file": f"rt_lib/tuning/presets/{cfg.preset}.json", "trainable": cfg.trainable,
+    step: dict[str, Any] = {"recipe_file": f"rt_lib/tuning/recipes/{cfg.recipe}.json", "trainable": cfg.trainable,
                             "model_dtype": cfg.model_dtype, "precision": cfg.precision}
     for what, name, split in (("tuning data", cfg.data, cfg.data_split),
                               ("held-out data", cfg.heldout_data, cfg.heldout_split or cfg.data_split)):
@@ -323,21 +328,22 @@ def _lora_parameters(meta, cfg) -> int:
 
 
 def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, missing, device) -> dict:
-    from rt_lib.evaluation.tasks import TASK_PRESETS
+    from rt_lib.evaluation.tasks import task_set
 
-    name = params.get("eval_preset", "quick")
-    if name not in TASK_PRESETS:
-        raise PlanInputError(f"unknown task preset {name!r}; presets: {', '.join(TASK_PRESETS)}")
+    name = params.get("task_set", "quick")
+    try:
+        p = task_set(name)
+    except ValueError as e:
+        raise PlanInputError(str(e)) from e
     tasks, limit, batch = params.get("tasks"), params.get("limit"), params.get("batch_size", 8)
     dtype = resolve_dtype_name(params.get("dtype", "float32"), device)
     tasks_rec, m = resolve_tasks(name, tasks)
     missing += m
-    step: dict[str, Any] = {"task_preset": name, "batch_size": batch, "dtype": dtype, "limit": limit,
+    step: dict[str, Any] = {"task_set": name, "batch_size": batch, "dtype": dtype, "limit": limit,
                             "thresholds": params.get("thresholds", [0.5]), **tasks_rec}
     if rec.get("parameters"):
         step["weights_bytes"] = rec["parameters"] * dtype_bytes(dtype)
     have_data = all(t["data"] != "missing" for t in tasks_rec["tasks"].values())
-    p = TASK_PRESETS[name]
     small = limit is not None or all(p.limits.get(t) is not None for t in tasks_rec["tasks"])
     cmd = f"python -m rt_lib plan --preset {preset} --model {shlex.quote(rec['name'])} --eval-tokens yes"
     if not have_data:
@@ -368,18 +374,18 @@ def _eval_step(params: dict, rec, meta, tok, shape, gpu, eval_tokens, preset, mi
 
 
 def _profile_step(params: dict, cfg, rec, shape, gpu, device) -> dict:
-    from rt_lib.speed.profiling import PROFILE_PRESETS, grid_points
-    from rt_lib.speed.profiling import preset as profile_preset
+    from rt_lib.speed.profiling import grid, grid_points
     from rt_lib.speed.roofline import estimate_kv_bytes, estimate_point_bytes
 
-    name = params.get("profile_preset", "quick")
-    if name not in PROFILE_PRESETS:
-        raise PlanInputError(f"unknown profile preset {name!r}; presets: {', '.join(PROFILE_PRESETS)}")
+    name = params.get("profile_grid", "quick")
     over = {k: params[k] for k in ("skip_k", "repeats") if params.get(k) is not None}
-    settings = profile_preset(name, **over)
+    try:
+        settings = grid(name, **over)
+    except ValueError as e:
+        raise PlanInputError(str(e)) from e
     dtype = resolve_dtype_name(params.get("dtype") or "auto", device)
     b = dtype_bytes(dtype)
-    step: dict[str, Any] = {"profile_preset": name, "dtype": dtype, "new_tokens": settings.new_tokens,
+    step: dict[str, Any] = {"grid": name, "dtype": dtype, "new_tokens": settings.new_tokens,
                             "skip_k": settings.skip_k, "warmup": settings.warmup, "repeats": settings.repeats,
                             "variants": list(params.get("variants") or settings.variants),
                             "headroom": settings.memory_headroom}

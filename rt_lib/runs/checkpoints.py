@@ -53,7 +53,7 @@ def resolve_checkpoint(run_dir: str | os.PathLike | None, model: str | None = No
     """The checkpoint a step of ``run_dir`` uses (see the module docstring).
 
     ``run_dir``: the run folder; empty or None creates a new one (``rt_lib.runs.record.new_run``,
-    recording ``preset``). ``model`` / ``routers``: explicit choices, else looked up. Relative
+    recording the pipeline ``preset``). ``model`` / ``routers``: explicit choices, else looked up. Relative
     paths are relative to the working directory (the kit root when the pipeline runs)."""
     from rt_lib.runs import record as runs
     from rt_lib.mindskip.model import read_checkpoint_metadata

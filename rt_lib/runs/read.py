@@ -122,7 +122,9 @@ def upgrade(meta: dict, files: dict, read_eval: Callable[[], Any] | None = None)
     ``train_config``, the resolved MindSkip config in train/summary.json ``config``, options as
     top-level ``parameters`` values, an evaluation's options in ``steps.eval`` and
     eval/results.json ``provenance``, the profile grid in ``steps.profile.settings``. Each moves
-    to where the current layout keeps it, never replacing what the file records there.
+    to where the current layout keeps it, never replacing what the file records there. Options
+    recorded under an older name (``schema.RENAMED_FIELDS``: the recipe, task set and grid were
+    each called ``preset``) get today's name.
     ``read_eval()`` returns eval/results.json; it is called only for an evaluation that nothing
     else names the model or routers of (the file holds every per-document score: large)."""
     meta = json.loads(json.dumps(meta))
@@ -149,11 +151,18 @@ def upgrade(meta: dict, files: dict, read_eval: Callable[[], Any] | None = None)
             params[step] = {**moved, **_dict(params.get(step))}
     if read_eval is not None and (lookup(meta, *MODEL_KEYS) is None or not mindskip_config(meta)):
         prov = _dict(_dict(read_eval()).get("provenance"))
-        found = {"model": prov.get("model"), "model_dtype": prov.get("model_dtype"), "preset": prov.get("preset"),
+        found = {"model": prov.get("model"), "model_dtype": prov.get("model_dtype"),
+                 "task_set": prov.get("task_set") or prov.get("preset"),
                  **_dict(prov.get("parameters")), "mindskip": _dict(prov.get("mindskip")).get("config")}
         found = {k: v for k, v in found.items() if v not in (None, "", {})}
         if found:
             params["eval"] = {**found, **_dict(params.get("eval"))}
+    for step, renamed in schema.RENAMED_FIELDS.items():  # options recorded under their old names
+        options = params.get(step)
+        for old, new in renamed.items():
+            if isinstance(options, dict) and old in options:
+                value = options.pop(old)
+                options.setdefault(new, value)
     return meta
 
 

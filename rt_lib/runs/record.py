@@ -10,7 +10,7 @@ that a later table or figure would silently read.
     run_dir = new_run(preset="cpu")
     ...
     write_csv(run_dir / "eval" / "results.csv", rows)
-    update_run(run_dir, "eval", {"wall_time_s": 12.3}, parameters={"preset": "quick", "tasks": ["piqa"]})
+    update_run(run_dir, "eval", {"wall_time_s": 12.3}, parameters={"task_set": "quick", "tasks": ["piqa"]})
 
 Reruns (``STEPS``, ``start_step``, ``finish_step``, ``step_state``): the pipeline starts each step
 with ``start_step``, which refuses to replace the results of a completed step unless
@@ -142,7 +142,10 @@ def new_run(
 ) -> Path:
     """Create ``<root>/<run_id>/`` with a fresh ``run.json`` and return the folder.
 
-    ``run_id`` defaults to ``<local time YYYYmmdd-HHMMSS>-<preset>``. If the folder already holds a
+    ``preset``: the pipeline preset (``notebooks/presets/<name>.json``) the run is made with; None
+    for a run made outside the pipeline (``train``, ``evaluate``, ``profile``, ``evidence``: their
+    recipe, task set or grid is in ``parameters.<step>``). ``run_id`` defaults to
+    ``<local time YYYYmmdd-HHMMSS>-<preset>``. If the folder already holds a
     run.json (a notebook re-run with the same id), its ``created`` time and ``steps`` are
     kept, ``parameters`` are merged and the provenance is refreshed; the previous
     provenance is kept under ``history`` so nothing is silently lost.

@@ -208,12 +208,23 @@ PAPER_TABLE = FileKind("tables/<table>.csv", "rt_lib.paper.build", (
 TABLE_FILES = (TIDY_RUNS, SWEEP_TABLE, PAPER_TABLE)
 FILES = {kind.path: kind for kind in (*RUN_FILES, *TABLE_FILES)}
 
+# Fields the kit wrote under another name before (old -> name now), by step: the training recipe,
+# the evaluation's task set and the profile's grid were all called ``preset``. Readers take both:
+# ``rt_lib.runs.read.upgrade`` (run.json ``parameters.<step>``), ``rt_lib.tuning.config.upgrade_config``
+# (training options of summaries and checkpoints), ``EvalResults.load`` (eval/results.json).
+RENAMED_FIELDS: dict[str, dict[str, str]] = {
+    "train": {"preset": "recipe"},
+    "eval": {"preset": "task_set"},
+    "profile": {"preset": "grid"},
+}
+
 # The main JSON fields, by file. Nested fields are described in docs/results_format.md prose.
 JSON_FIELDS: dict[str, tuple[Field, ...]] = {
     "run.json": (
         Field("run_id", "the run's id (the folder name unless given)"),
         Field("created", "UTC time the folder was made"),
-        Field("preset", "pipeline preset the run was made with"),
+        Field("preset", "pipeline preset the run was made with (`notebooks/presets/<name>.json`); empty for a run "
+                        "made outside the pipeline (older such runs: the recipe, task set or grid they ran)"),
         Field("parameters", "every option each step ran with, one object per step (`parameters.<step>`, below)"),
         Field("versions", "python, torch, transformers, lm_eval, rt_lib versions"),
         Field("extra_versions", "versions of further packages"),
@@ -230,7 +241,8 @@ JSON_FIELDS: dict[str, tuple[Field, ...]] = {
         Field("notes", "free text added by hand", always=False),
     ),
     "train/summary.json": (
-        Field("preset", "training preset"),
+        Field("recipe", "training recipe (`rt_lib/tuning/recipes/<name>.json`)", always=False),
+        Field("preset", "the training recipe, in files written before it was called so", always=False),
         Field("finished", "false when stopped early by `stop_after`"),
         Field("steps", "optimiser steps done"),
         Field("total_steps", "optimiser steps of the full schedule"),
@@ -259,7 +271,8 @@ JSON_FIELDS: dict[str, tuple[Field, ...]] = {
         Field("train_config", "every training option"),
     ),
     "eval/results.json": (
-        Field("preset", "evaluation preset"),
+        Field("task_set", "task set scored (`rt_lib.evaluation.tasks.TASK_SETS`)", always=False),
+        Field("preset", "the task set, in files written before it was called so", always=False),
         Field("provenance", "model, router checkpoint, harness version, seeds, batch size, fewshot source, "
                             "`parameters`, `mindskip` (the routers' config), `num_layers` (the model's layers) and "
                             "`skip_ratio_of` (`all layers`: the unit of the skip ratios; absent in files written when "
@@ -307,7 +320,8 @@ JSON_FIELDS: dict[str, tuple[Field, ...]] = {
         Field("sublayer_times", "per grid point, the dense model's hooked time per sublayer behind `bound_speedup`",
               always=False),
         Field("wall_time_s", "profiling time in seconds"),
-        Field("preset", "profiling preset"),
+        Field("grid", "profiling grid (`rt_lib.speed.profiling.PROFILE_GRIDS`)", always=False),
+        Field("preset", "the profiling grid, in files written before it was called so", always=False),
         Field("model", "model profiled"),
         Field("routers", "router checkpoint path, sha256 and config"),
         Field("text", "text the prompts were cut from"),

@@ -36,6 +36,19 @@ REPLACED_DIR = "replaced"  # <run>/replaced/<step>-<time>/: results moved aside 
 # for every notebook: what the refresh command of a stale step compares and leaves out.
 PRESET_DIR = Path(__file__).resolve().parents[2] / "notebooks" / "presets"
 RUNNER_PARAMETERS = ("run_dir", "preset")
+# Notebook parameters renamed since run folders recorded them (old name -> name now, by notebook):
+# what committed runs recorded is read under today's names (``current_parameters``), and
+# ``reproduce -p`` still takes the old names, with a note (rt_lib.pipeline.notebooks.parse_overrides).
+RENAMED_PARAMETERS = {
+    "02_evaluation": {"eval_preset": "task_set"},
+    "03_speedup_profiling": {"profile_preset": "profile_grid"},
+}
+
+
+def current_parameters(notebook: str, parameters: Mapping[str, Any]) -> dict:
+    """A notebook's recorded ``parameters`` under today's names (``RENAMED_PARAMETERS``)."""
+    renamed = RENAMED_PARAMETERS.get(notebook, {})
+    return {renamed.get(name, name): value for name, value in parameters.items()}
 
 
 class ResultsExist(FileExistsError):
@@ -312,7 +325,7 @@ def refresh_command(run_dir: str | Path, steps, record: dict | None = None) -> s
         sections = {}
     extra = []
     for nb in nbs:
-        used = ((ran.get("notebooks") or {}).get(nb) or {}).get("parameters") or {}
+        used = current_parameters(nb, ((ran.get("notebooks") or {}).get(nb) or {}).get("parameters") or {})
         for name, value in used.items():
             if name not in RUNNER_PARAMETERS and sections.get(nb, {}).get(name, _MISSING) != value:
                 extra += ["-p", shlex.quote(f"{nb}.{name}={json.dumps(value)}")]

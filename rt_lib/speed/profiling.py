@@ -1,6 +1,6 @@
 """Speed and KV-cache memory of MindSkip beside the oracle and an analytic bound.
 
-    python -m rt_lib profile --preset quick --model smollm2-135m-instruct \\
+    python -m rt_lib profile --grid quick --model smollm2-135m-instruct \\
         --routers <router dir> --out results/runs/<id>
 
 What is measured, per regime and grid point, for each variant:
@@ -124,7 +124,8 @@ class ProfileSettings:
     memory_headroom: float = 0.9     # a point runs only if its estimate < headroom * available
 
 
-PROFILE_PRESETS = {
+# The named grids (``grid(name)``): which points are measured, how often, at what cost.
+PROFILE_GRIDS = {
     # tiny random models in tests: seconds
     "smoke": ProfileSettings(prefill_batch_sizes=[1, 2], prefill_seq_lens=[8],
                              decode_batch_sizes=[1, 2], decode_context_lens=[8], new_tokens=3,
@@ -143,8 +144,12 @@ PROFILE_PRESETS = {
 }
 
 
-def preset(name: str, **overrides) -> ProfileSettings:
-    return replace(copy.deepcopy(PROFILE_PRESETS[name]), **overrides)
+def grid(name: str, **overrides) -> ProfileSettings:
+    """The settings of the grid ``name`` of ``PROFILE_GRIDS`` with ``overrides`` (``ProfileSettings``
+    fields); ``ValueError`` naming the grids for any other name."""
+    if name not in PROFILE_GRIDS:
+        raise ValueError(f"unknown profile grid {name!r}; grids: {', '.join(PROFILE_GRIDS)}")
+    return replace(copy.deepcopy(PROFILE_GRIDS[name]), **overrides)
 
 
 def grid_points(settings: ProfileSettings) -> list[tuple[str, int, int]]:

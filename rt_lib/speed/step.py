@@ -5,7 +5,7 @@ run.json. What is measured and how: ``rt_lib.speed.profiling``.
     from rt_lib.speed import step as profile_step
     from rt_lib.speed import profiling
     rows, conditions, folder = profile_step.run_step(model, tok, "results/runs/<id>",
-                                                     profiling.preset("quick"), routers="<router dir>")
+                                                     profiling.grid("quick"), routers="<router dir>")
 """
 
 from __future__ import annotations
@@ -20,48 +20,49 @@ from rt_lib.speed.variants import prepare_models
 
 
 def run_step(model, tokenizer, out, settings: ProfileSettings, routers: str | None = None, config=None,
-             text: str | None = "wikipedia-en", preset_name: str | None = None, model_name: str | None = None,
+             text: str | None = "wikipedia-en", grid_name: str | None = None, model_name: str | None = None,
              progress: bool = True):
     """The whole profiling step of a run (CLI and notebook): wrap `model` with the routers (a
     checkpoint folder) or fresh ones (`config`), cut prompts from `text` (None: random ids),
     profile, write `<out>/profile/` and record the step in `<out>/run.json` (created if
-    missing). Returns (rows, conditions, profile folder)."""
+    missing). `grid_name`: the name of the grid `settings` came from (recorded). Returns (rows,
+    conditions, profile folder)."""
     from rt_lib.runs.record import new_run
 
     out = Path(out).resolve()
     if not (out / "run.json").exists():
-        new_run(root=out.parent, run_id=out.name, preset=preset_name)
+        new_run(root=out.parent, run_id=out.name)
     tokens = text_tokens(tokenizer, text) if text else None
     model_name = model_name or getattr(model.config, "rt_kit_name", None) or model.config.name_or_path
     ms = prepare_models(model, routers, config)
     try:
         t0 = time.perf_counter()
         rows, conditions = profile(ms, settings, tokens, progress=progress)
-        describe(conditions, wall_time_s=time.perf_counter() - t0, preset=preset_name, model=model_name,
+        describe(conditions, wall_time_s=time.perf_counter() - t0, grid=grid_name, model=model_name,
                  routers=routers, text=text)
     finally:
         ms.unload()  # `model` leaves as it came
     return rows, conditions, record_step(out, rows, conditions)
 
 
-def describe(conditions: dict, *, wall_time_s: float, preset: str | None, model: str, routers, text: str | None) -> dict:
+def describe(conditions: dict, *, wall_time_s: float, grid: str | None, model: str, routers, text: str | None) -> dict:
     """Add what ``profile()`` cannot know to its conditions, in place: the step's wall time,
-    preset, model name, routers (``router_record`` of the checkpoint folder; None: fresh) and
+    grid name (``rt_lib.speed.profiling.PROFILE_GRIDS``), model name, routers (``router_record`` of the checkpoint folder; None: fresh) and
     the text the prompts were cut from (None: random ids). Every profiling step (run_step,
     the evidence run, the GPU check) records these the same way."""
-    conditions.update(wall_time_s=round(wall_time_s, 1), preset=preset, model=model,
+    conditions.update(wall_time_s=round(wall_time_s, 1), grid=grid, model=model,
                       routers=router_record(str(routers) if routers else None), text=text)
     return conditions
 
 
 def record_step(out, rows: list[dict], conditions: dict) -> Path:
-    """Write ``<out>/profile/`` and record the step in ``<out>/run.json``: its options (preset,
+    """Write ``<out>/profile/`` and record the step in ``<out>/run.json``: its options (grid,
     model, dtype, threads, prompt text, the grid settings) as ``parameters.profile``, what it
     measured with (routers, skipped layers) and its files in ``steps.profile``."""
     from rt_lib.runs.record import update_run
 
     prof = write_results(rows, conditions, out)
-    options = {"preset": conditions.get("preset"), "model": conditions.get("model"), "dtype": conditions["dtype"],
+    options = {"grid": conditions.get("grid"), "model": conditions.get("model"), "dtype": conditions["dtype"],
                "threads": conditions["threads"], "text": conditions.get("text"), **conditions["settings"]}
     update_run(out, "profile", {"routers": conditions["routers"], "skip_layers": conditions["skip_layers"],
                                 "files": ["profile/profile.csv", "profile/profile.json"]}, parameters=options)

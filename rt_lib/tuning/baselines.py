@@ -193,18 +193,18 @@ def _tokenizer_for(model):
 
 
 # =============================================================================== trained baselines
-def train_full(preset: str | None = "cpu", **options):
+def train_full(recipe: str | None = "cpu", **options):
     """Full-parameter dynamic depth: routers and every backbone weight trained by the same loop."""
     from rt_lib.tuning.train import train_routers
 
-    return train_routers(preset, trainable="full", **options)
+    return train_routers(recipe, trainable="full", **options)
 
 
-def train_lora_routers(preset: str | None = "cpu", **options):
+def train_lora_routers(recipe: str | None = "cpu", **options):
     """LoRA + Router-Tuning: LoRA adapters and routers trained together (``lora_*`` options)."""
     from rt_lib.tuning.train import train_routers
 
-    return train_routers(preset, trainable="lora", **options)
+    return train_routers(recipe, trainable="lora", **options)
 
 
 def load_lora_routers(model, train_dir):

@@ -1,8 +1,9 @@
-"""Options of a Router-Tuning run (``TrainConfig``) and the training presets that fill them in.
+"""Options of a Router-Tuning run (``TrainConfig``) and the training recipes that fill them in.
 
-Values resolve in three layers: ``TrainConfig`` defaults < the ``train`` section of
-``rt_lib/tuning/presets/<name>.json`` < explicit overrides (CLI flags or ``train_routers`` keywords).
-``make_config`` does the layering and checks every option before anything is loaded.
+Values resolve in three layers: ``TrainConfig`` defaults < the ``train`` section of the recipe
+``rt_lib/tuning/recipes/<name>.json`` < explicit overrides (CLI flags or ``train_routers`` keywords).
+``make_config`` does the layering and checks every option before anything is loaded;
+``notebook_config`` does the same for notebook 01's parameters (and the plan of a pipeline preset).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Mapping
 
-TRAIN_PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-TRAIN_PRESETS = ("smoke", "cpu", "paper")
+# The training recipes: one JSON file each, rt_lib/tuning/recipes/<name>.json (the registry is the folder).
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+TRAIN_RECIPES = tuple(sorted(p.stem for p in RECIPES_DIR.glob("*.json")))
+DEFAULT_RECIPE = "cpu"
 TRAINABLE = ("routers", "full", "lora")
 
 # Options that may differ between a run and its resumption (they do not change the numbers).
@@ -22,10 +26,11 @@ RESUME_FREE = frozenset({"out", "replace", "save_every", "resume_from", "stop_af
 
 @dataclass
 class TrainConfig:
-    """Every option of a tuning run; presets (rt_lib/tuning/presets/<name>.json) fill it in."""
+    """Every option of a tuning run; recipes (rt_lib/tuning/recipes/<name>.json) fill it in."""
 
-    preset: str | None = field(default=None, metadata={
-        "help": "Training preset rt_lib/tuning/presets/<name>.json the values come from (smoke, cpu, paper; the CLI's default: cpu)."})
+    recipe: str | None = field(default=None, metadata={
+        "help": f"Training recipe rt_lib/tuning/recipes/<name>.json the values come from ({', '.join(TRAIN_RECIPES)}; "
+                f"the CLI's default: {DEFAULT_RECIPE})."})
     # -- model and data
     model: str = field(default="smollm2-135m-instruct",
                        metadata={"help": "Embedded kit model, local folder or Hugging Face id (rt_lib.assets.loading.load_model)."})
@@ -108,27 +113,72 @@ class TrainConfig:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
-def load_preset(name: str) -> dict:
-    """The ``train`` section of ``rt_lib/tuning/presets/<name>.json``."""
-    path = TRAIN_PRESETS_DIR / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in TRAIN_PRESETS_DIR.glob("*.json"))
-        raise ValueError(f"unknown preset {name!r}; presets: {known}")
-    return json.loads(path.read_text())["train"]
+def load_recipe(name: str) -> dict:
+    """The ``train`` section of the recipe ``rt_lib/tuning/recipes/<name>.json``."""
+    if name not in TRAIN_RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; recipes: {list(TRAIN_RECIPES)}")
+    return json.loads((RECIPES_DIR / f"{name}.json").read_text())["train"]
 
 
-def make_config(preset: str | None = "cpu", **overrides) -> TrainConfig:
-    """Defaults < preset file < ``overrides`` (``None`` values in overrides are ignored)."""
-    known = {f.name for f in fields(TrainConfig)}
+def make_config(recipe: str | None = DEFAULT_RECIPE, **overrides) -> TrainConfig:
+    """Defaults < recipe file < ``overrides`` (``None`` values in overrides are ignored)."""
+    known = {f.name for f in fields(TrainConfig)} - {"recipe"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"unknown training options {unknown}; see TrainConfig.help()")
-    values = dict(load_preset(preset)) if preset else {}
+    values = dict(load_recipe(recipe)) if recipe else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    values["preset"] = preset
+    values["recipe"] = recipe
     cfg = TrainConfig(**values)
     check_config(cfg)
     return cfg
+
+
+# Notebook 01's parameters that are training options; any other option goes through its
+# ``train_options`` dict (rt_lib.pipeline.plan reads the same parameters from a pipeline preset).
+NOTEBOOK_OPTIONS = ("model", "data", "granularity", "route_level", "num_routed_layers", "capacity_target",
+                    "reg_lambda", "lr", "max_steps", "progress")
+
+
+def notebook_options(parameters: Mapping[str, Any]) -> dict:
+    """The training options in notebook 01's ``parameters`` (a mapping; other names are ignored):
+    its named options (``NOTEBOOK_OPTIONS``) that are not None, then every field of its
+    ``train_options`` dict, which wins. Raises ``ValueError`` for a ``train_options`` field that
+    ``TrainConfig`` does not have (the recipe is the notebook's ``recipe`` parameter)."""
+    extra = parameters.get("train_options") or {}
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"train_options must be a dict of TrainConfig fields, got {extra!r}")
+    valid = sorted(set(TrainConfig.help()) - {"recipe"})
+    unknown = sorted(set(extra) - set(valid))
+    if unknown:
+        hint = " (the recipe is the notebook's recipe parameter)" if "recipe" in unknown else ""
+        raise ValueError(f"train_options has unknown fields {unknown}{hint}; valid: {valid}")
+    options = {k: parameters[k] for k in NOTEBOOK_OPTIONS if parameters.get(k) is not None}
+    options.update(extra)
+    return options
+
+
+def notebook_config(parameters: Mapping[str, Any], **overrides) -> TrainConfig:
+    """The checked ``TrainConfig`` of notebook 01's ``parameters``: the recipe named by its
+    ``recipe`` parameter (default ``DEFAULT_RECIPE``) < its options (``notebook_options``) <
+    ``overrides``. Raises ``ValueError``/``TypeError`` for any option no run could use, before
+    anything is loaded or written."""
+    options = {**notebook_options(parameters), **{k: v for k, v in overrides.items() if v is not None}}
+    return make_config(parameters.get("recipe") or DEFAULT_RECIPE, **options)
+
+
+def upgrade_config(values: Mapping[str, Any]) -> dict:
+    """Recorded training options (``jsonable_config``: summary.json ``train_config``, a checkpoint's
+    trainer_state.json ``config``) under today's names: older runs called the recipe ``preset``
+    (``rt_lib.runs.schema.RENAMED_FIELDS``)."""
+    from rt_lib.runs.schema import RENAMED_FIELDS
+
+    out = dict(values)
+    for old, new in RENAMED_FIELDS["train"].items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
 
 
 def check_config(cfg: TrainConfig) -> None:

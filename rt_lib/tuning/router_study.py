@@ -4,7 +4,7 @@ held-out loss against skipped attention layers, and does any beat a static drop?
     python -m rt_lib router-study tune --out results/runs        # every recipe, resumable
     python -m rt_lib router-study tune --out results/runs --only cpu,global
 
-Each recipe is the ``cpu`` training preset with the overrides in ``RECIPES``; its run folder is
+Each study recipe is the ``cpu`` training recipe with the overrides in ``STUDY_RECIPES``; its run folder is
 ``<out>/recipe-<name>/`` (the usual ``train/`` layout). A recipe whose ``train/summary.json``
 says ``finished`` is skipped; one with checkpoints resumes from the latest. The frontier itself
 (held-out loss at each number of skipped layers, every recipe and the static baselines) is
@@ -19,7 +19,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ROUTED = 16  # routed attention sublayers of the cpu preset (layers 13..28 of 30)
+ROUTED = 16  # routed attention sublayers of the cpu recipe (layers 13..28 of 30)
 TARGET_LAYERS = (2, 4, 6, 8, 10)  # skipped attention sublayers per sequence: the frontier's x
 
 
@@ -28,21 +28,21 @@ def _target(k: int) -> float:
     return round(1.0 - k / ROUTED, 4)
 
 
-# name -> (overrides of the cpu preset, what it tests)
-RECIPES: dict[str, tuple[dict, str]] = {
-    "cpu": ({}, "the cpu preset: 16 steps of 8 x 256 tokens, lr 1e-3, per-layer regulariser lambda 0.3, s 0.5, "
+# name -> (overrides of the cpu recipe, what it tests)
+STUDY_RECIPES: dict[str, tuple[dict, str]] = {
+    "cpu": ({}, "the cpu recipe: 16 steps of 8 x 256 tokens, lr 1e-3, per-layer regulariser lambda 0.3, s 0.5, "
                 "zero-initialised routers"),
     "global": ({"reg_form": "global"},
-               "the cpu preset with one global budget lambda * n * ReLU(mean capacity - s)"),
+               "the cpu recipe with one global budget lambda * n * ReLU(mean capacity - s)"),
     "gradual": ({"router_init": 0.75, "reg_form": "global", "lr": 3e-3, "num_samples": 512, "warmup_ratio": 0.1},
                 "routers start at score 0.75 (a bias), away from the threshold, and are pulled down by a global "
                 "budget over 64 steps (lr 3e-3, 10% warm-up) instead of all flipping at the first step"),
     "paper-budget": ({"batch_size": 64, "micro_batch_size": 8, "max_length": 512, "num_samples": 959,
                       "save_every": 2},
                      "the paper's batch and data size: effective batch 64, every 512-token block of the embedded "
-                     "Wikipedia training text (959 blocks, 491 K tokens, 14 steps), otherwise the cpu preset"),
+                     "Wikipedia training text (959 blocks, 491 K tokens, 14 steps), otherwise the cpu recipe"),
     **{f"target-k{k}": ({"capacity_target": _target(k)},
-                        f"the cpu preset with its target set to the operating point it runs at: s = {_target(k)} "
+                        f"the cpu recipe with its target set to the operating point it runs at: s = {_target(k)} "
                         f"(skip {k} of {ROUTED} routed layers)") for k in TARGET_LAYERS},
 }
 ORDER = ("cpu", "global", "gradual", *(f"target-k{k}" for k in TARGET_LAYERS), "paper-budget")
@@ -61,14 +61,14 @@ def tune(name: str, out: str | Path, **extra):
     """Tune recipe ``name`` into ``<out>/recipe-<name>`` (resuming from its latest checkpoint)."""
     from rt_lib.tuning.train import train_routers
 
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
+    if name not in STUDY_RECIPES:
+        raise ValueError(f"unknown study recipe {name!r}; study recipes: {', '.join(STUDY_RECIPES)}")
     folder = run_dir(out, name)
     if finished(folder):
         log.info("recipe %s: finished already (%s)", name, folder)
         return None
     resume = "latest" if any((folder / "train" / "checkpoints").glob("step-*")) else None
-    overrides, _ = RECIPES[name]
+    overrides, _ = STUDY_RECIPES[name]
     return train_routers("cpu", out=str(folder), resume_from=resume, **{**overrides, **extra})
 
 
@@ -95,7 +95,7 @@ def recipe_table(runs_root: str | Path) -> list[dict]:
         held = s.get("heldout_lm_loss") or {}
         first_low = next((int(r["step"]) for r in log_rows if float(r["mean_capacity"]) < caps[-1] - COLLAPSE), None)
         rows.append({
-            "recipe": name, "finished": s.get("finished"), "what": RECIPES.get(name, ({}, ""))[1],
+            "recipe": name, "finished": s.get("finished"), "what": STUDY_RECIPES.get(name, ({}, ""))[1],
             "steps": s.get("steps"), "batch_size": c.get("batch_size"), "max_length": c.get("max_length"),
             "tokens": int(log_rows[-1]["tokens"]) if log_rows else None, "lr": c.get("lr"),
             "warmup_ratio": c.get("warmup_ratio"), "reg_form": c.get("reg_form", "layer"),

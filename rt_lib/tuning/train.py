@@ -1,14 +1,14 @@
-"""Router-Tuning: train MindSkip routers on a frozen model (the recipe, one plain loop).
+"""Router-Tuning: train MindSkip routers on a frozen model (the method, one plain loop).
 
-    python -m rt_lib train --preset cpu --out results/runs/<id>
-    accelerate launch --num_processes 2 -m rt_lib train --preset paper --model meta-llama/Meta-Llama-3-8B ...
+    python -m rt_lib train --recipe cpu --out results/runs/<id>
+    accelerate launch --num_processes 2 -m rt_lib train --recipe paper --model meta-llama/Meta-Llama-3-8B ...
 
     from rt_lib.tuning.train import train_routers
     result = train_routers("cpu", out="results/runs/my-run", reg_lambda=0.05)
     result.ms            # the MindSkip model with tuned routers
     result.summary       # what train/summary.json holds
 
-Recipe (paper section 3.2 + the later regulariser): only the routers are trainable; the model
+Method (paper section 3.2 + the later regulariser): only the routers are trainable; the model
 is in train mode, where MindSkip takes hard keep/skip decisions in the forward pass and passes
 the gradient straight through to the router score; loss = LM loss on label tokens +
 ``lambda * sum_l ReLU(capacity_l - s)``; AdamW, cosine schedule with linear warm-up,
@@ -23,13 +23,13 @@ its share of every global batch; the LM loss is normalised by the label tokens o
 global batch, so N processes give the routers of one process with the same global batch.
 Files are written by the main process only (layout: docs/results_format.md, ``train/``).
 
-Where things are: ``rt_lib.tuning.config`` (options and presets), ``rt_lib.tuning.recipe`` (setup /
+Where things are: ``rt_lib.tuning.config`` (options and recipes), ``rt_lib.tuning.tuner`` (setup /
 step / finish), ``rt_lib.tuning.heldout`` (held-out loss and router statistics); this module holds
 the entry points (``run``, ``train_routers``) and ``sweep_table``; the command line is
 ``rt_lib.cli.train``.
 
 Scale-out. The entry point is the same for one or many processes:
-- GPUs, DDP: ``accelerate launch --multi_gpu --num_processes 8 -m rt_lib train --preset paper``.
+- GPUs, DDP: ``accelerate launch --multi_gpu --num_processes 8 -m rt_lib train --recipe paper``.
   Every GPU holds a full bf16 copy of the frozen model (16 GB for 8B); gradients and AdamW
   state exist for the routers only (16 x 4096 numbers), so DDP is enough for 7-8B models.
 - CPU, DDP over gloo: ``accelerate launch --multi_gpu --num_processes 2 -m rt_lib train ...``
@@ -45,7 +45,7 @@ Scale-out. The entry point is the same for one or many processes:
   on GPUs by the kit's test suite (no multi-GPU machine); DDP is.
 - CPU, FSDP over gloo: ``accelerate launch --use_fsdp --num_processes 2 -m rt_lib train ...``.
   accelerate 1.15 applies FSDP to GPU processes only (without one it cannot build its FSDP
-  plugin), so for CPU processes the recipe shards the frozen backbone itself with FSDP2
+  plugin), so for CPU processes the tuner shards the frozen backbone itself with FSDP2
   (every decoder layer and the root; the routers stay whole on every process and their
   gradients are averaged as DDP averages them). Router-only training; the held-out sequences
   must split evenly over the processes. tests/test_fsdp.py checks that two such processes give
@@ -59,12 +59,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rt_lib.tuning.recipe import RouterTuningRecipe, TrainResult
-from rt_lib.tuning.config import TrainConfig, make_config
+from rt_lib.tuning.tuner import RouterTuner, TrainResult
+from rt_lib.tuning.config import DEFAULT_RECIPE, TrainConfig, make_config
 
 
 # =============================================================================== entry points
-def train_routers(preset: str | None = "cpu", *, model: Any = None, tokenizer: Any = None, data: Any = None,
+def train_routers(recipe: str | None = DEFAULT_RECIPE, *, model: Any = None, tokenizer: Any = None, data: Any = None,
                   heldout_data: Any = None, **options) -> TrainResult:
     """Run Router-Tuning with the options of the CLI (``TrainConfig`` fields).
 
@@ -86,26 +86,26 @@ def train_routers(preset: str | None = "cpu", *, model: Any = None, tokenizer: A
             options[key] = f"<in-memory {type(value).__name__}>"
         elif value is not None:
             options[key] = os.fspath(value)
-    cfg = make_config(preset, **options)
+    cfg = make_config(recipe, **options)
     return run(cfg, **objects)
 
 
 def run(cfg: TrainConfig, *, model=None, tokenizer=None, data=None, heldout_data=None) -> TrainResult:
-    """Setup, train, save, evaluate: ``RouterTuningRecipe`` driven step by step under a progress
+    """Setup, train, save, evaluate: ``RouterTuner`` driven step by step under a progress
     bar. All input checks happen in setup, before the first step."""
     from tqdm.auto import tqdm
 
-    recipe = RouterTuningRecipe(cfg)
-    recipe.setup(model=model, tokenizer=tokenizer, data=data, heldout_data=heldout_data)
-    bar = tqdm(total=recipe.total_steps, initial=recipe.start_step, disable=not (cfg.progress and recipe.main),
+    tuner = RouterTuner(cfg)
+    tuner.setup(model=model, tokenizer=tokenizer, data=data, heldout_data=heldout_data)
+    bar = tqdm(total=tuner.total_steps, initial=tuner.start_step, disable=not (cfg.progress and tuner.main),
                desc="router-tuning")
-    for step in recipe.steps():
-        row = recipe.step(step)
-        recipe.record(row)
+    for step in tuner.steps():
+        row = tuner.step(step)
+        tuner.record(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", cap=f"{row['mean_capacity']:.3f}")
     bar.close()
-    return recipe.finish()
+    return tuner.finish()
 
 
 # =============================================================================== settings sweeps

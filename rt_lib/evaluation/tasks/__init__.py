@@ -1,4 +1,4 @@
-"""The paper's eight benchmarks as lm-evaluation-harness tasks: standard, offline, quick.
+"""The paper's eight benchmarks as lm-evaluation-harness tasks, and the task sets that score them.
 
 The paper evaluates with lm-evaluation-harness (docs/method.md, evaluation settings):
 
@@ -12,7 +12,7 @@ The paper evaluates with lm-evaluation-harness (docs/method.md, evaluation setti
     rte            0      acc        validation / -   (the harness's `rte` = GLUE RTE)
     winogrande     5      acc        validation / train (partial scoring)
 
-Presets (``TASK_PRESETS``):
+Task sets (``TASK_SETS``; ``task_set(name)`` looks one up):
 
 ``paper``
     The harness's own task names with the paper's shots and metrics. The data comes from
@@ -125,7 +125,7 @@ PAPER_TASKS: dict[str, TaskSpec] = {
     ]
 }
 
-# The quick preset (2-core CPU, SmolLM2-135M: about 70K prompt tokens per model variant, a
+# The quick task set (2-core CPU, SmolLM2-135M: about 70K prompt tokens per model variant, a
 # few minutes on an idle machine): the first QUICK_LIMITS[task] documents of each offline
 # task (MMLU: the first question of each of the 57 subjects), with the paper's shots cut to
 # 0 for arc_challenge (25), hellaswag (10) and mmlu (5), whose long few-shot prompts would
@@ -140,21 +140,23 @@ QUICK_SHOTS: dict[str, int] = {
 }
 
 
-# The evidence preset: enough documents per task for paired intervals of about +-1 point on
+# The evidence task set: enough documents per task for paired intervals of about +-1 point on
 # the macro average, within about two hours for five variants on 2 CPU cores. A split larger
 # than EVIDENCE_SAMPLE documents is scored on a fixed sample of that size drawn with
 # EVIDENCE_SAMPLE_SEED (boolq 3,270, hellaswag 10,042, piqa 1,838, winogrande 1,267, mmlu
 # 14,042 test questions); arc_challenge (299), openbookqa (500) and rte (277) are scored whole.
 # 0-shot everywhere: benchmarks/eval_cost.py puts the paper's 25-shot arc_challenge and
 # 10-shot hellaswag at about 20x the tokens of 0-shot, and 5-shot winogrande at 28% of the
-# whole preset; every variant pays it, and the claims compare variants, not shots.
+# whole task set; every variant pays it, and the claims compare variants, not shots.
 EVIDENCE_SAMPLE = 1000
 EVIDENCE_SAMPLE_SEED = 2410
 EVIDENCE_SHOTS: dict[str, int] = {task: 0 for task in QUICK_SHOTS}
 
 
 @dataclass(frozen=True)
-class TaskPreset:
+class TaskSet:
+    """Which tasks are scored, how (offline data or the hub's), with how many shots and documents."""
+
     name: str
     offline: bool
     shots: dict[str, int]
@@ -171,23 +173,30 @@ class TaskPreset:
         return PAPER_TASKS[task].offline_name if self.offline else task
 
 
-TASK_PRESETS: dict[str, TaskPreset] = {
-    "paper": TaskPreset("paper", False, {k: s.shots for k, s in PAPER_TASKS.items()},
-                    description="standard harness tasks, paper shots/metrics; needs the Hugging Face hub"),
-    "offline": TaskPreset("offline", True, {k: s.shots for k, s in PAPER_TASKS.items()},
-                      description="standard prompts/metrics/shots over the embedded data"),
-    "quick": TaskPreset("quick", True, dict(QUICK_SHOTS), dict(QUICK_LIMITS),
-                    description="offline tasks, first documents only and fewer shots (QUICK_LIMITS, QUICK_SHOTS)"),
-    "evidence": TaskPreset("evidence", True, dict(EVIDENCE_SHOTS), sample=EVIDENCE_SAMPLE,
-                       description=f"offline tasks, whole splits up to {EVIDENCE_SAMPLE} documents and a seeded "
-                                   f"sample of {EVIDENCE_SAMPLE} of larger ones; 0-shot"),
-    "evidence-whole": TaskPreset("evidence-whole", True, dict(EVIDENCE_SHOTS),
-                             description="offline tasks, whole validation splits (MMLU: test); 0-shot"),
+TASK_SETS: dict[str, TaskSet] = {
+    "paper": TaskSet("paper", False, {k: s.shots for k, s in PAPER_TASKS.items()},
+                 description="standard harness tasks, paper shots/metrics; needs the Hugging Face hub"),
+    "offline": TaskSet("offline", True, {k: s.shots for k, s in PAPER_TASKS.items()},
+                   description="standard prompts/metrics/shots over the embedded data"),
+    "quick": TaskSet("quick", True, dict(QUICK_SHOTS), dict(QUICK_LIMITS),
+                 description="offline tasks, first documents only and fewer shots (QUICK_LIMITS, QUICK_SHOTS)"),
+    "evidence": TaskSet("evidence", True, dict(EVIDENCE_SHOTS), sample=EVIDENCE_SAMPLE,
+                    description=f"offline tasks, whole splits up to {EVIDENCE_SAMPLE} documents and a seeded "
+                                f"sample of {EVIDENCE_SAMPLE} of larger ones; 0-shot"),
+    "evidence-whole": TaskSet("evidence-whole", True, dict(EVIDENCE_SHOTS),
+                          description="offline tasks, whole validation splits (MMLU: test); 0-shot"),
 }
 
 
+def task_set(name: str) -> TaskSet:
+    """The task set ``name`` of ``TASK_SETS``; ``ValueError`` naming the choices for any other name."""
+    if name not in TASK_SETS:
+        raise ValueError(f"unknown task set {name!r}; task sets: {', '.join(TASK_SETS)}")
+    return TASK_SETS[name]
+
+
 def sample_documents(sizes: dict[str, int], n: int, seed: int) -> dict[str, list[int]] | None:
-    """Which documents a sampled preset scores: ``sizes`` maps each leaf task of one task (or
+    """Which documents a sampled task set scores: ``sizes`` maps each leaf task of one task (or
     group) to its number of documents. None (score all) when they hold at most ``n`` in all;
     else ``n`` documents drawn without replacement from the pooled (leaf, index) list with
     ``seed``, as sorted indices per leaf (the harness's ``samples`` argument). The draw

@@ -1,13 +1,13 @@
-"""The Router-Tuning recipe in three phases: ``setup``, ``step`` (one optimiser step), ``finish``.
+"""One Router-Tuning run in three phases: ``setup``, ``step`` (one optimiser step), ``finish``.
 
-    recipe = RouterTuningRecipe(cfg)
-    recipe.setup()                       # model, data, routers, optimiser, schedule, resume state
-    for k in recipe.steps():
-        row = recipe.step(k)             # one optimiser step -> its row of train/log.csv
-        recipe.record(row)               # log files, checkpoint when due
-    result = recipe.finish()             # routers saved, held-out evaluation, summary
+    tuner = RouterTuner(cfg)
+    tuner.setup()                        # model, data, routers, optimiser, schedule, resume state
+    for k in tuner.steps():
+        row = tuner.step(k)              # one optimiser step -> its row of train/log.csv
+        tuner.record(row)                # log files, checkpoint when due
+    result = tuner.finish()              # routers saved, held-out evaluation, summary
 
-``rt_lib.tuning.train.run`` is this driver with a progress bar; ``rt_lib.tuning.train`` describes the recipe
+``rt_lib.tuning.train.run`` is this driver with a progress bar; ``rt_lib.tuning.train`` describes the method
 itself (loss, schedule, data order, resumption, processes). Every input check happens in
 ``setup``, before the first step. The training loop is written out by hand rather than run by
 ``transformers.Trainer``: the LM loss is normalised by the label tokens of the whole global
@@ -32,7 +32,7 @@ import torch
 from rt_lib.tuning.data import IGNORE_INDEX, build_dataset, collate, pad_token_id
 from rt_lib.tuning.heldout import evaluate_heldout, lm_loss_sum
 from rt_lib.files import atomic_dir
-from rt_lib.tuning.config import RESUME_FREE, TrainConfig, check_config, jsonable_config
+from rt_lib.tuning.config import RESUME_FREE, TrainConfig, check_config, jsonable_config, upgrade_config
 from rt_lib.tuning.trainer_state import TENSORS_NAME, read_state, write_state
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class TrainResult:
     run_dir: Path | None
 
 
-class RouterTuningRecipe:
+class RouterTuner:
     """One tuning run of ``cfg``; see the module docstring for the order of the calls."""
 
     def __init__(self, cfg: TrainConfig):
@@ -79,7 +79,7 @@ class RouterTuningRecipe:
         if self.main and self.run_dir is not None:
             from rt_lib.runs.record import new_run
 
-            new_run(root=self.run_dir.parent, run_id=self.run_dir.name, preset=self.cfg.preset,
+            new_run(root=self.run_dir.parent, run_id=self.run_dir.name,
                     parameters={"train": jsonable_config(self.cfg)})
         # Dense reference before any update (the base model; routers forced to keep everything).
         if self.heldout and self.dense_loss is None:
@@ -102,7 +102,7 @@ class RouterTuningRecipe:
         # processes over gloo (accelerate only picks MULTI_CPU when told the device is the CPU).
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         # `accelerate launch --use_fsdp` on CPU processes: accelerate 1.15 applies FSDP to GPU
-        # processes only and cannot even build its FSDP plugin without one, so the recipe shards
+        # processes only and cannot even build its FSDP plugin without one, so the tuner shards
         # the frozen backbone itself (_shard_backbone) and accelerate runs plain CPU processes
         self.shard_backbone = (launched and not torch.cuda.is_available()
                                and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
@@ -200,8 +200,9 @@ class RouterTuningRecipe:
         if not resume:
             return None
         state = read_state(resume)  # safetensors + JSON, layout checked; never unpickled
-        changed = {k: (state["config"].get(k), v) for k, v in cfg.to_dict().items()
-                   if k not in RESUME_FREE and state["config"].get(k) != v}
+        saved_config = upgrade_config(state["config"])  # a checkpoint of an older run: options renamed since
+        changed = {k: (saved_config.get(k), v) for k, v in cfg.to_dict().items()
+                   if k not in RESUME_FREE and saved_config.get(k) != v}
         if changed:
             raise ValueError(f"cannot resume from {resume}: options differ from the checkpoint's {changed}")
         names = {n: tuple(p.shape) for n, p in self.named}
@@ -363,7 +364,7 @@ class RouterTuningRecipe:
         caps, margin = (tuned.capacity, tuned.margin) if tuned is not None else ({}, {})
         mem, mem_kind = _peak_memory_mb(self.device)
         return {
-            "preset": cfg.preset,
+            "recipe": cfg.recipe,
             "finished": finished,
             "steps": self.end_step,
             "total_steps": self.total_steps,
