@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-results/runs}
-QUICK="cpu,global,gradual,target-k2,target-k4,target-k6,target-k8,target-k10"
+QUICK="cpu,global,gradual,annealed,target-k2,target-k4,target-k6,target-k8,target-k10"
 routers() {  # --routers NAME=FOLDER for every finished recipe in $1
   for n in ${1//,/ }; do
     at=""; case $n in target-k*) at="@${n#target-k}";; esac   # tuned for one point: placed there only
@@ -17,8 +17,8 @@ routers() {  # --routers NAME=FOLDER for every finished recipe in $1
 }
 $PY -m rt_lib router-study tune --out "$OUT" --only "$QUICK"
 # shellcheck disable=SC2046
-$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "gradual,global,cpu") $(routers "${QUICK#cpu,global,gradual,}")
+$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "gradual,annealed,global,cpu") $(routers "${QUICK#cpu,global,gradual,annealed,}")
 $PY -m rt_lib router-study tune --out "$OUT" --only paper-budget
 # shellcheck disable=SC2046
-$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "gradual,global,cpu,paper-budget") \
-  --routers committed="$OUT/cpu-main/train/routers" $(routers "${QUICK#cpu,global,gradual,}")
+$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "gradual,annealed,global,cpu,paper-budget") \
+  --routers committed="$OUT/cpu-main/train/routers" $(routers "${QUICK#cpu,global,gradual,annealed,}")

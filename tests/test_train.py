@@ -195,6 +195,17 @@ def test_regulariser_drives_capacity_toward_target():
     assert reg.log[-1]["mean_capacity"] < free.log[-1]["mean_capacity"]
 
 
+def test_annealed_target_falls_from_one_and_the_saved_config_keeps_the_final_one():
+    res = run_small(max_steps=8, capacity_target=0.5, target_anneal=0.5)
+    targets = [r["capacity_target"] for r in res.log]
+    assert targets == pytest.approx([0.875, 0.75, 0.625, 0.5, 0.5, 0.5, 0.5, 0.5])  # 1 - 0.5 * (t + 1) / 4
+    assert res.ms.config.capacity_target == 0.5
+    # with the target above a layer's capacity the hinge is off: no regulariser at a target of 1
+    plain = run_small(max_steps=8, capacity_target=0.5)
+    assert [r["capacity_target"] for r in plain.log] == [0.5] * 8
+    assert res.log[0]["reg_loss"] < plain.log[0]["reg_loss"]
+
+
 # ----------------------------------------------------------------------------- files
 def test_run_folder_files(tmp_path):
     res = run_small(tmp_path, "r", max_steps=2)
@@ -246,6 +257,7 @@ def no_training(tmp_path, name="bad"):
     (dict(batch_size=10), ValueError, "not a multiple"),
     (dict(num_samples=4), ValueError, "fewer than one global batch"),
     (dict(trainable="adapters"), ValueError, "trainable must be"),
+    (dict(target_anneal=1.5), ValueError, "target_anneal must be"),
 ])
 def test_bad_options_fail_before_training(tmp_path, opts, err, match):
     with pytest.raises(err, match=match):

@@ -129,6 +129,8 @@ TRAIN_LOG = FileKind("train/log.csv", "rt_lib.tuning.train", (
     _c("lm_loss", "language-modelling loss", numeric=True),
     _c("reg_loss", "capacity regulariser λ · Σ ReLU(capacity_l - s)", numeric=True),
     _c("lr", "learning rate of the step"),
+    _c("capacity_target", "the regulariser's target s at that step (`target_anneal`: falling from 1.0); absent in "
+       "logs written before it was recorded", required=False, written=False),
     _c("mean_capacity", "executed fraction averaged over routed layers", numeric=True),
     _c("capacity_L<i>", "executed fraction of routed layer `i` (one column per routed layer)", required=False,
        pattern=r"capacity_L\d+"),

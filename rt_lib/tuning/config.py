@@ -58,6 +58,8 @@ class TrainConfig:
     route_level: str = field(default="seq", metadata={"help": "seq or token."})
     threshold: float = field(default=0.5, metadata={"help": "Keep a sublayer when sigmoid(w.x) >= threshold."})
     capacity_target: float = field(default=0.5, metadata={"help": "Target capacity s of ReLU(capacity_l - s)."})
+    target_anneal: float = field(default=0.0, metadata={
+        "help": "Share of the steps over which the capacity target falls linearly from 1.0 to capacity_target (0 = the target from the first step)."})
     reg_lambda: float = field(default=0.01, metadata={"help": "Weight lambda of the capacity regulariser."})
     reg_form: str = field(default="layer", metadata={
         "help": "layer: lambda * sum_l ReLU(capacity_l - s); global: lambda * n * ReLU(mean_l capacity_l - s) (one budget)."})
@@ -198,6 +200,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.lr <= 0:
         raise ValueError(f"lr must be positive, got {cfg.lr}")
+    if not 0.0 <= cfg.target_anneal <= 1.0:
+        raise ValueError(f"target_anneal must be in [0, 1], got {cfg.target_anneal}")
     cfg.mindskip_config()  # raises for a config that routes no layer, bad granularity, ...
 
 

@@ -37,6 +37,11 @@ STUDY_RECIPES: dict[str, tuple[dict, str]] = {
     "gradual": ({"router_init": 0.75, "reg_form": "global", "lr": 3e-3, "num_samples": 512, "warmup_ratio": 0.1},
                 "routers start at score 0.75 (a bias), away from the threshold, and are pulled down by a global "
                 "budget over 64 steps (lr 3e-3, 10% warm-up) instead of all flipping at the first step"),
+    "annealed": ({"router_init": 0.75, "reg_form": "global", "lr": 3e-3, "num_samples": 512, "warmup_ratio": 0.1,
+                  "target_anneal": 0.75},
+                 "the gradual start with its capacity target falling from 1.0 to s over the first 75% of the 64 "
+                 "steps: the budget pulls capacity down only as far as the current target, so the routers drop "
+                 "layers one at a time instead of overshooting"),
     "paper-budget": ({"batch_size": 64, "micro_batch_size": 8, "max_length": 512, "num_samples": 959,
                       "save_every": 2},
                      "the paper's batch and data size: effective batch 64, every 512-token block of the embedded "
@@ -45,7 +50,7 @@ STUDY_RECIPES: dict[str, tuple[dict, str]] = {
                         f"the cpu recipe with its target set to the operating point it runs at: s = {_target(k)} "
                         f"(skip {k} of {ROUTED} routed layers)") for k in TARGET_LAYERS},
 }
-ORDER = ("cpu", "global", "gradual", *(f"target-k{k}" for k in TARGET_LAYERS), "paper-budget")
+ORDER = ("cpu", "global", "gradual", "annealed", *(f"target-k{k}" for k in TARGET_LAYERS), "paper-budget")
 
 
 def run_dir(out: str | Path, name: str) -> Path:
@@ -100,6 +105,7 @@ def recipe_table(runs_root: str | Path) -> list[dict]:
             "tokens": int(log_rows[-1]["tokens"]) if log_rows else None, "lr": c.get("lr"),
             "warmup_ratio": c.get("warmup_ratio"), "reg_form": c.get("reg_form", "layer"),
             "reg_lambda": c.get("reg_lambda"), "capacity_target": c.get("capacity_target"),
+            "target_anneal": c.get("target_anneal", 0.0),
             "router_init": c.get("router_init", 0.5), "wall_time_s": s.get("wall_time_s"),
             "final_mean_capacity": caps[-1] if caps else None, "min_mean_capacity": min(caps) if caps else None,
             "collapsed": bool(caps) and min(caps) < caps[-1] - COLLAPSE, "collapse_step": first_low,

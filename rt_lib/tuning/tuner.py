@@ -225,6 +225,16 @@ class RouterTuner:
         """The 0-based steps this run still takes (up to ``stop_after`` or the end)."""
         return range(self.start_step, self.end_step)
 
+    def capacity_target_at(self, step: int) -> float:
+        """The regulariser's capacity target at optimiser step ``step`` (0-based): with
+        ``target_anneal`` a > 0 it falls linearly from 1.0 to ``capacity_target`` over the first
+        ``a`` share of the steps (reached at the last of them), then stays there."""
+        s, a = self.cfg.capacity_target, self.cfg.target_anneal
+        if a <= 0:
+            return s
+        span = max(1, round(a * self.total_steps))
+        return 1.0 - (1.0 - s) * min(1.0, (step + 1) / span)
+
     def step(self, step: int) -> dict:
         """Optimiser step ``step`` (0-based) over one global batch; returns its log row."""
         cfg, acc = self.cfg, self.accelerator
@@ -238,7 +248,12 @@ class RouterTuner:
         if self.world > 1:
             counts = acc.reduce(counts, "sum")
         label_tokens, tokens = counts.tolist()
-        sums = self._forward_backward(micro, label_tokens)
+        target, final = self.capacity_target_at(step), self.ms.config.capacity_target
+        self.ms.config.capacity_target = target  # the regulariser reads it; the saved config keeps the final one
+        try:
+            sums = self._forward_backward(micro, label_tokens)
+        finally:
+            self.ms.config.capacity_target = final
         if self.shard_backbone:  # replicated routers: average their gradients as DDP does
             for p in self.params:
                 if p.grad is None:
@@ -257,7 +272,7 @@ class RouterTuner:
         lm = float(sums[0]) / label_tokens
         layers = self.ms.routed_layers
         return {"step": step + 1, "loss": lm + float(sums[1]), "lm_loss": lm, "reg_loss": float(sums[1]),
-                "lr": lr, "mean_capacity": float(sums[2:].mean()),
+                "lr": lr, "capacity_target": target, "mean_capacity": float(sums[2:].mean()),
                 **{f"capacity_L{i}": float(c) for i, c in zip(layers, sums[2:])},
                 "tokens": (self.log[-1]["tokens"] if self.log else 0) + int(tokens),  # cumulative input tokens
                 "elapsed_s": round(time.perf_counter() - self.t0, 3)}
