@@ -212,7 +212,7 @@ def test_run_folder_files(tmp_path):
     train = tmp_path / "r" / "train"
     with open(train / "log.csv") as f:
         rows = list(csv.DictReader(f))
-    cols = ["step", "loss", "lm_loss", "reg_loss", "lr", "mean_capacity",
+    cols = ["step", "loss", "lm_loss", "reg_loss", "lr", "capacity_target", "mean_capacity",
             *[f"capacity_L{i}" for i in (1, 2, 3, 4)], "tokens", "elapsed_s"]
     assert list(rows[0]) == cols and len(rows) == 2
     assert json.loads((train / "log.json").read_text())[1]["step"] == 2
