@@ -296,14 +296,18 @@ def test_evidence_run_resumes_and_decides_claims(tmp_path):
     from rt_lib.evidence.run import Evidence
 
     out = tmp_path / "ev"
-    kw = dict(tasks=["rte"], limit=3, targets=(4,), calibration_blocks=2, heldout_blocks=3, profile_grid="smoke")
+    # a smoke run: few documents and blocks, calibration stopped within half a layer, importance
+    # of the static drop from 4 blocks
+    kw = dict(tasks=["rte"], limit=3, targets=(4,), calibration_blocks=2, heldout_blocks=3, profile_grid="smoke",
+              calibration_tolerance=0.5, static_drop_samples=4)
     routers = ROOT / "results" / "runs" / "cpu-main" / "train" / "routers"
     Evidence(out, routers, **kw).run()
     parts = sorted((out / "evidence" / "parts").iterdir())
     assert [p.name for p in parts] == ["dense__rte", "mindskip_k4__rte", "mindskip_t0.5__rte",
                                        f"static_drop_k{parts[-1].name.split('_k')[1].split('__')[0]}__rte"]
     cal = json.loads((out / "evidence" / "calibration.json").read_text())["main"]["4"]
-    assert abs(cal["skipped"] - 4) <= 1
+    assert abs(cal["skipped"] - 4) <= 0.5 and len(cal["trace"]) < 14
+    assert json.loads((out / "evidence" / "static_drop_scores.json").read_text())["calibration"]["sequences"] == 4
     stamp = {p.name: (p / "eval" / "results.json").stat().st_mtime_ns for p in parts}
     import shutil
 
@@ -311,8 +315,9 @@ def test_evidence_run_resumes_and_decides_claims(tmp_path):
     Evidence(out, routers, **kw).run()  # continues: only the removed part is scored again
     again = {p.name: (p / "eval" / "results.json").stat().st_mtime_ns for p in parts}
     assert {k for k in stamp if stamp[k] != again[k]} == {parts[1].name}
-    with pytest.raises(ValueError, match="other settings"):
-        Evidence(out, routers, **{**kw, "limit": 4}).plan()
+    for changed in ({"limit": 4}, {"calibration_tolerance": 0.0}, {"static_drop_samples": 64}):
+        with pytest.raises(ValueError, match="other settings"):
+            Evidence(out, routers, **{**kw, **changed}).plan()
     table = claims.build_claims(out)
     assert set(table.verdict) <= {claims.HOLDS, claims.FAILS, claims.OPEN}
     assert table.claim.str.startswith("C1").any() and table.claim.str.startswith("C5").any()

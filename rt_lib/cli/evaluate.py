@@ -35,6 +35,9 @@ Each process loads the model onto its own device; skip counts are summed over pr
 (``rt_lib.evaluation.harness``). Without GPUs the same runs on CPU processes (gloo):
 ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m rt_lib evaluate ...`` (tested).
 
+When ``--tasks`` names only the kit's offline tasks, the harness's own tasks are not indexed
+(10-30 s per process); a standard task name among them (or ``--include_path``) indexes them.
+
 Few-shot examples of the kit's offline tasks are drawn per document, so scores do not depend on
 the number of processes; the harness's standard tasks run through the CLI use the harness's
 sampler, whose draws depend on how documents are dealt to processes.
@@ -42,6 +45,7 @@ sampler, whose draws depend on how documents are dealt to processes.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -137,10 +141,42 @@ def main(argv: list[str] | None = None) -> int:
                 bad = False  # the harness reports a malformed number itself
             if bad:
                 raise ValueError(f"--limit {value} would score no documents; omit it for all, or give a positive number")
+    offline_only = False
     if "--tasks" in argv and "--include_path" not in argv:
+        offline_only = _names_only_offline_tasks(argv)
         argv += ["--include_path", str(write_offline_tasks())]
+    from unittest import mock
+
+    import lm_eval.tasks
     from lm_eval.__main__ import cli_evaluate
 
+    class _OfflineTasksOnly(lm_eval.tasks.TaskManager):
+        """The harness's task manager without its own tasks indexed (the kit's are on the include path)."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("include_defaults", False)
+            super().__init__(*args, **kwargs)
+
     sys.argv = ["lm_eval", *argv]
-    cli_evaluate()
+    patch = mock.patch.object(lm_eval.tasks, "TaskManager", _OfflineTasksOnly)
+    with patch if offline_only else contextlib.nullcontext():
+        cli_evaluate()
     return 0
+
+
+def _names_only_offline_tasks(argv: list[str]) -> bool:
+    """Whether ``--tasks`` names only the kit's offline tasks (``rte_offline``, ``mmlu_offline``, a
+    subject of it, ...): then the harness's own ~14,000 task YAMLs, which take 10-30 s to index in
+    every process, are not indexed."""
+    from rt_lib.evaluation.harness import task_manager
+
+    names, in_tasks = [], False
+    for arg in argv:
+        if arg == "--tasks":
+            in_tasks = True
+        elif in_tasks and not arg.startswith("-"):
+            names += arg.split(",")
+        else:
+            in_tasks = False
+    names = [n for n in names if n]
+    return bool(names) and set(names) <= set(task_manager(offline=True).all_tasks)

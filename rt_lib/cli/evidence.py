@@ -9,7 +9,8 @@ from pathlib import Path
 
 from rt_lib.cli.flags import add_deprecated_alias
 from rt_lib.evidence import run as evidence_run
-from rt_lib.evidence.run import CALIBRATION_BLOCKS, HELDOUT_BLOCKS, TARGET_LAYERS, Evidence, routers_of
+from rt_lib.evidence.run import (BISECTION_STEPS, CALIBRATION_BLOCKS, HELDOUT_BLOCKS, STATIC_DROP_SAMPLES,
+                                 TARGET_LAYERS, Evidence, routers_of)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--heldout-blocks", type=int, default=HELDOUT_BLOCKS)
     ap.add_argument("--calibration-blocks", type=int, default=CALIBRATION_BLOCKS)
+    ap.add_argument("--bisection-steps", type=int, default=BISECTION_STEPS,
+                    help="threshold evaluations on the calibration blocks per target")
+    ap.add_argument("--calibration-tolerance", type=float, default=0.0,
+                    help="stop a threshold's calibration once it skips within this many layers of its target "
+                         "(0: plain bisection)")
+    ap.add_argument("--static-drop-samples", type=int, default=STATIC_DROP_SAMPLES,
+                    help="256-token Wikipedia blocks scoring the static drop's attention importance")
     ap.add_argument("--limit", type=int, default=None, help="documents per task (a smoke run)")
     ap.add_argument("--combine-only", action="store_true",
                     help="only rebuild eval/ and the measures from the parts written so far")
@@ -39,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                   tasks=a.tasks.split(",") if a.tasks else None, compare=a.compare,
                   targets=[int(t) for t in a.targets.split(",")], heldout_blocks=a.heldout_blocks,
                   calibration_blocks=a.calibration_blocks, limit=a.limit, task_set=a.task_set,
-                  routing_input=a.routing_input)
+                  routing_input=a.routing_input, bisection_steps=a.bisection_steps,
+                  calibration_tolerance=a.calibration_tolerance, static_drop_samples=a.static_drop_samples)
     start = time.perf_counter()
     if a.combine_only:
         if not (ev.dir / "plan.json").is_file():

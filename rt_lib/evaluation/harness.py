@@ -15,8 +15,8 @@ Data-parallel runs (``accelerate launch`` / ``torchrun`` with ``WORLD_SIZE`` > 1
 loads the model onto its own device; skip counts are summed over processes (the harness pads
 the shorter shards with repeats of their last request, which are counted too).
 
-``task_manager`` and ``load_task`` give harness tasks with the kit's offline tasks on the
-include path; standard tasks get the per-document few-shot sampler
+``task_manager`` and ``load_task`` give harness tasks: the kit's offline tasks (without indexing
+the harness's standard ones) or the standard tasks; standard tasks get the per-document few-shot sampler
 (``rt_lib.evaluation.tasks.samplers.DocSeededSampler``), so prompts do not depend on how documents are
 dealt to processes.
 """
@@ -384,12 +384,18 @@ _TASK_MANAGERS: dict[str, Any] = {}
 
 
 def task_manager(offline: bool = True):
-    """A harness TaskManager that knows the kit's offline tasks (indexing takes seconds: cached)."""
+    """A harness TaskManager, one per process and kind (cached).
+
+    ``offline=True``: the kit's offline tasks only (``rte_offline``, ``mmlu_offline``, ...). Their
+    YAMLs are complete, so the harness's own ~14,000 task YAMLs are not indexed, which takes 10-30
+    s; a YAML file loaded by path may still ``include`` a standard task's file. ``offline=False``:
+    the harness's standard tasks (the ``paper`` preset)."""
     from lm_eval.tasks import TaskManager
 
     include = str(write_offline_tasks()) if offline else ""
     if include not in _TASK_MANAGERS:
-        _TASK_MANAGERS[include] = TaskManager(include_path=include or None)
+        _TASK_MANAGERS[include] = (TaskManager(include_path=include, include_defaults=False) if include
+                                   else TaskManager())
     return _TASK_MANAGERS[include]
 
 

@@ -11,9 +11,13 @@ What it scores (every variant on the same documents and prompts, paired with den
   model's 30 layers, the paper's 12.5% and 25% of all layers (its Figure 2) rounded to whole
   layers (on the tasks the realised skip differs: ``measures.csv``). The threshold is found by bisection on ``calibration`` blocks of the Wikipedia
   validation text (no task document, no label), because one tuning then serves every
-  operating point and the comparison isolates how many layers are skipped;
+  operating point and the comparison isolates how many layers are skipped
+  (``bisection_steps`` evaluations, or fewer: ``calibration_tolerance``, see
+  ``calibrate_threshold``);
 * ``static_drop_k<k>``: static attention drop of ``k`` layers, ``k`` = MindSkip's realised
-  skipped layers on the tasks (macro average), rounded, for each MindSkip operating point;
+  skipped layers on the tasks (macro average), rounded, for each MindSkip operating point; the
+  layers' importance is scored on ``static_drop_samples`` packed 256-token blocks of the
+  Wikipedia training text (``rt_lib.tuning.baselines.attention_importance``);
 * ``mindskip_t<τ>``: the routers at their own threshold (the ``cpu`` recipe's operating point).
 
 Each (variant, task) is one part written atomically under ``<out>/evidence/parts/``; a run
@@ -50,6 +54,7 @@ CALIBRATION_BLOCKS = 32  # Wikipedia validation blocks for the threshold bisecti
 HELDOUT_BLOCKS = 128  # further validation blocks for the paired held-out loss
 BLOCK_TOKENS = 256
 BISECTION_STEPS = 14
+STATIC_DROP_SAMPLES = 64  # Wikipedia training blocks scoring the static drop's attention importance
 
 
 # ------------------------------------------------------------------------- text blocks
@@ -213,7 +218,8 @@ class Evidence(ModelHolder):
                  targets: Sequence[int] = TARGET_LAYERS, compare: Sequence[str | os.PathLike] = (),
                  heldout_blocks: int = HELDOUT_BLOCKS, calibration_blocks: int = CALIBRATION_BLOCKS,
                  limit: int | None = None, profile_grid: str | None = "quick", task_set: str = TASK_SET,
-                 routing_input: str = "context"):
+                 routing_input: str = "context", bisection_steps: int = BISECTION_STEPS,
+                 calibration_tolerance: float = 0.0, static_drop_samples: int = STATIC_DROP_SAMPLES):
         from rt_lib.mindskip.model import read_checkpoint_metadata
         from rt_lib.evaluation.tasks import task_set as lookup_task_set
         from rt_lib.speed.profiling import grid
@@ -240,6 +246,12 @@ class Evidence(ModelHolder):
         self.heldout_blocks, self.calibration_blocks = heldout_blocks, calibration_blocks
         self.limit = limit  # documents per task (a smoke run), None: the task set's
         self.profile_grid = profile_grid  # rt_lib.speed.profiling grid of the speed step (None: no speed step)
+        if bisection_steps < 1 or calibration_tolerance < 0 or static_drop_samples < 1:
+            raise ValueError(f"bisection_steps ({bisection_steps}) and static_drop_samples ({static_drop_samples}) "
+                             f"must be positive, calibration_tolerance ({calibration_tolerance}) at least 0")
+        # threshold calibration (calibrate_threshold) and the static drop's importance scores
+        self.bisection_steps, self.calibration_tolerance = int(bisection_steps), float(calibration_tolerance)
+        self.static_drop_samples = int(static_drop_samples)
         self._base = self._tok = None
 
     def _json(self, name: str, make):
@@ -262,10 +274,14 @@ class Evidence(ModelHolder):
                 "routers_config": meta.get("config"), "target_skipped_layers": self.targets,
                 "compare": [str(c) for c in self.compare], "batch_size": self.batch_size,
                 "calibration_blocks": self.calibration_blocks, "heldout_blocks": self.heldout_blocks,
-                "limit": self.limit,
+                "limit": self.limit, "bisection_steps": self.bisection_steps,
+                "calibration_tolerance": self.calibration_tolerance, "static_drop_samples": self.static_drop_samples,
                 "block_tokens": BLOCK_TOKENS}
-        # a run planned before the option existed scored one forward per request
-        old = {"routing_input": "context+continuation", **self._json("plan.json", lambda: plan)}
+        # a run planned before these options existed scored one forward per request, and calibrated
+        # and scored the static drop with the defaults
+        old = {"routing_input": "context+continuation", "bisection_steps": BISECTION_STEPS,
+               "calibration_tolerance": 0.0, "static_drop_samples": STATIC_DROP_SAMPLES,
+               **self._json("plan.json", lambda: plan)}
         if "task_preset" in old:  # the key's name before the task sets were called so
             old.setdefault("task_set", old.pop("task_preset"))
         changed = {k for k in plan if old.get(k) != plan[k]}
@@ -290,7 +306,7 @@ class Evidence(ModelHolder):
             ms = self._ms(self.routers)
             try:
                 for k in self.targets:
-                    out["main"][str(k)] = calibrate_threshold(ms, blocks, self.pad_id(), k)
+                    out["main"][str(k)] = calibrate_threshold(ms, blocks, self.pad_id(), k, **self._bisection())
                     log.info("threshold for %d skipped layers: %s", k, out["main"][str(k)]["threshold"])
             finally:
                 ms.unload()
@@ -299,11 +315,14 @@ class Evidence(ModelHolder):
                 try:
                     out["compare"][str(run)] = {
                         "granularity": ms.config.granularity, "route_level": ms.config.route_level,
-                        **calibrate_threshold(ms, blocks, self.pad_id(), max(self.targets))}
+                        **calibrate_threshold(ms, blocks, self.pad_id(), max(self.targets), **self._bisection())}
                 finally:
                     ms.unload()
             return out
         return self._json("calibration.json", make)
+
+    def _bisection(self) -> dict:
+        return {"steps": self.bisection_steps, "tolerance": self.calibration_tolerance}
 
     def variants(self) -> list[dict]:
         """The task variants in run order: dense, MindSkip at each target, its own threshold."""
@@ -404,7 +423,8 @@ class Evidence(ModelHolder):
         from rt_lib.evaluation.driver import evaluate
 
         scores = self._json("static_drop_scores.json", lambda: dict(zip(
-            ("scores", "calibration"), attention_importance(self.base, self.tok))))
+            ("scores", "calibration"),
+            attention_importance(self.base, self.tok, num_samples=self.static_drop_samples))))
         scores_by_layer = {int(k): v for k, v in scores["scores"].items()}
         common = dict(task_set=self.task_set, batch_size=self.batch_size, model_name=self.model_name, limit=self.limit,
                       routing_input=self.routing_input)

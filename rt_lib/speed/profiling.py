@@ -126,10 +126,11 @@ class ProfileSettings:
 
 # The named grids (``grid(name)``): which points are measured, how often, at what cost.
 PROFILE_GRIDS = {
-    # tiny random models in tests: seconds
+    # tiny random models in tests: seconds. One thread: a few tokens through a tiny model gain
+    # nothing from more, and threads spinning against other jobs slow them many times
     "smoke": ProfileSettings(prefill_batch_sizes=[1, 2], prefill_seq_lens=[8],
                              decode_batch_sizes=[1, 2], decode_context_lens=[8], new_tokens=3,
-                             skip_k=2, warmup=1, repeats=2),
+                             skip_k=2, warmup=1, repeats=2, threads=1),
     # embedded SmolLM2-135M on a 2-core CPU: a few minutes. Short prompts and contexts (128)
     # beside long-context batched decode (8 x 1024), where skipping attention saves the most:
     # per step, attention reads the whole KV cache. One thread: speedups are ratios and barely
@@ -181,8 +182,17 @@ def available_memory(device: torch.device) -> int | None:
 def profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None = None, progress: bool = True):
     """Measure every variant over the settings' grid. `ms`: a MindSkipModel (see `prepare_models`);
     `tokens`: a 1-D tensor of token ids the prompts are cut from (None: random ids; speed does
-    not depend on the text, but router decisions do).
+    not depend on the text, but router decisions do). The CPU thread count of `settings.threads`
+    holds while profiling; the process's own count is back afterwards.
     Returns (rows: list of dicts with COLUMNS, conditions: dict for profile.json)."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _profile(ms, settings, tokens, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _profile(ms, settings: ProfileSettings, tokens: torch.Tensor | None, progress: bool):
     from tqdm.auto import tqdm
 
     device = next(ms.model.parameters()).device
