@@ -124,6 +124,7 @@ def test_recipe_table_flags_a_collapsed_log(tmp_path):
         train = tmp_path / f"recipe-{name}" / "train"
         train.mkdir(parents=True)
         (train / "summary.json").write_text(json.dumps({"finished": True, "steps": 5, "config": {"lr": 1e-3},
+                                                        "train_config": {"target_anneal": 0.5 if name == "gradual" else 0.0},
                                                         "heldout_lm_loss": {"dense": 3.4, "tuned": 3.9}}))
         with open(train / "log.csv", "w", newline="") as f:
             w = csv.DictWriter(f, ["step", "mean_capacity", "tokens"])
@@ -132,6 +133,7 @@ def test_recipe_table_flags_a_collapsed_log(tmp_path):
     rows = {r["recipe"]: r for r in recipe_table(tmp_path)}
     assert rows["cpu"]["collapsed"] and rows["cpu"]["collapse_step"] == 3
     assert not rows["gradual"]["collapsed"] and rows["gradual"]["tokens"] == 500
+    assert rows["gradual"]["target_anneal"] == 0.5 and rows["cpu"]["target_anneal"] == 0.0
 
 
 def test_every_recipe_is_a_valid_training_configuration():

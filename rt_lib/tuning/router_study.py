@@ -105,7 +105,7 @@ def recipe_table(runs_root: str | Path) -> list[dict]:
             "tokens": int(log_rows[-1]["tokens"]) if log_rows else None, "lr": c.get("lr"),
             "warmup_ratio": c.get("warmup_ratio"), "reg_form": c.get("reg_form", "layer"),
             "reg_lambda": c.get("reg_lambda"), "capacity_target": c.get("capacity_target"),
-            "target_anneal": c.get("target_anneal", 0.0),
+            "target_anneal": (s.get("train_config") or {}).get("target_anneal", 0.0),
             "router_init": c.get("router_init", 0.5), "wall_time_s": s.get("wall_time_s"),
             "final_mean_capacity": caps[-1] if caps else None, "min_mean_capacity": min(caps) if caps else None,
             "collapsed": bool(caps) and min(caps) < caps[-1] - COLLAPSE, "collapse_step": first_low,
