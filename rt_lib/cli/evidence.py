@@ -9,7 +9,8 @@ from pathlib import Path
 
 from rt_lib.cli.flags import add_deprecated_alias
 from rt_lib.evidence import run as evidence_run
-from rt_lib.evidence.run import (BISECTION_STEPS, CALIBRATION_BLOCKS, HELDOUT_BLOCKS, STATIC_DROP_SAMPLES,
+from rt_lib.evidence.calibration import BISECTION_STEPS
+from rt_lib.evidence.run import (CALIBRATION_BLOCKS, HELDOUT_BLOCKS, STATIC_DROP_SAMPLES,
                                  TARGET_LAYERS, Evidence, routers_of)
 
 

@@ -216,7 +216,7 @@ class Frontier(ModelHolder):
 
     def _mindskip(self, name: str, routers: Path, k: int | None) -> dict:
         from rt_lib.runs.checkpoints import attach_routers
-        from rt_lib.evidence.run import calibrate_threshold
+        from rt_lib.evidence.calibration import calibrate_threshold
 
         point = f"{'own' if k is None else f'k{k}'}"
         twin = next((other for other, path in self.routers.items() if other != name

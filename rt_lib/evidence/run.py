@@ -39,11 +39,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from rt_lib import files
+from rt_lib.evidence.calibration import BISECTION_STEPS, calibrate_threshold
 from rt_lib.runs import record as runs
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ TASK_SET = "evidence"  # rt_lib.evaluation.tasks.TASK_SETS
 CALIBRATION_BLOCKS = 32  # Wikipedia validation blocks for the threshold bisection
 HELDOUT_BLOCKS = 128  # further validation blocks for the paired held-out loss
 BLOCK_TOKENS = 256
-BISECTION_STEPS = 14
 STATIC_DROP_SAMPLES = 64  # Wikipedia training blocks scoring the static drop's attention importance
 
 
@@ -98,89 +97,6 @@ def score_blocks(model, blocks: list[dict], pad_id: int, batch_size: int = 8, ms
 def block_losses(model, blocks: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
     """Mean next-token cross-entropy of each block (the unit of the paired held-out loss)."""
     return score_blocks(model, blocks, pad_id, batch_size)["losses"]
-
-
-@torch.no_grad()
-def skipped_layers(ms, blocks: list[dict], pad_id: int, batch_size: int = 8) -> float:
-    """Mean number of routed sublayers skipped per sequence (token routing: per token) on ``blocks``."""
-    from rt_lib.tuning.data import collate
-
-    ms.reset_stats()
-    run = _decoder(ms)
-    for i in range(0, len(blocks), batch_size):
-        batch = collate(blocks[i:i + batch_size], pad_id)
-        run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return float(sum(1.0 - c for c in ms.capacities().values()))
-
-
-def _decoder(ms):
-    """The model without its LM head when it has the usual ``<CausalLM>.model`` decoder: router
-    decisions need hidden states only, and the head is ~20% of a small model's compute."""
-    body = getattr(ms.model, "model", None)
-    return body if isinstance(body, torch.nn.Module) and hasattr(body, "layers") else ms
-
-
-def calibrate_threshold(ms, blocks: list[dict], pad_id: int, target: float, steps: int = BISECTION_STEPS,
-                        tolerance: float = 0.0) -> dict:
-    """The threshold at which the routers skip ``target`` sublayers per sequence on ``blocks``
-    (more is skipped as the threshold rises), keeping the closest point tried.
-
-    ``tolerance == 0``: bisection on [0, 1], ``steps`` evaluations. ``tolerance > 0``: stop once a
-    point is within ``tolerance`` layers of the target, and guess each point from the router
-    scores of the dense model (one extra pass: with nothing skipped, the skip count at a threshold
-    is the number of scores below it): the first guess is the threshold at which those scores
-    would skip ``target`` layers, each later one aims that estimate at the target corrected by the
-    error seen so far; a guess outside the bracket of measured points falls back to bisection.
-    Later layers' scores move when earlier ones skip, which is why guesses are measured."""
-    lo, hi = 0.0, 1.0
-    best = None
-    trace = []
-    scores = _dense_router_scores(ms, blocks, pad_id) if tolerance > 0 else None
-    aim = float(target)
-    for _ in tqdm(range(steps), desc=f"threshold for {target:g} skipped", leave=False):
-        tau = (lo + hi) / 2
-        if scores is not None:
-            guess = _threshold_for(scores, aim, len(blocks))
-            if lo < guess < hi:
-                tau = guess
-        ms.set_threshold(tau)
-        s = skipped_layers(ms, blocks, pad_id)
-        trace.append([tau, s])
-        if best is None or abs(s - target) < abs(best[1] - target):
-            best = (tau, s)
-        if abs(s - target) <= tolerance:
-            break
-        lo, hi = (tau, hi) if s < target else (lo, tau)
-        aim += target - s
-    return {"target_skipped": target, "threshold": best[0], "skipped": best[1], "trace": trace}
-
-
-def _dense_router_scores(ms, blocks: list[dict], pad_id: int) -> "np.ndarray":
-    """Every routed layer's router score on every block with nothing skipped (threshold 0)."""
-    got: list[torch.Tensor] = []
-    hooks = [g.router.register_forward_hook(lambda m, args, out: got.append(torch.sigmoid(out.float()).flatten()))
-             for g in ms.gates.values()]
-    old = ms.config.threshold
-    try:
-        ms.set_threshold(0.0)
-        skipped_layers(ms, blocks, pad_id)
-    finally:
-        ms.set_threshold(old)
-        for h in hooks:
-            h.remove()
-    return torch.cat(got).cpu().numpy() if got else np.zeros(0)
-
-
-def _threshold_for(scores: "np.ndarray", skipped: float, n_blocks: int) -> float:
-    """The threshold at which ``scores`` (all layers' over ``n_blocks`` sequences) put ``skipped``
-    layers per sequence below it: midway between the two scores around that count."""
-    s = np.sort(scores)
-    m = int(round(min(max(skipped, 0.0), len(s) / max(n_blocks, 1)) * n_blocks))
-    if m <= 0:
-        return float(s[0]) / 2 if len(s) else 0.5
-    if m >= len(s):
-        return (float(s[-1]) + 1.0) / 2
-    return (float(s[m - 1]) + float(s[m])) / 2
 
 
 # ------------------------------------------------------------------------- the run
