@@ -9,6 +9,7 @@ any weight is read.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -32,6 +33,41 @@ _GGUF_ARCH_ALIASES = {
     "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
 }
 _GGUF_NOT_CAUSAL = {"t5", "t5encoder", "umt5"}  # loadable by transformers, but no causal LM
+_READERS: dict[tuple[str, str], Any] | None = None  # the open reading of each file, inside one_reading()
+
+
+@contextlib.contextmanager
+def one_reading():
+    """Inside: every ``gguf.GGUFReader`` of a file is one reading of it, and the tensor-name map of
+    an architecture is made once (both are read-only). transformers reads a GGUF's header anew for
+    the tokenizer, the config and the weights, about 10 s each for SmolLM2's 49,152-token
+    vocabulary, and makes the same name map for each of the model's ~400 modules; a conversion
+    does each once. Re-entrant: nested uses share the outermost one's readings."""
+    global _READERS
+    if _READERS is not None:
+        yield
+        return
+    from unittest import mock
+
+    import gguf
+
+    new_reader, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = new_reader(path, mode)
+        return readers[key]
+
+    _READERS = readers
+    try:
+        with mock.patch.object(gguf, "GGUFReader", reader), \
+                mock.patch.object(gguf, "get_tensor_name_map", functools.lru_cache(None)(gguf.get_tensor_name_map)):
+            yield
+    finally:
+        _READERS = None
+
+
 def _howto() -> str:
     return ("pass a .gguf file written by llama.cpp (convert_hf_to_gguf.py, llama-quantize), a folder "
             "written by save_pretrained, a hub id 'org/name', or an embedded name: "
@@ -160,7 +196,8 @@ def gguf_tokenizer(gguf_path: Path):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        with one_reading():
+            tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise _refused("build a tokenizer from", gguf_path, e, "transformers") from e
     def fix(kind: str) -> str:
@@ -215,17 +252,18 @@ def convert_gguf(
     """
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    tok = tokenizer if tokenizer is not None else gguf_tokenizer(gguf_path)
-    # A GGUF-loaded model is marked quantised (save_pretrained and .float() refuse); copy its
-    # dequantised weights into a plain model built from the same config. dequantize=True keeps
-    # weights unpacked where transformers could leave them in GGUF blocks (its `kernels` path).
-    try:
-        qmodel = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),
-        )
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
-        raise _refused("load", gguf_path, e, "transformers", "gguf") from e
+    with one_reading():
+        tok = tokenizer if tokenizer is not None else gguf_tokenizer(gguf_path)
+        # A GGUF-loaded model is marked quantised (save_pretrained and .float() refuse); copy its
+        # dequantised weights into a plain model built from the same config. dequantize=True keeps
+        # weights unpacked where transformers could leave them in GGUF blocks (its `kernels` path).
+        try:
+            qmodel = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+                quantization_config=GgufConfig(dequantize=True),
+            )
+        except (OSError, ValueError, KeyError, NotImplementedError) as e:
+            raise _refused("load", gguf_path, e, "transformers", "gguf") from e
     config = copy.deepcopy(qmodel.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -259,14 +297,17 @@ def gguf_model_dir(path: str | os.PathLike) -> Path:
     sha = file_sha256(gguf_path)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf_path.stem)[:80]
     target = cache_dir() / "gguf" / f"{stem}-{sha[:12]}"
-    # checked before the build (and its lock) when no finished build can exist; never on warm loads
-    checked = None if (target / MANIFEST).is_file() else check_gguf(gguf_path)
+    cold = not (target / MANIFEST).is_file()
 
     def build(folder: Path) -> dict[str, Any]:
-        info = checked or check_gguf(gguf_path)
-        out = convert_gguf(gguf_path, folder)
+        with one_reading():
+            info = checked or check_gguf(gguf_path)
+            out = convert_gguf(gguf_path, folder)
         if file_sha256(gguf_path) != sha:
             raise AssetError(f"{gguf_path} changed while it was being converted; load it again")
         return {"source": f"{gguf_path} (sha256 {sha})", "gguf_sha256": sha, **out, **info}
 
-    return build_cached(target, GGUF_CACHE_VERSION, build, f"GGUF {gguf_path.name!r}")
+    with one_reading() if cold else contextlib.nullcontext():  # the check's reading serves the conversion
+        # checked before the build (and its lock) when no finished build can exist; never on warm loads
+        checked = check_gguf(gguf_path) if cold else None
+        return build_cached(target, GGUF_CACHE_VERSION, build, f"GGUF {gguf_path.name!r}")

@@ -38,7 +38,7 @@ import torch
 
 from rt_lib.assets.benchmarks import BENCHMARKS, benchmark_texts, load_benchmark_split
 from rt_lib.assets.cache import MANIFEST, AssetError, build_cached, cache_dir
-from rt_lib.assets.gguf import convert_gguf, gguf_model_dir, gguf_tokenizer
+from rt_lib.assets.gguf import convert_gguf, gguf_model_dir, gguf_tokenizer, one_reading
 from rt_lib.assets.packages import GENSIM_PACKAGE, SMOLLM2_PACKAGE
 from rt_lib.assets.wikitext import MIN_PARAGRAPH_WORDS, NGRAM, clean_wikitext, iter_wiki_articles, ngrams, words
 from rt_lib.files import atomic_write_text, file_sha256
@@ -93,9 +93,10 @@ def _smollm2_tokenizer(gguf: Path):
 
 def _build_smollm2(folder: Path) -> dict[str, Any]:
     gguf = _gguf_path()
-    convert_gguf(
-        gguf, folder, tokenizer=_smollm2_tokenizer(gguf), name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"
-    )
+    with one_reading():  # the tokenizer and the conversion read the file once
+        convert_gguf(
+            gguf, folder, tokenizer=_smollm2_tokenizer(gguf), name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
     return {"source": f"{SMOLLM2_PACKAGE.pip}:{gguf.name}", "gguf_size": gguf.stat().st_size}
 
 
