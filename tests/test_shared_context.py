@@ -120,16 +120,16 @@ def test_harness_routing_input_options(tok):
 
 
 @pytest.mark.slow
-def test_embedded_model_dense_scores_equal_plain_hflm_per_task_family():
+def test_embedded_model_dense_scores_equal_plain_hflm_per_task_family(embedded_model):
     """SmolLM2-135M-Instruct in float32: one task per request shape (several endings of one
     context; two solutions; a context per choice with one shared continuation; yes/no)."""
     from rt_lib.evaluation.harness import task_manager
 
-    model, tok = assets.load_model("smollm2-135m-instruct", dtype="float32")
+    model, tok = embedded_model
     tm = task_manager(offline=True)
     tasks = ["hellaswag_offline", "piqa_offline", "winogrande_offline", "boolq_offline"]
-    a = run(MindSkipLM(pretrained=model, tokenizer=tok, batch_size=4), tm, tasks, limit=3, num_fewshot=0)
-    b = run(HFLM(pretrained=model, tokenizer=tok, batch_size=4), tm, tasks, limit=3, num_fewshot=0)
+    a = run(MindSkipLM(pretrained=model, tokenizer=tok, batch_size=4), tm, tasks, limit=2, num_fewshot=0)
+    b = run(HFLM(pretrained=model, tokenizer=tok, batch_size=4), tm, tasks, limit=2, num_fewshot=0)
     for task in tasks:
         la, lb = loglikelihoods(a, task), loglikelihoods(b, task)
         assert la.keys() == lb.keys()
