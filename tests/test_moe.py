@@ -579,15 +579,10 @@ def moe_profile(arch="olmoe", level="seq", **kw):
 
 
 @pytest.fixture
-def one_thread(monkeypatch):
-    """One CPU thread for every call, the untimed prefill of a decode context included: tiny
-    models gain nothing from more, and threads spinning against other jobs on a busy machine
-    slow them many times."""
-    import contextlib
-
-    from rt_lib.speed import timing
-
-    monkeypatch.setattr(timing, "untimed_threads", lambda device: contextlib.nullcontext())
+def one_thread():
+    """One CPU thread for every call (the smoke preset's `threads` and `prefill_threads`), and the
+    count the next test had afterwards: tiny models gain nothing from more, and threads spinning
+    against other jobs on a busy machine slow them many times."""
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)

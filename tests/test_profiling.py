@@ -162,6 +162,25 @@ def test_grid_points_prefill_first_and_filtered_by_regime():
     assert P.grid_points(replace(st, regimes=["decode"])) == [("decode", 2, 32)]
 
 
+def test_untimed_prefill_threads_follow_the_settings_and_are_put_back(ms, monkeypatch):
+    import os
+
+    cpu, seen = torch.device("cpu"), []
+    for threads, inside in ((None, len(os.sched_getaffinity(0))), (1, 1)):
+        with T.untimed_threads(cpu, threads):
+            assert torch.get_num_threads() == inside
+        assert torch.get_num_threads() == 1  # the timing's count (the autouse fixture's) is back
+    real = T.forward_step
+    monkeypatch.setattr(T, "forward_step", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    T.measure_point(V.build_variants(ms, ["dense"], SKIP, None, None), "decode", 1, 4,
+                    settings(new_tokens=1, repeats=1), cpu, vocab=96)
+    assert P.grid("smoke").prefill_threads == 1 and set(seen) == {1}  # prefill and steps: one thread
+    seen.clear()
+    T.measure_point(V.build_variants(ms, ["dense"], SKIP, None, None), "decode", 1, 4,
+                    settings(new_tokens=1, repeats=1, prefill_threads=2), cpu, vocab=96)
+    assert seen[0] == 2 and set(seen[1:]) == {1}  # the one prefill (rewound afterwards), then the timed steps
+
+
 def test_measure_point_returns_one_record_per_round(ms):
     variants = V.build_variants(ms, ["dense", "mindskip_forced"], SKIP)
     st = settings(warmup=1, repeats=3)

@@ -66,6 +66,8 @@ def one_reading():
             yield
     finally:
         _READERS = None
+
+
 def _howto() -> str:
     return ("pass a .gguf file written by llama.cpp (convert_hf_to_gguf.py, llama-quantize), a folder "
             "written by save_pretrained, a hub id 'org/name', or an embedded name: "

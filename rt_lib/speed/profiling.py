@@ -118,6 +118,7 @@ class ProfileSettings:
     warmup: int = 1                  # untimed rounds of every variant per grid point
     repeats: int = 5                 # timed interleaved rounds per grid point
     threads: int | None = None       # CPU: torch.set_num_threads; None: all usable cores
+    prefill_threads: int | None = None  # CPU: threads of a decode context's untimed prefill; None: all usable cores
     seed: int = 0                    # seeds random prompts (no text given); offsets the text windows
     peak_flops: float | None = None  # roofline; None: measured at start
     bandwidth: float | None = None   # bytes/s; None: measured at start
@@ -126,11 +127,12 @@ class ProfileSettings:
 
 # The named grids (``grid(name)``): which points are measured, how often, at what cost.
 PROFILE_GRIDS = {
-    # tiny random models in tests: seconds. One thread: a few tokens through a tiny model gain
-    # nothing from more, and threads spinning against other jobs slow them many times
+    # tiny random models in tests: seconds. One thread, for the untimed prefills too: a few tokens
+    # through a tiny model gain nothing from more, and threads spinning against other jobs slow
+    # them many times
     "smoke": ProfileSettings(prefill_batch_sizes=[1, 2], prefill_seq_lens=[8],
                              decode_batch_sizes=[1, 2], decode_context_lens=[8], new_tokens=3,
-                             skip_k=2, warmup=1, repeats=2, threads=1),
+                             skip_k=2, warmup=1, repeats=2, threads=1, prefill_threads=1),
     # embedded SmolLM2-135M on a 2-core CPU: a few minutes. Short prompts and contexts (128)
     # beside long-context batched decode (8 x 1024), where skipping attention saves the most:
     # per step, attention reads the whole KV cache. One thread: speedups are ratios and barely

@@ -96,25 +96,25 @@ def grid_tokens(batch: int, length: int, vocab: int, seed: int = 0, tokens: torc
 
 
 @contextlib.contextmanager
-def untimed_threads(device: torch.device):
-    """Every usable core for an untimed CPU call (a decode context's prefill), then back to the
-    timing's thread count: long contexts prefill in a fraction of the time, and no timed call
-    runs with a different count."""
+def untimed_threads(device: torch.device, threads: int | None = None):
+    """``threads`` CPU threads (None: every usable core) for an untimed call (a decode context's
+    prefill), then back to the timing's thread count: long contexts prefill in a fraction of the
+    time, and no timed call runs with a different count."""
     if device.type != "cpu":
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def prefill(model, prompt: torch.Tensor, device: torch.device):
-    """A new cache holding `prompt` (untimed, on every usable CPU core)."""
+def prefill(model, prompt: torch.Tensor, device: torch.device, threads: int | None = None):
+    """A new cache holding `prompt` (untimed; on `threads` CPU threads, None: every usable core)."""
     cache = new_cache(model)
-    with untimed_threads(device):
+    with untimed_threads(device, threads):
         forward_step(model, prompt, cache, 0)
     return cache
 
@@ -149,7 +149,7 @@ def measure_point(variants: list[Variant], regime: str, batch: int, seq_len: int
             rewind(cache, seq_len)
             v.restore_state(state)
             return cache, kv
-        cache = prefill(v.model, prompt, device)
+        cache = prefill(v.model, prompt, device, settings.prefill_threads)
         kv = kv_cache_bytes(cache)
         if v.rewindable:
             prefilled[v.name] = (cache, v.save_state(), kv)
@@ -235,7 +235,7 @@ def sublayer_ms(dense: Variant, regime: str, batch: int, seq_len: int, settings,
         handles = [h for i in range(len(layers)) for kind in ("attn", "moe" if i in sparse else "mlp", "block")
                    for h in hooks_for(get_slot(layers, i, kind), (i, kind))]
         try:
-            context = prefill(dense.model, prompt, device) if regime == "decode" else None
+            context = prefill(dense.model, prompt, device, settings.prefill_threads) if regime == "decode" else None
             for _ in range(rounds):
                 if regime == "prefill":
                     cache = new_cache(dense.model)
