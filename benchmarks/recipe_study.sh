@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The router recipe study end to end, resumable (run it again to continue):
-#   1. tune the quick recipes; 2. place them and the static drops on the frontier;
-#   3. tune the paper-budget recipe (the long one, checkpointed); 4. add it and the committed cpu-main routers.
+#   1. tune the quick recipes; 2. tune the paper-budget recipe (the long one, checkpointed);
+#   3. place every recipe, the committed cpu-main routers and the static drops on the frontier.
 # Every finished part is a file; nothing finished is recomputed.
 #   bash benchmarks/recipe_study.sh            # about 4 hours on 2 CPU cores (the paper-budget tuning alone ~1 hour)
 set -euo pipefail
@@ -16,9 +16,9 @@ routers() {  # --routers NAME=FOLDER for every finished recipe in $1
   done
 }
 $PY -m rt_lib router-study tune --out "$OUT" --only "$QUICK"
-# shellcheck disable=SC2046
-$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "gradual,annealed,global,cpu") $(routers "${QUICK#cpu,global,gradual,annealed,}")
 $PY -m rt_lib router-study tune --out "$OUT" --only paper-budget
+# the paper-budget routers first, then the points the other recipes still lack, the committed
+# cpu-main routers, and last the per-target routers (each placed at its own point only)
 # shellcheck disable=SC2046
-$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "gradual,annealed,global,cpu,paper-budget") \
+$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "paper-budget,cpu,annealed,global,gradual") \
   --routers committed="$OUT/cpu-main/train/routers" $(routers "${QUICK#cpu,global,gradual,annealed,}")

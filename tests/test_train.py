@@ -181,6 +181,19 @@ def test_resume_reads_a_checkpoint_that_calls_the_recipe_preset(tmp_path):
     assert run_small(tmp_path, "part", resume_from="latest", stop_after=3).summary["steps"] == 3
 
 
+def test_resume_reads_a_checkpoint_written_before_an_option_existed(tmp_path):
+    """An option added since the checkpoint was written takes its default (the behaviour that run had);
+    a value other than the default is still refused."""
+    run_small(tmp_path, "part", stop_after=2)
+    state = tmp_path / "part/train/checkpoints/step-000002/trainer_state.json"
+    record = json.loads(state.read_text())
+    del record["config"]["target_anneal"]
+    state.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="target_anneal"):
+        run_small(tmp_path, "part", resume_from="latest", stop_after=3, target_anneal=0.5)
+    assert run_small(tmp_path, "part", resume_from="latest", stop_after=3).summary["steps"] == 3
+
+
 # ----------------------------------------------------------------------------- regulariser
 def test_regulariser_drives_capacity_toward_target():
     free = run_small(reg_lambda=0.0, max_steps=12)

@@ -201,8 +201,10 @@ class RouterTuner:
             return None
         state = read_state(resume)  # safetensors + JSON, layout checked; never unpickled
         saved_config = upgrade_config(state["config"])  # a checkpoint of an older run: options renamed since
-        changed = {k: (saved_config.get(k), v) for k, v in cfg.to_dict().items()
-                   if k not in RESUME_FREE and saved_config.get(k) != v}
+        # an option the checkpoint does not record was added later: that run had its default behaviour
+        defaults = TrainConfig().to_dict()
+        changed = {k: (saved_config.get(k, defaults.get(k)), v) for k, v in cfg.to_dict().items()
+                   if k not in RESUME_FREE and saved_config.get(k, defaults.get(k)) != v}
         if changed:
             raise ValueError(f"cannot resume from {resume}: options differ from the checkpoint's {changed}")
         names = {n: tuple(p.shape) for n, p in self.named}
