@@ -74,7 +74,7 @@ def load(args):
 
 
 def _sha(path):
-    from rt_lib.mindskip.model import read_checkpoint_metadata
+    from rt_lib.mindskip.checkpoint import read_checkpoint_metadata
 
     return read_checkpoint_metadata(path).get("weights_sha256")
 

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from rt_lib.mindskip.config import MindSkipConfig
-from rt_lib.mindskip.model import CONFIG_NAME, MindSkipModel, get_mindskip_model
+from rt_lib.mindskip.checkpoint import CONFIG_NAME
+from rt_lib.mindskip.model import MindSkipModel, get_mindskip_model
 from tests.tiny_models import random_routers, tiny_model
 
 
@@ -179,7 +180,7 @@ def test_training_into_a_folder_held_by_another_process_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- retraining a folder
 def test_training_over_finished_routers_is_refused_and_replace_moves_them_aside(tmp_path):
     from rt_lib import files
-    from rt_lib.mindskip.model import WEIGHTS_NAME
+    from rt_lib.mindskip.checkpoint import WEIGHTS_NAME
     from rt_lib.runs.steps import ResultsExist
     from tests.test_train import run_small
 

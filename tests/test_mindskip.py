@@ -9,13 +9,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from rt_lib.mindskip.config import MindSkipConfig
-from rt_lib.mindskip.model import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    MindSkipModel,
-    compare_generations,
-    get_mindskip_model,
-)
+from rt_lib.mindskip.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from rt_lib.mindskip.generation import compare_generations
+from rt_lib.mindskip.model import MindSkipModel, get_mindskip_model
 from rt_lib.mindskip.removal import drop_sublayers
 from rt_lib.speed.timing import forward_step
 from tiny_models import ARCHS, assert_batch_invariant, greedy_uncached, logits, padded_batch, random_routers, tiny_model
@@ -421,7 +417,7 @@ def _rewrite_weights(path, data):
 
     from safetensors.torch import save_file
 
-    from rt_lib.mindskip.model import config_digest
+    from rt_lib.mindskip.checkpoint import config_digest
 
     if isinstance(data, bytes):
         (path / WEIGHTS_NAME).write_bytes(data)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from rt_lib.mindskip.config import MindSkipConfig
-from rt_lib.mindskip.model import CONFIG_NAME, MindSkipModel, get_mindskip_model
+from rt_lib.mindskip.checkpoint import CONFIG_NAME
+from rt_lib.mindskip.model import MindSkipModel, get_mindskip_model
 from rt_lib.mindskip.moe import ExpertCall, block_of, expert_router, is_moe_block, load_balancing_loss, moe_layers
 from rt_lib.mindskip.removal import drop_sublayers
 from rt_lib.speed.moe_load import expert_load, summarise, write_expert_load

@@ -89,7 +89,7 @@ class Frontier(ModelHolder):
                  dtype: str = "auto", levels=LEVELS, batch_size: int = 8, heldout_blocks: int = HELDOUT_BLOCKS,
                  calibration_blocks: int = CALIBRATION_BLOCKS, greedy_blocks: int = GREEDY_BLOCKS,
                  bisection_steps: int = BISECTION_STEPS, calibration_tolerance: float = CALIBRATION_TOLERANCE):
-        from rt_lib.mindskip.model import read_checkpoint_metadata
+        from rt_lib.mindskip.checkpoint import read_checkpoint_metadata
 
         self.out = Path(out)
         self.dir = self.out / "frontier"
@@ -130,7 +130,7 @@ class Frontier(ModelHolder):
         return value
 
     def plan(self) -> dict:
-        from rt_lib.mindskip.model import read_checkpoint_metadata
+        from rt_lib.mindskip.checkpoint import read_checkpoint_metadata
 
         plan = {"model": self.model_name, "dtype": self.dtype, "levels": self.levels,
                 "routers": {n: {"path": str(p), "weights_sha256": read_checkpoint_metadata(p).get("weights_sha256"),
@@ -209,7 +209,7 @@ class Frontier(ModelHolder):
         return self._part("greedy", make)
 
     def _identity(self, routers: Path) -> tuple:
-        from rt_lib.mindskip.model import read_checkpoint_metadata
+        from rt_lib.mindskip.checkpoint import read_checkpoint_metadata
 
         meta = read_checkpoint_metadata(routers)
         return meta.get("weights_sha256"), json.dumps(meta.get("config"), sort_keys=True), meta.get("routed_layers")

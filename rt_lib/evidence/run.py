@@ -136,7 +136,7 @@ class Evidence(ModelHolder):
                  limit: int | None = None, profile_grid: str | None = "quick", task_set: str = TASK_SET,
                  routing_input: str = "context", bisection_steps: int = BISECTION_STEPS,
                  calibration_tolerance: float = 0.0, static_drop_samples: int = STATIC_DROP_SAMPLES):
-        from rt_lib.mindskip.model import read_checkpoint_metadata
+        from rt_lib.mindskip.checkpoint import read_checkpoint_metadata
         from rt_lib.evaluation.tasks import task_set as lookup_task_set
         from rt_lib.speed.profiling import grid
 
@@ -181,7 +181,7 @@ class Evidence(ModelHolder):
 
     # -- steps -----------------------------------------------------------------------------
     def plan(self) -> dict:
-        from rt_lib.mindskip.model import read_checkpoint_metadata
+        from rt_lib.mindskip.checkpoint import read_checkpoint_metadata
 
         meta = read_checkpoint_metadata(self.routers)
         plan = {"model": self.model_name, "dtype": self.dtype, "task_set": self.task_set, "tasks": self.tasks,
@@ -243,7 +243,7 @@ class Evidence(ModelHolder):
     def variants(self) -> list[dict]:
         """The task variants in run order: dense, MindSkip at each target, its own threshold."""
         cal = self.calibration()
-        from rt_lib.mindskip.model import read_checkpoint_metadata
+        from rt_lib.mindskip.checkpoint import read_checkpoint_metadata
 
         own = read_checkpoint_metadata(self.routers)["config"]["threshold"]
         out = [{"variant": "dense", "method": "dense", "threshold": None, "k": None}]

@@ -35,8 +35,8 @@ Execution modes (eval):
 Beam search: the model's first forward pass on a new cache makes `cache.reorder_cache` reorder
 the gates' stored decisions, kept rows and key histories with the beams (`_follow_reorders`).
 Modules: `architecture` (layers, routable layers, windows), `gates` (the sequence and token
-gates), `removal` (physically removed sublayers); this module holds the model handle and the
-router checkpoints.
+gates), `removal` (physically removed sublayers), `checkpoint` (the router checkpoint's files,
+metadata and digests); this module holds the model handle, which saves and loads routers.
 Training (`ms.train()`): hard decisions in the forward pass, full compute, straight-through
 gradient `m = hard + r - r.detach()` to the router score; capacities are differentiable.
 """
@@ -56,14 +56,11 @@ from rt_lib.mindskip.architecture import check_architecture, find_decoder, get_s
 from rt_lib.mindskip.config import MindSkipConfig
 from rt_lib.mindskip.gates import MindSkipGate, RoutingContext, make_gate
 from rt_lib.mindskip.moe import ExpertCall, ExpertTrace, block_of, expert_router, load_balancing_loss, moe_layers
+from rt_lib.mindskip.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, check_digests,
+                                        config_digest, read_checkpoint_metadata, read_router_weights)
 from rt_lib.files import file_sha256, readable_by_all
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "rt-kit-mindskip-routers"
-CHECKPOINT_VERSION = 1
-WEIGHTS_NAME = "routers.safetensors"
-CONFIG_NAME = "mindskip_config.json"
 
 
 # ----------------------------------------------------------------------------------------
@@ -420,9 +417,9 @@ class MindSkipModel(nn.Module):
             MindSkipConfig.from_dict(meta["config"])  # types and ranges of what the file records
         except (TypeError, ValueError) as e:
             raise ValueError(f"{Path(path) / CONFIG_NAME}: invalid router config: {e}") from None
-        _check_digests(Path(path), meta)  # ... and that it is what was saved
+        check_digests(Path(path), meta)  # ... and that it is what was saved
         cfg = MindSkipConfig.from_dict({**meta["config"], **overrides})
-        weights = _read_router_weights(Path(path))
+        weights = read_router_weights(Path(path))
         ms = cls(model, cfg)
         expected = ms.router_state_dict()
         missing = sorted(set(expected) - set(weights))
@@ -460,98 +457,6 @@ def _foldable_input(module, args):
             x.stride(i) != x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2)):
         return (x.clone(memory_format=torch.contiguous_format), *args[1:])
     return None
-
-
-def read_checkpoint_metadata(path: str | Path) -> dict:
-    path = Path(path)
-    cfg_file = path / CONFIG_NAME
-    if not path.is_dir() or not cfg_file.is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(
-            f"{path} is not a router checkpoint folder: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
-            "(written by MindSkipModel.save_pretrained)"
-        )
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the router checkpoint is corrupt") from e
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an rt-kit router checkpoint ({CONFIG_NAME} has no format {CHECKPOINT_FORMAT!r})")
-    if meta.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path} was written by a newer rt-kit (format {meta['format_version']}); upgrade rt-kit")
-    for key in ("config", "num_layers", "hidden_size"):
-        if key not in meta:
-            raise ValueError(f"{cfg_file} lacks {key!r}; the router checkpoint is corrupt")
-    return meta
-
-
-# What decides what a router checkpoint computes, covered by its config_sha256 (with the weights'
-# digest, so that the pair cannot be swapped either).
-DIGESTED = ("config", "routed_layers", "base_model", "model_type", "num_layers", "hidden_size", "weights_sha256")
-
-
-def config_digest(meta: dict) -> str:
-    """sha256 of the canonical JSON of the ``DIGESTED`` entries of a checkpoint's metadata."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps({k: meta.get(k) for k in DIGESTED}, sort_keys=True).encode()).hexdigest()
-
-
-def _check_digests(path: Path, meta: dict) -> None:
-    """The config must be the one `save_pretrained` wrote (``config_sha256``), and the weights
-    file the one written beside it (``weights_sha256``)."""
-    recorded = meta.get("config_sha256")
-    if recorded is None:
-        logger.warning("%s records no config_sha256: its settings are loaded unverified (re-save the routers with "
-                       "MindSkipModel.save_pretrained to record one)", path / CONFIG_NAME)
-    elif config_digest(meta) != recorded:
-        raise ValueError(
-            f"{path / CONFIG_NAME} was changed after saving: its settings (config, routed layers, model shapes) no "
-            "longer match the config_sha256 it records. Restore the original file; to run the routers with other "
-            "settings pass them explicitly (e.g. MindSkipModel.from_pretrained(model, path, threshold=0.6)).")
-    _check_weights_digest(path, meta)
-
-
-def _check_weights_digest(path: Path, meta: dict) -> None:
-    """The weights file must be the one `save_pretrained` wrote beside this config."""
-    recorded = meta.get("weights_sha256")
-    weights = path / WEIGHTS_NAME
-    if recorded is None:
-        logger.warning("%s records no weights_sha256: %s is loaded unverified", path / CONFIG_NAME, weights)
-        return
-    actual = file_sha256(weights)
-    if actual != recorded:
-        raise ValueError(
-            f"{weights} does not match its checkpoint: sha256 {actual[:12]}... but {CONFIG_NAME} records "
-            f"{recorded[:12]}... The weights file was replaced or damaged after saving. Restore the original "
-            "file, or re-save the routers with MindSkipModel.save_pretrained (which writes both files)."
-        )
-
-
-def _read_router_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path / WEIGHTS_NAME))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path / WEIGHTS_NAME} is not a readable safetensors file ({e}); re-save the routers") from e
-
-
-def compare_generations(ms: MindSkipModel, tokenizer, prompt: str, *, max_new_tokens: int = 40) -> dict[str, tuple[str, float]]:
-    """Greedy continuations of ``prompt`` with every router forced to keep (``dense``, the base
-    model) and with the routers deciding (``mindskip``): ``{label: (text, skip ratio)}``. With
-    ``seq`` routing the decision is taken once from the prompt and reused at every decode step.
-    The routers' forcing is what it was before afterwards, also when generation fails."""
-    enc = tokenizer(prompt, return_tensors="pt").to(ms.device)
-    start = enc["input_ids"].shape[1]
-    out = {}
-    for label, decisions in (("dense", True), ("mindskip", None)):
-        with ms.forced(decisions), torch.no_grad():
-            ms.reset_stats()
-            ids = ms.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)
-            out[label] = (tokenizer.decode(ids[0, start:], skip_special_tokens=True), ms.skip_ratio())
-    return out
 
 
 def get_mindskip_model(model: nn.Module, config: MindSkipConfig | None = None) -> MindSkipModel:

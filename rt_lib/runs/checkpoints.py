@@ -56,7 +56,7 @@ def resolve_checkpoint(run_dir: str | os.PathLike | None, model: str | None = No
     recording the pipeline ``preset``). ``model`` / ``routers``: explicit choices, else looked up. Relative
     paths are relative to the working directory (the kit root when the pipeline runs)."""
     from rt_lib.runs import record as runs
-    from rt_lib.mindskip.model import read_checkpoint_metadata
+    from rt_lib.mindskip.checkpoint import read_checkpoint_metadata
 
     run_dir = Path(run_dir) if run_dir else runs.new_run(preset=preset)
     trained = runs.load_run(run_dir).get("parameters", {}).get("train", {})

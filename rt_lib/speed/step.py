@@ -87,7 +87,7 @@ def router_record(path):
     """Path, weights sha256 and config of a router checkpoint, for profile.json (None: fresh)."""
     if not path:
         return None
-    from rt_lib.mindskip.model import read_checkpoint_metadata
+    from rt_lib.mindskip.checkpoint import read_checkpoint_metadata
 
     meta = read_checkpoint_metadata(path)
     return {"path": str(path), "weights_sha256": meta.get("weights_sha256"), "config": meta.get("config")}
