@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The router recipe study end to end, resumable (run it again to continue):
 #   1. tune the quick recipes; 2. tune the paper-budget recipe (the long one, checkpointed);
-#   3. place every recipe, the committed cpu-main routers and the static drops on the frontier.
+#   3. place every recipe and the static drops on the frontier.
 # Every finished part is a file; nothing finished is recomputed.
 #   bash benchmarks/recipe_study.sh            # about 4 hours on 2 CPU cores (the paper-budget tuning alone ~1 hour)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-results/runs}
-QUICK="cpu,global,gradual,annealed,target-k2,target-k4,target-k6,target-k8,target-k10"
+QUICK="cpu,global,gradual,annealed,annealed-16,target-k2,target-k4,target-k6,target-k8,target-k10"
 routers() {  # --routers NAME=FOLDER for every finished recipe in $1
   for n in ${1//,/ }; do
     at=""; case $n in target-k*) at="@${n#target-k}";; esac   # tuned for one point: placed there only
@@ -17,8 +17,8 @@ routers() {  # --routers NAME=FOLDER for every finished recipe in $1
 }
 $PY -m rt_lib router-study tune --out "$OUT" --only "$QUICK"
 $PY -m rt_lib router-study tune --out "$OUT" --only paper-budget
-# the paper-budget routers first, then the points the other recipes still lack, the committed
-# cpu-main routers, and last the per-target routers (each placed at its own point only)
+# the newest recipes first, then the points the others still lack; last the per-target routers
+# (each placed at its own point only)
 # shellcheck disable=SC2046
-$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "paper-budget,cpu,annealed,global,gradual") \
-  --routers committed="$OUT/cpu-main/train/routers" $(routers "${QUICK#cpu,global,gradual,annealed,}")
+$PY -m rt_lib frontier --out "$OUT/router-frontier" $(routers "annealed-16,paper-budget,cpu,annealed,global,gradual") \
+  $(routers "target-k2,target-k4,target-k6,target-k8,target-k10")

@@ -100,6 +100,11 @@ def test_winner_must_cover_every_level_and_is_judged_at_equal_skip():
             {"family": "mindskip:c", "target_skipped": 4, "loss_increase": 0.2, "vs_greedy_equal_skip": 0.06},
             {"family": "static_greedy", "target_skipped": 2, "loss_increase": 0.0, "vs_greedy_equal_skip": None}]
     assert winning_recipe(rows) == "a"  # b: one level only
+    assert winning_recipe(rows, among=["c"]) == "c" and winning_recipe(rows, among=["b"]) is None
+    # d wins on the level both can be compared at; its level-4 point skipped beyond the static curves
+    rows += [{"family": "mindskip:d", "target_skipped": 2, "loss_increase": 0.1, "vs_greedy_equal_skip": 0.0},
+             {"family": "mindskip:d", "target_skipped": 4, "loss_increase": 0.9, "vs_greedy_equal_skip": None}]
+    assert winning_recipe(rows) == "d"
 
 
 @pytest.mark.parametrize("verdict, fav, other, want", [
@@ -168,7 +173,7 @@ def test_frontier_run_on_a_tiny_model(tmp_path):
     frontier().run()
     parts = sorted(p.stem for p in (tmp_path / "fr" / "frontier" / "parts").glob("*.json"))
     assert parts == ["dense", "greedy", "importance", "mindskip-r__k1", "mindskip-r__k2", "mindskip-r__own",
-                     "mindskip-t__k2", "mindskip-t__own",
+                     "mindskip-t__k2",  # a set placed at one level has no point at its own threshold
                      "static_greedy__k1", "static_greedy__k2", "static_importance__k1", "static_importance__k2"]
     read = lambda p: json.loads((tmp_path / "fr" / "frontier" / "parts" / f"{p}.json").read_text())  # noqa: E731
     r2, t2 = read("mindskip-r__k2"), read("mindskip-t__k2")

@@ -93,7 +93,8 @@ class Frontier(ModelHolder):
 
         self.out = Path(out)
         self.dir = self.out / "frontier"
-        # NAME -> folder, or folder@k1+k2 to place a router set at those levels only (a set tuned for one point)
+        # NAME -> folder, or folder@k1+k2 to place a router set at those levels only (a set tuned for one point;
+        # no point at its own threshold)
         self.routers, self.router_levels = {}, {}
         for name, spec in routers.items():
             folder, at, ks = str(spec).rpartition("@")
@@ -256,7 +257,7 @@ class Frontier(ModelHolder):
         files.hold_folder(self.out, "frontier")
         self.plan()
         jobs = [("dense", self.dense), ("importance", self.importance), ("greedy", self.greedy)]
-        todo = [(n, r, k) for n, r in self.routers.items() for k in [*(self.router_levels[n] or self.levels), None]]
+        todo = [(n, r, k) for n, r in self.routers.items() for k in _points(self.router_levels[n], self.levels)]
         bar = tqdm(total=len(jobs) + 2 * len(self.levels) + len(todo), desc="frontier points")
         for _, job in jobs:
             job()
@@ -287,6 +288,12 @@ class Frontier(ModelHolder):
 
 
 # ------------------------------------------------------------------------- table
+def _points(own_levels: list[int] | None, levels: list[int]) -> list[int | None]:
+    """The points of one router set: every level and its own threshold (``None``), or only the
+    levels it was tuned for (``NAME=FOLDER@k``: a set tuned for one operating point runs there)."""
+    return list(own_levels) if own_levels else [*levels, None]
+
+
 def _read_json(path) -> dict:
     import json
 
@@ -372,27 +379,34 @@ def missing_points(folder: str | Path) -> list[str]:
     levels = plan["levels"]
     want = ["dense", *(f"{fam}__k{k}" for fam in ("static_importance", "static_greedy") for k in levels)]
     want += [f"mindskip-{name}__{'own' if k is None else f'k{k}'}" for name, r in plan["routers"].items()
-             for k in [*(r.get("levels") or levels), None]]
+             for k in _points(r.get("levels"), levels)]
     return [w for w in want if not (folder / "parts" / f"{w}.json").exists()]
 
 
-def winning_recipe(rows: list[dict] | "pd.DataFrame") -> str | None:
+def winning_recipe(rows: list[dict] | "pd.DataFrame", among: list[str] | None = None) -> str | None:
     """The router set whose loss is lowest relative to the greedy static drop *at the same realised
     skip* (``vs_greedy_equal_skip``), averaged over the frontier's levels, among the sets placed at
-    every level (the rule that names the winner; a set that skips more is not rewarded or punished
-    for it, as the loss increase alone would)."""
+    every level (``among``: only these set names). The average runs over the levels at which every
+    such set has that difference (a point that skips more than the static curves reach has none);
+    a set that skips more is not rewarded or punished for it, as the loss increase alone would."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
     ms = df[df.family.str.startswith("mindskip:") & df.target_skipped.notna()]
+    if among is not None:
+        ms = ms[ms.family.isin([f"mindskip:{n}" for n in among])]
     if ms.empty:
         return None
-    levels = set(ms.target_skipped)
-    full = ms.groupby("family").filter(lambda d: set(d.target_skipped) == levels and d.vs_greedy_equal_skip.notna().all())
+    levels = set(df[df.family.str.startswith("mindskip:") & df.target_skipped.notna()].target_skipped)
+    full = ms.groupby("family").filter(lambda d: set(d.target_skipped) == levels)
     if full.empty:
         return None
-    mean = full.groupby("family").vs_greedy_equal_skip.mean().sort_values(kind="stable")
-    return str(mean.index[0]).split(":", 1)[1]
+    comparable = set.intersection(*(set(d.target_skipped[d.vs_greedy_equal_skip.notna()])
+                                    for _, d in full.groupby("family")))
+    if not comparable:
+        return None
+    mean = full[full.target_skipped.isin(comparable)].groupby("family").vs_greedy_equal_skip.mean()
+    return str(mean.sort_values(kind="stable").index[0]).split(":", 1)[1]
 
 
 # ------------------------------------------------------------------------- figure
