@@ -10,6 +10,7 @@ import torch
 import transformers as tf
 
 from rt_lib.mindskip.config import MindSkipConfig
+from rt_lib.runs import schema
 from rt_lib.tuning.data import build_dataset, byte_tokenizer, collate
 from rt_lib.tuning.heldout import evaluate_heldout, heldout_lm_loss
 from rt_lib.mindskip.model import get_mindskip_model
@@ -188,10 +189,17 @@ def test_resume_reads_a_checkpoint_written_before_an_option_existed(tmp_path):
     state = tmp_path / "part/train/checkpoints/step-000002/trainer_state.json"
     record = json.loads(state.read_text())
     del record["config"]["target_anneal"]
+    for row in record["log"]:
+        del row["capacity_target"]  # nor did its log record the target
     state.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="target_anneal"):
         run_small(tmp_path, "part", resume_from="latest", stop_after=3, target_anneal=0.5)
     assert run_small(tmp_path, "part", resume_from="latest", stop_after=3).summary["steps"] == 3
+    with open(tmp_path / "part/train/log.csv") as f:
+        header, *rows = list(csv.reader(f))
+    assert schema.header_matches("train/log.csv", header)  # the declared column order, not appended last
+    targets = [r[header.index("capacity_target")] for r in rows]
+    assert targets[:2] == ["", ""] and float(targets[2]) > 0
 
 
 # ----------------------------------------------------------------------------- regulariser

@@ -45,6 +45,10 @@ STUDY_RECIPES: dict[str, tuple[dict, str]] = {
     "annealed-16": ({"router_init": 0.75, "reg_form": "global", "lr": 1e-2, "warmup_ratio": 0.1, "target_anneal": 0.75},
                     "the annealed recipe in the cpu recipe's budget (16 steps of 8 x 256 tokens, the main job's "
                     "tuning time), its learning rate raised to 1e-2 for the 4x fewer steps"),
+    "annealed-16-gentle": ({"router_init": 0.75, "reg_form": "global", "lr": 5e-3, "warmup_ratio": 0.1,
+                            "target_anneal": 1.0},
+                           "annealed-16 with half its learning rate and the target falling over all 16 steps "
+                           "(reaching s at the last): smaller steps when the routers start to cross the threshold"),
     "paper-budget": ({"batch_size": 64, "micro_batch_size": 8, "max_length": 512, "num_samples": 959,
                       "save_every": 2},
                      "the paper's batch and data size: effective batch 64, every 512-token block of the embedded "
@@ -53,7 +57,7 @@ STUDY_RECIPES: dict[str, tuple[dict, str]] = {
                         f"the cpu recipe with its target set to the operating point it runs at: s = {_target(k)} "
                         f"(skip {k} of {ROUTED} routed layers)") for k in TARGET_LAYERS},
 }
-ORDER = ("cpu", "global", "gradual", "annealed", *(f"target-k{k}" for k in TARGET_LAYERS), "paper-budget", "annealed-16")
+ORDER = ("cpu", "global", "gradual", "annealed", *(f"target-k{k}" for k in TARGET_LAYERS), "paper-budget", "annealed-16", "annealed-16-gentle")
 
 
 def run_dir(out: str | Path, name: str) -> Path:

@@ -538,7 +538,10 @@ def _latest_checkpoint(out: str | None) -> Path:
 def _write_log(run_dir: Path, rows: list[dict]) -> None:
     from rt_lib.files import atomic_write_json, write_csv
 
-    write_csv(run_dir / "train" / "log.csv", rows)
+    # the newest row's columns in its order: a run resumed from a checkpoint written before a column
+    # existed keeps the declared order, with empty cells in the older rows
+    columns = dict.fromkeys([*(rows[-1] if rows else {}), *(k for r in rows for k in r)])
+    write_csv(run_dir / "train" / "log.csv", rows, columns=columns)
     atomic_write_json(run_dir / "train" / "log.json", rows)
 
 
