@@ -77,6 +77,7 @@ def test_tokenizer_special_tokens_match_smollm2_instruct(embedded_model):
     assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_embedded_model_is_a_real_language_model(embedded_model):
     model, tok = embedded_model
     ppl = perplexity(model, tok, PARAGRAPH)
@@ -92,6 +93,7 @@ def test_embedded_model_is_a_real_language_model(embedded_model):
     assert "Paris" in tok.decode(out[0])
 
 
+@pytest.mark.slow
 def test_cache_is_verified_and_reload_is_identical(embedded_model):
     model, tok = embedded_model
     folder = assets.embedded_model_dir()
@@ -184,6 +186,7 @@ def test_folder_without_model_is_an_asset_error(tmp_path):
         assets.load_model(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_local_folder_loads(embedded_model):
     model, tok = embedded_model
     folder = assets.embedded_model_dir()
@@ -325,6 +328,7 @@ def test_wikipedia_text_is_plain_and_split_by_article(wiki):
     assert manifest["decontamination"]["paragraphs_removed"] >= 0
 
 
+@pytest.mark.slow
 def test_wikipedia_text_shares_no_13_gram_with_benchmarks(wiki):
     """Independent check: no 13 consecutive words (lower-cased [a-z0-9]+ tokens) of the tuning
     text occur in any shipped split of the 8 benchmarks."""

@@ -25,6 +25,7 @@ def logits(model, ids):
 
 
 # ----------------------------------------------------------------------------- static drop
+@pytest.mark.slow
 def test_importance_is_one_minus_cosine_around_attention():
     model, tok = tiny_llama()
     with torch.no_grad():  # layers 2 and 4: attention output is zero, the stream is unchanged
@@ -49,6 +50,7 @@ def test_importance_is_one_minus_cosine_around_attention():
     assert two[3] == pytest.approx(float(ref), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_static_drop_removes_exactly_the_k_lowest(tmp_path):
     model, tok = tiny_llama()
     ids = torch.tensor([calibration(tok)[0]["input_ids"]])

@@ -78,6 +78,7 @@ def loglikelihoods(res, task):
 
 
 # ------------------------------------------------------------------ identity with HFLM
+@pytest.mark.slow
 def test_dense_model_scores_exactly_as_plain_hflm(tok, tm):
     """One forward per request (routing_input="context+continuation") is HFLM's computation; the
     default shared-context scoring is compared with HFLM in tests/test_shared_context.py."""
@@ -269,6 +270,7 @@ def quick_run(tok, tmp_path_factory):
     return res, out, ms
 
 
+@pytest.mark.slow
 def test_evaluate_tables_paired_and_skip_stats(quick_run):
     res, _, ms = quick_run
     t = res.table
@@ -546,6 +548,7 @@ def test_group_stderr_from_documents_when_the_harness_gives_none():
     assert values["acc"] == (0.5, pytest.approx((1 / 3) ** 0.5 / 2))  # sd (ddof 1) / sqrt(n)
 
 
+@pytest.mark.slow
 def test_eval_cost_counts_the_requests_hflm_would_run(tmp_path):
     import importlib.util
 

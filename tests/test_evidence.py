@@ -126,6 +126,7 @@ def parts_and_whole(tok, tmp_path_factory):
     return whole, combined, run
 
 
+@pytest.mark.slow
 def test_parts_per_task_combine_to_the_same_tables_as_one_evaluation(parts_and_whole):
     whole, combined, _ = parts_and_whole
     cols = ["variant", "task", "metric", "value", "n"]

@@ -195,3 +195,40 @@ def test_frontier_run_on_a_tiny_model(tmp_path):
     greedy = json.loads((tmp_path / "fr" / "frontier" / "parts" / "greedy.json").read_text())
     assert len(greedy["order"]) == 2 and greedy["order"][:1] == json.loads(
         (tmp_path / "fr" / "frontier" / "parts" / "static_greedy__k1.json").read_text())["layers"]
+
+
+def test_c2_on_held_out_loss_comes_from_a_complete_frontier_with_the_winning_routers(tmp_path):
+    """While the frontier lacks a point, C2's held-out rows come from the evidence run; once it is
+    complete, from the winning router set at the paper's two operating points (4 and 8 layers),
+    against both static drops at equal realised skip."""
+    fr = tmp_path / "router-frontier" / "frontier"
+    dense = [3.0, 3.2, 3.4, 3.1, 3.3, 3.0]
+    _part(fr, "dense", family="dense", k=0, losses=dense)
+    for fam, step in (("static_greedy", 0.05), ("static_importance", 0.1)):
+        for k in (4, 8):
+            _part(fr, f"{fam}__k{k}", family=fam, k=k, layers=list(range(k)), losses=[x + step * k for x in dense])
+    routers = {"good": 0.2, "bad": 0.5}  # per-layer loss cost of each set
+    (fr / "plan.json").write_text(json.dumps({"levels": [4, 8], "num_layers": 30, "routers": {
+        n: {"path": n, "weights_sha256": n, "levels": None} for n in routers}}))
+    keep = lambda k: [[False] * k + [True] * (16 - k)] * len(dense)  # noqa: E731
+    for name, cost in routers.items():
+        for k in (4, 8):
+            _part(fr, f"mindskip-{name}__k{k}", family=f"mindskip:{name}", k=k, threshold=0.5, routed_layers=list(
+                range(13, 29)), keep=keep(k), losses=[x + cost * k + 0.01 * i for i, x in enumerate(dense)])
+    from rt_lib.files import write_csv
+
+    write_csv(fr / "frontier.csv", frontier_table(fr, num_layers=30))
+    run = tmp_path / "evidence"
+    args = (run, run, pd.DataFrame(), {"c2": {4: 5.4, 8: 6.3}}, "holds if ci_low > 0", "evidence")
+    assert claims._c2_heldout(*args) == []  # own-threshold points missing: the evidence run decides
+    for name, cost in routers.items():
+        _part(fr, f"mindskip-{name}__own", family=f"mindskip:{name}", k=None, threshold=0.5,
+              routed_layers=list(range(13, 29)), keep=keep(6), losses=[x + cost * 6 for x in dense])
+    write_csv(fr / "frontier.csv", frontier_table(fr, num_layers=30))
+    rows = claims._c2_heldout(*args)
+    assert len(rows) == 4 and all("'good'" in r["measure"] for r in rows)
+    by = {(r["role"], "4.00 of 30" in r["claim"]): r for r in rows}
+    # at 4 layers: greedy +0.2, the good routers +0.8: MindSkip's loss is 0.6 higher, and so on
+    assert by[("secondary", True)]["kit_value"] == pytest.approx(-(0.2 * 4 - 0.05 * 4 + 0.025), abs=1e-9)
+    assert by[("primary", False)]["kit_value"] == pytest.approx(-(0.2 * 8 - 0.1 * 8 + 0.025), abs=1e-9)
+    assert all(r["verdict"] == "does not hold" and r["run"] == "router-frontier" for r in rows)

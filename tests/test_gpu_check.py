@@ -33,6 +33,7 @@ def dry_run(gc_mod, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_variant_and_point(gc_mod, dry_run):
     assert sorted(p.name for p in dry_run.iterdir()) == ["gpu_check.csv", "gpu_check.json", "summary.txt"]
     report = json.loads((dry_run / "gpu_check.json").read_text())

@@ -133,6 +133,7 @@ def test_collect_runs_accepts_results_root_or_runs_folder():
 
 
 # ---------------------------------------------------------------------------- build
+@pytest.mark.slow
 def test_build_all_writes_every_table_and_figure(built):
     out, written = built
     assert written["problems"] == []

@@ -99,6 +99,7 @@ def test_llama3_text_output(llama3_plan):
         assert line in text, line
 
 
+@pytest.mark.slow
 def test_cli_writes_the_same_plan_as_json(tmp_path):
     out = tmp_path / "plan.json"
     proc = subprocess.run([sys.executable, "-m", "rt_lib", "plan", "--preset", "paper", "--model", str(LLAMA3),
@@ -113,6 +114,7 @@ def test_cli_writes_the_same_plan_as_json(tmp_path):
 
 
 # ----------------------------------------------------------------------------- missing model, offline
+@pytest.mark.slow
 def test_offline_hub_model_not_cached_still_plans(tmp_path):
     """A hub id with an empty Hugging Face cache and HF_HUB_OFFLINE=1: exit 0, the plan lists the
     config/tokenizer and the weights with the commands that fetch them."""
@@ -159,6 +161,7 @@ def test_an_unknown_task_set_grid_or_recipe_is_bad_input(capsys, param, message)
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_skip_count_beyond_the_models_layers_is_refused_not_a_negative_kv(capsys):
     from rt_lib.cli.reproduce import main
     from rt_lib.speed.roofline import Shape, estimate_kv_bytes
@@ -299,6 +302,7 @@ def test_loss_working_set():
 
 
 # ----------------------------------------------------------------------------- evaluation tokens
+@pytest.mark.slow
 def test_eval_tokens_counted_on_the_meta_model(embedded_model):
     """The cpu preset's quick task set, cut to RTE's first 4 documents: 0-shot, two one-token
     choices sharing one forward pass per document; the tokens are those of the prompts."""

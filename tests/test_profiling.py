@@ -253,6 +253,7 @@ def test_kv_cache_bytes_counts_only_updated_layers():
 
 # ---------------------------------------------------------------------------- variants
 
+@pytest.mark.slow
 def test_realised_skip_ratio_equals_forced_decisions(ms):
     rows, cond = P.profile(ms, settings(variants=["dense", "mindskip_forced", "mask", "oracle", "mindskip"],
                                               threshold=0.75), progress=False)
@@ -271,6 +272,7 @@ def test_realised_skip_ratio_equals_forced_decisions(ms):
     assert untouched(ms)
 
 
+@pytest.mark.slow
 def test_kv_memory_of_skipped_layers_is_saved(ms):
     rows, _ = P.profile(ms, settings(variants=["dense", "mindskip_forced", "oracle", "mask"]), progress=False)
     k = len(SKIP)
@@ -303,6 +305,7 @@ def test_oracle_and_forced_skip_give_identical_logits(granularity):
     assert untouched(ms)
 
 
+@pytest.mark.slow
 def test_rows_summarise_the_recorded_rounds(ms):
     rows, cond = P.profile(ms, settings(variants=["dense", "oracle"], repeats=4), progress=False)
     raw = {(m["regime"], m["batch_size"], m["variant"]): m["times_ms"] for m in cond["measurements"]}
@@ -361,6 +364,7 @@ def test_unrouted_skip_layers_rejected(ms):
 
 # ---------------------------------------------------------------------------- bad input
 
+@pytest.mark.slow
 def test_out_of_memory_point_is_skipped_and_the_rest_continues():
     model = tiny_llama()
 
@@ -407,6 +411,7 @@ def test_point_larger_than_memory_is_skipped_by_estimate(ms, monkeypatch):
 
 # ---------------------------------------------------------------------------- results files
 
+@pytest.mark.slow
 def test_results_files_follow_the_format(ms, tmp_path):
     from rt_lib.runs.record import new_run
 
@@ -430,6 +435,7 @@ def test_results_files_follow_the_format(ms, tmp_path):
     assert (s["skip_ratio_forced"] == 0.5).all()
 
 
+@pytest.mark.slow
 def test_run_step_records_the_step_and_returns_the_model_as_it_came(tmp_path):
     """The profiling step of a run: profile/ written, its options in parameters.profile, what it
     measured with in steps.profile, and the model unwrapped again (same modules, same logits)."""
@@ -497,6 +503,7 @@ def test_cli_grid_flag_and_its_deprecated_spelling(monkeypatch, capsys):
         assert "invalid choice: 'huge'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_writes_a_run_on_the_embedded_tiny_model(tmp_path, capsys):
     from rt_lib.cli.profile import main
 

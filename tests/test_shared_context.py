@@ -114,6 +114,7 @@ def test_token_routers_give_the_scores_of_one_forward(tok):
         ms.unload()
 
 
+@pytest.mark.slow
 def test_harness_routing_input_options(tok):
     from rt_lib.evaluation.harness import task_manager
 

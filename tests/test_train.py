@@ -203,6 +203,7 @@ def test_resume_reads_a_checkpoint_written_before_an_option_existed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- regulariser
+@pytest.mark.slow
 def test_regulariser_drives_capacity_toward_target():
     free = run_small(reg_lambda=0.0, max_steps=12)
     reg = run_small(reg_lambda=0.5, max_steps=12, capacity_target=0.5)

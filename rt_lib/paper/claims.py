@@ -284,8 +284,9 @@ def _c2_heldout(run: Path, ev: Path, held: pd.DataFrame, paper: dict, gt0: str, 
                     f"held-out loss static ({short}, interpolated to the same realised skip) - MindSkip "
                     f"(routers of the winning recipe '{win}', threshold {p.threshold:.4g}), nats per token, paired "
                     "per block", v, lo, hi, int(p.blocks), above(lo, hi),
-                    gt0 + " (positive: MindSkip's loss is lower); winner: lowest mean loss increase over the "
-                    "frontier's levels", FRONTIER_RUN, role))
+                    gt0 + " (positive: MindSkip's loss is lower); winner: the router set placed at every level "
+                    "with the lowest mean loss difference from the greedy static drop at equal realised skip, over "
+                    "the levels every such set can be compared at", FRONTIER_RUN, role))
         return rows
     for v in [n for n in held.index if n.startswith("mindskip_k")]:
         k = int(held.loc[v, "k"])
