@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rt_lib.paper import claims
-from rt_lib.evidence.frontier import Frontier, frontier_table, input_dependence, static_at, winning_recipe
+from rt_lib.evidence.frontier import (Frontier, frontier_table, input_dependence, recipe_scores, static_at,
+                                     winning_recipe)
 from rt_lib.tuning.router_study import STUDY_RECIPES, recipe_table
 from rt_lib.tuning.config import make_config
 
@@ -105,6 +106,9 @@ def test_winner_must_cover_every_level_and_is_judged_at_equal_skip():
     rows += [{"family": "mindskip:d", "target_skipped": 2, "loss_increase": 0.1, "vs_greedy_equal_skip": 0.0},
              {"family": "mindskip:d", "target_skipped": 4, "loss_increase": 0.9, "vs_greedy_equal_skip": None}]
     assert winning_recipe(rows) == "d"
+    scores = recipe_scores(rows)
+    assert list(scores.index) == ["d", "a", "c"] and set(scores.levels) == {"2"}
+    assert scores.loc["a", "mean_vs_greedy"] == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize("verdict, fav, other, want", [

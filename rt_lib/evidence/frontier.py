@@ -383,30 +383,46 @@ def missing_points(folder: str | Path) -> list[str]:
     return [w for w in want if not (folder / "parts" / f"{w}.json").exists()]
 
 
-def winning_recipe(rows: list[dict] | "pd.DataFrame", among: list[str] | None = None) -> str | None:
-    """The router set whose loss is lowest relative to the greedy static drop *at the same realised
-    skip* (``vs_greedy_equal_skip``), averaged over the frontier's levels, among the sets placed at
-    every level (``among``: only these set names). The average runs over the levels at which every
-    such set has that difference (a point that skips more than the static curves reach has none);
-    a set that skips more is not rewarded or punished for it, as the loss increase alone would."""
+def recipe_scores(rows: list[dict] | "pd.DataFrame", among: list[str] | None = None) -> "pd.DataFrame":
+    """Per router set placed at every level (``among``: only these set names): the mean loss
+    difference from the greedy and from the importance static drop at the same realised skip
+    (``vs_greedy_equal_skip``, ``vs_importance_equal_skip``), over the levels at which every such
+    set has that difference (a point that skips more than the static curves reach has none).
+    Index: set name; sorted by ``mean_vs_greedy``, best first; empty when no set qualifies."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    ms = df[df.family.str.startswith("mindskip:") & df.target_skipped.notna()]
-    if among is not None:
-        ms = ms[ms.family.isin([f"mindskip:{n}" for n in among])]
-    if ms.empty:
-        return None
-    levels = set(df[df.family.str.startswith("mindskip:") & df.target_skipped.notna()].target_skipped)
+    cols = ["mean_vs_greedy", "mean_vs_importance", "levels"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    for c in ("vs_greedy_equal_skip", "vs_importance_equal_skip"):
+        if c not in df:
+            df[c] = float("nan")
+    placed = df[df.family.str.startswith("mindskip:") & df.target_skipped.notna()]
+    levels = set(placed.target_skipped)
+    ms = placed if among is None else placed[placed.family.isin([f"mindskip:{n}" for n in among])]
     full = ms.groupby("family").filter(lambda d: set(d.target_skipped) == levels)
     if full.empty:
-        return None
+        return pd.DataFrame(columns=cols)
     comparable = set.intersection(*(set(d.target_skipped[d.vs_greedy_equal_skip.notna()])
                                     for _, d in full.groupby("family")))
-    if not comparable:
-        return None
-    mean = full[full.target_skipped.isin(comparable)].groupby("family").vs_greedy_equal_skip.mean()
-    return str(mean.sort_values(kind="stable").index[0]).split(":", 1)[1]
+    at = full[full.target_skipped.isin(comparable)]
+    if at.empty:
+        return pd.DataFrame(columns=cols)
+    out = at.groupby("family").agg(mean_vs_greedy=("vs_greedy_equal_skip", "mean"),
+                                   mean_vs_importance=("vs_importance_equal_skip", "mean"))
+    out["levels"] = "+".join(str(int(k)) for k in sorted(comparable))
+    out.index = [str(f).split(":", 1)[1] for f in out.index]
+    return out.sort_values("mean_vs_greedy", kind="stable")
+
+
+def winning_recipe(rows: list[dict] | "pd.DataFrame", among: list[str] | None = None) -> str | None:
+    """The router set whose loss is lowest relative to the greedy static drop *at the same realised
+    skip*, averaged over the frontier's levels, among the sets placed at every level (``among``:
+    only these set names; ``recipe_scores``): a set that skips more is not rewarded or punished for
+    it, as the loss increase alone would."""
+    scores = recipe_scores(rows, among)
+    return None if scores.empty else str(scores.index[0])
 
 
 # ------------------------------------------------------------------------- figure
@@ -459,6 +475,10 @@ def write_frontier(results_root: str | Path, out_tables: str | Path, out_figures
     Path(out_tables).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(csv_path, out["router_frontier"][0])
     recipes = recipe_table(Path(results_root) / "runs")
+    scores = recipe_scores(rows)
+    for r in recipes:  # where each tuned recipe stands on the frontier (blank: not placed at every level)
+        got = scores.loc[r["recipe"]] if r["recipe"] in scores.index else None
+        r.update({k: (None if got is None else got[k]) for k in ("mean_vs_greedy", "mean_vs_importance", "levels")})
     if recipes:
         out["router_recipes"] = [files.write_csv(Path(out_tables) / "router_recipes.csv", recipes)]
     if out_figures is not None:
